@@ -1,0 +1,79 @@
+"""Byte layouts of the datapath's tables, shared by the userspace datapath and the BPF maps.
+
+Each layout is a numpy structured dtype with explicit offsets; ``xdp/structs.h`` declares
+the same structs and ``tests/test_layout.py`` compares sizes and offsets with what bcc
+sees. Addresses are always 16 bytes: IPv4 uses the first 4, the rest is zero, and a
+``family`` byte (4 or 6) keeps 10.0.0.1 and 0a00:1:: apart. Ports are in network order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# VIP table key: (address, port, protocol, family). 20 bytes.
+VIP_KEY = np.dtype(
+    {
+        "names": ["addr", "port", "proto", "family"],
+        "formats": [("u1", 16), ">u2", "u1", "u1"],
+        "offsets": [0, 16, 18, 19],
+        "itemsize": 20,
+    }
+)
+
+# VIP table value: Katran's vip_meta. 8 bytes.
+VIP_META = np.dtype(
+    {"names": ["flags", "vip_num"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
+)
+
+# VIP address set key (for ICMP echo and for dropping options/fragments only when the
+# packet is for us): (address, family, padding). 20 bytes.
+VIP_ADDR_KEY = np.dtype(
+    {"names": ["addr", "family"], "formats": [("u1", 16), "u1"], "offsets": [0, 16], "itemsize": 20}
+)
+
+# Real table entry, indexed by real id (0 = no real). 20 bytes.
+REAL = np.dtype(
+    {
+        "names": ["addr", "family", "flags"],
+        "formats": [("u1", 16), "u1", "u1"],
+        "offsets": [0, 16, 17],
+        "itemsize": 20,
+    }
+)
+
+# Connection-table key: the flow after the VIP's flags have been applied. 40 bytes.
+# ``ports`` is the 4 wire bytes [sport][dport], as Katran's flow.ports.
+FLOW_KEY = np.dtype(
+    {
+        "names": ["src", "dst", "sport", "dport", "proto", "family"],
+        "formats": [("u1", 16), ("u1", 16), ">u2", ">u2", "u1", "u1"],
+        "offsets": [0, 16, 32, 34, 36, 37],
+        "itemsize": 40,
+    }
+)
+
+# Connection-table value. 16 bytes. ``atime`` in ns of the datapath clock.
+CONN_VALUE = np.dtype(
+    {"names": ["real_id", "atime"], "formats": ["<u4", "<u8"], "offsets": [0, 8], "itemsize": 16}
+)
+
+# Control values (single entry). 8 bytes.
+CTL = np.dtype(
+    {
+        "names": ["gw_mac", "max_frame"],
+        "formats": [("u1", 6), "<u2"],
+        "offsets": [0, 6],
+        "itemsize": 8,
+    }
+)
+
+# name in C (xdp/structs.h) -> dtype
+C_STRUCTS: dict[str, np.dtype] = {
+    "vip_key": VIP_KEY,
+    "vip_meta": VIP_META,
+    "vip_addr_key": VIP_ADDR_KEY,
+    "real_def": REAL,
+    "flow_key": FLOW_KEY,
+    "conn_value": CONN_VALUE,
+    "ctl_value": CTL,
+}
