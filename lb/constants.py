@@ -32,8 +32,8 @@ def ch_rings_size(max_vips: int, ring_size: int) -> int:
 
 # --- encapsulation (Katran) ------------------------------------------------------------
 DEFAULT_TTL = 64  # outer TTL / hop limit, and the TTL of ICMP echo replies
-IPIP_V4_PREFIX = (172, 16)  # outer IPv4 source = 172.16.x.y
-IPIP_V6_PREFIX = bytes([0x01, 0x00])  # outer IPv6 source = 0100::/16 ...
+IPIP_V4_PREFIX0, IPIP_V4_PREFIX1 = 172, 16  # outer IPv4 source = 172.16.x.y
+IPIP_V6_PREFIX0, IPIP_V6_PREFIX1 = 0x01, 0x00  # outer IPv6 source = 0100::/16 ...
 ENCAP_IPV4_OVERHEAD = 20
 ENCAP_IPV6_OVERHEAD = 40
 ENCAP_MAX_OVERHEAD = 40  # room the output buffer keeps for the outer header
@@ -119,6 +119,9 @@ STATS = (
 )
 STAT_INDEX = {name: i for i, name in enumerate(STATS)}
 N_STATS = len(STATS)
+# The same indexes as module-level ints (STAT_RX_PACKETS, ...), which numba and the
+# -D flags can use directly.
+globals().update({f"STAT_{name.upper()}": i for i, name in enumerate(STATS)})
 # Per-VIP and per-real counter columns.
 VIP_STAT_PACKETS = 0
 VIP_STAT_BYTES = 1
@@ -146,6 +149,12 @@ def c_defines(
     }
     values.update({f"F_{name.upper()}": bit for name, bit in VIP_FLAGS.items()})
     values.update({f"STAT_{name.upper()}": i for i, name in enumerate(STATS)})
+    values.update(
+        IPIP_V4_PREFIX0=IPIP_V4_PREFIX0,
+        IPIP_V4_PREFIX1=IPIP_V4_PREFIX1,
+        IPIP_V6_PREFIX0=IPIP_V6_PREFIX0,
+        IPIP_V6_PREFIX1=IPIP_V6_PREFIX1,
+    )
     out = []
     for k, v in values.items():
         suffix = "ULL" if v > 0x7FFFFFFF else ""

@@ -1,0 +1,139 @@
+"""Compile a validated config into the datapath's tables (the contents of the BPF maps).
+
+Both datapaths are loaded from one :class:`DatapathTables`: the userspace datapath builds
+its lookup structures from it and the XDP loader writes it into maps, which is what makes
+"identical state" in the differential tests literal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lb import constants as C
+from lb import layout
+from lb.maglev import ring_for
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PROTOCOLS = {"tcp": C.IPPROTO_TCP, "udp": C.IPPROTO_UDP}
+
+
+def addr16(ip: IPAddress) -> tuple[np.ndarray, int]:
+    """16-byte table form of an address (IPv4 in the first 4 bytes) and its family."""
+    raw = np.zeros(16, dtype=np.uint8)
+    raw[: len(ip.packed)] = np.frombuffer(ip.packed, dtype=np.uint8)
+    return raw, (C.FAMILY_V4 if ip.version == 4 else C.FAMILY_V6)
+
+
+def addr_from16(raw: np.ndarray | bytes, family: int) -> IPAddress:
+    """Inverse of :func:`addr16`."""
+    data = bytes(raw)
+    return ipaddress.IPv4Address(data[:4]) if family == C.FAMILY_V4 else ipaddress.IPv6Address(data)
+
+
+def mac_bytes(mac: str) -> bytes:
+    """'00:00:de:ad:be:af' -> 6 bytes."""
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+@dataclass
+class DatapathTables:
+    """Everything the datapath reads; each array has the layout in :mod:`lb.layout`."""
+
+    ring_size: int
+    max_vips: int
+    max_reals: int
+    conn_table_size: int
+    vip_keys: np.ndarray  # VIP_KEY[n]
+    vip_metas: np.ndarray  # VIP_META[n]
+    vip_addr_keys: np.ndarray  # VIP_ADDR_KEY[m]
+    reals: np.ndarray  # REAL[max_reals], index = real id
+    rings: np.ndarray  # uint32[max_vips, ring_size]
+    ctl: np.ndarray  # CTL[1]
+    real_ids: dict[IPAddress, int] = field(default_factory=dict)
+    vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
+
+    def real_address(self, real_id: int) -> IPAddress | None:
+        """The address of a real id, or None for 0 / an unused id."""
+        entry = self.reals[real_id]
+        if real_id == 0 or entry["family"] == C.FAMILY_NONE:
+            return None
+        return addr_from16(entry["addr"], int(entry["family"]))
+
+
+def _ip(value: object) -> IPAddress:
+    return value if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ipaddress.ip_address(str(value))
+
+
+def compile_tables(cfg) -> DatapathTables:
+    """Build the tables for ``cfg`` (an :class:`lb.config.Config`, already validated).
+
+    VIP numbers follow the order of the config; real ids are handed out from 1 upward in
+    order of first use, as Katran does.
+    """
+    s = cfg.settings
+    if s.encap != "ipip":
+        # GUE is part of the config model but not of the datapath yet: refuse loudly
+        # rather than send IPIP to reals that expect GUE.
+        raise ValueError(f"settings.encap: {s.encap!r} is not implemented by the datapath yet (use ipip)")
+    n = len(cfg.vips)
+    vip_keys = np.zeros(n, dtype=layout.VIP_KEY)
+    vip_metas = np.zeros(n, dtype=layout.VIP_META)
+    reals = np.zeros(s.max_reals, dtype=layout.REAL)
+    # np.zeros maps untouched pages lazily, so the full max_vips x ring_size array costs
+    # memory only for the VIPs in use.
+    rings = np.zeros((s.max_vips, s.ring_size), dtype=np.uint32)
+    local = {_ip(a) for a in (s.local_addresses or [])}
+
+    real_ids: dict[IPAddress, int] = {}
+    vip_nums: dict[tuple[IPAddress, int, str], int] = {}
+    vip_addrs: dict[tuple[bytes, int], None] = {}
+    for num, vip in enumerate(cfg.vips):
+        vip_ip = _ip(vip.address)
+        raw, fam = addr16(vip_ip)
+        vip_keys[num]["addr"] = raw
+        vip_keys[num]["port"] = vip.port
+        vip_keys[num]["proto"] = PROTOCOLS[vip.protocol]
+        vip_keys[num]["family"] = fam
+        vip_metas[num]["flags"] = vip.flag_bits
+        vip_metas[num]["vip_num"] = num
+        vip_nums[(vip_ip, vip.port, vip.protocol)] = num
+        vip_addrs[(raw.tobytes(), fam)] = None
+
+        ring_input = []
+        for real in vip.reals:
+            rip = _ip(real.address)
+            if rip not in real_ids:
+                rid = len(real_ids) + 1
+                real_ids[rip] = rid
+                rraw, rfam = addr16(rip)
+                reals[rid]["addr"] = rraw
+                reals[rid]["family"] = rfam
+                reals[rid]["flags"] = C.REAL_F_LOCAL if rip in local else 0
+            ring_input.append((rip, real.weight, real_ids[rip]))
+        rings[num] = ring_for(ring_input, s.ring_size, vip.hash)
+
+    vip_addr_keys = np.zeros(len(vip_addrs), dtype=layout.VIP_ADDR_KEY)
+    for i, (raw_bytes, fam) in enumerate(vip_addrs):
+        vip_addr_keys[i]["addr"] = np.frombuffer(raw_bytes, dtype=np.uint8)
+        vip_addr_keys[i]["family"] = fam
+
+    ctl = np.zeros(1, dtype=layout.CTL)
+    ctl[0]["gw_mac"] = np.frombuffer(mac_bytes(s.gateway_mac), dtype=np.uint8)
+    ctl[0]["max_frame"] = s.max_frame_size
+    return DatapathTables(
+        ring_size=s.ring_size,
+        max_vips=s.max_vips,
+        max_reals=s.max_reals,
+        conn_table_size=s.conn_table_size,
+        vip_keys=vip_keys,
+        vip_metas=vip_metas,
+        vip_addr_keys=vip_addr_keys,
+        reals=reals,
+        rings=rings,
+        ctl=ctl,
+        real_ids=real_ids,
+        vip_nums=vip_nums,
+    )
