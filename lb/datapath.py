@@ -40,8 +40,9 @@ def _le64(p, off):
 
 @nb.njit(cache=True, inline="always")
 def _mix(h, w):
-    # multiply-xorshift mixing for table indexes (internal; never on the wire)
-    h = (h ^ w) * np.uint64(_GOLDEN)
+    # multiply-xorshift mixing for table indexes (internal; never on the wire). The casts
+    # keep numba from promoting a mix of int64 and uint64 to float64.
+    h = (np.uint64(h) ^ np.uint64(w)) * np.uint64(_GOLDEN)
     return h ^ (h >> np.uint64(29))
 
 

@@ -1,0 +1,6 @@
+"""Shared test set-up: the tests import ``fixtures`` from this directory."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))

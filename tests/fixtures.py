@@ -1,0 +1,375 @@
+"""Golden fixtures: every row of docs/datapath.md as data, run through both datapaths.
+
+A fixture is (description, row, input frame, expected action, expected output frame,
+expected global-counter deltas, expected real). Expected outputs are built here with
+scapy from the spec alone — never by calling the datapath — so they check it
+independently. All fixtures share one provisioning config (:data:`FIXTURE_CONFIG`), as
+Katran's tester does; each runs on a fresh datapath after its optional ``setup`` frames.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6ND_NS,
+    ICMPv6PacketTooBig,
+    IPerror6,
+    IPv6,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+)
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.packet import Raw, raw
+
+from lb import layout
+from lb.config import parse_config
+from lb.constants import IPPROTO_TCP
+from lb.state import DatapathTables, addr16, compile_tables
+
+GW_MAC = "00:00:de:ad:be:af"
+LB_MAC = "02:00:00:00:00:01"  # the balancer's interface (input frames' destination)
+ROUTER_MAC = "02:00:00:00:00:fe"  # input frames' source
+CLIENT4 = "198.18.0.10"
+CLIENT6 = "2001:db8:ffff::10"
+MAX_FRAME = 1514
+
+FIXTURE_CONFIG = {
+    "settings": {
+        "gateway_mac": GW_MAC,
+        "max_frame_size": MAX_FRAME,
+        "local_addresses": ["198.19.0.250"],
+        "conn_table_size": 1024,
+    },
+    "vips": [
+        {"address": "198.18.100.1", "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.0.1"}]},
+        {"address": "198.18.100.1", "port": 53, "protocol": "udp", "reals": [{"address": "198.19.0.2"}]},
+        {"address": "198.18.100.2", "port": 0, "protocol": "tcp", "reals": [{"address": "198.19.0.3"}]},
+        {"address": "198.18.100.3", "port": 80, "protocol": "tcp", "flags": ["no_src_port"],
+         "reals": [{"address": "198.19.0.1"}]},
+        {"address": "198.18.100.4", "port": 80, "protocol": "tcp", "flags": ["lru_bypass"],
+         "reals": [{"address": "198.19.0.1"}]},
+        {"address": "198.18.100.5", "port": 80, "protocol": "tcp", "flags": ["dport_only"],
+         "reals": [{"address": "198.19.0.1"}]},
+        {"address": "198.18.100.6", "port": 80, "protocol": "tcp", "reals": []},
+        {"address": "198.18.100.7", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:1::1"}]},
+        {"address": "198.18.100.8", "port": 80, "protocol": "tcp", "flags": ["local"],
+         "reals": [{"address": "198.19.0.250"}]},
+        {"address": "198.18.100.9", "port": 80, "protocol": "tcp", "hash": "maglev",
+         "reals": [{"address": "198.19.0.1"}, {"address": "198.19.0.2"}, {"address": "198.19.0.3"}]},
+        {"address": "198.18.100.10", "port": 80, "protocol": "tcp",
+         "reals": [{"address": "198.19.0.1", "weight": 0}]},
+        {"address": "2001:db8:100::1", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:1::2"}]},
+        {"address": "2001:db8:100::1", "port": 443, "protocol": "udp", "reals": [{"address": "2001:db8:1::3"}]},
+    ],
+}
+# Not expressible in a valid config (the validator refuses an IPv4 real for an IPv6 VIP),
+# but the datapath must still handle such a table: added by :func:`fixture_tables`.
+V6_VIP_WITH_V4_REAL = ("2001:db8:100::2", 80, "198.19.0.1")
+
+
+def fixture_tables() -> DatapathTables:
+    """The provisioning every fixture runs against."""
+    t = compile_tables(parse_config(FIXTURE_CONFIG))
+    vip, port, real = V6_VIP_WITH_V4_REAL
+    num = len(t.vip_keys)
+    key = np.zeros(1, dtype=layout.VIP_KEY)
+    key[0]["addr"], key[0]["family"] = addr16(ipaddress.ip_address(vip))
+    key[0]["port"], key[0]["proto"] = port, IPPROTO_TCP
+    meta = np.zeros(1, dtype=layout.VIP_META)
+    meta[0]["vip_num"] = num
+    t.vip_keys = np.concatenate([t.vip_keys, key])
+    t.vip_metas = np.concatenate([t.vip_metas, meta])
+    akey = np.zeros(1, dtype=layout.VIP_ADDR_KEY)
+    akey[0]["addr"], akey[0]["family"] = addr16(ipaddress.ip_address(vip))
+    t.vip_addr_keys = np.concatenate([t.vip_addr_keys, akey])
+    t.rings[num, :] = t.real_ids[ipaddress.ip_address(real)]
+    return t
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """One golden case. ``output`` is None for DROP; for PASS it is the input."""
+
+    description: str
+    row: int  # row of the table in docs/datapath.md
+    frame: bytes
+    action: str  # "TX" | "PASS" | "DROP"
+    output: bytes | None
+    counters: dict[str, int]  # global counter deltas of this frame (others: 0)
+    real: str | None = None  # address of the real chosen, if any
+    setup: tuple[bytes, ...] = field(default=())  # frames processed first (same datapath)
+
+
+# --- frame builders ----------------------------------------------------------------------
+
+
+def eth(**kw) -> Ether:
+    return Ether(dst=LB_MAC, src=ROUTER_MAC, **kw)
+
+
+def tcp4(dst: str = "198.18.100.1", dport: int = 80, sport: int = 31337, tcp_flags: str = "S",
+         src: str = CLIENT4, payload: bytes = b"", **ip_kw) -> bytes:
+    return raw(eth() / IP(src=src, dst=dst, **ip_kw) / TCP(sport=sport, dport=dport, flags=tcp_flags) / payload)
+
+
+def tcp6(dst: str = "2001:db8:100::1", dport: int = 80, sport: int = 31337, tcp_flags: str = "S",
+         src: str = CLIENT6, **ip_kw) -> bytes:
+    return raw(eth() / IPv6(src=src, dst=dst, **ip_kw) / TCP(sport=sport, dport=dport, flags=tcp_flags))
+
+
+def outer_src4(client: str, sport: int) -> str:
+    c = ipaddress.IPv4Address(client).packed
+    return f"172.16.{c[2] ^ (sport & 0xFF)}.{c[3] ^ (sport >> 8)}"
+
+
+def outer_src6(client: str, sport: int) -> str:
+    c = ipaddress.ip_address(client).packed[-4:]
+    last = bytes([c[0] ^ (sport >> 8), c[1] ^ (sport & 0xFF), c[2], c[3]])
+    return str(ipaddress.IPv6Address(b"\x01\x00" + b"\x00" * 10 + last))
+
+
+def encap(frame: bytes, real: str, client: str, sport: int) -> bytes:
+    """The frame as docs/datapath.md encapsulates it for ``real``."""
+    inp = Ether(frame)
+    vlan = Dot1Q in inp
+    l3 = 18 if vlan else 14
+    inner = frame[l3:]
+    first = inp[Dot1Q].payload if vlan else inp.payload
+    tos = first.tos if isinstance(first, IP) else first.tc
+    l2 = Ether(dst=GW_MAC, src=inp.dst)
+    if vlan:
+        l2 = l2 / Dot1Q(prio=inp[Dot1Q].prio, dei=inp[Dot1Q].dei, vlan=inp[Dot1Q].vlan)
+    # the inner packet's own length: Ethernet padding is carried but not counted
+    plen = first.len if isinstance(first, IP) else first.plen + 40
+    if ipaddress.ip_address(real).version == 4:
+        outer = IP(src=outer_src4(client, sport), dst=real, proto=4, ttl=64, id=0, flags=0, tos=tos,
+                   len=plen + 20)
+        return raw(l2 / outer / Raw(inner))
+    nh = 4 if isinstance(first, IP) else 41
+    outer6 = IPv6(src=outer_src6(client, sport), dst=real, nh=nh, hlim=64, tc=tos, fl=0, plen=plen)
+    return raw(l2 / outer6 / Raw(inner))
+
+
+def echo_reply(frame: bytes) -> bytes:
+    """ICMP(v6) echo reply as the balancer builds it from the request ``frame``."""
+    p = Ether(frame)
+    p.src, p.dst = p.dst, p.src
+    if IP in p:
+        ip = p[IP]
+        ip.src, ip.dst, ip.ttl = ip.dst, ip.src, 64
+        del ip.chksum
+        p[ICMP].type = 0
+        del p[ICMP].chksum  # a full recompute equals the incremental update
+    else:
+        ip6 = p[IPv6]
+        ip6.src, ip6.dst, ip6.hlim = ip6.dst, ip6.src, 64
+        p[ICMPv6EchoRequest].type = 129
+        del p[ICMPv6EchoRequest].cksum
+    return raw(p)
+
+
+def C(**kw: int) -> dict[str, int]:  # noqa: N802 - reads as a table column
+    """Counter deltas of one frame: rx_packets plus the ones named."""
+    return {"rx_packets": 1, **kw}
+
+
+def build_fixtures() -> list[Fixture]:
+    fx: list[Fixture] = []
+    add = fx.append
+    syn = tcp4()
+    real1 = "198.19.0.1"
+
+    # row 1-2: L2
+    add(Fixture("runt frame, 10 bytes", 1, syn[:10], "DROP", None, C(drop_malformed=1)))
+    vlan_runt = raw(eth() / Dot1Q(vlan=7))[:16]
+    add(Fixture("802.1Q frame cut inside the tag", 1, vlan_runt, "DROP", None, C(drop_malformed=1)))
+    arp = raw(eth(type=0x0806) / ARP(pdst="198.18.100.1"))
+    add(Fixture("ARP", 2, arp, "PASS", arp, C(pass_not_ip=1)))
+    qinq = raw(eth() / Dot1AD(vlan=5) / Dot1Q(vlan=7) / IP(src=CLIENT4, dst="198.18.100.1") / TCP(dport=80))
+    add(Fixture("802.1ad outer tag", 2, qinq, "PASS", qinq, C(pass_not_ip=1)))
+    dbl = raw(eth() / Dot1Q(vlan=5) / Dot1Q(vlan=7) / IP(src=CLIENT4, dst="198.18.100.1") / TCP(dport=80))
+    add(Fixture("two 802.1Q tags", 2, dbl, "PASS", dbl, C(pass_not_ip=1)))
+
+    # rows 3-4: IP sanity
+    add(Fixture("IPv4 header cut at 10 bytes", 3, syn[:24], "DROP", None, C(drop_malformed=1)))
+    bad = bytearray(syn); bad[14] = 0x55  # noqa: E702
+    add(Fixture("IPv4 version 5", 3, bytes(bad), "DROP", None, C(drop_malformed=1)))
+    bad = bytearray(syn); bad[14] = 0x44  # noqa: E702
+    add(Fixture("IPv4 IHL 4", 3, bytes(bad), "DROP", None, C(drop_malformed=1)))
+    add(Fixture("IPv4 tot_len beyond frame", 3, tcp4(len=400), "DROP", None, C(drop_malformed=1)))
+    add(Fixture("IPv4 tot_len < header", 3, tcp4(len=12), "DROP", None, C(drop_malformed=1)))
+    syn6 = tcp6()
+    add(Fixture("IPv6 header cut at 30 bytes", 4, syn6[:44], "DROP", None, C(drop_malformed=1)))
+    bad = bytearray(syn6); bad[14] = 0x40  # noqa: E702
+    add(Fixture("IPv6 version 4", 4, bytes(bad), "DROP", None, C(drop_malformed=1)))
+    add(Fixture("IPv6 payload_len beyond frame", 4, tcp6(plen=200), "DROP", None, C(drop_malformed=1)))
+
+    # row 5: not ours
+    for desc, f in [
+        ("IPv4 TCP to a non-VIP address", tcp4(dst="198.18.200.1")),
+        ("IPv6 TCP to a non-VIP address", tcp6(dst="2001:db8:200::1")),
+        ("IPv4 with options to a non-VIP address", tcp4(dst="198.18.200.1", options=b"\x01\x01\x01\x00")),
+        ("IPv4 fragment to a non-VIP address", tcp4(dst="198.18.200.1", flags="MF")),
+        ("ICMP echo to a non-VIP address", raw(eth() / IP(src=CLIENT4, dst="198.18.200.1") / ICMP())),
+    ]:
+        add(Fixture(desc, 5, f, "PASS", f, C(pass_not_vip=1)))
+
+    # rows 6-8: VIP-address checks
+    big = tcp4(payload=b"x" * (MAX_FRAME - 54 + 1))
+    add(Fixture("frame of max_frame_size + 1 to a VIP", 6, big, "DROP", None, C(drop_oversize=1)))
+    fits = tcp4(payload=b"x" * (MAX_FRAME - 54))
+    add(Fixture("frame of exactly max_frame_size to a VIP", 18, fits, "TX",
+                encap(fits, real1, CLIENT4, 31337), C(tx_encap=1, lru_miss=1), real1))
+    add(Fixture("IPv4 options to a VIP", 7, tcp4(options=b"\x01\x01\x01\x00"), "DROP", None,
+                C(drop_ip_options=1)))
+    add(Fixture("IPv4 MF to a VIP", 8, tcp4(flags="MF"), "DROP", None, C(drop_fragment=1)))
+    add(Fixture("IPv4 fragment offset to a VIP", 8, tcp4(frag=100), "DROP", None, C(drop_fragment=1)))
+    df = tcp4(flags="DF")
+    add(Fixture("IPv4 DF alone is fine", 18, df, "TX", encap(df, real1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), real1))
+    frag6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / IPv6ExtHdrFragment() / TCP(dport=80))
+    add(Fixture("IPv6 fragment header to a VIP", 8, frag6, "DROP", None, C(drop_fragment=1)))
+
+    # row 9: truncated L4
+    t = tcp4()
+    add(Fixture("TCP header of 10 bytes", 9, t[: 14 + 20 + 10], "DROP", None, C(drop_malformed=1)))
+    short_ip = tcp4(len=20 + 10)  # tot_len says 10 bytes of TCP; the frame holds 20
+    add(Fixture("TCP header beyond tot_len (frame has it)", 9, short_ip, "DROP", None, C(drop_malformed=1)))
+    u = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / UDP(sport=5000, dport=53))
+    add(Fixture("UDP header of 4 bytes", 9, u[: 14 + 20 + 4], "DROP", None, C(drop_malformed=1)))
+    e = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP())
+    add(Fixture("ICMP header of 4 bytes", 9, e[: 14 + 20 + 4], "DROP", None, C(drop_malformed=1)))
+
+    # row 10: other protocols to a VIP address
+    gre = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1", proto=47) / Raw(b"\x00" * 8))
+    add(Fixture("GRE to a VIP address", 10, gre, "PASS", gre, C(pass_not_vip=1)))
+    hbh = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / IPv6ExtHdrHopByHop() / TCP(dport=80))
+    add(Fixture("IPv6 hop-by-hop header to a VIP", 10, hbh, "PASS", hbh, C(pass_not_vip=1)))
+    i6in4 = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1", proto=58) / Raw(b"\x80\x00" + b"\x00" * 6))
+    add(Fixture("ICMPv6 inside IPv4 to a VIP address", 10, i6in4, "PASS", i6in4, C(pass_not_vip=1)))
+
+    # row 11: echo
+    ping = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1", ttl=7) / ICMP(id=7, seq=1) / b"ping")
+    add(Fixture("ICMP echo request to a VIP address", 11, ping, "TX", echo_reply(ping), C(tx_icmp_echo_reply=1)))
+    ping6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1", hlim=9) / ICMPv6EchoRequest(id=7, data=b"ping"))
+    add(Fixture("ICMPv6 echo request to a VIP address", 11, ping6, "TX", echo_reply(ping6),
+                C(tx_icmp_echo_reply=1)))
+    vping = raw(eth() / Dot1Q(vlan=42) / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(code=3) / b"x")
+    add(Fixture("802.1Q ICMP echo (code 3) to a VIP address", 11, vping, "TX", echo_reply(vping),
+                C(tx_icmp_echo_reply=1)))
+
+    # rows 12-13: ICMP errors and other ICMP
+    err_inner = IPerror(src="198.18.100.1", dst=CLIENT4) / TCPerror(sport=80, dport=31337)
+    frag_needed = raw(eth() / IP(src="198.18.0.1", dst="198.18.100.1") / ICMP(type=3, code=4, nexthopmtu=1400)
+                      / err_inner)
+    add(Fixture("ICMP frag-needed with inner cut before ports", 12,
+                raw(eth() / IP(src="198.18.0.1", dst="198.18.100.1") / ICMP(type=3, code=4)
+                    / Raw(raw(err_inner)[:22])), "DROP", None, C(drop_malformed=1)))
+    opt_inner = raw(eth() / IP(src="198.18.0.1", dst="198.18.100.1") / ICMP(type=3, code=1)
+                    / IPerror(src="198.18.100.1", dst=CLIENT4, options=b"\x01\x01\x01\x00")
+                    / TCPerror(sport=80, dport=31337))
+    add(Fixture("ICMP error, inner IPv4 with options", 12, opt_inner, "DROP", None, C(drop_malformed=1)))
+    ts = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(type=13))
+    add(Fixture("ICMP timestamp to a VIP address", 13, ts, "PASS", ts, C(pass_not_vip=1)))
+    ns = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / ICMPv6ND_NS(tgt="2001:db8:100::1"))
+    add(Fixture("ICMPv6 neighbour solicitation to a VIP address", 13, ns, "PASS", ns, C(pass_not_vip=1)))
+
+    # row 14: VIP address, no VIP for the port/protocol
+    p81 = tcp4(dport=81)
+    add(Fixture("TCP to a VIP address, unconfigured port", 14, p81, "PASS", p81, C(pass_not_vip=1)))
+    u80 = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / UDP(sport=5, dport=80))
+    add(Fixture("UDP to a TCP-only VIP port", 14, u80, "PASS", u80, C(pass_not_vip=1)))
+    orphan_err = raw(eth() / IP(src="198.18.0.1", dst="198.18.100.1") / ICMP(type=3, code=4)
+                     / IPerror(src="198.18.100.1", dst=CLIENT4) / TCPerror(sport=81, dport=31337))
+    add(Fixture("ICMP error about a flow of no VIP", 14, orphan_err, "PASS", orphan_err, C(pass_not_vip=1)))
+
+    # rows 15-16: no real / real can't carry it
+    add(Fixture("VIP without reals", 15, tcp4(dst="198.18.100.6"), "DROP", None,
+                C(drop_no_real=1, lru_miss=1)))
+    add(Fixture("VIP whose only real has weight 0", 15, tcp4(dst="198.18.100.10"), "DROP", None,
+                C(drop_no_real=1, lru_miss=1)))
+    add(Fixture("IPv6 client, IPv4 real", 16, tcp6(dst=V6_VIP_WITH_V4_REAL[0]), "DROP", None,
+                C(drop_encap_failed=1, lru_miss=1)))
+
+    # row 17: local
+    loc = tcp4(dst="198.18.100.8")
+    add(Fixture("local VIP, real is this host", 17, loc, "PASS", loc, C(pass_local=1, lru_miss=1), "198.19.0.250"))
+
+    # row 18: encapsulation
+    add(Fixture("IPv4 TCP SYN -> IPIP", 18, syn, "TX", encap(syn, real1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), real1))
+    ack = tcp4(tcp_flags="A")
+    add(Fixture("IPv4 TCP ACK after the SYN -> connection table hit", 18, ack, "TX",
+                encap(ack, real1, CLIENT4, 31337), C(tx_encap=1, lru_hit=1), real1, setup=(syn,)))
+    add(Fixture("IPv4 TCP SYN after a SYN: always re-hashed", 18, syn, "TX", encap(syn, real1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), real1, setup=(syn,)))
+    tos = tcp4(tos=0xB8, ttl=3, payload=b"GET / HTTP/1.1\r\n\r\n", tcp_flags="PA")
+    add(Fixture("TOS copied, inner TTL untouched, payload kept", 18, tos, "TX",
+                encap(tos, real1, CLIENT4, 31337), C(tx_encap=1, lru_miss=1), real1))
+    padded = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / UDP(sport=5000, dport=53)) + b"\x00" * 18
+    add(Fixture("UDP with Ethernet padding (kept)", 18, padded, "TX", encap(padded, "198.19.0.2", CLIENT4, 5000),
+                C(tx_encap=1, lru_miss=1), "198.19.0.2"))
+    udp2 = raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / UDP(sport=5000, dport=53) / b"q")
+    add(Fixture("UDP second datagram -> hit", 18, udp2, "TX", encap(udp2, "198.19.0.2", CLIENT4, 5000),
+                C(tx_encap=1, lru_hit=1), "198.19.0.2", setup=(udp2,)))
+    any_port = tcp4(dst="198.18.100.2", dport=8443)
+    add(Fixture("port-0 VIP, any destination port", 18, any_port, "TX",
+                encap(any_port, "198.19.0.3", CLIENT4, 31337), C(tx_encap=1, lru_miss=1), "198.19.0.3"))
+    nsp = tcp4(dst="198.18.100.3", sport=40000)
+    add(Fixture("no_src_port: outer source built from port 0", 18, nsp, "TX", encap(nsp, real1, CLIENT4, 0),
+                C(tx_encap=1, lru_miss=1), real1))
+    byp = tcp4(dst="198.18.100.4", tcp_flags="A")
+    add(Fixture("lru_bypass: no connection-table counters", 18, byp, "TX", encap(byp, real1, CLIENT4, 31337),
+                C(tx_encap=1), real1, setup=(byp,)))
+    dpo = tcp4(dst="198.18.100.5", sport=40001)
+    add(Fixture("dport_only: outer source keeps the real source port", 18, dpo, "TX",
+                encap(dpo, real1, CLIENT4, 40001), C(tx_encap=1, lru_miss=1), real1))
+    v4in6 = tcp4(dst="198.18.100.7", sport=4660, tos=0x10)
+    add(Fixture("IPv4 client, IPv6 real -> IPv4-in-IPv6", 18, v4in6, "TX",
+                encap(v4in6, "2001:db8:1::1", CLIENT4, 4660), C(tx_encap=1, lru_miss=1), "2001:db8:1::1"))
+    v6 = tcp6(tc=0x28, fl=12345)
+    add(Fixture("IPv6 TCP -> IPv6-in-IPv6 (flow label 0, TC copied)", 18, v6, "TX",
+                encap(v6, "2001:db8:1::2", CLIENT6, 31337), C(tx_encap=1, lru_miss=1), "2001:db8:1::2"))
+    u6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / UDP(sport=443, dport=443) / b"quic")
+    add(Fixture("IPv6 UDP -> IPv6-in-IPv6", 18, u6, "TX", encap(u6, "2001:db8:1::3", CLIENT6, 443),
+                C(tx_encap=1, lru_miss=1), "2001:db8:1::3"))
+    vlan = raw(eth() / Dot1Q(vlan=42, prio=5) / IP(src=CLIENT4, dst="198.18.100.1") / TCP(sport=1000, dport=80))
+    add(Fixture("802.1Q tagged TCP: tag kept on the encapsulated frame", 18, vlan, "TX",
+                encap(vlan, real1, CLIENT4, 1000), C(tx_encap=1, lru_miss=1), real1))
+    # Katran vector: 192.168.1.1:31337 -> :80 hashes to 0xc7e68632 (ring position below).
+    kat = tcp4(dst="198.18.100.9", src="192.168.1.1")
+    kat_real = KATRAN_VECTOR_REAL
+    add(Fixture("3 reals, Katran's flow-hash vector picks the real", 18, kat, "TX",
+                encap(kat, kat_real, "192.168.1.1", 31337), C(tx_encap=1, lru_miss=1), kat_real))
+
+    # row 19: ICMP errors forwarded to the flow's real
+    add(Fixture("ICMP frag-needed for a VIP flow -> its real", 19, frag_needed, "TX",
+                encap(frag_needed, real1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1, icmp_error_forwarded=1), real1))
+    ptb = raw(eth() / IPv6(src="2001:db8::1", dst="2001:db8:100::1") / ICMPv6PacketTooBig(mtu=1280)
+              / IPerror6(src="2001:db8:100::1", dst=CLIENT6) / TCPerror(sport=80, dport=31337))
+    add(Fixture("ICMPv6 packet-too-big for a VIP flow -> its real", 19, ptb, "TX",
+                encap(ptb, "2001:db8:1::2", CLIENT6, 31337),
+                C(tx_encap=1, lru_miss=1, icmp_error_forwarded=1), "2001:db8:1::2"))
+    du6 = raw(eth() / IPv6(src="2001:db8::1", dst="2001:db8:100::1") / ICMPv6DestUnreach(code=1)
+              / IPerror6(src="2001:db8:100::1", dst=CLIENT6) / UDPerror(sport=443, dport=5353))
+    add(Fixture("ICMPv6 dest-unreachable for a UDP VIP flow, hit after the flow", 19, du6, "TX",
+                encap(du6, "2001:db8:1::3", CLIENT6, 5353),
+                C(tx_encap=1, lru_hit=1, icmp_error_forwarded=1), "2001:db8:1::3",
+                setup=(raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / UDP(sport=5353, dport=443)),)))
+    return fx
+
+
+# Ring position of Katran's vector in VIP 198.18.100.9 (maglev V1, reals .1,.2,.3 in that
+# id order): 0xc7e68632 % 65537. Which real sits there follows from the Maglev vectors
+# (tested in test_maglev.py); pinned here so a change in either shows up.
+KATRAN_VECTOR_POS = 0xC7E68632 % 65537
+KATRAN_VECTOR_REAL = "198.19.0.3"
+
+FIXTURES = build_fixtures()
