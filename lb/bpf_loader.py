@@ -1,0 +1,709 @@
+"""Compile, load, attach and feed the XDP datapath (xdp/balancer.c) with bcc.
+
+``XdpBalancer`` owns one loaded program and its maps:
+
+* sizes (ring size, max VIPs/reals, connection-table size) are compile-time ``-D`` flags
+  from :func:`lb.constants.c_defines`; every other constant the C side uses comes from
+  :mod:`lb.constants` as an ``LB_<NAME>`` flag (:func:`c_flags`);
+* maps can be pinned under a per-instance bpffs directory (``pin_dir``): a restarted
+  control plane that loads with the same ``pin_dir`` gets the same maps, counters and
+  connection table included;
+* tables from :func:`lb.state.compile_tables` are written with raw bpf() calls
+  (batch updates, and an mmap of the Maglev rings), never element by element from
+  Python for the large ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lb import constants, layout
+from lb.bpf_testrun import (
+    BPF_ANY,
+    BPF_MAP_DELETE_ELEM,
+    BPF_MAP_GET_NEXT_KEY,
+    BPF_MAP_LOOKUP_BATCH,
+    BPF_MAP_LOOKUP_ELEM,
+    BPF_MAP_UPDATE_BATCH,
+    BPF_MAP_UPDATE_ELEM,
+    BPF_OBJ_GET,
+    BPF_OBJ_GET_INFO_BY_FD,
+    BPF_OBJ_PIN,
+    bpf_syscall,
+)
+
+XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
+PROG_NAME = "balancer_xdp"
+BPFFS = "/sys/fs/bpf"
+
+# XDP attach flags (include/uapi/linux/if_link.h)
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+
+# Map types (enum bpf_map_type) and flags used by xdp/maps.h.
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_F_NO_COMMON_LRU = 1 << 1
+BPF_F_MMAPABLE = 1 << 10
+
+# Sizes fixed at compile time; the others in lb/constants.py are wire/protocol facts.
+_CONFIGURABLE = {"RING_SIZE", "MAX_VIPS", "MAX_REALS", "CONN_TABLE_SIZE", "CONN_TABLE_WAYS",
+                 "MAX_FRAME_SIZE"}
+
+
+class XdpError(RuntimeError):
+    """The XDP program could not be compiled, loaded, attached or fed."""
+
+
+class XdpAttachError(XdpError):
+    """Attaching to (or detaching from) an interface failed."""
+
+
+class PinnedMapMismatch(XdpError):
+    """Maps pinned under pin_dir were made for other sizes or another layout."""
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the length of every per-CPU value the kernel returns."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+def _wire_defines() -> list[str]:
+    """Every other integer constant of lb.constants as -DLB_<NAME>: wire and protocol
+    facts the C side needs and c_defines() does not hand over. Names c_defines() emits
+    keep its spelling (no LB_ twin), so each value reaches C once."""
+    emitted = {flag[2:].split("=", 1)[0] for flag in constants.c_defines()}
+    out = []
+    for name, value in sorted(vars(constants).items()):
+        if (not name.isupper() or name.startswith("_") or name in _CONFIGURABLE
+                or name in emitted or isinstance(value, bool) or not isinstance(value, int)):
+            continue
+        out.append(f"-DLB_{name}={value}{'ULL' if value > 0x7FFFFFFF else ''}")
+    columns = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
+    out.append(f"-DLB_STAT_COLUMNS={columns}")
+    return out
+
+
+def c_flags(
+    ring_size: int = constants.RING_SIZE,
+    max_vips: int = constants.MAX_VIPS,
+    max_reals: int = constants.MAX_REALS,
+    conn_table_size: int = constants.CONN_TABLE_SIZE,
+    pin_dir: str | None = None,
+) -> list[str]:
+    """All cflags for xdp/: include path, sizes, constants, CPU count, pin directory."""
+    flags = [f"-I{XDP_DIR}"]
+    flags += constants.c_defines(ring_size, max_vips, max_reals, conn_table_size)
+    flags += _wire_defines()
+    flags.append(f"-DLB_NR_CPUS={possible_cpus()}")
+    if pin_dir is not None:
+        flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
+    # Kernel headers are built for the host; these warnings are theirs, not ours.
+    flags += ["-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types",
+              "-Wno-gnu-variable-sized-type-not-at-end", "-Wno-address-of-packed-member",
+              "-Wno-tautological-compare", "-Wno-unknown-warning-option"]
+    return flags
+
+
+# ---- raw bpf() map and object commands ----------------------------------------------
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
+                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
+                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
+                ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int32),
+                ("_pad", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
+
+
+def _ptr(buf: Any) -> int:
+    if isinstance(buf, np.ndarray):
+        return buf.ctypes.data
+    return ctypes.addressof(buf)
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    attr = _ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v), flags=flags)
+    bpf_syscall(BPF_MAP_UPDATE_ELEM, attr, "map update")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    attr = _ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v))
+    try:
+        bpf_syscall(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    k = ctypes.create_string_buffer(key, len(key))
+    attr = _ElemAttr(map_fd=fd, key=_ptr(k))
+    try:
+        bpf_syscall(BPF_MAP_DELETE_ELEM, attr, "map delete")
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """All keys of a hash map (get_next_key walk; for small maps)."""
+    keys = []
+    cur = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        kbuf = ctypes.create_string_buffer(cur, key_size) if cur is not None else None
+        attr = _ElemAttr(map_fd=fd, key=_ptr(kbuf) if kbuf is not None else 0, value=_ptr(nxt))
+        try:
+            bpf_syscall(BPF_MAP_GET_NEXT_KEY, attr, "map get_next_key")
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return keys
+            raise
+        cur = nxt.raw
+        keys.append(cur)
+
+
+def map_update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
+    """BPF_MAP_UPDATE_BATCH: keys and values as contiguous arrays of equal length."""
+    keys = np.ascontiguousarray(keys)
+    values = np.ascontiguousarray(values)
+    n = len(keys)
+    done = 0
+    while done < n:
+        attr = _BatchAttr(map_fd=fd, keys=_ptr(keys[done:]), values=_ptr(values[done:]),
+                          count=n - done)
+        try:
+            bpf_syscall(BPF_MAP_UPDATE_BATCH, attr, "map update batch")
+        except OSError:
+            if attr.count == 0:
+                raise
+        done += attr.count
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 65536
+                     ) -> tuple[bytes, bytes, int]:
+    """BPF_MAP_LOOKUP_BATCH over the whole map: (keys, values, count). value_size is the
+    size of one value as the syscall returns it (per-CPU maps: all CPUs)."""
+    keys_out = []
+    values_out = []
+    total = 0
+    in_batch = None
+    out_batch = ctypes.create_string_buffer(max(key_size, 8))
+    while True:
+        kbuf = ctypes.create_string_buffer(key_size * chunk)
+        vbuf = ctypes.create_string_buffer(value_size * chunk)
+        attr = _BatchAttr(map_fd=fd, keys=_ptr(kbuf), values=_ptr(vbuf), count=chunk,
+                          in_batch=_ptr(in_batch) if in_batch is not None else 0,
+                          out_batch=_ptr(out_batch))
+        end = False
+        try:
+            bpf_syscall(BPF_MAP_LOOKUP_BATCH, attr, "map lookup batch")
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                end = True
+            elif e.errno == errno.ENOSPC and attr.count == 0:
+                chunk *= 2  # one hash bucket holds more than chunk entries
+                continue
+            else:
+                raise
+        n = attr.count
+        keys_out.append(kbuf.raw[: n * key_size])
+        values_out.append(vbuf.raw[: n * value_size])
+        total += n
+        if end:
+            return b"".join(keys_out), b"".join(values_out), total
+        in_batch = ctypes.create_string_buffer(out_batch.raw, len(out_batch.raw))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    p = ctypes.create_string_buffer(path.encode())
+    bpf_syscall(BPF_OBJ_PIN, _ObjAttr(pathname=_ptr(p), bpf_fd=fd), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    p = ctypes.create_string_buffer(path.encode())
+    return bpf_syscall(BPF_OBJ_GET, _ObjAttr(pathname=_ptr(p)), f"open pinned {path}")
+
+
+def map_info(fd: int) -> _MapInfo:
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_ptr(info))
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
+    return info
+
+
+def prog_info(fd: int) -> dict[str, int | str]:
+    """id, name, xlated_insns (instructions after verification/rewrites), jited_bytes,
+    verified_insns (instructions the verifier processed, kernel >= 5.16)."""
+    buf = ctypes.create_string_buffer(256)
+    attr = _InfoAttr(bpf_fd=fd, info_len=256, info=_ptr(buf))
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr, "prog info")
+    raw = buf.raw
+    u32 = lambda off: int.from_bytes(raw[off:off + 4], "little")  # noqa: E731
+    return {
+        "id": u32(4),
+        "name": raw[64:80].split(b"\0")[0].decode(),
+        "jited_bytes": u32(16),
+        "xlated_insns": u32(20) // 8,
+        "verified_insns": u32(216) if attr.info_len >= 220 else -1,
+    }
+
+
+# ---- stats ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BalancerStats:
+    """Counters summed over CPUs.
+
+    counters: name (lb.constants.STATS) -> value.
+    vip: uint64 [max_vips, 2], columns VIP_STAT_PACKETS / VIP_STAT_BYTES, row = vip_num.
+    real: uint64 [max_reals, 2], same columns, row = real id.
+    """
+
+    counters: dict[str, int]
+    vip: np.ndarray
+    real: np.ndarray
+
+
+# Map name -> (type, key size, value size, flags); max_entries from the sizes.
+def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: int,
+               ncpus: int) -> dict[str, tuple[int, int, int, int, int]]:
+    cols = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
+    conn_entries = conn_table_size * ncpus
+    return {
+        "vip_map": (BPF_MAP_TYPE_HASH, layout.VIP_KEY.itemsize, layout.VIP_META.itemsize,
+                    max_vips, 0),
+        "vip_addrs": (BPF_MAP_TYPE_HASH, layout.VIP_ADDR_KEY.itemsize, 4, max_vips, 0),
+        "reals": (BPF_MAP_TYPE_ARRAY, 4, layout.REAL.itemsize, max_reals, 0),
+        "ch_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, max_vips * ring_size, BPF_F_MMAPABLE),
+        "conn_table": (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
+                       layout.CONN_VALUE.itemsize, conn_entries, BPF_F_NO_COMMON_LRU),
+        "ctl": (BPF_MAP_TYPE_ARRAY, 4, layout.CTL.itemsize, 1, 0),
+        "stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, constants.N_STATS, 0),
+        "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
+        "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * cols, 0),
+    }
+
+
+def _setns_call(netns: str | None, fn, *args):
+    """Run fn(*args) in a thread that has entered network namespace `netns`
+    (/run/netns/<netns>); directly when netns is None."""
+    if netns is None:
+        return fn(*args)
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            result["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run, name=f"setns-{netns}")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+class XdpBalancer:
+    """One loaded balancer_xdp program and its maps.
+
+    Sizes must equal those of the tables later given to :meth:`load_tables`
+    (``XdpBalancer.from_tables`` takes them from the tables). With ``pin_dir`` the maps
+    live under that bpffs directory and survive this object; a new XdpBalancer with the
+    same ``pin_dir`` (and the same sizes, checked) reuses them.
+    """
+
+    def __init__(
+        self,
+        ring_size: int = constants.RING_SIZE,
+        max_vips: int = constants.MAX_VIPS,
+        max_reals: int = constants.MAX_REALS,
+        conn_table_size: int = constants.CONN_TABLE_SIZE,
+        *,
+        pin_dir: str | os.PathLike[str] | None = None,
+        extra_cflags: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        self.ring_size = ring_size
+        self.max_vips = max_vips
+        self.max_reals = max_reals
+        self.conn_table_size = conn_table_size
+        self.ncpus = possible_cpus()
+        self.pin_dir = str(pin_dir) if pin_dir is not None else None
+        self.extra_cflags = list(extra_cflags)
+        self._specs = _map_specs(ring_size, max_vips, max_reals, conn_table_size, self.ncpus)
+        self._attached: tuple[str, int, str | None] | None = None  # (ifname, flags, netns)
+        self._rings_mm: mmap.mmap | None = None
+        self._rings: np.ndarray | None = None
+        if self.pin_dir is not None:
+            os.makedirs(self.pin_dir, exist_ok=True)
+            self._check_pinned(self.pin_dir)
+        t0 = time.monotonic()
+        self._bpf, self._fn = self._compile(self.pin_dir)
+        self.load_seconds = time.monotonic() - t0
+        self._map_rings()
+
+    @classmethod
+    def from_tables(cls, tables: Any, **kwargs: Any) -> "XdpBalancer":
+        """Load a program sized for ``tables`` and write the tables into its maps."""
+        bal = cls(tables.ring_size, tables.max_vips, tables.max_reals, tables.conn_table_size,
+                 **kwargs)
+        bal.load_tables(tables)
+        return bal
+
+    # ---- compile / load ------------------------------------------------------------
+
+    def cflags(self, pin_dir: str | None) -> list[str]:
+        return c_flags(self.ring_size, self.max_vips, self.max_reals, self.conn_table_size,
+                       pin_dir) + self.extra_cflags
+
+    def _compile(self, pin_dir: str | None):
+        from bcc import BPF  # Debian's python3-bpfcc; imported late so lb imports without it
+
+        text = (XDP_DIR / "balancer.c").read_text()
+        try:
+            b = BPF(text=text, cflags=self.cflags(pin_dir))
+            fn = b.load_func(PROG_NAME, BPF.XDP)
+        except Exception as e:  # bcc raises bare Exception
+            raise XdpError(f"could not compile/load {PROG_NAME}: {e}") from e
+        return b, fn
+
+    def _check_pinned(self, pin_dir: str) -> None:
+        problems = []
+        for name, (mtype, ksz, vsz, entries, flags) in self._specs.items():
+            path = os.path.join(pin_dir, name)
+            if not os.path.exists(path):
+                continue
+            fd = obj_get(path)
+            try:
+                info = map_info(fd)
+            finally:
+                os.close(fd)
+            want = (mtype, ksz, vsz, entries, flags)
+            have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
+            if want != have:
+                problems.append(f"{name}: pinned (type, key, value, entries, flags) = {have}, "
+                                f"this program needs {want}")
+        if problems:
+            raise PinnedMapMismatch(
+                f"maps pinned under {pin_dir} do not fit this program "
+                f"(remove them with XdpBalancer.unpin_dir or use another pin_dir): "
+                + "; ".join(problems))
+
+    def _map_rings(self) -> None:
+        """mmap ch_rings. The kernel stores array elements round_up(value_size, 8) bytes
+        apart, so the u32 slots are every other u32 of the mapping."""
+        fd = self.map_fd("ch_rings")
+        n = self.max_vips * self.ring_size
+        stride = (4 + 7) // 8 * 8
+        size = n * stride
+        mm_size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._rings_mm = mmap.mmap(fd, mm_size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        words = np.frombuffer(self._rings_mm, dtype=np.uint32, count=size // 4)
+        self._rings = words.reshape(self.max_vips, self.ring_size, stride // 4)[:, :, 0]
+
+    @property
+    def prog_fd(self) -> int:
+        return self._fn.fd
+
+    def map_fd(self, name: str) -> int:
+        if name not in self._specs:
+            raise KeyError(name)
+        return self._bpf[name].map_fd
+
+    def map_ids(self) -> dict[str, int]:
+        return {name: map_info(self.map_fd(name)).id for name in self._specs}
+
+    def prog_info(self) -> dict[str, int | str]:
+        return prog_info(self.prog_fd)
+
+    # ---- attach / detach / replace ------------------------------------------------
+
+    def attach(self, ifname: str, mode: str = "native", netns: str | None = None) -> None:
+        """Attach to ``ifname`` in ``native`` (driver) or ``generic`` (skb) mode, in
+        network namespace ``netns`` (a name under /run/netns) or the current one."""
+        from bcc import BPF
+
+        if mode not in XDP_MODES:
+            raise ValueError(f"mode must be one of {sorted(XDP_MODES)}, not {mode!r}")
+        flags = XDP_MODES[mode]
+        try:
+            _setns_call(netns, BPF.attach_xdp, ifname, self._fn, flags)
+        except Exception as e:
+            msg = str(e)
+            if mode == "native" and ("not supported" in msg.lower() or "EOPNOTSUPP" in msg):
+                raise XdpAttachError(
+                    f"{ifname}: the driver cannot run XDP in native mode ({msg}); "
+                    f"attach with mode='generic' instead") from e
+            raise XdpAttachError(f"attaching {PROG_NAME} to {ifname} ({mode}): {msg}") from e
+        self._attached = (ifname, flags, netns)
+
+    def detach(self) -> None:
+        if self._attached is None:
+            return
+        from bcc import BPF
+
+        ifname, flags, netns = self._attached
+        try:
+            _setns_call(netns, BPF.remove_xdp, ifname, flags)
+        except Exception as e:
+            raise XdpAttachError(f"detaching from {ifname}: {e}") from e
+        self._attached = None
+
+    @property
+    def attached(self) -> tuple[str, str, str | None] | None:
+        """(ifname, mode, netns) or None."""
+        if self._attached is None:
+            return None
+        ifname, flags, netns = self._attached
+        mode = "native" if flags == XDP_FLAGS_DRV_MODE else "generic"
+        return ifname, mode, netns
+
+    def replace_program(self, extra_cflags: tuple[str, ...] | list[str] | None = None) -> None:
+        """Compile and load the program again (e.g. new code or extra cflags) on the same
+        maps, and if attached swap it in atomically: the kernel replaces the program
+        pointer in one step, no frame sees "no program". Without pin_dir the maps are
+        pinned in a temporary bpffs directory just for the reload."""
+        if extra_cflags is not None:
+            self.extra_cflags = list(extra_cflags)
+        old_ids = self.map_ids()
+        tmp = None
+        pin_dir = self.pin_dir
+        if pin_dir is None:
+            tmp = os.path.join(BPFFS, f"lbx-replace-{secrets.token_hex(4)}")
+            os.mkdir(tmp)
+            for name in self._specs:
+                obj_pin(self.map_fd(name), os.path.join(tmp, name))
+            pin_dir = tmp
+        try:
+            new_bpf, new_fn = self._compile(pin_dir)
+        finally:
+            if tmp is not None:
+                self.unpin_dir(tmp)
+        new_ids = {name: map_info(new_bpf[name].map_fd).id for name in self._specs}
+        if new_ids != old_ids:
+            new_bpf.cleanup()
+            raise XdpError(f"replacement program got other maps: {old_ids} != {new_ids}")
+        if self._attached is not None:
+            from bcc import BPF
+
+            ifname, flags, netns = self._attached
+            try:
+                _setns_call(netns, BPF.attach_xdp, ifname, new_fn, flags)
+            except Exception as e:
+                new_bpf.cleanup()
+                raise XdpAttachError(f"replacing the program on {ifname}: {e}") from e
+        old = self._bpf
+        self._bpf, self._fn = new_bpf, new_fn
+        old.cleanup()
+
+    # ---- tables ---------------------------------------------------------------------
+
+    def _check_sizes(self, tables: Any) -> None:
+        mine = (self.ring_size, self.max_vips, self.max_reals, self.conn_table_size)
+        theirs = (tables.ring_size, tables.max_vips, tables.max_reals, tables.conn_table_size)
+        if mine != theirs:
+            raise ValueError(f"tables sized (ring, vips, reals, conn) = {theirs}, program "
+                             f"loaded for {mine}: load a new XdpBalancer")
+        if tables.rings.shape != (self.max_vips, self.ring_size):
+            raise ValueError(f"rings shape {tables.rings.shape} != "
+                             f"{(self.max_vips, self.ring_size)}")
+        if len(tables.reals) != self.max_reals:
+            raise ValueError(f"reals has {len(tables.reals)} entries, need {self.max_reals}")
+        if len(tables.vip_keys) != len(tables.vip_metas):
+            raise ValueError("vip_keys and vip_metas differ in length")
+
+    def load_tables(self, tables: Any) -> None:
+        """Write a compiled configuration (lb.state.DatapathTables) into the maps.
+
+        Order keeps a live datapath consistent: reals, rings and ctl first, then the
+        VIP address set and VIPs (new VIPs appear only once their rings are in place),
+        then stale VIPs and addresses are deleted. Counters and the connection table
+        are left alone."""
+        self._check_sizes(tables)
+        reals = as_layout(tables.reals, layout.REAL)
+        map_update_batch(self.map_fd("reals"), np.arange(self.max_reals, dtype=np.uint32),
+                         reals)
+        assert self._rings is not None
+        np.copyto(self._rings, np.asarray(tables.rings, dtype=np.uint32))
+        ctl = as_layout(tables.ctl, layout.CTL)
+        map_update(self.map_fd("ctl"), (0).to_bytes(4, "little"), ctl[:1].tobytes())
+
+        addr_fd = self.map_fd("vip_addrs")
+        new_addrs = {bytes(k) for k in _records(tables.vip_addr_keys, layout.VIP_ADDR_KEY)}
+        one = (1).to_bytes(4, "little")
+        for k in new_addrs:
+            map_update(addr_fd, k, one)
+        vip_fd = self.map_fd("vip_map")
+        keys = _records(tables.vip_keys, layout.VIP_KEY)
+        metas = _records(tables.vip_metas, layout.VIP_META)
+        new_vips = set()
+        for k, m in zip(keys, metas):
+            map_update(vip_fd, k, m)
+            new_vips.add(k)
+        for k in map_keys(vip_fd, layout.VIP_KEY.itemsize):
+            if k not in new_vips:
+                map_delete(vip_fd, k)
+        for k in map_keys(addr_fd, layout.VIP_ADDR_KEY.itemsize):
+            if k not in new_addrs:
+                map_delete(addr_fd, k)
+
+    def update_ring(self, vip_num: int, new_ring: np.ndarray) -> int:
+        """Write the slots of ring ``vip_num`` that differ from ``new_ring``; returns how
+        many were written. Each slot is one aligned 32-bit store (atomic for readers)."""
+        if not 0 <= vip_num < self.max_vips:
+            raise IndexError(f"vip_num {vip_num} outside 0..{self.max_vips - 1}")
+        new = np.asarray(new_ring, dtype=np.uint32)
+        if new.shape != (self.ring_size,):
+            raise ValueError(f"ring has shape {new.shape}, need ({self.ring_size},)")
+        assert self._rings is not None
+        cur = self._rings[vip_num]
+        changed = np.flatnonzero(cur != new)
+        cur[changed] = new[changed]
+        return int(changed.size)
+
+    def ring(self, vip_num: int) -> np.ndarray:
+        """A copy of ring ``vip_num`` as the datapath sees it."""
+        assert self._rings is not None
+        return self._rings[vip_num].copy()
+
+    # ---- reading back ------------------------------------------------------------------
+
+    def _percpu_sum(self, name: str) -> np.ndarray:
+        fd = self.map_fd(name)
+        _, values, n = map_lookup_batch(fd, 4, 8 * self.ncpus)
+        arr = np.frombuffer(values, dtype=np.uint64, count=n * self.ncpus)
+        return arr.reshape(n, self.ncpus).sum(axis=1, dtype=np.uint64)
+
+    def read_stats(self) -> BalancerStats:
+        glob = self._percpu_sum("stats")
+        cols = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
+        return BalancerStats(
+            counters={name: int(glob[i]) for i, name in enumerate(constants.STATS)},
+            vip=self._percpu_sum("vip_stats").reshape(self.max_vips, cols),
+            real=self._percpu_sum("real_stats").reshape(self.max_reals, cols),
+        )
+
+    def conn_table_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every connection-table entry: (keys as layout.FLOW_KEY, values as
+        layout.CONN_VALUE), index-aligned."""
+        keys, values, n = map_lookup_batch(self.map_fd("conn_table"), layout.FLOW_KEY.itemsize,
+                                           layout.CONN_VALUE.itemsize)
+        return (np.frombuffer(keys, dtype=layout.FLOW_KEY, count=n).copy(),
+                np.frombuffer(values, dtype=layout.CONN_VALUE, count=n).copy())
+
+    def clear_conn_table(self) -> int:
+        fd = self.map_fd("conn_table")
+        keys = map_keys(fd, layout.FLOW_KEY.itemsize)
+        return sum(map_delete(fd, k) for k in keys)
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    @staticmethod
+    def unpin_dir(pin_dir: str) -> None:
+        """Remove every pinned map of an instance directory and the directory."""
+        if not os.path.isdir(pin_dir):
+            return
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+        os.rmdir(pin_dir)
+
+    def close(self, unpin: bool = False) -> None:
+        """Detach, release fds and the ring mapping; with unpin, also remove the pins
+        (the maps then die with the last reference)."""
+        if self._attached is not None:
+            self.detach()
+        self._rings = None
+        if self._rings_mm is not None:
+            self._rings_mm.close()
+            self._rings_mm = None
+        if getattr(self, "_bpf", None) is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        if unpin and self.pin_dir is not None:
+            self.unpin_dir(self.pin_dir)
+
+    def __enter__(self) -> "XdpBalancer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def as_layout(arr: Any, dtype: np.dtype) -> np.ndarray:
+    """``arr`` converted to the layout ``dtype`` with every padding byte zero.
+
+    Map keys are compared as bytes, so padding must be written. A plain astype() or
+    ascontiguousarray(dtype=...) leaves the gaps of a padded dtype uninitialised, and
+    np.concatenate() may already have dropped the explicit offsets (and the
+    big-endian port) of the lb.layout dtypes; fields are therefore copied by name."""
+    a = np.asarray(arr)
+    out = np.zeros(len(a), dtype=dtype)
+    for name in dtype.names:
+        out[name] = a[name]
+    return out
+
+
+def _records(arr: Any, dtype: np.dtype) -> list[bytes]:
+    raw = as_layout(arr, dtype).tobytes()
+    size = dtype.itemsize
+    return [raw[i * size:(i + 1) * size] for i in range(len(arr))]

@@ -1,0 +1,424 @@
+/* XDP L4 load balancer, Katran-compatible. Implements docs/datapath.md row by row.
+ *
+ * This file orchestrates: parsing, checksums, hashing, encapsulation and ICMP live in
+ * their headers; every map access is here because bcc rewrites map method calls only
+ * in the main file. Every frame ends in exactly one outcome counter (single exit in
+ * balancer_xdp). Constants and sizes come from lb/constants.py as -D flags.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "structs.h"
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "jhash.h"
+#include "encap.h"
+#include "icmp.h"
+
+/* ---- counters --------------------------------------------------------------------- */
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = stats.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
+{
+	__u32 k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u64 *v = vip_stats.lookup(&k);
+
+	if (v)
+		*v += 1;
+	k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	v = vip_stats.lookup(&k);
+	if (v)
+		*v += bytes;
+}
+
+static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
+{
+	__u32 k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u64 *v = real_stats.lookup(&k);
+
+	if (v)
+		*v += 1;
+	k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	v = real_stats.lookup(&k);
+	if (v)
+		*v += bytes;
+}
+
+/* ---- real selection and forwarding (rows 14-19) ------------------------------------ */
+
+/* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
+static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_flags)
+{
+	union lb_addr src = flow->src;
+	__u32 sport = flow->sport;
+	__u32 dport = flow->dport;
+	__u32 ports;
+
+	if (vip_flags & F_DPORT_ONLY) {
+		src = (union lb_addr){};
+		sport = dport;
+	}
+	/* the u32 read little-endian from the wire bytes [sport][dport] */
+	ports = sport | (dport << 16);
+	if (flow->family == FAMILY_V6)
+		return lb_jhash_2words(lb_jhash_16(src.v6, MAX_VIPS), ports, (__u32)CH_RINGS_SIZE);
+	return lb_jhash_2words(src.v4, ports, (__u32)CH_RINGS_SIZE);
+}
+
+static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat)
+{
+	struct vip_key vk = {};
+	struct vip_meta *meta;
+	struct conn_value *cv;
+	struct real_def *real = NULL;
+	struct ctl_value *cfg;
+	__u8 gw_mac[ETH_ALEN];
+	__u32 flags, vip_num, real_id = 0, zero = 0;
+	int use_lru;
+
+	vk.addr = pkt->flow.dst;
+	vk.port = pkt->flow.dport;
+	vk.proto = pkt->flow.proto;
+	vk.family = pkt->flow.family;
+	meta = vip_map.lookup(&vk);
+	if (!meta) {
+		vk.port = 0;
+		meta = vip_map.lookup(&vk);
+		if (!meta) {
+			*stat = STAT_PASS_NOT_VIP; /* row 14 */
+			return XDP_PASS;
+		}
+		/* a port-0 VIP ignores the destination port, unless it hashes on it */
+		if (!(meta->flags & F_DPORT_ONLY))
+			pkt->flow.dport = 0;
+	}
+	flags = meta->flags;
+	vip_num = meta->vip_num;
+	if (flags & F_NO_SRC_PORT)
+		pkt->flow.sport = 0;
+	vip_stat_add(vip_num, pkt->frame_len);
+
+	/* 1. connection table */
+	use_lru = !(flags & F_LRU_BYPASS);
+	if (use_lru && !pkt->tcp_syn) {
+		cv = conn_table.lookup(&pkt->flow);
+		if (cv) {
+			__u32 id = cv->real_id;
+			struct real_def *r = reals.lookup(&id);
+
+			if (r && r->family) {
+				if (pkt->flow.proto != LB_IPPROTO_UDP) {
+					real_id = id;
+				} else {
+					__u64 now = bpf_ktime_get_ns();
+
+					if (now - cv->atime <= LRU_UDP_TIMEOUT_NS) {
+						cv->atime = now;
+						real_id = id;
+					}
+				}
+				if (real_id)
+					real = r;
+			}
+		}
+		stat_inc(real_id ? STAT_LRU_HIT : STAT_LRU_MISS);
+	} else if (use_lru) {
+		stat_inc(STAT_LRU_MISS); /* SYN: always re-hashed */
+	}
+
+	/* 2. Maglev ring */
+	if (!real_id) {
+		__u32 pos, *slot;
+
+		if (vip_num >= MAX_VIPS) {
+			*stat = STAT_DROP_NO_REAL;
+			return XDP_DROP;
+		}
+		pos = vip_num * RING_SIZE + flow_hash(&pkt->flow, flags) % RING_SIZE;
+		slot = ch_rings.lookup(&pos);
+		if (slot)
+			real_id = *slot;
+		if (real_id)
+			real = reals.lookup(&real_id);
+		if (!real || !real->family) {
+			/* row 15 (also: the ring names a real id that has no entry) */
+			*stat = STAT_DROP_NO_REAL;
+			return XDP_DROP;
+		}
+		if (use_lru && !pkt->icmp_err) {
+			struct conn_value nv = {};
+
+			nv.real_id = real_id;
+			nv.atime = bpf_ktime_get_ns();
+			conn_table.update(&pkt->flow, &nv);
+		}
+	}
+	if (!real) {
+		*stat = STAT_DROP_NO_REAL; /* unreachable; keeps the verifier's view simple */
+		return XDP_DROP;
+	}
+
+	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4) {
+		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
+		return XDP_DROP;
+	}
+	if ((flags & F_LOCAL) && (real->flags & REAL_F_LOCAL)) {
+		real_stat_add(real_id, pkt->frame_len);
+		*stat = STAT_PASS_LOCAL; /* row 17 */
+		return XDP_PASS;
+	}
+
+	cfg = ctl.lookup(&zero);
+	if (!cfg) {
+		*stat = STAT_DROP_ENCAP_FAILED;
+		return XDP_DROP;
+	}
+	__builtin_memcpy(gw_mac, cfg->gw_mac, ETH_ALEN);
+	if (encapsulate(ctx, pkt, real, gw_mac)) {
+		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
+		return XDP_DROP;
+	}
+	real_stat_add(real_id, pkt->frame_len);
+	if (pkt->icmp_err)
+		stat_inc(STAT_ICMP_ERROR_FORWARDED); /* row 19 */
+	*stat = STAT_TX_ENCAP; /* row 18 */
+	return XDP_TX;
+}
+
+/* ---- IPv4 / IPv6 (rows 3-13) ------------------------------------------------------- */
+
+/* Returned by the per-family parsers for a TCP/UDP packet or a well-formed ICMP error to
+ * a VIP address: pkt->flow is filled and forward() decides (rows 14-19). Not an XDP
+ * action, so forward() is inlined once. */
+#define LB_FORWARD (-1)
+
+/* Rows 5 and 6, shared by both families: is the destination a VIP address, and does
+ * the frame fit. Returns -1 with *stat and *action set when the frame is done. */
+static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_desc *pkt,
+					   __u32 *stat, int *action)
+{
+	struct ctl_value *c;
+	__u32 zero = 0;
+
+	if (!vip_addrs.lookup(ak)) {
+		*stat = STAT_PASS_NOT_VIP; /* row 5 */
+		*action = XDP_PASS;
+		return -1;
+	}
+	c = ctl.lookup(&zero);
+	if (!c || pkt->frame_len > c->max_frame) {
+		*stat = STAT_DROP_OVERSIZE; /* row 6 */
+		*action = XDP_DROP;
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh,
+					struct pkt_desc *pkt, __u32 *stat)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct vip_addr_key ak = {};
+	struct iphdr *iph;
+	__u32 l4_room;
+	int action;
+
+	if (parse_iphdr(nh, data_end, pkt->frame_len - pkt->l3_off, &iph) < 0) {
+		*stat = STAT_DROP_MALFORMED; /* row 3 */
+		return XDP_DROP;
+	}
+	ak.addr.v4 = iph->daddr;
+	ak.family = FAMILY_V4;
+	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
+		return action;
+	if (iph->ihl != IPV4_HLEN / 4) {
+		*stat = STAT_DROP_IP_OPTIONS; /* row 7 */
+		return XDP_DROP;
+	}
+	if (ipv4_is_fragment(iph)) {
+		*stat = STAT_DROP_FRAGMENT; /* row 8 */
+		return XDP_DROP;
+	}
+
+	pkt->pkt_len = bpf_ntohs(iph->tot_len);
+	pkt->tos = iph->tos;
+	l4_room = pkt->pkt_len - IPV4_HLEN;
+	pkt->flow.family = FAMILY_V4;
+	pkt->flow.proto = iph->protocol;
+	pkt->flow.src.v4 = iph->saddr;
+	pkt->flow.dst.v4 = iph->daddr;
+
+	if (iph->protocol == LB_IPPROTO_TCP) {
+		struct tcphdr *tcp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)tcp);
+		pkt->tcp_syn = tcp->syn;
+		return LB_FORWARD;
+	}
+	if (iph->protocol == LB_IPPROTO_UDP) {
+		struct udphdr *udp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
+		return LB_FORWARD;
+	}
+	if (iph->protocol == LB_IPPROTO_ICMP) {
+		struct icmphdr *icmp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		if (icmp->type == LB_ICMP_ECHO_REQUEST) {
+			icmp4_echo_reply(data, iph, icmp);
+			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
+			return XDP_TX;
+		}
+		if (icmp->type == LB_ICMP_DEST_UNREACH) {
+			if (parse_icmp_inner_v4(icmp, data_end, l4_room, &pkt->flow) < 0) {
+				*stat = STAT_DROP_MALFORMED; /* row 12 */
+				return XDP_DROP;
+			}
+			pkt->icmp_err = 1;
+			return LB_FORWARD;
+		}
+		*stat = STAT_PASS_NOT_VIP; /* row 13 */
+		return XDP_PASS;
+	}
+	*stat = STAT_PASS_NOT_VIP; /* row 10 */
+	return XDP_PASS;
+}
+
+static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh,
+					struct pkt_desc *pkt, __u32 *stat)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct vip_addr_key ak = {};
+	struct ipv6hdr *ip6h;
+	__u32 l4_room;
+	int action;
+
+	if (parse_ip6hdr(nh, data_end, pkt->frame_len - pkt->l3_off, &ip6h) < 0) {
+		*stat = STAT_DROP_MALFORMED; /* row 4 */
+		return XDP_DROP;
+	}
+	__builtin_memcpy(&ak.addr, &ip6h->daddr, sizeof(ak.addr));
+	ak.family = FAMILY_V6;
+	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
+		return action;
+	if (ip6h->nexthdr == LB_IPPROTO_FRAGMENT) {
+		*stat = STAT_DROP_FRAGMENT; /* row 8 */
+		return XDP_DROP;
+	}
+
+	l4_room = bpf_ntohs(ip6h->payload_len);
+	pkt->pkt_len = l4_room + IPV6_HLEN;
+	pkt->tos = ipv6_tclass(ip6h);
+	pkt->flow.family = FAMILY_V6;
+	pkt->flow.proto = ip6h->nexthdr;
+	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
+	__builtin_memcpy(&pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
+
+	if (ip6h->nexthdr == LB_IPPROTO_TCP) {
+		struct tcphdr *tcp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)tcp);
+		pkt->tcp_syn = tcp->syn;
+		return LB_FORWARD;
+	}
+	if (ip6h->nexthdr == LB_IPPROTO_UDP) {
+		struct udphdr *udp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
+		return LB_FORWARD;
+	}
+	if (ip6h->nexthdr == LB_IPPROTO_ICMPV6) {
+		struct icmp6hdr *icmp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		if (icmp->icmp6_type == LB_ICMPV6_ECHO_REQUEST) {
+			icmp6_echo_reply(data, ip6h, icmp);
+			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
+			return XDP_TX;
+		}
+		if (icmp->icmp6_type == LB_ICMPV6_DEST_UNREACH ||
+		    icmp->icmp6_type == LB_ICMPV6_PKT_TOOBIG) {
+			if (parse_icmp_inner_v6(icmp, data_end, l4_room, &pkt->flow) < 0) {
+				*stat = STAT_DROP_MALFORMED; /* row 12 */
+				return XDP_DROP;
+			}
+			pkt->icmp_err = 1;
+			return LB_FORWARD;
+		}
+		*stat = STAT_PASS_NOT_VIP; /* row 13 */
+		return XDP_PASS;
+	}
+	*stat = STAT_PASS_NOT_VIP; /* row 10 */
+	return XDP_PASS;
+}
+
+/* ---- entry -------------------------------------------------------------------------- */
+
+static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct hdr_cursor nh = { .pos = data };
+	struct pkt_desc pkt = {};
+	int eth_type, action;
+
+	pkt.frame_len = data_end - data;
+	eth_type = parse_ethhdr_vlan(&nh, data_end, &pkt);
+	if (eth_type < 0) {
+		*stat = STAT_DROP_MALFORMED; /* row 1 */
+		return XDP_DROP;
+	}
+	if (eth_type == bpf_htons(LB_ETH_P_IP)) {
+		action = process_ipv4(ctx, &nh, &pkt, stat);
+	} else if (eth_type == bpf_htons(LB_ETH_P_IPV6)) {
+		action = process_ipv6(ctx, &nh, &pkt, stat);
+	} else {
+		*stat = STAT_PASS_NOT_IP; /* row 2 */
+		return XDP_PASS;
+	}
+	if (action != LB_FORWARD)
+		return action;
+	return forward(ctx, &pkt, stat);
+}
+
+int balancer_xdp(struct xdp_md *ctx)
+{
+	__u32 stat = STAT_DROP_MALFORMED;
+	int action = process_frame(ctx, &stat);
+
+	stat_inc(STAT_RX_PACKETS);
+	stat_inc(stat);
+	return action;
+}

@@ -1,0 +1,35 @@
+/* Internet checksums (RFC 1071, RFC 1624). The one's-complement sum is byte-order
+ * independent, so 16-bit words are summed as loaded and the result stored as is. */
+#pragma once
+
+#include <linux/types.h>
+
+static __always_inline __u16 lb_csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* Header checksum of a 20-byte IPv4 header whose check field is already 0. Unrolled:
+ * ten 16-bit words. */
+static __always_inline __u16 lb_ipv4_csum(const void *iph)
+{
+	const __u16 *w = iph;
+	__u32 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	return lb_csum_fold(sum);
+}
+
+/* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one 16-bit word changed from m to m'. */
+static __always_inline __u16 lb_csum_replace2(__u16 check, __u16 old, __u16 new)
+{
+	__u32 sum = (__u16)~check;
+
+	sum += (__u16)~old;
+	sum += new;
+	return lb_csum_fold(sum);
+}

@@ -1,0 +1,57 @@
+/* The balancer's maps. Sizes come from lb/constants.py as -D flags (lb/bpf_loader.py).
+ *
+ * With -DLB_PIN_DIR="\"/sys/fs/bpf/<instance>\"" every map is pinned as
+ * <instance>/<map name>: bcc opens the pinned map if it exists (a restarted control
+ * plane, or a replacement program, gets the same maps) and creates and pins it if not.
+ *
+ * bcc rewrites map method calls (.lookup, .update) only in the main file, so the maps
+ * are declared here and used only in balancer.c.
+ */
+#pragma once
+
+#include "structs.h"
+
+#ifndef LB_NR_CPUS
+#error "LB_NR_CPUS (possible CPUs) must come from the loader"
+#endif
+
+#ifdef LB_PIN_DIR
+#define LB_MAP(_type, _key, _value, _name, _entries, _flags) \
+	BPF_TABLE_PINNED(_type, _key, _value, _name, _entries, LB_PIN_DIR "/" #_name, _flags)
+#else
+#define LB_MAP(_type, _key, _value, _name, _entries, _flags) \
+	BPF_F_TABLE(_type, _key, _value, _name, _entries, _flags)
+#endif
+
+/* (VIP address, port, proto, family) -> flags and ring number. */
+LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
+
+/* Every address that carries a VIP -> 1. Decides "is this packet for us" before any
+ * port is looked at (ICMP echo, options, fragments, oversize). */
+LB_MAP("hash", struct vip_addr_key, __u32, vip_addrs, MAX_VIPS, 0);
+
+/* Real id -> real. Id 0 is never used ("no real"). */
+LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
+
+/* Maglev rings, one per VIP number, RING_SIZE slots each: real id, 0 = none.
+ * mmap-able so the control plane writes slots directly. */
+LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);
+
+/* Connection table: flow -> (real id, last access). One LRU list per CPU
+ * (BPF_F_NO_COMMON_LRU); the kernel gives each CPU max_entries / nr_cpus entries,
+ * so CONN_TABLE_SIZE is the per-CPU capacity. */
+LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_table,
+       CONN_TABLE_SIZE * LB_NR_CPUS, BPF_F_NO_COMMON_LRU);
+
+/* Global settings, one entry. */
+LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
+
+/* Global counters, index STAT_* (lb/constants.py STATS), per CPU. */
+LB_MAP("percpu_array", __u32, __u64, stats, N_STATS, 0);
+
+/* Per-VIP counters: [vip_num * 2 + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU.
+ * Bytes are input frame lengths, L2 header included. */
+LB_MAP("percpu_array", __u32, __u64, vip_stats, MAX_VIPS * 2, 0);
+
+/* Per-real counters: [real_id * 2 + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU. */
+LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * 2, 0);
