@@ -1,0 +1,96 @@
+"""Random and mutated frames through the userspace datapath: it never raises, every frame
+lands in exactly one outcome counter, and nothing is sent that was not for a VIP address."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import numpy as np
+from fixtures import FIXTURES, fixture_tables
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb import constants as C
+from lb.datapath import UserspaceDatapath
+
+TABLES = fixture_tables()
+DP = UserspaceDatapath(TABLES)
+VIP_ADDRESSES = {
+    ipaddress.ip_address(bytes(k["addr"][: 4 if k["family"] == C.FAMILY_V4 else 16]))
+    for k in TABLES.vip_addr_keys
+}
+OUTCOMES = [i for i, n in enumerate(C.STATS) if n.split("_")[0] in ("tx", "pass", "drop")]
+SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
+
+
+def _ip_dst(frame: bytes):
+    """Destination address of the (possibly 802.1Q-tagged) IP frame, else None."""
+    l3 = 18 if frame[12:14] == b"\x81\x00" else 14
+    et = frame[l3 - 2 : l3]
+    if et == b"\x08\x00" and len(frame) >= l3 + 20:
+        return ipaddress.IPv4Address(frame[l3 + 16 : l3 + 20])
+    if et == b"\x86\xdd" and len(frame) >= l3 + 40:
+        return ipaddress.IPv6Address(frame[l3 + 24 : l3 + 40])
+    return None
+
+
+def check_batch(frames: list[bytes]) -> None:
+    r = DP.process_frames(frames, now=10**9)
+    outcomes = r.stats[OUTCOMES]
+    assert int(r.stats[C.STAT_RX_PACKETS]) == len(frames)
+    assert int(outcomes.sum()) == len(frames), "every frame has exactly one outcome"
+    for i, f in enumerate(frames):
+        action = int(r.actions[i])
+        assert action in (C.XDP_DROP, C.XDP_PASS, C.XDP_TX)
+        if action == C.XDP_PASS:
+            assert r.output(i) == f, "a passed frame is unmodified"
+        if action == C.XDP_TX:
+            assert _ip_dst(f) in VIP_ADDRESSES, "TX only for frames to a VIP address"
+            assert r.out_lens[i] in (len(f), len(f) + 20, len(f) + 40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=200), min_size=1, max_size=16))
+def test_random_bytes(frames: list[bytes]) -> None:
+    check_batch(frames)
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    """A fixture frame truncated, with bytes flipped, or with length/IHL fields rewritten."""
+    f = bytearray(draw(st.sampled_from(SEEDS)))
+    kind = draw(st.sampled_from(["truncate", "flip", "field", "extend"]))
+    if kind == "truncate":
+        return bytes(f[: draw(st.integers(0, len(f)))])
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(f) - 1))
+            f[i] = draw(st.integers(0, 255))
+        return bytes(f)
+    if kind == "field":
+        # IHL/version byte, IPv4 tot_len / IPv6 payload_len, ICMP inner header bytes
+        for off in draw(st.lists(st.sampled_from([14, 16, 17, 18, 19, 20, 21, 23, 42, 43, 54, 62]), min_size=1)):
+            if off < len(f):
+                f[off] = draw(st.integers(0, 255))
+        return bytes(f)
+    return bytes(f) + draw(st.binary(min_size=1, max_size=64))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(mutated(), min_size=1, max_size=8))
+def test_mutated_fixtures(frames: list[bytes]) -> None:
+    check_batch(frames)
+
+
+def test_every_truncation_of_every_fixture() -> None:
+    frames = [fx.frame[:n] for fx in FIXTURES for n in range(len(fx.frame) + 1)]
+    check_batch(frames)
+
+
+def test_lengths_are_checked() -> None:
+    buf = np.zeros((1, 10), dtype=np.uint8)
+    try:
+        DP.process(buf, np.array([11]), now=0)
+    except ValueError:
+        return
+    raise AssertionError("a length beyond the buffer must be refused")
