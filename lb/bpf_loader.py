@@ -468,7 +468,7 @@ class XdpBalancer:
     def map_fd(self, name: str) -> int:
         if name not in self._specs:
             raise KeyError(name)
-        return self._bpf[name].map_fd
+        return self._bpf[name.encode()].map_fd
 
     def map_ids(self) -> dict[str, int]:
         return {name: map_info(self.map_fd(name)).id for name in self._specs}
@@ -539,7 +539,7 @@ class XdpBalancer:
         finally:
             if tmp is not None:
                 self.unpin_dir(tmp)
-        new_ids = {name: map_info(new_bpf[name].map_fd).id for name in self._specs}
+        new_ids = {name: map_info(new_bpf[name.encode()].map_fd).id for name in self._specs}
         if new_ids != old_ids:
             new_bpf.cleanup()
             raise XdpError(f"replacement program got other maps: {old_ids} != {new_ids}")

@@ -1,0 +1,152 @@
+"""The C structs in xdp/structs.h and the numpy dtypes in lb/layout.py are the same bytes.
+
+Two independent checks:
+* static asserts generated from the dtypes (sizeof, offsetof and sizeof of every field),
+  compiled by bcc's clang with the same flags as the datapath;
+* bcc's own view of the loaded program's maps (the ctypes Key/Leaf types it builds from
+  the compiled program's type information).
+And every constant the C side is handed (STAT_*, N_STATS, F_*, ...) arrives with the
+value lb.constants has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lb import constants, layout
+from lb.bpf_loader import XDP_DIR, c_flags
+
+pytestmark = [pytest.mark.bpf, pytest.mark.root]
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="bcc load needs root")
+
+# Small sizes keep compile/load quick; layouts do not depend on them.
+SMALL = dict(ring_size=13, max_vips=8, max_reals=16, conn_table_size=64)
+
+# Maps whose key/value types are layout structs: map -> (key dtype, value dtype).
+MAP_TYPES = {
+    "vip_map": (layout.VIP_KEY, layout.VIP_META),
+    "vip_addrs": (layout.VIP_ADDR_KEY, None),
+    "reals": (None, layout.REAL),
+    "conn_table": (layout.FLOW_KEY, layout.CONN_VALUE),
+    "ctl": (None, layout.CTL),
+}
+
+
+def _field_size(dtype: np.dtype, name: str) -> int:
+    return dtype.fields[name][0].itemsize
+
+
+def struct_asserts(cname: str, dtype: np.dtype) -> str:
+    """_Static_assert lines for one struct: size, and offset and size of every field."""
+    lines = [f'_Static_assert(sizeof(struct {cname}) == {dtype.itemsize}, '
+             f'"sizeof(struct {cname}) != {dtype.itemsize}");']
+    for name in dtype.names:
+        off = dtype.fields[name][1]
+        size = _field_size(dtype, name)
+        lines.append(f'_Static_assert(__builtin_offsetof(struct {cname}, {name}) == {off}, '
+                     f'"offsetof({cname}.{name}) != {off}");')
+        lines.append(f'_Static_assert(sizeof(((struct {cname} *)0)->{name}) == {size}, '
+                     f'"sizeof({cname}.{name}) != {size}");')
+    return "\n".join(lines)
+
+
+def constant_asserts() -> str:
+    lines = [f'_Static_assert(N_STATS == {constants.N_STATS}, "N_STATS");']
+    for i, name in enumerate(constants.STATS):
+        lines.append(f'_Static_assert(STAT_{name.upper()} == {i}, "STAT_{name.upper()}");')
+    for name, bit in constants.VIP_FLAGS.items():
+        lines.append(f'_Static_assert(F_{name.upper()} == {bit}, "F_{name.upper()}");')
+    lines.append(f'_Static_assert(LB_VIP_STAT_PACKETS == {constants.VIP_STAT_PACKETS}, "pk");')
+    lines.append(f'_Static_assert(LB_VIP_STAT_BYTES == {constants.VIP_STAT_BYTES}, "by");')
+    lines.append(f'_Static_assert(LB_ETH_P_8021Q == {constants.ETH_P_8021Q}, "8021q");')
+    lines.append(f'_Static_assert(LB_IP_MF == {constants.IP_MF}, "mf");')
+    lines.append(f'_Static_assert(IPIP_V4_PREFIX0 == {constants.IPIP_V4_PREFIX0}, "v4p0");')
+    lines.append(f'_Static_assert(IPIP_V6_PREFIX0 == {constants.IPIP_V6_PREFIX0}, "v6p0");')
+    lines.append(f'_Static_assert(CH_RINGS_SIZE == '
+                 f'{constants.ch_rings_size(SMALL["max_vips"], SMALL["ring_size"])}, "chr");')
+    lines.append(f'_Static_assert(LRU_UDP_TIMEOUT_NS == {constants.LRU_UDP_TIMEOUT_NS}ULL, '
+                 f'"lru timeout");')
+    return "\n".join(lines)
+
+
+def compile_c(body: str) -> None:
+    """Compile structs.h + body + a trivial XDP function with the datapath's flags."""
+    from bcc import BPF
+
+    text = ('#include <uapi/linux/bpf.h>\n#include "structs.h"\n' + body +
+            "\nint layout_probe(struct xdp_md *ctx) { return XDP_PASS; }\n")
+    b = BPF(text=text, cflags=c_flags(**SMALL))
+    b.cleanup()
+
+
+@pytest.mark.parametrize("cname", sorted(layout.C_STRUCTS))
+def test_struct_matches_dtype_static_asserts(cname: str, capfd) -> None:
+    try:
+        compile_c(struct_asserts(cname, layout.C_STRUCTS[cname]))
+    except Exception as e:
+        err = capfd.readouterr().err
+        failed = re.findall(r'static_assert failed.*?"(.*?)"', err) or [err[-2000:]]
+        pytest.fail(f"struct {cname} differs from lb/layout.py: {failed} ({e})")
+
+
+def test_every_constant_reaches_c(capfd) -> None:
+    try:
+        compile_c(constant_asserts())
+    except Exception as e:
+        err = capfd.readouterr().err
+        pytest.fail(f"constants differ between lb/constants.py and C: {err[-2000:]} ({e})")
+
+
+def test_every_counter_is_used_by_the_datapath() -> None:
+    """Each STAT_* index is bumped somewhere in balancer.c (a counter nobody updates
+    would silently stay 0 on the XDP side)."""
+    src = (XDP_DIR / "balancer.c").read_text()
+    missing = [n for n in constants.STATS if f"STAT_{n.upper()}" not in src]
+    assert not missing
+
+
+def test_no_duplicated_numbers_for_shared_constants() -> None:
+    """The C side takes shared constants from -D flags; it must not define them itself."""
+    names = {f[2:].split("=", 1)[0] for f in c_flags(**SMALL) if f.startswith("-D")}
+    for path in XDP_DIR.glob("*.[ch]"):
+        defined = set(re.findall(r"^#define\s+(\w+)", path.read_text(), re.M))
+        assert not (defined & names), f"{path.name} redefines {defined & names}"
+
+
+def _ctype_layout(ct: type) -> tuple[int, dict[str, tuple[int, int]]]:
+    fields = {}
+    for name, ftype in ct._fields_:
+        fields[name] = (getattr(ct, name).offset, ctypes.sizeof(ftype))
+    return ctypes.sizeof(ct), fields
+
+
+def _dtype_layout(dtype: np.dtype) -> tuple[int, dict[str, tuple[int, int]]]:
+    return dtype.itemsize, {n: (dtype.fields[n][1], _field_size(dtype, n)) for n in dtype.names}
+
+
+@needs_root
+def test_bcc_map_types_match_dtypes() -> None:
+    """bcc's Key/Leaf ctypes of the loaded program's maps agree with lb/layout.py
+    (padding members the C side names explicitly are ignored)."""
+    from lb.bpf_loader import XdpBalancer
+
+    with XdpBalancer(**SMALL) as bal:
+        for mapname, (kdt, vdt) in MAP_TYPES.items():
+            table = bal._bpf[mapname.encode()]
+            for ct, dt in ((table.Key, kdt), (table.Leaf, vdt)):
+                if dt is None:
+                    continue
+                size, fields = _ctype_layout(ct)
+                want_size, want_fields = _dtype_layout(dt)
+                assert size == want_size, (mapname, ct.__name__)
+                for name, (off, fsize) in want_fields.items():
+                    assert fields.get(name) == (off, fsize), (mapname, name, fields.get(name))
+                extra = set(fields) - set(want_fields)
+                assert all(n.startswith("pad") for n in extra), extra
