@@ -1,0 +1,21 @@
+# The two commands of the README. Each first runs the idempotent set-up
+# (Debian packages, kernel-header links, bpffs, .venv with the project installed).
+.PHONY: setup demo test bench clean
+
+PY := .venv/bin/python
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@.venv/bin/lbctl demo
+
+test: setup
+	@$(PY) -m pytest -q
+
+bench: setup
+	@$(PY) -m bench.bench_maglev
+	@$(PY) -m bench.bench_datapath
+
+clean:
+	rm -rf .venv bench/results .pytest_cache

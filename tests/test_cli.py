@@ -1,0 +1,116 @@
+"""lbctl: the simulate contract, config commands, errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from fixtures import CLIENT4, eth, tcp4
+from scapy.layers.inet import IP, TCP
+from scapy.packet import raw
+from scapy.utils import wrpcap
+
+from lb.cli import build_parser, main
+
+# The exact shape from the issue; it must load.
+CONTRACT_YAML = """\
+settings:
+  ring_size: 65537
+  max_vips: 512
+  gateway_mac: "00:00:de:ad:be:af"
+  encap: ipip
+vips:
+  - address: 10.200.1.1
+    port: 80
+    protocol: tcp
+    hash: maglev          # maglev | maglev_v2 (default)
+    flags: []             # no_src_port, lru_bypass, dport_only, local
+    reals:
+      - {address: 10.0.0.1, weight: 1}
+      - {address: 10.0.0.2, weight: 1}
+"""
+
+
+@pytest.fixture
+def contract(tmp_path):
+    p = tmp_path / "lb.yaml"
+    p.write_text(CONTRACT_YAML)
+    return p
+
+
+def test_simulate_json_contract(contract, tmp_path, capsys) -> None:
+    syn = tcp4(dst="10.200.1.1")
+    ack = tcp4(dst="10.200.1.1", tcp_flags="A")
+    other = tcp4(dst="198.18.200.1")
+    hexf = tmp_path / "frames.txt"
+    hexf.write_text(f"# a comment\n{syn.hex()}\n\n{ack.hex()}\n{other.hex()}\n")
+    assert main(["simulate", "--config", str(contract), "--hex-file", str(hexf), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(x) for x in lines] == [{"action", "real", "output"}] * 3
+    assert lines[0]["action"] == "TX" and lines[0]["real"] in ("10.0.0.1", "10.0.0.2")
+    # the connection table carries over between frames: the ACK goes where the SYN went
+    assert lines[1]["real"] == lines[0]["real"]
+    assert bytes.fromhex(lines[0]["output"])[14 + 16 : 14 + 20] == bytes(map(int, lines[0]["real"].split(".")))
+    assert lines[2] == {"action": "PASS", "real": None, "output": other.hex()}
+
+
+def test_simulate_pcap(contract, tmp_path, capsys) -> None:
+    pcap = tmp_path / "in.pcap"
+    frames = [eth() / IP(src=CLIENT4, dst="10.200.1.1") / TCP(sport=1000 + i, dport=80, flags="S") for i in range(20)]
+    wrpcap(str(pcap), frames)
+    assert main(["simulate", "--config", str(contract), "--pcap", str(pcap), "--json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(out) == 20 and all(o["action"] == "TX" for o in out)
+    assert {o["real"] for o in out} == {"10.0.0.1", "10.0.0.2"}
+
+
+def test_simulate_bad_hex_names_the_line(contract, tmp_path, capsys) -> None:
+    hexf = tmp_path / "frames.txt"
+    hexf.write_text(f"{raw(eth()).hex()}\nnot-hex\n")
+    assert main(["simulate", "--config", str(contract), "--hex-file", str(hexf), "--json"]) == 2
+    assert "frames.txt:2" in capsys.readouterr().err
+
+
+def test_invalid_config_exits_2_naming_the_field(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONTRACT_YAML.replace("port: 80", "port: 70000"))
+    with pytest.raises(SystemExit) as e:
+        main(["config", "validate", str(bad)])
+    assert e.value.code == 2
+    assert "vips[0].port" in capsys.readouterr().err
+
+
+def test_config_validate_and_show(contract, capsys) -> None:
+    assert main(["config", "validate", str(contract)]) == 0
+    assert "ok (1 VIPs, 2 reals)" in capsys.readouterr().out
+    assert main(["config", "show", str(contract), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["settings"]["max_reals"] == 4096 and shown["vips"][0]["hash"] == "maglev"
+
+
+def test_ring_shares(contract, capsys) -> None:
+    assert main(["ring", "--config", str(contract), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["slots"] for r in rows) == [32768, 32769]
+
+
+def test_every_subcommand_has_help() -> None:
+    parser = build_parser()
+    for args in (["--help"], ["simulate", "--help"], ["config", "--help"], ["config", "validate", "--help"],
+                 ["config", "show", "--help"], ["ring", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(args)
+        assert e.value.code == 0
+
+
+def test_demo_runs_and_flows_are_sticky(capsys) -> None:
+    assert main(["demo", "--flows", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "400 flows stayed on one real, 0 were split" in out
+
+
+def test_lbctl_entry_point_is_installed() -> None:
+    r = subprocess.run([sys.executable, "-m", "lb.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "simulate" in r.stdout
