@@ -118,10 +118,6 @@ def c_flags(
     flags.append(f"-DLB_NR_CPUS={possible_cpus()}")
     if pin_dir is not None:
         flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
-    # Kernel headers are built for the host; these warnings are theirs, not ours.
-    flags += ["-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types",
-              "-Wno-gnu-variable-sized-type-not-at-end", "-Wno-address-of-packed-member",
-              "-Wno-tautological-compare", "-Wno-unknown-warning-option"]
     return flags
 
 
