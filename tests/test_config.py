@@ -603,8 +603,8 @@ def test_fuzz_yaml_text(text: str) -> None:
         pass
 
 
-def test_docs_example_is_the_example_file() -> None:
-    doc = (ROOT / "docs" / "config.md").read_text()
+def test_readme_example_is_the_example_file() -> None:
+    doc = (ROOT / "README.md").read_text()
     block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert block == (ROOT / "examples" / "lb.yaml").read_text()
     parse_config_yaml(block)
