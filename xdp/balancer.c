@@ -165,14 +165,15 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		return XDP_DROP;
 	}
 
-	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4) {
-		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
-		return XDP_DROP;
-	}
+	/* local delivery needs no encapsulation, so it is decided first */
 	if ((flags & F_LOCAL) && (real->flags & REAL_F_LOCAL)) {
 		real_stat_add(real_id, pkt->frame_len);
 		*stat = STAT_PASS_LOCAL; /* row 17 */
 		return XDP_PASS;
+	}
+	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4) {
+		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
+		return XDP_DROP;
 	}
 
 	cfg = ctl.lookup(&zero);
