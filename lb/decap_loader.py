@@ -1,0 +1,374 @@
+"""Loader for the real servers' decapsulation program (xdp/decap.c).
+
+A real behind the balancer receives its traffic encapsulated (IPv4-in-IPv4, IPv6-in-IPv6,
+IPv4-in-IPv6, or GUE) and this host has no ipip/ip6tnl/fou modules, so a BPF program strips
+the outer headers and hands the inner packet, unchanged, to the kernel, which delivers it
+to the VIP configured on the loopback.
+
+    prog = DecapProgram(mode="xdp")          # or mode="tc"
+    prog.attach("eth0")                      # or attach("veth0", netns="ns1")
+    prog.set_allowed_destinations([])        # optional allow-list of outer destinations
+    prog.read_stats()                        # {"v4_in_v4": 12, ..., "passed": 3, ...}
+    prog.close()                             # detaches everywhere, frees the program
+
+Network namespaces: ``attach(ifname)`` works on the namespace the calling thread is in,
+so a process started with ``ip netns exec NS ...`` just names its interface. With
+``netns="NS"`` (a name under /run/netns or a path to a netns file) the calling thread
+enters that namespace with setns(2) for the duration of the netlink calls and comes back
+(setns on a network namespace changes only the calling thread; sockets keep the
+namespace they were created in). This is in-process, needs no helper binary and leaves
+the rest of the process alone; :func:`in_netns` is the same context manager for callers.
+
+tc mode adds a clsact qdisc if the device has none (and removes it again on detach if it
+added it and no other filter is left) and one ``bpf`` filter in direct-action mode on
+ingress, priority ``tc_priority``, handle 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lb import constants
+from lb.config import GUE_DEFAULT_PORT
+
+XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
+DECAP_SOURCE = XDP_DIR / "decap.c"
+
+# Counter names, in slot order of the per-CPU array decap_stats. Every frame the program
+# sees bumps exactly one of them.
+DECAP_STATS = (
+    "v4_in_v4",  # IPv4-in-IPv4 decapsulated
+    "v6_in_v6",  # IPv6-in-IPv6 decapsulated
+    "v4_in_v6",  # IPv4-in-IPv6 decapsulated
+    "v6_in_v4",  # IPv6-in-IPv4 decapsulated (Katran sends it for v6 VIPs with v4 reals)
+    "gue",  # GUE (UDP to the GUE port) decapsulated, any outer/inner family
+    "passed",  # not a tunnel packet: handed to the kernel untouched
+    "passed_not_allowed",  # tunnel packet, outer destination not on the allow-list
+    "passed_fragment",  # fragmented tunnel packet (not reassembled here): to the kernel
+    "dropped_malformed",  # tunnel packet with truncated / inconsistent headers
+    "dropped_unsupported",  # GUE control message, reserved variant, other inner protocol
+    "dropped_error",  # a helper failed while decapsulating (should stay 0)
+)
+DECAP_STAT_INDEX = {name: i for i, name in enumerate(DECAP_STATS)}
+DECAP_ALLOW_MAX = 64  # entries per family in the allow-list maps
+
+# XDP attach flags (linux/if_link.h)
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+_XDP_MODES = {"auto": 0, "generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
+
+TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress ("ffff:fff2")
+TC_EGRESS_PARENT = 0xFFFFFFF3
+CLONE_NEWNET = 0x40000000
+
+# Wire constants the C side takes from lb/constants.py (as -DLB_<NAME>).
+_WIRE = ("ETH_P_IP", "ETH_P_IPV6", "ETH_P_8021Q", "ETH_P_8021AD", "VLAN_HLEN",
+         "IPPROTO_IPIP", "IPPROTO_IPV6", "IPPROTO_UDP", "IPPROTO_FRAGMENT", "IP_MF",
+         "IP_OFFSET_MASK")
+
+
+class DecapError(RuntimeError):
+    """Compiling, loading, attaching or detaching the decap program failed."""
+
+
+def c_flags(gue_port: int = GUE_DEFAULT_PORT, extra: Iterable[str] = ()) -> list[str]:
+    """cflags for xdp/decap.c: include path, GUE port, counter slots, wire constants."""
+    if not 1 <= int(gue_port) <= 65535:
+        raise ValueError(f"gue_port must be 1..65535, got {gue_port}")
+    flags = [f"-I{XDP_DIR}", f"-DGUE_PORT={int(gue_port)}",
+             f"-DDECAP_N_STATS={len(DECAP_STATS)}", f"-DDECAP_ALLOW_MAX={DECAP_ALLOW_MAX}"]
+    flags += [f"-DDECAP_STAT_{name.upper()}={i}" for i, name in enumerate(DECAP_STATS)]
+    flags += [f"-DLB_{name}={getattr(constants, name)}" for name in _WIRE]
+    # Kernel headers are built for the host; these warnings are theirs, not ours.
+    flags += ["-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types",
+              "-Wno-gnu-variable-sized-type-not-at-end", "-Wno-address-of-packed-member",
+              "-Wno-tautological-compare", "-Wno-unknown-warning-option"]
+    return flags + list(extra)
+
+
+# ---- network namespaces ---------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def netns_path(netns: str) -> str:
+    """A namespace name (``ip netns`` style, under /run/netns) or a path to a netns file."""
+    return netns if "/" in netns else os.path.join("/run/netns", netns)
+
+
+@contextlib.contextmanager
+def in_netns(netns: str | None) -> Iterator[None]:
+    """Run the body with the calling thread inside network namespace ``netns`` (None:
+    stay where it is). Sockets created inside keep that namespace after the block."""
+    if netns is None:
+        yield
+        return
+    target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(target)
+        raise
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)  # if this fails the thread is lost in netns: let it raise
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+# ---- the program ----------------------------------------------------------------------
+
+@dataclass
+class _Attachment:
+    ifname: str
+    netns: str | None
+    ifindex: int
+    xdp_flags: int = 0
+    tc_prio: int = 0
+    tc_created_qdisc: bool = False
+
+
+class DecapProgram:
+    """The decap program, compiled with bcc for one mode ("xdp" or "tc")."""
+
+    def __init__(self, mode: str = "xdp", gue_port: int = GUE_DEFAULT_PORT, *,
+                 xdp_mode: str = "auto", tc_priority: int = 1,
+                 extra_cflags: Iterable[str] = ()) -> None:
+        if mode not in ("xdp", "tc"):
+            raise ValueError(f'mode must be "xdp" or "tc", got {mode!r}')
+        if xdp_mode not in _XDP_MODES:
+            raise ValueError(f"xdp_mode must be one of {sorted(_XDP_MODES)}, got {xdp_mode!r}")
+        if not 1 <= tc_priority <= 0xFFFF:
+            raise ValueError(f"tc_priority must be 1..65535, got {tc_priority}")
+        self.mode = mode
+        self.gue_port = int(gue_port)
+        self.xdp_mode = xdp_mode
+        self.tc_priority = tc_priority
+        self.cflags = c_flags(self.gue_port, extra_cflags)
+        self._attachments: list[_Attachment] = []
+        self._bpf = None
+        from bcc import BPF  # Debian's python3-bpfcc, imported late: lb imports without it
+
+        self._BPF = BPF
+        try:
+            self._bpf = BPF(src_file=str(DECAP_SOURCE).encode(), cflags=self.cflags)
+            if mode == "xdp":
+                self._fn = self._bpf.load_func(b"decap_xdp", BPF.XDP)
+            else:
+                self._fn = self._bpf.load_func(b"decap_tc", BPF.SCHED_CLS)
+        except Exception as e:  # bcc raises bare Exception
+            raise DecapError(f"could not compile/load xdp/decap.c ({mode}): {e}") from e
+        self._stats = self._bpf[b"decap_stats"]
+        self._config = self._bpf[b"decap_config"]
+        self._allow_v4 = self._bpf[b"decap_allow_v4"]
+        self._allow_v6 = self._bpf[b"decap_allow_v6"]
+
+    # ---- program handle ---------------------------------------------------------------
+
+    @property
+    def prog_fd(self) -> int:
+        """File descriptor of the loaded program (e.g. for BPF_PROG_TEST_RUN)."""
+        return self._fn.fd
+
+    @property
+    def attachments(self) -> list[tuple[str, str | None]]:
+        return [(a.ifname, a.netns) for a in self._attachments]
+
+    # ---- attach / detach --------------------------------------------------------------
+
+    def attach(self, ifname: str, netns: str | None = None) -> None:
+        """Attach to interface ``ifname`` (in namespace ``netns``, default: the calling
+        thread's). XDP refuses to replace a program someone else attached."""
+        with in_netns(netns):
+            ifindex = socket_if_nametoindex(ifname)
+            if self.mode == "xdp":
+                att = self._attach_xdp(ifname, ifindex)
+            else:
+                att = self._attach_tc(ifname, ifindex)
+        att.netns = netns
+        self._attachments.append(att)
+
+    def _attach_xdp(self, ifname: str, ifindex: int) -> _Attachment:
+        flags = _XDP_MODES[self.xdp_mode] | XDP_FLAGS_UPDATE_IF_NOEXIST
+        try:
+            self._BPF.attach_xdp(ifname.encode(), self._fn, flags)
+        except Exception as e:
+            raise DecapError(f"XDP attach to {ifname} failed: {e}") from e
+        return _Attachment(ifname, None, ifindex, xdp_flags=_XDP_MODES[self.xdp_mode])
+
+    def _attach_tc(self, ifname: str, ifindex: int) -> _Attachment:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        created = False
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+                created = True
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise DecapError(f"adding clsact to {ifname} failed: {e}") from e
+            try:
+                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self._fn.fd,
+                       name=self._fn.name.decode(), parent=TC_INGRESS_PARENT, classid=1,
+                       direct_action=True, prio=self.tc_priority)
+            except NetlinkError as e:
+                if created:
+                    with contextlib.suppress(NetlinkError):
+                        ipr.tc("del", "clsact", ifindex)
+                raise DecapError(f"adding the tc ingress filter on {ifname} failed "
+                                 f"(priority {self.tc_priority} taken?): {e}") from e
+        return _Attachment(ifname, None, ifindex, tc_prio=self.tc_priority,
+                           tc_created_qdisc=created)
+
+    def detach(self, ifname: str | None = None, netns: str | None = None) -> None:
+        """Detach from ``ifname`` (in ``netns``), or from every interface if ifname is
+        None. An interface or namespace that is already gone counts as detached."""
+        keep, errors = [], []
+        for att in self._attachments:
+            if ifname is not None and (att.ifname, att.netns) != (ifname, netns):
+                keep.append(att)
+                continue
+            try:
+                self._detach_one(att)
+            except DecapError as e:
+                errors.append(str(e))
+        self._attachments = keep
+        if errors:
+            raise DecapError("; ".join(errors))
+
+    def _detach_one(self, att: _Attachment) -> None:
+        if att.netns is not None and not os.path.exists(netns_path(att.netns)):
+            return  # namespace deleted: its interfaces and their programs are gone
+        with in_netns(att.netns):
+            try:
+                ifindex = socket_if_nametoindex(att.ifname)
+            except OSError:
+                return  # interface deleted, program went with it
+            if ifindex != att.ifindex:
+                return  # a new interface with the same name: not ours
+            if self.mode == "xdp":
+                try:
+                    self._BPF.remove_xdp(att.ifname.encode(), att.xdp_flags)
+                except Exception as e:
+                    raise DecapError(f"XDP detach from {att.ifname} failed: {e}") from e
+            else:
+                self._detach_tc(att)
+
+    def _detach_tc(self, att: _Attachment) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("del-filter", "bpf", att.ifindex, ":1", parent=TC_INGRESS_PARENT,
+                       prio=att.tc_prio)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.EINVAL):
+                    raise DecapError(f"removing the tc filter on {att.ifname}: {e}") from e
+            if not att.tc_created_qdisc:
+                return
+            left = 0
+            for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT):
+                with contextlib.suppress(NetlinkError):
+                    left += len(list(ipr.get_filters(index=att.ifindex, parent=parent)))
+            if left == 0:
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del", "clsact", att.ifindex)
+
+    # ---- allow-list -------------------------------------------------------------------
+
+    def set_allowed_destinations(self, addresses: Iterable[str]) -> None:
+        """Decapsulate only tunnel packets whose outer destination is one of
+        ``addresses`` (IPv4 and/or IPv6). An empty list turns the restriction off: every
+        tunnel packet is decapsulated (the default). Tunnel packets to other
+        destinations are passed to the kernel untouched (counter passed_not_allowed)."""
+        v4, v6 = [], []
+        for a in addresses:
+            ip = ipaddress.ip_address(a)
+            (v4 if ip.version == 4 else v6).append(ip)
+        if len(v4) > DECAP_ALLOW_MAX or len(v6) > DECAP_ALLOW_MAX:
+            raise ValueError(f"at most {DECAP_ALLOW_MAX} addresses per family")
+        on_key = self._config.Key(0)
+        if not v4 and not v6:
+            self._config[on_key] = self._config.Leaf(0)  # off first, then empty the maps
+            self._allow_v4.clear()
+            self._allow_v6.clear()
+            return
+        # New entries first, then the flag; stale entries go last.
+        for ip in v4:
+            self._allow_v4[self._allow_v4.Key(int.from_bytes(ip.packed, sys.byteorder))] = \
+                self._allow_v4.Leaf(1)
+        for ip in v6:
+            self._allow_v6[self._allow_v6.Key.from_buffer_copy(ip.packed)] = self._allow_v6.Leaf(1)
+        self._config[on_key] = self._config.Leaf(1)
+        want4 = {int.from_bytes(ip.packed, sys.byteorder) for ip in v4}
+        want6 = {ip.packed for ip in v6}
+        for k in list(self._allow_v4.keys()):
+            if k.value not in want4:
+                del self._allow_v4[k]
+        for k in list(self._allow_v6.keys()):
+            if bytes(k) not in want6:
+                del self._allow_v6[k]
+
+    def allowed_destinations(self) -> list[str]:
+        out = [str(ipaddress.IPv4Address(int(k.value).to_bytes(4, sys.byteorder)))
+               for k in self._allow_v4.keys()]
+        out += [str(ipaddress.IPv6Address(bytes(k))) for k in self._allow_v6.keys()]
+        return sorted(out)
+
+    # ---- counters ---------------------------------------------------------------------
+
+    def read_stats(self) -> dict[str, int]:
+        """Every counter, summed over CPUs."""
+        out = {}
+        for i, name in enumerate(DECAP_STATS):
+            out[name] = int(sum(self._stats.getvalue(self._stats.Key(i))))
+        return out
+
+    def reset_stats(self) -> None:
+        self._stats.clear()  # array maps: zeroes every slot
+
+    # ---- lifetime ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach everywhere and release the program and its maps."""
+        try:
+            self.detach()
+        finally:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+
+    def __enter__(self) -> "DecapProgram":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def socket_if_nametoindex(ifname: str) -> int:
+    """if_nametoindex in the calling thread's network namespace."""
+    import socket
+
+    return socket.if_nametoindex(ifname)
