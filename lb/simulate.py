@@ -73,16 +73,25 @@ class UserspaceSimulator:
 
 
 class XdpSimulator:
-    """The XDP program, loaded (not attached) and run with BPF_PROG_TEST_RUN."""
+    """The XDP program, loaded (not attached) and run with BPF_PROG_TEST_RUN.
+
+    The chosen real is read from the per-real counters around each frame (exact for TX
+    and for a local PASS alike). ``track_reals=False`` skips that for bulk runs: then
+    ``real`` comes from the outer destination of TX frames only.
+    """
 
     name = "xdp"
 
-    def __init__(self, tables: DatapathTables):
+    def __init__(self, tables: DatapathTables, track_reals: bool = True):
         from lb.bpf_loader import XdpBalancer
 
         self.tables = tables
         self.bal = XdpBalancer.from_tables(tables)
-        self._by_address = {ip: rid for ip, rid in tables.real_ids.items()}
+        self.track_reals = track_reals
+        self._real_packets = self._read_real_packets() if track_reals else None
+
+    def _read_real_packets(self):
+        return self.bal._percpu_sum("real_stats").reshape(self.tables.max_reals, -1)[:, C.VIP_STAT_PACKETS]
 
     def run(self, frame: bytes) -> FrameVerdict:
         from lb.bpf_testrun import test_run
@@ -94,9 +103,16 @@ class XdpSimulator:
         action, out, _ = test_run(self.bal.prog_fd, frame)
         name = C.ACTION_NAMES.get(action, f"UNKNOWN({action})")
         real = None
-        if action == C.XDP_TX:
+        if self.track_reals:
+            after = self._read_real_packets()
+            moved = (after - self._real_packets).nonzero()[0]
+            self._real_packets = after
+            if len(moved) == 1:
+                addr = self.tables.real_address(int(moved[0]))
+                real = str(addr) if addr else None
+        elif action == C.XDP_TX:
             dst = _outer_destination(out)
-            real = str(dst) if dst in self._by_address and out != frame else None
+            real = str(dst) if dst in self.tables.real_ids and out != frame else None
         return FrameVerdict(name, real, out if action in (C.XDP_TX, C.XDP_PASS) else b"")
 
     def stats(self) -> dict[str, int]:

@@ -29,7 +29,7 @@ from scapy.packet import Raw, raw
 
 from lb import layout
 from lb.config import parse_config
-from lb.constants import IPPROTO_TCP
+from lb.constants import F_LOCAL, IPPROTO_TCP
 from lb.state import DatapathTables, addr16, compile_tables
 
 GW_MAC = "00:00:de:ad:be:af"
@@ -69,26 +69,38 @@ FIXTURE_CONFIG = {
     ],
 }
 # Not expressible in a valid config (the validator refuses an IPv4 real for an IPv6 VIP),
-# but the datapath must still handle such a table: added by :func:`fixture_tables`.
-V6_VIP_WITH_V4_REAL = ("2001:db8:100::2", 80, "198.19.0.1")
+# but the datapath must still handle such tables: added by :func:`fixture_tables`.
+# (VIP address, port, real, VIP flags)
+V6_VIP_WITH_V4_REAL = ("2001:db8:100::2", 80, "198.19.0.1", 0)
+V6_LOCAL_VIP_WITH_V4_LOCAL_REAL = ("2001:db8:100::3", 80, "198.19.0.250", F_LOCAL)
+
+
+def _add_vip(t: DatapathTables, vip: str, port: int, real: str, flags: int) -> None:
+    """Append a TCP VIP whose whole ring is ``real`` (already a real of ``t``)."""
+    num = len(t.vip_keys)
+    ip = ipaddress.ip_address(vip)
+    key = np.zeros(num + 1, dtype=layout.VIP_KEY)
+    meta = np.zeros(num + 1, dtype=layout.VIP_META)
+    for name in layout.VIP_KEY.names:
+        key[name][:num] = t.vip_keys[name]
+    for name in layout.VIP_META.names:
+        meta[name][:num] = t.vip_metas[name]
+    key[num]["addr"], key[num]["family"] = addr16(ip)
+    key[num]["port"], key[num]["proto"] = port, IPPROTO_TCP
+    meta[num]["vip_num"], meta[num]["flags"] = num, flags
+    akey = np.zeros(len(t.vip_addr_keys) + 1, dtype=layout.VIP_ADDR_KEY)
+    for name in layout.VIP_ADDR_KEY.names:
+        akey[name][:-1] = t.vip_addr_keys[name]
+    akey[-1]["addr"], akey[-1]["family"] = addr16(ip)
+    t.vip_keys, t.vip_metas, t.vip_addr_keys = key, meta, akey
+    t.rings[num, :] = t.real_ids[ipaddress.ip_address(real)]
 
 
 def fixture_tables() -> DatapathTables:
     """The provisioning every fixture runs against."""
     t = compile_tables(parse_config(FIXTURE_CONFIG))
-    vip, port, real = V6_VIP_WITH_V4_REAL
-    num = len(t.vip_keys)
-    key = np.zeros(1, dtype=layout.VIP_KEY)
-    key[0]["addr"], key[0]["family"] = addr16(ipaddress.ip_address(vip))
-    key[0]["port"], key[0]["proto"] = port, IPPROTO_TCP
-    meta = np.zeros(1, dtype=layout.VIP_META)
-    meta[0]["vip_num"] = num
-    t.vip_keys = np.concatenate([t.vip_keys, key])
-    t.vip_metas = np.concatenate([t.vip_metas, meta])
-    akey = np.zeros(1, dtype=layout.VIP_ADDR_KEY)
-    akey[0]["addr"], akey[0]["family"] = addr16(ipaddress.ip_address(vip))
-    t.vip_addr_keys = np.concatenate([t.vip_addr_keys, akey])
-    t.rings[num, :] = t.real_ids[ipaddress.ip_address(real)]
+    _add_vip(t, *V6_VIP_WITH_V4_REAL)
+    _add_vip(t, *V6_LOCAL_VIP_WITH_V4_LOCAL_REAL)
     return t
 
 
@@ -300,6 +312,9 @@ def build_fixtures() -> list[Fixture]:
     # row 17: local
     loc = tcp4(dst="198.18.100.8")
     add(Fixture("local VIP, real is this host", 17, loc, "PASS", loc, C(pass_local=1, lru_miss=1), "198.19.0.250"))
+    loc6 = tcp6(dst=V6_LOCAL_VIP_WITH_V4_LOCAL_REAL[0])
+    add(Fixture("local IPv6 VIP, local IPv4 real: local wins over row 16", 17, loc6, "PASS", loc6,
+                C(pass_local=1, lru_miss=1), "198.19.0.250"))
 
     # row 18: encapsulation
     add(Fixture("IPv4 TCP SYN -> IPIP", 18, syn, "TX", encap(syn, real1, CLIENT4, 31337),

@@ -9,6 +9,7 @@ import numpy as np
 from fixtures import FIXTURES, fixture_tables
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import any_frame, mutated_frame, valid_flow_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
@@ -20,7 +21,6 @@ VIP_ADDRESSES = {
     for k in TABLES.vip_addr_keys
 }
 OUTCOMES = [i for i, n in enumerate(C.STATS) if n.split("_")[0] in ("tx", "pass", "drop")]
-SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
 
 
 def _ip_dst(frame: bytes):
@@ -55,30 +55,21 @@ def test_random_bytes(frames: list[bytes]) -> None:
     check_batch(frames)
 
 
-@st.composite
-def mutated(draw) -> bytes:
-    """A fixture frame truncated, with bytes flipped, or with length/IHL fields rewritten."""
-    f = bytearray(draw(st.sampled_from(SEEDS)))
-    kind = draw(st.sampled_from(["truncate", "flip", "field", "extend"]))
-    if kind == "truncate":
-        return bytes(f[: draw(st.integers(0, len(f)))])
-    if kind == "flip":
-        for _ in range(draw(st.integers(1, 4))):
-            i = draw(st.integers(0, len(f) - 1))
-            f[i] = draw(st.integers(0, 255))
-        return bytes(f)
-    if kind == "field":
-        # IHL/version byte, IPv4 tot_len / IPv6 payload_len, ICMP inner header bytes
-        for off in draw(st.lists(st.sampled_from([14, 16, 17, 18, 19, 20, 21, 23, 42, 43, 54, 62]), min_size=1)):
-            if off < len(f):
-                f[off] = draw(st.integers(0, 255))
-        return bytes(f)
-    return bytes(f) + draw(st.binary(min_size=1, max_size=64))
-
-
 @settings(max_examples=1500, deadline=None)
-@given(st.lists(mutated(), min_size=1, max_size=8))
+@given(st.lists(mutated_frame(), min_size=1, max_size=8))
 def test_mutated_fixtures(frames: list[bytes]) -> None:
+    check_batch(frames)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(valid_flow_frame(), min_size=1, max_size=16))
+def test_valid_flows(frames: list[bytes]) -> None:
+    check_batch(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(any_frame, min_size=1, max_size=16))
+def test_any_frames(frames: list[bytes]) -> None:
     check_batch(frames)
 
 

@@ -1,0 +1,108 @@
+"""Hypothesis strategies for frames: valid flows to the fixture VIPs, mutations of the
+golden fixtures (truncated, bytes flipped, length/IHL fields rewritten), random bytes."""
+
+from __future__ import annotations
+
+import struct
+
+from fixtures import (
+    FIXTURE_CONFIG,
+    FIXTURES,
+    LB_MAC,
+    ROUTER_MAC,
+    V6_LOCAL_VIP_WITH_V4_LOCAL_REAL,
+    V6_VIP_WITH_V4_REAL,
+)
+from hypothesis import strategies as st
+
+SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
+VIPS = [(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"]] + [
+    (extra[0], extra[1], "tcp") for extra in (V6_VIP_WITH_V4_REAL, V6_LOCAL_VIP_WITH_V4_LOCAL_REAL)
+]
+_MACS = bytes.fromhex(LB_MAC.replace(":", "")) + bytes.fromhex(ROUTER_MAC.replace(":", ""))
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _addr(text: str) -> bytes:
+    import ipaddress
+
+    return ipaddress.ip_address(text).packed
+
+
+@st.composite
+def valid_flow_frame(draw) -> bytes:
+    """A well-formed TCP/UDP/ICMP frame to a fixture VIP address (sometimes another port),
+    IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding sometimes."""
+    vip, port, proto = draw(st.sampled_from(VIPS))
+    dst = _addr(vip)
+    v6 = len(dst) == 16
+    if v6:
+        src = b"\x20\x01\x0d\xb8\xff\xff" + draw(st.binary(min_size=10, max_size=10))
+    else:
+        src = bytes([198, 18, draw(st.integers(0, 255)), draw(st.integers(0, 255))])
+    l4kind = draw(st.sampled_from([proto, proto, proto, "udp", "tcp", "icmp"]))
+    sport = draw(st.integers(0, 65535))
+    dport = port if draw(st.booleans()) or port == 0 and draw(st.booleans()) else draw(st.integers(0, 65535))
+    payload = draw(st.binary(max_size=64))
+    if l4kind == "tcp":
+        flags = draw(st.sampled_from([0x02, 0x10, 0x18, 0x12, 0x11, 0x04, 0x02 | 0x10]))
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, flags, 8192, 0, 0) + payload
+        pnum = 6
+    elif l4kind == "udp":
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        pnum = 17
+    else:
+        itype = draw(st.sampled_from([8, 0, 3, 13] if not v6 else [128, 129, 1, 2, 135]))
+        l4 = bytes([itype, draw(st.integers(0, 15)), 0, 0, 0, 0, 0, 0]) + payload
+        pnum = 58 if v6 else 1
+    if v6:
+        tc, hlim = draw(st.integers(0, 255)), draw(st.integers(1, 255))
+        ip = struct.pack("!IHBB", (6 << 28) | (tc << 20), len(l4), pnum, hlim) + src + dst
+        et = b"\x86\xdd"
+    else:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, draw(st.integers(0, 255)), 20 + len(l4), 0,
+                          draw(st.sampled_from([0, 0x4000])), draw(st.integers(1, 255)), pnum, 0, src, dst)
+        ip = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        et = b"\x08\x00"
+    ip += l4
+    l2 = _MACS + (b"\x81\x00" + struct.pack("!H", draw(st.integers(0, 0xFFFF))) if draw(st.booleans()) else b"") + et
+    frame = l2 + ip
+    if draw(st.integers(0, 9)) == 0:
+        frame += bytes(draw(st.integers(1, 30)))
+    return frame
+
+
+@st.composite
+def mutated_frame(draw) -> bytes:
+    """A golden-fixture frame truncated, with bytes flipped, or with header fields rewritten."""
+    f = bytearray(draw(st.sampled_from(SEEDS)))
+    kind = draw(st.sampled_from(["truncate", "flip", "field", "extend"]))
+    if kind == "truncate":
+        return bytes(f[: draw(st.integers(0, len(f)))])
+    if kind == "flip":
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(f) - 1))
+            f[i] = draw(st.integers(0, 255))
+        return bytes(f)
+    if kind == "field":
+        # version/IHL, TOS, lengths, frag bits, protocol, ICMP type/code, inner headers
+        offs = [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 23, 34, 35, 42, 43, 54, 55, 62, 63]
+        for off in draw(st.lists(st.sampled_from(offs), min_size=1, max_size=4)):
+            if off < len(f):
+                f[off] = draw(st.integers(0, 255))
+        return bytes(f)
+    return bytes(f) + draw(st.binary(min_size=1, max_size=64))
+
+
+any_frame = st.one_of(
+    valid_flow_frame(), valid_flow_frame(), mutated_frame(), mutated_frame(),
+    st.binary(min_size=0, max_size=120),
+)
