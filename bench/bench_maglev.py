@@ -23,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import cpu_model
 from lb.constants import RING_SIZE
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
@@ -39,14 +40,6 @@ def pin_one_cpu() -> int:
     return cpu
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timings(fn: Callable[[], object], runs: int) -> list[float]:

@@ -45,6 +45,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import cpu_model, loadavg
 from lb.pktgen import PacketGenerator, Sink, build_frame
 from netns.ns import Lab, Netns, napi_thread_cpu
 
@@ -52,18 +53,8 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "pktgen.json"
 PATHS = ("gen->drop", "gen->tx", "gen->stub")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 class Testbed:

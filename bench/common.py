@@ -22,17 +22,26 @@ def pin_to_cpu(cpu: int | None = None) -> int:
     return chosen
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    model = ""
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages: other work on the machine skews figures."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+            "loadavg": loadavg()}
 
 
 def report(title: str, columns: list[str], rows: list[list[Any]], data: dict[str, Any], json_path: str | None,

@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from lb import constants as C
+from lb.maglev import is_prime
 
 __all__ = [
     "ConfigError",
@@ -139,21 +140,8 @@ def _int_range(lo: int, hi: int) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0 or n % 3 == 0:
-        return n in (2, 3)
-    i = 5
-    while i * i <= n:
-        if n % i == 0 or n % (i + 2) == 0:
-            return False
-        i += 6
-    return True
-
-
 def _prime(v: int) -> int:
-    if not _is_prime(v):
+    if not is_prime(v):
         raise ValueError(f"{v} is not prime")
     return v
 

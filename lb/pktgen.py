@@ -1,7 +1,7 @@
 """Traffic generator (XDP live frames) and counting sink for the datapath benchmarks.
 
 :class:`PacketGenerator` loads ``xdp/pktgen.c`` with bcc and runs it through
-BPF_PROG_TEST_RUN in live-frames mode (:mod:`lb.livefr`): every run rewrites a template
+BPF_PROG_TEST_RUN in live-frames mode (:mod:`lb.bpf_testrun`): every run rewrites a template
 frame, varies the flow over N flows and either sends the frame out of the interface it
 was "received" on (XDP_TX: over a veth to its peer), tail-calls a program under test, or
 drops it. :class:`Sink` loads ``xdp/sink.c`` on an interface (in a namespace) and counts.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lb import livefr
+from lb import bpf_testrun
 from lb.constants import (
     ETH_HLEN,
     ETH_P_IP,
@@ -370,7 +370,7 @@ class PacketGenerator:
 
     # --- running ----------------------------------------------------------------------------
 
-    def preview(self, n: int, cpu: int | None = None) -> list[livefr.TestRunResult]:
+    def preview(self, n: int, cpu: int | None = None) -> list[bpf_testrun.TestRunResult]:
         """Run the program ``n`` times in ordinary (not live) BPF_PROG_TEST_RUN mode, from
         one thread pinned to ``cpu`` (default: the lowest allowed), counters reset first:
         result i is what live mode would send as frame i on that CPU."""
@@ -379,9 +379,9 @@ class PacketGenerator:
         cpu = min(os.sched_getaffinity(0)) if cpu is None else cpu
         frame = self.frame
 
-        def body() -> list[livefr.TestRunResult]:
+        def body() -> list[bpf_testrun.TestRunResult]:
             self.reset_counters()
-            return [livefr.test_run(self.fn.fd, frame) for _ in range(n)]
+            return [bpf_testrun.test_run(self.fn.fd, frame) for _ in range(n)]
 
         return run_in_netns(None, body, cpu=cpu)
 
@@ -436,7 +436,7 @@ class PacketGenerator:
             try:
                 while done < shares[i] and not stop.is_set():
                     n = min(chunk, shares[i] - done)
-                    kns += livefr.live_frames(fd, frame, n, ifindex, batch_size=batch_size) * n
+                    kns += bpf_testrun.live_frames(fd, frame, n, ifindex, batch_size=batch_size) * n
                     done += n
             except BaseException as e:
                 rec["error"] = e

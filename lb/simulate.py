@@ -40,8 +40,8 @@ class Simulator(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
-def _outer_destination(frame: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Destination of the outer IP header of an encapsulated frame."""
+def ip_destination(frame: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Destination address of a (possibly 802.1Q-tagged) IP frame's first IP header."""
     l3 = 18 if frame[12:14] == b"\x81\x00" else 14
     et = frame[l3 - 2 : l3]
     if et == b"\x08\x00" and len(frame) >= l3 + 20:
@@ -111,7 +111,7 @@ class XdpSimulator:
                 addr = self.tables.real_address(int(moved[0]))
                 real = str(addr) if addr else None
         elif action == C.XDP_TX:
-            dst = _outer_destination(out)
+            dst = ip_destination(out)
             real = str(dst) if dst in self.tables.real_ids and out != frame else None
         return FrameVerdict(name, real, out if action in (C.XDP_TX, C.XDP_PASS) else b"")
 

@@ -32,6 +32,24 @@ from lb.config import parse_config
 from lb.constants import F_LOCAL, IPPROTO_TCP
 from lb.state import DatapathTables, addr16, compile_tables
 
+# The config shape the issue fixes as a contract: it must load, and `lbctl simulate` runs on it.
+CONTRACT_YAML = """\
+settings:
+  ring_size: 65537
+  max_vips: 512
+  gateway_mac: "00:00:de:ad:be:af"
+  encap: ipip
+vips:
+  - address: 10.200.1.1
+    port: 80
+    protocol: tcp
+    hash: maglev          # maglev | maglev_v2 (default)
+    flags: []             # no_src_port, lru_bypass, dport_only, local
+    reals:
+      - {address: 10.0.0.1, weight: 1}
+      - {address: 10.0.0.2, weight: 1}
+"""
+
 GW_MAC = "00:00:de:ad:be:af"
 LB_MAC = "02:00:00:00:00:01"  # the balancer's interface (input frames' destination)
 ROUTER_MAC = "02:00:00:00:00:fe"  # input frames' source

@@ -7,30 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from fixtures import CLIENT4, eth, tcp4
+from fixtures import CLIENT4, CONTRACT_YAML, eth, tcp4
 from scapy.layers.inet import IP, TCP
 from scapy.packet import raw
 from scapy.utils import wrpcap
 
 from lb.cli import build_parser, main
 
-# The exact shape from the issue; it must load.
-CONTRACT_YAML = """\
-settings:
-  ring_size: 65537
-  max_vips: 512
-  gateway_mac: "00:00:de:ad:be:af"
-  encap: ipip
-vips:
-  - address: 10.200.1.1
-    port: 80
-    protocol: tcp
-    hash: maglev          # maglev | maglev_v2 (default)
-    flags: []             # no_src_port, lru_bypass, dport_only, local
-    reals:
-      - {address: 10.0.0.1, weight: 1}
-      - {address: 10.0.0.2, weight: 1}
-"""
 
 
 @pytest.fixture

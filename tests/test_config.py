@@ -24,24 +24,11 @@ from lb.config import (
     parse_config_yaml,
 )
 
+from fixtures import CONTRACT_YAML  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
-EXAMPLE = """\
-settings:
-  ring_size: 65537
-  max_vips: 512
-  gateway_mac: "00:00:de:ad:be:af"
-  encap: ipip
-vips:
-  - address: 10.200.1.1
-    port: 80
-    protocol: tcp
-    hash: maglev          # maglev | maglev_v2 (default)
-    flags: []             # no_src_port, lru_bypass, dport_only, local
-    reals:
-      - {address: 10.0.0.1, weight: 1}
-      - {address: 10.0.0.2, weight: 1}
-"""
+EXAMPLE = CONTRACT_YAML
 
 
 def base() -> dict[str, Any]:

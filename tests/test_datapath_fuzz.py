@@ -13,6 +13,7 @@ from strategies import any_frame, mutated_frame, valid_flow_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
+from lb.simulate import ip_destination
 
 TABLES = fixture_tables()
 DP = UserspaceDatapath(TABLES)
@@ -21,17 +22,6 @@ VIP_ADDRESSES = {
     for k in TABLES.vip_addr_keys
 }
 OUTCOMES = [i for i, n in enumerate(C.STATS) if n.split("_")[0] in ("tx", "pass", "drop")]
-
-
-def _ip_dst(frame: bytes):
-    """Destination address of the (possibly 802.1Q-tagged) IP frame, else None."""
-    l3 = 18 if frame[12:14] == b"\x81\x00" else 14
-    et = frame[l3 - 2 : l3]
-    if et == b"\x08\x00" and len(frame) >= l3 + 20:
-        return ipaddress.IPv4Address(frame[l3 + 16 : l3 + 20])
-    if et == b"\x86\xdd" and len(frame) >= l3 + 40:
-        return ipaddress.IPv6Address(frame[l3 + 24 : l3 + 40])
-    return None
 
 
 def check_batch(frames: list[bytes]) -> None:
@@ -45,7 +35,7 @@ def check_batch(frames: list[bytes]) -> None:
         if action == C.XDP_PASS:
             assert r.output(i) == f, "a passed frame is unmodified"
         if action == C.XDP_TX:
-            assert _ip_dst(f) in VIP_ADDRESSES, "TX only for frames to a VIP address"
+            assert ip_destination(f) in VIP_ADDRESSES, "TX only for frames to a VIP address"
             assert r.out_lens[i] in (len(f), len(f) + 20, len(f) + 40)
 
 

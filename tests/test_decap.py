@@ -15,11 +15,9 @@ encapsulates on their way out of the client.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import os
-import platform
 import secrets
 import socket
 import subprocess
@@ -33,6 +31,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from lb.constants import ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, XDP_DROP, XDP_PASS
+from lb.bpf_testrun import test_run
 from lb.decap_loader import DECAP_STATS, DecapError, DecapProgram, in_netns
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
@@ -43,53 +42,11 @@ TC_ACT_SHOT = 2
 
 # ---- BPF_PROG_TEST_RUN ------------------------------------------------------------------
 
-try:  # the project's wrapper, if present: test_run(prog_fd, frame, repeat) -> (action, out, ns)
-    from lb.bpf_testrun import test_run as _xdp_test_run
-except ImportError:  # pragma: no cover - depends on what else is in the tree
-    _xdp_test_run = None
-
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-_BPF_PROG_TEST_RUN = 10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _TestRunAttr(ctypes.Structure):
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
-
-
-def _raw_test_run(prog_fd: int, frame: bytes) -> tuple[int, bytes]:
-    """BPF_PROG_TEST_RUN once on a copy of frame (any program type): (retval, output)."""
-    data_in = ctypes.create_string_buffer(frame, len(frame))
-    out_size = len(frame) + 512
-    data_out = ctypes.create_string_buffer(out_size)
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(frame), data_size_out=out_size,
-                        data_in=ctypes.addressof(data_in), data_out=ctypes.addressof(data_out),
-                        repeat=1)
-    ret = _libc.syscall(_SYS_BPF[platform.machine()], ctypes.c_int(_BPF_PROG_TEST_RUN),
-                        ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return attr.retval, data_out.raw[:min(attr.data_size_out, out_size)]
-
-
 def run_prog(prog: DecapProgram, frame: bytes) -> tuple[str, bytes]:
     """Runs the program once; returns ("pass" | "drop" | other, output frame)."""
+    action, out, _ = test_run(prog.prog_fd, frame, out_size=len(frame) + 512)
     if prog.mode == "xdp":
-        if _xdp_test_run is not None:
-            action, out, _ = _xdp_test_run(prog.prog_fd, frame)
-        else:
-            action, out = _raw_test_run(prog.prog_fd, frame)
         return {XDP_PASS: "pass", XDP_DROP: "drop"}.get(action, f"xdp:{action}"), out
-    action, out = _raw_test_run(prog.prog_fd, frame)
     return {TC_ACT_OK: "pass", TC_ACT_SHOT: "drop"}.get(action, f"tc:{action}"), out
 
 
