@@ -97,3 +97,21 @@ def test_demo_runs_and_flows_are_sticky(capsys) -> None:
 def test_lbctl_entry_point_is_installed() -> None:
     r = subprocess.run([sys.executable, "-m", "lb.cli", "--help"], capture_output=True, text=True, check=True)
     assert "simulate" in r.stdout
+
+
+@pytest.mark.bpf
+@pytest.mark.root
+def test_simulate_xdp_matches_userspace(contract, tmp_path, capsys) -> None:
+    """`--datapath xdp` runs the BPF program itself; both datapaths print the same lines."""
+    frames = [tcp4(dst="10.200.1.1", sport=2000 + i) for i in range(8)]
+    frames += [tcp4(dst="10.200.1.1", sport=2000, tcp_flags="A"), tcp4(dst="198.18.200.1")]
+    hexf = tmp_path / "frames.txt"
+    hexf.write_text("\n".join(f.hex() for f in frames) + "\n")
+    outputs = {}
+    for dp in ("userspace", "xdp"):
+        assert main(["simulate", "--config", str(contract), "--hex-file", str(hexf), "--json",
+                     "--datapath", dp]) == 0
+        outputs[dp] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(outputs["xdp"]) == len(frames)
+    assert outputs["xdp"] == outputs["userspace"]
+    assert {o["real"] for o in outputs["xdp"][:8]} == {"10.0.0.1", "10.0.0.2"}
