@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML config (default: a built-in VIP with 3 reals)")
     d.add_argument("--flows", type=int, default=1000, help="flows per VIP (default 1000)")
     d.set_defaults(func=cmd_demo)
+
+    from netns.lab_cli import register as register_lab  # lab up|down|status|demo
+
+    register_lab(sub)
     return p
 
 
