@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from control.healthcheck import HealthCheck, HttpCheck, UdpCheck  # the control plane's section
 from lb import constants as C
 from lb.maglev import is_prime
 
@@ -295,6 +296,7 @@ class Vip(BaseModel):
     hash: Literal["maglev", "maglev_v2"] = "maglev_v2"
     flags: Annotated[list[Flag], BeforeValidator(_none_is_empty)] = []
     reals: Annotated[list[Real], BeforeValidator(_none_is_empty)] = []  # empty: traffic is dropped
+    healthcheck: HealthCheck | None = None  # probes of the reals (control/healthcheck.py)
 
     @model_validator(mode="after")
     def _check(self) -> Vip:
@@ -400,6 +402,9 @@ _MODEL_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("settings", "gue"): GueSettings,
     ("vips",): Vip,
     ("vips", "reals"): Real,
+    ("vips", "healthcheck"): HealthCheck,
+    ("vips", "healthcheck", "http"): HttpCheck,
+    ("vips", "healthcheck", "udp"): UdpCheck,
 }
 
 
