@@ -1,0 +1,284 @@
+"""Datapath ports: what the reconciler writes to, and where stats come from.
+
+* :class:`MemoryPort` keeps the tables in memory (numpy arrays in lb.layout formats).
+  It is the test double for the reconciler (with fault injection) and the base of
+* :class:`UserspacePort`, which feeds those tables to the numba datapath
+  (:class:`lb.datapath.UserspaceDatapath`) after every unit of writes. The daemon has
+  no packet I/O for it: it is the datapath for hosts without XDP, for ``simulate`` and
+  for tests.
+* :class:`XdpPort` writes the BPF maps of an :class:`lb.bpf_loader.XdpBalancer`:
+  element updates for VIPs and reals, the mmap'ed ring array for slots.
+
+Every port can describe its current contents (the :class:`~control.reconcile.DatapathView`
+half), so the reconciler can diff against what is really there, e.g. pinned maps left by
+a previous daemon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lb import constants as C
+from lb import layout
+from lb.state import DatapathTables
+
+from control.reconcile import (
+    DeleteVip,
+    DeleteVipAddr,
+    Op,
+    PutVip,
+    PutVipAddr,
+    ResetCounters,
+    WriteCtl,
+    WriteReal,
+    WriteRing,
+)
+from control.tables import Sizes
+
+__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "XdpPort"]
+
+COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Cumulative counters. vip: int[max_vips, 2] by vip_num; real: int[max_reals, 2] by
+    real id; columns C.VIP_STAT_PACKETS / C.VIP_STAT_BYTES."""
+
+    counters: dict[str, int]
+    vip: np.ndarray
+    real: np.ndarray
+
+
+@dataclass(frozen=True)
+class ConnEntry:
+    """One connection-table entry (XDP: summed over the per-CPU tables)."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    protocol: str
+    real_id: int
+    atime_ns: int
+
+
+class MemoryPort:
+    """Tables in memory. ``fail`` (a predicate on an op) makes :meth:`apply` raise, to
+    test rollback; ``writes`` counts the ops applied."""
+
+    kind = "memory"
+
+    def __init__(self, sizes: Sizes, fail: Callable[[Op], bool] | None = None) -> None:
+        self.sizes = sizes
+        self.vips: dict[bytes, bytes] = {}
+        self.addrs: set[bytes] = set()
+        self.reals = np.zeros(sizes.max_reals, dtype=layout.REAL)
+        self.ctl = bytes(layout.CTL.itemsize)
+        # lazily zero pages: costs memory only for the rows in use
+        self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
+        self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
+        self.real_stats = np.zeros((sizes.max_reals, COLS), dtype=np.int64)
+        self.fail = fail
+        self.writes: list[Op] = []
+        self.commits = 0
+
+    # view
+    def vip_entries(self) -> dict[bytes, bytes]:
+        return dict(self.vips)
+
+    def vip_addr_entries(self) -> set[bytes]:
+        return set(self.addrs)
+
+    def real_entries(self) -> dict[int, bytes]:
+        used = np.flatnonzero(self.reals["family"])
+        return {int(i): self.reals[i : i + 1].tobytes() for i in used}
+
+    def ctl_entry(self) -> bytes:
+        return self.ctl
+
+    def ring(self, vip_num: int) -> np.ndarray:
+        return self.rings[vip_num].copy()
+
+    # writes
+    def apply(self, op: Op) -> None:
+        if self.fail is not None and self.fail(op):
+            raise OSError(f"injected failure on {type(op).__name__}")
+        if isinstance(op, WriteReal):
+            self.reals[op.real_id] = np.frombuffer(op.new, dtype=layout.REAL)[0]
+        elif isinstance(op, WriteCtl):
+            self.ctl = op.new
+        elif isinstance(op, WriteRing):
+            self.rings[op.vip_num, op.slots] = op.new
+        elif isinstance(op, PutVipAddr):
+            self.addrs.add(op.key)
+        elif isinstance(op, DeleteVipAddr):
+            self.addrs.discard(op.key)
+        elif isinstance(op, PutVip):
+            self.vips[op.key] = op.new
+        elif isinstance(op, DeleteVip):
+            self.vips.pop(op.key, None)
+        elif isinstance(op, ResetCounters):
+            (self.vip_stats if op.table == "vip" else self.real_stats)[op.index] = 0
+        else:  # pragma: no cover
+            raise TypeError(f"unknown op {op!r}")
+        self.writes.append(op)
+
+    def commit(self) -> None:
+        self.commits += 1
+
+    def to_datapath_tables(self) -> DatapathTables:
+        s = self.sizes
+        n = len(self.vips)
+        keys = np.frombuffer(bytearray(b"".join(self.vips)), dtype=layout.VIP_KEY, count=n)
+        metas = np.frombuffer(bytearray(b"".join(self.vips.values())), dtype=layout.VIP_META, count=n)
+        addrs = np.frombuffer(bytearray(b"".join(sorted(self.addrs))), dtype=layout.VIP_ADDR_KEY,
+                              count=len(self.addrs))
+        return DatapathTables(
+            ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
+            conn_table_size=s.conn_table_size, vip_keys=keys, vip_metas=metas,
+            vip_addr_keys=addrs, reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
+            rings=self.rings,
+            ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1))
+
+    # stats
+    def read_stats(self) -> Stats:
+        return Stats({name: 0 for name in C.STATS}, self.vip_stats.copy(), self.real_stats.copy())
+
+    def conn_count(self) -> int:
+        return 0
+
+    def conn_entries(self, limit: int) -> list[ConnEntry]:
+        return []
+
+
+class UserspacePort(MemoryPort):
+    """The numba datapath, fed from the in-memory tables at every commit. The
+    connection table and counters live in the datapath object and survive reloads."""
+
+    kind = "userspace"
+
+    def __init__(self, sizes: Sizes, fail: Callable[[Op], bool] | None = None) -> None:
+        super().__init__(sizes, fail)
+        from lb.datapath import UserspaceDatapath
+
+        self.dp = UserspaceDatapath(self.to_datapath_tables())
+        self.vip_stats = self.dp.vip_stats  # one set of counters: the datapath's
+        self.real_stats = self.dp.real_stats
+
+    def commit(self) -> None:
+        super().commit()
+        self.dp.load_tables(self.to_datapath_tables())
+
+    def read_stats(self) -> Stats:
+        return Stats(self.dp.stats_dict(), self.dp.vip_stats.copy(), self.dp.real_stats.copy())
+
+    def conn_count(self) -> int:
+        return self.dp.conn_table_size()
+
+
+def _addr(raw: np.ndarray, family: int) -> str:
+    from lb.state import addr_from16
+
+    return str(addr_from16(raw, family))
+
+
+_PROTO = {C.IPPROTO_TCP: "tcp", C.IPPROTO_UDP: "udp"}
+
+
+class XdpPort:
+    """The maps of a loaded :class:`lb.bpf_loader.XdpBalancer`."""
+
+    kind = "xdp"
+
+    def __init__(self, bal: Any) -> None:
+        from lb import bpf_loader as B
+
+        self._B = B
+        self.bal = bal
+        self.sizes = Sizes.of(bal)
+        self._one = (1).to_bytes(4, "little")
+        self._zeros = bytes(8 * bal.ncpus)
+
+    def _fd(self, name: str) -> int:
+        return self.bal.map_fd(name)
+
+    # view
+    def vip_entries(self) -> dict[bytes, bytes]:
+        fd = self._fd("vip_map")
+        out = {}
+        for k in self._B.map_keys(fd, layout.VIP_KEY.itemsize):
+            v = self._B.map_lookup(fd, k, layout.VIP_META.itemsize)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def vip_addr_entries(self) -> set[bytes]:
+        return set(self._B.map_keys(self._fd("vip_addrs"), layout.VIP_ADDR_KEY.itemsize))
+
+    def real_entries(self) -> dict[int, bytes]:
+        keys, values, n = self._B.map_lookup_batch(self._fd("reals"), 4, layout.REAL.itemsize)
+        ids = np.frombuffer(keys, dtype="<u4", count=n)
+        recs = np.frombuffer(values, dtype=layout.REAL, count=n)
+        size = layout.REAL.itemsize
+        return {int(ids[i]): values[i * size : (i + 1) * size]
+                for i in np.flatnonzero(recs["family"])}
+
+    def ctl_entry(self) -> bytes:
+        v = self._B.map_lookup(self._fd("ctl"), (0).to_bytes(4, "little"), layout.CTL.itemsize)
+        return v if v is not None else bytes(layout.CTL.itemsize)
+
+    def ring(self, vip_num: int) -> np.ndarray:
+        return self.bal.ring(vip_num)
+
+    # writes
+    def apply(self, op: Op) -> None:
+        B = self._B
+        if isinstance(op, WriteReal):
+            B.map_update(self._fd("reals"), op.real_id.to_bytes(4, "little"), op.new)
+        elif isinstance(op, WriteCtl):
+            B.map_update(self._fd("ctl"), (0).to_bytes(4, "little"), op.new)
+        elif isinstance(op, WriteRing):
+            ring = self.bal.ring(op.vip_num)
+            ring[op.slots] = op.new
+            self.bal.update_ring(op.vip_num, ring)
+        elif isinstance(op, PutVipAddr):
+            B.map_update(self._fd("vip_addrs"), op.key, self._one)
+        elif isinstance(op, DeleteVipAddr):
+            B.map_delete(self._fd("vip_addrs"), op.key)
+        elif isinstance(op, PutVip):
+            B.map_update(self._fd("vip_map"), op.key, op.new)
+        elif isinstance(op, DeleteVip):
+            B.map_delete(self._fd("vip_map"), op.key)
+        elif isinstance(op, ResetCounters):
+            fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
+            for col in range(COLS):
+                B.map_update(fd, (op.index * COLS + col).to_bytes(4, "little"), self._zeros)
+        else:  # pragma: no cover
+            raise TypeError(f"unknown op {op!r}")
+
+    def commit(self) -> None:
+        pass
+
+    # stats
+    def read_stats(self) -> Stats:
+        s = self.bal.read_stats()
+        return Stats(dict(s.counters), s.vip.astype(np.int64), s.real.astype(np.int64))
+
+    def conn_count(self) -> int:
+        keys, _ = self.bal.conn_table_entries()
+        return int(len(keys))
+
+    def conn_entries(self, limit: int) -> list[ConnEntry]:
+        keys, values = self.bal.conn_table_entries()
+        out = []
+        for k, v in zip(keys[:limit], values[:limit]):
+            fam = int(k["family"])
+            out.append(ConnEntry(_addr(k["src"], fam), _addr(k["dst"], fam), int(k["sport"]),
+                                 int(k["dport"]), _PROTO.get(int(k["proto"]), str(int(k["proto"]))),
+                                 int(v["real_id"]), int(v["atime"])))
+        return out

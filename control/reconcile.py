@@ -1,0 +1,304 @@
+"""The reconciler: from what the datapath holds to what it should hold, in the fewest writes.
+
+:func:`plan` compares a datapath's current contents (a :class:`DatapathView`) with
+:class:`~control.tables.DesiredTables` and returns a :class:`Plan`: an ordered list of
+map writes, each carrying the value it overwrites, so that every write has an inverse.
+Only differences are written: changed ring slots (not whole rings), VIP entries added,
+changed or deleted, real entries added, changed or cleared, the control record if it
+changed, counters of a VIP number or real id that is being (re)used. :func:`apply`
+performs a plan on a :class:`DatapathPort` as one unit: if a write fails, the writes
+already made are undone in reverse order and :class:`ApplyError` is raised, leaving the
+datapath as it was.
+
+The order keeps a live datapath consistent at every step: real entries before the rings
+that name them, rings before the VIP entries that lead to them, VIP deletions before the
+real entries only they used are cleared. Between two writes a packet sees either the old
+or the new value of each slot, never a VIP without its ring or a ring slot naming an
+empty real.
+
+:func:`plan` is pure given the view; :func:`apply` does the I/O through the port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from control.tables import EMPTY_REAL, DesiredTables, Sizes
+
+__all__ = [
+    "WriteReal", "WriteCtl", "WriteRing", "PutVipAddr", "DeleteVipAddr", "PutVip", "DeleteVip",
+    "ResetCounters", "Op", "Plan", "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
+    "plan", "apply", "inverse",
+]
+
+
+# --- operations (each knows the value it replaces) --------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteReal:
+    real_id: int
+    new: bytes  # REAL record; all zero clears the entry
+    old: bytes
+
+
+@dataclass(frozen=True)
+class WriteCtl:
+    new: bytes
+    old: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class WriteRing:
+    """Slots ``slots`` of ring ``vip_num`` get ``new`` (they held ``old``)."""
+
+    vip_num: int
+    slots: np.ndarray  # int64 slot indexes
+    new: np.ndarray  # uint32
+    old: np.ndarray  # uint32
+
+
+@dataclass(frozen=True)
+class PutVipAddr:
+    key: bytes  # VIP_ADDR_KEY
+
+
+@dataclass(frozen=True)
+class DeleteVipAddr:
+    key: bytes
+
+
+@dataclass(frozen=True)
+class PutVip:
+    key: bytes  # VIP_KEY
+    new: bytes  # VIP_META
+    old: bytes | None  # None: the VIP was absent
+
+
+@dataclass(frozen=True)
+class DeleteVip:
+    key: bytes
+    old: bytes
+
+
+@dataclass(frozen=True)
+class ResetCounters:
+    """Zero the per-VIP (``vip``) or per-real (``real``) packet/byte counters of a number
+    that is being given to a new VIP/real. Has no inverse (the old counts belonged to
+    something that no longer exists)."""
+
+    table: Literal["vip", "real"]
+    index: int
+
+
+Op = WriteReal | WriteCtl | WriteRing | PutVipAddr | DeleteVipAddr | PutVip | DeleteVip | ResetCounters
+
+
+def inverse(op: Op) -> Op | None:
+    """The write that undoes ``op`` (None for ResetCounters)."""
+    if isinstance(op, WriteReal):
+        return WriteReal(op.real_id, op.old, op.new)
+    if isinstance(op, WriteCtl):
+        return WriteCtl(op.old, op.new)
+    if isinstance(op, WriteRing):
+        return WriteRing(op.vip_num, op.slots, op.old, op.new)
+    if isinstance(op, PutVipAddr):
+        return DeleteVipAddr(op.key)
+    if isinstance(op, DeleteVipAddr):
+        return PutVipAddr(op.key)
+    if isinstance(op, PutVip):
+        return DeleteVip(op.key, op.new) if op.old is None else PutVip(op.key, op.old, op.new)
+    if isinstance(op, DeleteVip):
+        return PutVip(op.key, op.old, None)
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Writes in the order they must be made."""
+
+    ops: tuple[Op, ...] = ()
+    rings_checked: int = 0  # rings compared slot by slot
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    @property
+    def empty(self) -> bool:
+        return not self.ops
+
+    def summary(self) -> dict[str, int]:
+        """Counts by kind: ring_slots, rings, reals, ctl, vip_addrs_put/_deleted,
+        vips_put/_deleted, counter_resets."""
+        out = {"ring_slots": 0, "rings": 0, "reals": 0, "ctl": 0, "vip_addrs_put": 0,
+               "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "counter_resets": 0}
+        for op in self.ops:
+            if isinstance(op, WriteRing):
+                out["ring_slots"] += int(op.slots.size)
+                out["rings"] += 1
+            elif isinstance(op, WriteReal):
+                out["reals"] += 1
+            elif isinstance(op, WriteCtl):
+                out["ctl"] += 1
+            elif isinstance(op, PutVipAddr):
+                out["vip_addrs_put"] += 1
+            elif isinstance(op, DeleteVipAddr):
+                out["vip_addrs_deleted"] += 1
+            elif isinstance(op, PutVip):
+                out["vips_put"] += 1
+            elif isinstance(op, DeleteVip):
+                out["vips_deleted"] += 1
+            else:
+                out["counter_resets"] += 1
+        return out
+
+
+# --- the datapath as the reconciler sees it ------------------------------------------------
+
+
+class DatapathView(Protocol):
+    """Read access to a datapath's tables (records in lb.layout formats)."""
+
+    sizes: Sizes
+
+    def vip_entries(self) -> dict[bytes, bytes]: ...  # VIP_KEY -> VIP_META
+
+    def vip_addr_entries(self) -> set[bytes]: ...
+
+    def real_entries(self) -> dict[int, bytes]: ...  # id -> REAL, non-empty entries only
+
+    def ctl_entry(self) -> bytes: ...
+
+    def ring(self, vip_num: int) -> np.ndarray: ...  # a copy
+
+
+class DatapathPort(DatapathView, Protocol):
+    """A datapath the control plane can write: one write per :data:`Op`."""
+
+    kind: str
+
+    def apply(self, op: Op) -> None: ...
+
+    def commit(self) -> None: ...  # after a unit of writes (userspace: reload its lookup tables)
+
+
+class ApplyError(RuntimeError):
+    """A write failed; every write of the plan made before it was undone."""
+
+    def __init__(self, message: str, failed: Op | None, cause: BaseException) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.cause = cause
+
+
+class RollbackError(ApplyError):
+    """A write failed and undoing the earlier ones failed too: the datapath holds a mix.
+    The caller must reconcile again from a full read of the datapath."""
+
+
+def _meta_num(meta: bytes) -> int:
+    return int.from_bytes(meta[4:8], "little")
+
+
+def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | None = None) -> Plan:
+    """The writes that turn ``view`` into ``desired``.
+
+    ``ring_nums``: the VIP numbers whose rings may differ (a change knows which rings it
+    rebuilt); None compares every ring of ``desired`` (start-up, after a failure).
+    Rings of VIPs being deleted are left as they are: nothing reads them, and a number
+    given out again is compared slot by slot then.
+    """
+    if view.sizes != desired.sizes:
+        raise ValueError(f"datapath sized {view.sizes}, desired tables sized {desired.sizes}")
+    cur_vips = view.vip_entries()
+    cur_addrs = view.vip_addr_entries()
+    cur_reals = view.real_entries()
+    ops: list[Op] = []
+
+    # 1. real entries that are new or changed (before any ring names them)
+    for rid, rec in desired.reals.items():
+        old = cur_reals.get(rid, EMPTY_REAL)
+        if old != rec:
+            if old[:17] != rec[:17]:  # another address (or family): the counts aren't its
+                ops.append(ResetCounters("real", rid))
+            ops.append(WriteReal(rid, rec, old))
+
+    # 2. control record
+    old_ctl = view.ctl_entry()
+    if old_ctl != desired.ctl:
+        ops.append(WriteCtl(desired.ctl, old_ctl))
+
+    # 3. ring slots
+    nums = sorted(desired.rings) if ring_nums is None else sorted(set(ring_nums) & set(desired.rings))
+    for num in nums:
+        want = desired.rings[num]
+        have = view.ring(num)
+        diff = np.flatnonzero(have != want)
+        if diff.size:
+            ops.append(WriteRing(num, diff, want[diff].copy(), have[diff].copy()))
+
+    # 4. VIP addresses, then VIP entries (a new VIP appears once its ring is in place)
+    for key in sorted(desired.vip_addrs - cur_addrs):
+        ops.append(PutVipAddr(key))
+    for key, meta in desired.vips.items():
+        old = cur_vips.get(key)
+        if old != meta:
+            if old is None or _meta_num(old) != _meta_num(meta):
+                ops.append(ResetCounters("vip", _meta_num(meta)))
+            ops.append(PutVip(key, meta, old))
+
+    # 5. deletions: VIPs, addresses no VIP uses, then real entries no ring names
+    for key in sorted(set(cur_vips) - set(desired.vips)):
+        ops.append(DeleteVip(key, cur_vips[key]))
+    for key in sorted(cur_addrs - desired.vip_addrs):
+        ops.append(DeleteVipAddr(key))
+    for rid in sorted(set(cur_reals) - set(desired.reals)):
+        ops.append(WriteReal(rid, EMPTY_REAL, cur_reals[rid]))
+    return Plan(tuple(ops), rings_checked=len(nums))
+
+
+@dataclass
+class Applied:
+    """What :func:`apply` did."""
+
+    writes: int = 0
+    summary: dict[str, int] = field(default_factory=dict)
+
+
+def apply(p: Plan, port: DatapathPort) -> Applied:
+    """Make every write of ``p`` on ``port``, or none: on a failure the writes made so
+    far (and the failed one, in case it half-happened) are undone in reverse order and
+    :class:`ApplyError` is raised (:class:`RollbackError` if undoing failed too)."""
+    done: list[Op] = []
+    for op in [*p.ops, None]:
+        try:
+            if op is None:
+                port.commit()
+            else:
+                port.apply(op)
+        except Exception as e:  # noqa: BLE001 - any failure of the port rolls back
+            undo_errors = []
+            for prev in reversed([*done, op] if op is not None else done):
+                inv = inverse(prev)
+                if inv is None:
+                    continue
+                try:
+                    port.apply(inv)
+                except Exception as ue:  # noqa: BLE001
+                    undo_errors.append(f"{type(inv).__name__}: {ue}")
+            try:
+                port.commit()
+            except Exception as ce:  # noqa: BLE001
+                undo_errors.append(f"commit: {ce}")
+            name = type(op).__name__ if op is not None else "commit"
+            what = f"{name} failed after {len(done)} of {len(p.ops)} writes: {e}"
+            if undo_errors:
+                raise RollbackError(f"{what}; rollback failed too: {'; '.join(undo_errors)}", op, e) from e
+            raise ApplyError(f"{what}; the {len(done)} earlier writes were undone", op, e) from e
+        if op is not None:
+            done.append(op)
+    return Applied(len(done), p.summary())

@@ -1,0 +1,126 @@
+"""Helpers shared by the control plane's tests and benchmarks (not used by the daemon).
+
+* small configs in the allowed address ranges (198.18.0.0/15, 2001:db8::/32);
+* :class:`ApiClient`: a synchronous face over ``httpx.AsyncClient`` +
+  ``httpx.ASGITransport`` (requests go through the real ASGI app, in-process), plus
+  ``gather`` to fire many requests at once;
+* :func:`check_live_consistency`: the invariants a live datapath must keep after every
+  single write (used to check the reconciler's write order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import threading
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+import httpx
+import numpy as np
+
+from lb.config import Config, parse_config
+
+__all__ = ["GW", "small_settings", "make_config", "vip_dict", "real_addr", "ApiClient",
+           "check_live_consistency"]
+
+GW = "00:00:5e:00:53:01"
+SMALL = {"ring_size": 13, "max_vips": 8, "max_reals": 32, "conn_table_size": 64}
+
+
+def small_settings(**over: Any) -> dict[str, Any]:
+    return {"gateway_mac": GW, **SMALL, **over}
+
+
+def real_addr(i: int, v6: bool = False) -> str:
+    """The i-th real address: 198.19.0.0/16 or 2001:db8:1::/48."""
+    if v6:
+        return str(ipaddress.IPv6Address("2001:db8:1::") + i + 1)
+    return str(ipaddress.IPv4Address("198.19.0.0") + i + 1)
+
+
+def vip_dict(i: int, reals: Iterable[int | tuple[int, int]] = (), port: int = 80, protocol: str = "tcp",
+             v6: bool = False, **extra: Any) -> dict[str, Any]:
+    """VIP number i: 198.18.100.<i+1> (or 2001:db8:100::<i+1>); reals by index or (index, weight)."""
+    addr = str(ipaddress.IPv6Address("2001:db8:100::1") + i) if v6 else str(ipaddress.IPv4Address("198.18.100.1") + i)
+    rs = []
+    for r in reals:
+        j, w = r if isinstance(r, tuple) else (r, 1)
+        rs.append({"address": real_addr(j, v6), "weight": w})
+    return {"address": addr, "port": port, "protocol": protocol, "reals": rs, **extra}
+
+
+def make_config(vips: Iterable[dict[str, Any]], **settings: Any) -> Config:
+    return parse_config({"settings": small_settings(**settings), "vips": list(vips)})
+
+
+class ApiClient:
+    """``client.get('/v1/vips')`` etc. run on a private event loop in a thread; each call
+    returns an ``httpx.Response``. ``gather([(method, url, kwargs), ...])`` sends them
+    concurrently."""
+
+    def __init__(self, app: Any, headers: dict[str, str] | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="api-client")
+        self._thread.start()
+        transport = httpx.ASGITransport(app=app)
+
+        async def make() -> httpx.AsyncClient:
+            return httpx.AsyncClient(transport=transport, base_url="http://lb", headers=headers or {})
+
+        self.client = self._call(make())
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        return self._call(self.client.request(method, url, **kw))
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def patch(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("PATCH", url, **kw)
+
+    def put(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("PUT", url, **kw)
+
+    def delete(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("DELETE", url, **kw)
+
+    def gather(self, calls: Iterable[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+        async def run() -> list[httpx.Response]:
+            return await asyncio.gather(*(self.client.request(m, u, **kw) for m, u, kw in calls))
+
+        return self._call(run())
+
+    def close(self) -> None:
+        self._call(self.client.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_live_consistency(port: Any) -> list[str]:
+    """What a packet could trip over in a MemoryPort right now: a VIP whose address is
+    not in the address set, or a ring slot of a live VIP naming an empty real entry."""
+    problems = []
+    addrs = port.addrs
+    for key, meta in port.vips.items():
+        if key[:16] + bytes([key[19]]) + bytes(3) not in addrs:
+            problems.append(f"VIP {key.hex()} without its address entry")
+        num = int.from_bytes(meta[4:8], "little")
+        ids = np.unique(port.rings[num])
+        for rid in ids[ids != 0]:
+            if port.reals[int(rid)]["family"] == 0:
+                problems.append(f"VIP {num} ring names empty real {int(rid)}")
+    return problems

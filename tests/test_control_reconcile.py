@@ -1,0 +1,378 @@
+"""The reconciler: minimal writes, a safe order, all-or-nothing application; and the
+controller's change path on top of it (validation, rollback, restart)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control.datapaths import MemoryPort, UserspacePort
+from control.errors import Conflict, DatapathFailure, Invalid, NotFound, PersistFailure, PreconditionFailed
+from control.ids import EMPTY, allocate
+from control.reconcile import (
+    ApplyError,
+    DeleteVip,
+    DeleteVipAddr,
+    PutVip,
+    PutVipAddr,
+    ResetCounters,
+    RollbackError,
+    WriteCtl,
+    WriteReal,
+    WriteRing,
+    apply,
+    plan,
+)
+from control.service import Controller
+from control.state import DesiredState, Store
+from control.tables import EMPTY_REAL, Sizes, build_tables
+from control.testing import check_live_consistency, make_config, real_addr, vip_dict
+from lb.config import ConfigError, parse_config
+from lb.state import compile_tables
+
+K0 = ("198.18.100.1", 80, "tcp")
+K1 = ("198.18.100.2", 80, "tcp")
+
+
+def tables_for(cfg, ids=None, **kw):
+    s = cfg.settings
+    ids = allocate(ids or EMPTY, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
+                   s.max_vips, s.max_reals)
+    return build_tables(cfg, ids, **kw), ids
+
+
+def port_for(cfg):
+    return MemoryPort(Sizes.of(cfg.settings))
+
+
+def contents(port: MemoryPort):
+    return (dict(port.vips), set(port.addrs), port.reals.tobytes(), port.ctl, port.rings.copy())
+
+
+def same_contents(a, b) -> bool:
+    return a[:4] == b[:4] and np.array_equal(a[4], b[4])
+
+
+# --- plan / apply -------------------------------------------------------------------------------
+
+
+def test_apply_then_nothing_left_to_do() -> None:
+    cfg = make_config([vip_dict(0, [0, 1, (2, 3)]), vip_dict(1, [2, 3], protocol="udp"),
+                       vip_dict(2, [4], v6=True)], ring_size=1009)
+    desired, _ = tables_for(cfg)
+    port = port_for(cfg)
+    p = plan(port, desired)
+    s = p.summary()
+    assert s["vips_put"] == 3 and s["vip_addrs_put"] == 3 and s["reals"] == 5 and s["ctl"] == 1
+    assert s["ring_slots"] == 3 * 1009 and s["counter_resets"] == 3 + 5
+    apply(p, port)
+    assert plan(port, desired).empty
+    # exactly what compile_tables would have loaded
+    want = compile_tables(cfg)
+    got = port.to_datapath_tables()
+    assert np.array_equal(got.rings, want.rings)
+    assert got.reals.tobytes() == want.reals.tobytes()
+    def records(arr):
+        raw = arr.tobytes()
+        return sorted(raw[i * 20:(i + 1) * 20] for i in range(len(arr)))
+
+    assert records(got.vip_keys) == records(want.vip_keys)
+    assert records(got.vip_metas) == records(want.vip_metas)
+
+
+def test_weight_change_writes_only_the_slots_that_change() -> None:
+    cfg = make_config([vip_dict(0, [0, 1, 2, 3]), vip_dict(1, [0, 1])], ring_size=65537)
+    desired, ids = tables_for(cfg)
+    port = port_for(cfg)
+    apply(plan(port, desired), port)
+    old_ring = port.ring(0)
+
+    cfg2 = make_config([vip_dict(0, [0, 1, (2, 3), 3]), vip_dict(1, [0, 1])], ring_size=65537)
+    desired2, _ = tables_for(cfg2, ids, prev=desired)
+    assert desired2.rings[1] is desired.rings[1]  # untouched ring reused, not rebuilt
+    p = plan(port, desired2, ring_nums=[0])
+    assert len(p.ops) == 1 and isinstance(p.ops[0], WriteRing)
+    op = p.ops[0]
+    expected = np.flatnonzero(old_ring != desired2.rings[0])
+    assert np.array_equal(op.slots, expected) and 0 < op.slots.size < 65537 // 2
+    assert np.array_equal(op.old, old_ring[expected])
+    apply(p, port)
+    assert np.array_equal(port.ring(0), desired2.rings[0])
+    assert plan(port, desired2).empty
+
+
+def test_add_and_delete_vip_write_only_what_changes() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    desired, ids = tables_for(cfg)
+    port = port_for(cfg)
+    apply(plan(port, desired), port)
+
+    cfg2 = make_config([vip_dict(0, [0, 1]), vip_dict(1, [1, 2])])
+    d2, ids2 = tables_for(cfg2, ids, prev=desired)
+    p = plan(port, d2, ring_nums=[1])
+    kinds = [type(op) for op in p.ops]
+    # new real 2 (its counters reset first), VIP 1's ring, its address, its counters, the VIP
+    assert kinds == [ResetCounters, WriteReal, WriteRing, PutVipAddr, ResetCounters, PutVip]
+    assert p.ops[1].real_id == ids2.reals[real_addr(2)] == 3
+    apply(p, port)
+
+    cfg3 = make_config([vip_dict(1, [1, 2])])
+    d3, ids3 = tables_for(cfg3, ids2, prev=d2)
+    p = plan(port, d3, ring_nums=[])
+    kinds = [type(op) for op in p.ops]
+    # VIP 0 goes, its address goes, real 0 (used only by VIP 0) is cleared, last
+    assert kinds == [DeleteVip, DeleteVipAddr, WriteReal]
+    assert p.ops[2].real_id == 1 and p.ops[2].new == EMPTY_REAL
+    apply(p, port)
+    assert ids3.vips[K1] == 1 and ids3.reals[real_addr(1)] == 2  # numbers kept
+    assert plan(port, d3).empty
+
+
+def test_ctl_and_local_flag_changes() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    desired, ids = tables_for(cfg)
+    port = port_for(cfg)
+    apply(plan(port, desired), port)
+    cfg2 = make_config([vip_dict(0, [0, 1])], gateway_mac="00:00:5e:00:53:02", local_addresses=[real_addr(1)])
+    d2, _ = tables_for(cfg2, ids, prev=desired)
+    p = plan(port, d2, ring_nums=[])
+    assert [type(op) for op in p.ops] == [WriteReal, WriteCtl]  # same address: no counter reset
+    apply(p, port)
+    assert port.reals[2]["flags"] == 1
+
+
+def test_a_failed_write_undoes_the_others() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    desired, ids = tables_for(cfg)
+    port = port_for(cfg)
+    apply(plan(port, desired), port)
+    before = contents(port)
+    cfg2 = make_config([vip_dict(0, [0, (1, 4), 2]), vip_dict(1, [3]), vip_dict(2, [4])])
+    d2, _ = tables_for(cfg2, ids)
+    p = plan(port, d2)
+    assert len(p.ops) > 8
+    for k in range(len(p.ops)):
+        port.fail = (lambda n: (lambda op, c=[0]: c.__setitem__(0, c[0] + 1) or c[0] == n))(k + 1)
+        with pytest.raises(ApplyError, match="undone"):
+            apply(p, port)
+        port.fail = None
+        assert same_contents(contents(port), before), f"failure at write {k + 1} left a change"
+
+
+def test_rollback_failure_is_reported() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    desired, _ = tables_for(cfg)
+    port = port_for(cfg)
+    port.fail = lambda op: isinstance(op, (PutVip, DeleteVipAddr))  # the VIP put, and its undo
+    with pytest.raises(RollbackError, match="rollback failed"):
+        apply(plan(port, desired), port)
+
+
+@st.composite
+def transitions(draw):
+    def one():
+        vips = []
+        for i in draw(st.lists(st.integers(0, 5), unique=True, max_size=5)):
+            reals = draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3)), max_size=5,
+                                  unique_by=lambda t: t[0]))
+            vips.append(vip_dict(i, reals))
+        return make_config(vips)
+
+    return [one() for _ in range(draw(st.integers(2, 5)))]
+
+
+class CheckingPort(MemoryPort):
+    """Checks after every single write that a packet could not trip over the tables."""
+
+    def apply(self, op):
+        super().apply(op)
+        problems = check_live_consistency(self)
+        assert not problems, f"after {type(op).__name__}: {problems}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(transitions())
+def test_every_intermediate_state_is_consistent(configs) -> None:
+    port = CheckingPort(Sizes.of(configs[0].settings))
+    ids, prev = EMPTY, None
+    for cfg in configs:
+        desired, ids = tables_for(cfg, ids, prev=prev)
+        apply(plan(port, desired), port)
+        assert plan(port, desired).empty
+        prev = desired
+
+
+# --- the controller -----------------------------------------------------------------------------
+
+
+def controller(cfg, port=None, store=None):
+    return Controller.open(port or port_for(cfg), store, cfg)
+
+
+def test_controller_changes_and_numbers() -> None:
+    c = controller(make_config([vip_dict(0, [0, 1]), vip_dict(1, [1, 2])]))
+    assert c.generation == 1
+    key, res = c.create_vip(vip_dict(2, [5]))
+    assert res.generation == 2 and c.state.ids.vips[key] == 2
+    c.delete_vip(K0)
+    key3, _ = c.create_vip(vip_dict(3, [0]))
+    assert c.state.ids.vips[key3] == 0  # the freed number
+    assert c.state.ids.reals[real_addr(0)] == 5  # real 0 was freed with VIP 0: a fresh id, not 1
+    c.update_real(K1, real_addr(1), {"weight": 0})
+    assert c.vip_view(K1)["reals"][0]["effective_weight"] == 0
+    assert plan(c.port, c.tables).empty
+
+
+def test_controller_validation_names_fields() -> None:
+    c = controller(make_config([vip_dict(0, [0])]))
+    with pytest.raises(Invalid) as e:
+        c.create_vip({"address": "198.18.100.9", "port": 70000, "protocol": "tcp", "reals": [{"adress": "x"}]})
+    assert dict(e.value.problems) == {"port": "must be 0..65535 (got 70000)",
+                                      "reals[0].adress": "unknown key; did you mean 'address'?",
+                                      "reals[0].address": "required"}
+    with pytest.raises(Invalid) as e:
+        c.add_real(K0, {"address": real_addr(3), "weight": -1})
+    assert e.value.problems == [("weight", "must be >= 0 (got -1)")]
+    with pytest.raises(Invalid) as e:
+        c.update_vip(K0, {"healthcheck": {"type": "tcp", "interval": 0}})
+    assert e.value.problems[0][0] == "healthcheck.interval"
+    with pytest.raises(Invalid) as e:
+        c.update_vip(K0, {"port": 81})
+    assert e.value.problems[0][0] == "port"
+    with pytest.raises(Conflict):
+        c.create_vip(vip_dict(0, []))
+    with pytest.raises(Conflict):
+        c.add_real(K0, {"address": real_addr(0)})
+    with pytest.raises(NotFound):
+        c.remove_real(K0, real_addr(9))
+    with pytest.raises(NotFound):
+        c.delete_vip(K1)
+    with pytest.raises(PreconditionFailed):
+        c.delete_vip(K0, if_match=7)
+    with pytest.raises(Invalid) as e:  # health check on a port-0 VIP needs a port
+        c.create_vip(vip_dict(4, [1], port=0, healthcheck={"type": "tcp"}))
+    assert e.value.problems == [("healthcheck.port", "required: the VIP's port is 0 (any port)")]
+    assert c.generation == 1 and c.counters["changes_failed"] == 10
+
+
+def test_controller_limits_are_conflicts() -> None:
+    c = controller(make_config([vip_dict(i, []) for i in range(8)]))
+    with pytest.raises(Conflict, match="max_vips"):
+        c.create_vip(vip_dict(8, []))
+    c2 = controller(make_config([vip_dict(0, list(range(31)))], ring_size=37))  # max_reals 32: ids 1..31
+    with pytest.raises(Conflict, match="distinct real"):
+        c2.create_vip(vip_dict(1, [40]))
+    c2.create_vip(vip_dict(1, [3]))  # a real already in use is no new id
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries({
+    "i": st.integers(0, 9), "port": st.sampled_from([0, 80, 70000]),
+    "reals": st.lists(st.tuples(st.integers(0, 40), st.integers(-1, 3)), max_size=4),
+    "v6": st.booleans(), "real_v6": st.booleans(), "flags": st.sampled_from([[], ["local"], ["bogus"]]),
+}), max_size=10))
+def test_incremental_validation_agrees_with_parse_config(bodies) -> None:
+    """Creating VIPs one by one accepts a VIP exactly when parse_config accepts the whole
+    config with it (the controller checks one VIP plus cross-VIP limits, not everything again)."""
+    base = {"gateway_mac": "00:00:5e:00:53:01", "ring_size": 13, "max_vips": 4, "max_reals": 8,
+            "conn_table_size": 64}
+    c = Controller.open(MemoryPort(Sizes(13, 4, 8, 64)), None, parse_config({"settings": base}))
+    accepted: list[dict] = []
+    for b in bodies:
+        body = vip_dict(b["i"], [], port=b["port"], v6=b["v6"], flags=b["flags"])
+        body["reals"] = [{"address": real_addr(j, b["real_v6"]), "weight": w} for j, w in b["reals"]]
+        try:
+            parse_config({"settings": base, "vips": [*accepted, body]})
+            whole_ok = True
+        except ConfigError:
+            whole_ok = False
+        try:
+            c.create_vip(body)
+            ok = True
+        except (Invalid, Conflict):
+            ok = False
+        assert ok == whole_ok, body
+        if ok:
+            accepted.append(body)
+
+
+def test_datapath_failure_changes_nothing() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = port_for(cfg)
+    c = controller(cfg, port)
+    before, state = contents(port), c.state
+    port.fail = lambda op: isinstance(op, PutVip)
+    with pytest.raises(DatapathFailure) as e:
+        c.create_vip(vip_dict(1, [2, 3]))
+    assert e.value.status == 503
+    assert c.state is state and same_contents(contents(port), before) and not c.dirty
+    port.fail = None
+    c.create_vip(vip_dict(1, [2, 3]))  # and the next attempt works
+    assert c.generation == 2
+
+
+def test_persist_failure_undoes_the_writes(tmp_path, monkeypatch) -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = port_for(cfg)
+    store = Store(tmp_path)
+    c = controller(cfg, port, store)
+    before = contents(port)
+    saved = store.state_path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "save", full)
+    with pytest.raises(PersistFailure, match="No space"):
+        c.update_real(K0, real_addr(0), {"weight": 9})
+    assert same_contents(contents(port), before) and c.generation == 1
+    assert store.state_path.read_bytes() == saved
+
+
+def test_restart_reconciles_with_minimal_writes(tmp_path) -> None:
+    cfg = make_config([vip_dict(0, [0, 1, 2]), vip_dict(1, [2, 3])], ring_size=1009)
+    port = port_for(cfg)
+    c = controller(cfg, port, Store(tmp_path))
+    c.update_real(K0, real_addr(1), {"weight": 3})
+    c.update_real(K1, real_addr(2), {"drain": True})
+    # the daemon dies; the datapath (pinned maps) stays. A new one adopts it: no writes.
+    c2 = Controller.open(port, Store(tmp_path), cfg)
+    assert c2.generation == 3 and sum(c2.last_reconcile["writes"].values()) == 0
+    assert c2.vip_view(K1)["reals"][0]["drained"]
+    # drift while down (someone wrote two slots): exactly those are put back
+    port.rings[0, :2] = 0
+    c3 = Controller.open(port, Store(tmp_path), cfg)
+    w = c3.last_reconcile["writes"]
+    assert w["ring_slots"] == 2 and w["rings"] == 1
+    assert sum(w.values()) == 3
+
+
+def test_a_fresh_datapath_gets_everything(tmp_path) -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    c = controller(cfg, port_for(cfg), Store(tmp_path))
+    c.create_vip(vip_dict(1, [1, 2]))
+    fresh = port_for(cfg)  # e.g. after a reboot: empty maps
+    c2 = Controller.open(fresh, Store(tmp_path), cfg)
+    w = c2.last_reconcile["writes"]
+    assert w["vips_put"] == 2 and w["reals"] == 3 and w["ring_slots"] == 2 * 13
+    assert plan(fresh, c2.tables).empty
+
+
+def test_userspace_port_follows_changes() -> None:
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = UserspacePort(Sizes.of(cfg.settings))
+    c = controller(cfg, port)
+    from control.flows import FlowQuery, flow_frame
+
+    frame = flow_frame(FlowQuery(src="198.18.0.9", dst="198.18.100.1", sport=1000, dport=80, protocol="tcp"))
+    r = port.dp.process_frames([frame], now=0)
+    first = int(r.real_ids[0])
+    assert first in (1, 2)
+    other = real_addr(0) if first == 2 else real_addr(1)
+    gone = real_addr(first - 1)
+    c.update_real(K0, gone, {"drain": True})
+    syn = port.dp.process_frames([frame], now=1)  # a SYN re-hashes: the drained real gets no new flow
+    assert c.state.ids.reals[other] == int(syn.real_ids[0])
+    assert port.read_stats().vip[0, 0] == 2
