@@ -83,24 +83,30 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	__u32 flags, vip_num, real_id = 0, zero = 0;
 	int use_lru;
 
-	vk.addr = pkt->flow.dst;
-	vk.port = pkt->flow.dport;
-	vk.proto = pkt->flow.proto;
-	vk.family = pkt->flow.family;
-	meta = vip_map.lookup(&vk);
-	if (!meta) {
-		vk.port = 0;
+	if (pkt->vip_found) {
+		/* found by vip_fast_lookup() with the packet's own port */
+		flags = pkt->vip.flags;
+		vip_num = pkt->vip.vip_num;
+	} else {
+		vk.addr = pkt->flow.dst;
+		vk.port = pkt->flow.dport;
+		vk.proto = pkt->flow.proto;
+		vk.family = pkt->flow.family;
 		meta = vip_map.lookup(&vk);
 		if (!meta) {
-			*stat = STAT_PASS_NOT_VIP; /* row 14 */
-			return XDP_PASS;
+			vk.port = 0;
+			meta = vip_map.lookup(&vk);
+			if (!meta) {
+				*stat = STAT_PASS_NOT_VIP; /* row 14 */
+				return XDP_PASS;
+			}
+			/* a port-0 VIP ignores the destination port, unless it hashes on it */
+			if (!(meta->flags & F_DPORT_ONLY))
+				pkt->flow.dport = 0;
 		}
-		/* a port-0 VIP ignores the destination port, unless it hashes on it */
-		if (!(meta->flags & F_DPORT_ONLY))
-			pkt->flow.dport = 0;
+		flags = meta->flags;
+		vip_num = meta->vip_num;
 	}
-	flags = meta->flags;
-	vip_num = meta->vip_num;
 	if (flags & F_NO_SRC_PORT)
 		pkt->flow.sport = 0;
 	vip_stat_add(vip_num, pkt->frame_len);
@@ -200,6 +206,39 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
  * action, so forward() is inlined once. */
 #define LB_FORWARD (-1)
 
+/* The common packet's shortcut through row 5: TCP or UDP, no IPv4 options, not a
+ * fragment, the whole L4 header inside the packet (rows 7-9 let it through), and
+ * (dst, dport, proto) is a VIP. Its destination is then a VIP address by construction
+ * (lb.state puts every VIP's address in vip_addrs; XdpBalancer.load_tables adds
+ * addresses before VIPs and removes them after), so vip_addr_checks() skips the
+ * vip_addrs lookup and forward() uses this VIP: one hash lookup per packet instead of
+ * two. Anything else, a miss included, takes the full path, which reaches the same row.
+ * l4 points at the L4 header, l4_room = packet bytes from there on; vk has the address
+ * and family filled in. */
+static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_key *vk,
+					    void *l4, void *data_end, __u32 l4_room, __u8 proto)
+{
+	struct l4_ports *ports = l4;
+	struct vip_meta *meta;
+	__u32 hlen;
+
+	if (proto == LB_IPPROTO_TCP)
+		hlen = sizeof(struct tcphdr);
+	else if (proto == LB_IPPROTO_UDP)
+		hlen = sizeof(struct udphdr);
+	else
+		return;
+	if (l4_room < hlen || l4 + hlen > data_end || (void *)(ports + 1) > data_end)
+		return;
+	vk->port = ports->dest;
+	vk->proto = proto;
+	meta = vip_map.lookup(vk);
+	if (!meta)
+		return;
+	pkt->vip = *meta;
+	pkt->vip_found = 1;
+}
+
 /* Rows 5 and 6, shared by both families: is the destination a VIP address, and does
  * the frame fit. Returns -1 with *stat and *action set when the frame is done. */
 static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_desc *pkt,
@@ -208,7 +247,7 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 	struct ctl_value *c;
 	__u32 zero = 0;
 
-	if (!vip_addrs.lookup(ak)) {
+	if (!pkt->vip_found && !vip_addrs.lookup(ak)) {
 		*stat = STAT_PASS_NOT_VIP; /* row 5 */
 		*action = XDP_PASS;
 		return -1;
@@ -238,6 +277,14 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	ak.addr.v4 = iph->daddr;
 	ak.family = FAMILY_V4;
+	if (iph->ihl == IPV4_HLEN / 4 && !ipv4_is_fragment(iph)) {
+		struct vip_key vk = {};
+
+		vk.addr.v4 = iph->daddr;
+		vk.family = FAMILY_V4;
+		vip_fast_lookup(pkt, &vk, nh->pos, data_end,
+				bpf_ntohs(iph->tot_len) - IPV4_HLEN, iph->protocol);
+	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;
 	if (iph->ihl != IPV4_HLEN / 4) {
@@ -321,6 +368,14 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	__builtin_memcpy(&ak.addr, &ip6h->daddr, sizeof(ak.addr));
 	ak.family = FAMILY_V6;
+	{
+		struct vip_key vk = {};
+
+		vk.addr = ak.addr;
+		vk.family = FAMILY_V6;
+		vip_fast_lookup(pkt, &vk, nh->pos, data_end, bpf_ntohs(ip6h->payload_len),
+				ip6h->nexthdr);
+	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;
 	if (ip6h->nexthdr == LB_IPPROTO_FRAGMENT) {

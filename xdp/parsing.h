@@ -61,6 +61,8 @@ struct pkt_desc {
 	__u8 tos;               /* IPv4 TOS / IPv6 traffic class of the packet */
 	__u8 icmp_err;          /* flow taken from an ICMP error's embedded header */
 	__u8 tcp_syn;           /* TCP segment with SYN set: never served from conn_table */
+	__u8 vip_found;         /* vip holds the VIP of (dst, dport, proto) (fast path) */
+	struct vip_meta vip;
 };
 
 /* Ethernet plus at most one 802.1Q tag. Returns the ethertype of the payload (network
