@@ -55,8 +55,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netns.ns import check_address, list_netns, run_in_netns, unique_name
-from netns.servers import ADMIN_PORT, format_endpoint
 
 STATE_DIR = "/run/lb-lab"
 BPFFS = "/sys/fs/bpf"
@@ -84,6 +82,14 @@ BPF_PROG_LOAD = 5
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_PROG_TYPE_XDP = 6
+
+
+def run_in_netns(ns: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """netns.ns.run_in_netns, imported on first use (pyroute2 is slow to import and
+    ``lbctl`` builds its parser, this module's constants included, on every call)."""
+    from netns.ns import run_in_netns as run
+
+    return run(ns, fn, *args, **kwargs)
 
 
 class LabError(RuntimeError):
@@ -692,6 +698,8 @@ class Lab:
     # ---- naming and checks --------------------------------------------------------------
 
     def _new_name(self) -> str:
+        from netns.ns import list_netns, unique_name
+
         taken = set(list_netns())
         for _ in range(20):
             name = unique_name(NAME_PREFIX, maxlen=9)
@@ -725,6 +733,8 @@ class Lab:
     def _check_addresses(self) -> None:
         """Every address in the plan; config addresses must not fall into link subnets
         (other than as the very host's own link address)."""
+        from netns.ns import check_address
+
         nets = []
         for h in self.hosts:
             nets += [(seg_net4(h.seg), h), (seg_net6(h.seg), h)]
@@ -956,6 +966,8 @@ class Lab:
         self._save()
 
     def _server_argv(self, h: Host) -> list[str]:
+        from netns.servers import ADMIN_PORT, format_endpoint
+
         argv = [sys.executable, "-m", "netns.servers", "--name", h.name, "--addr4", h.real4,
                 "--addr6", h.real6, "--admin", format_endpoint(h.addr4, ADMIN_PORT),
                 "--admin", format_endpoint(h.addr6, ADMIN_PORT)]
@@ -1104,10 +1116,11 @@ class Lab:
         self._set_config(cfg, tables)
         return changed
 
-    def set_weights(self, weights: Mapping[str, int]) -> None:
-        """Put exactly the named reals (name -> weight) behind the lab's VIPs."""
+    def set_weights(self, weights: Mapping[str, int]) -> int | None:
+        """Put exactly the named reals (name -> weight) behind the lab's VIPs; returns
+        what :meth:`apply` returns."""
         self.weights = dict(weights)
-        self.apply(self.config_for(weights))
+        return self.apply(self.config_for(weights))
 
     def backend(self, name: str = "lb1") -> Any:
         """The in-process balancer handle (``.bal`` is the XdpBalancer / UserspaceBalancer)."""
@@ -1324,6 +1337,7 @@ def leftovers(state: Mapping[str, Any], state_path: str | None = None) -> list[s
 def describe(state: Mapping[str, Any]) -> dict[str, Any]:
     """Status of a lab from its state file and its pinned maps (any process)."""
     from lb.decap_loader import DECAP_STATS
+    from netns.servers import format_endpoint
 
     out: dict[str, Any] = {"name": state["name"], "datapath": state["datapath"],
                            "status": state.get("status"),
