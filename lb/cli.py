@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--flows", type=int, default=1000, help="flows per VIP (default 1000)")
     d.set_defaults(func=cmd_demo)
 
+    from control.cli import register  # serve, vip, real, stats, health, config export/apply
+
+    register(sub, csub)
+
     from netns.lab_cli import register as register_lab  # lab up|down|status|demo
 
     register_lab(sub)

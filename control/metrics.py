@@ -1,0 +1,151 @@
+"""Prometheus metrics (prometheus-client), one registry per daemon.
+
+Datapath counters are read from the datapath at scrape time (a custom collector), so
+they are exactly the counters the datapath keeps, per VIP and per real included:
+
+==========================================  ==========================================
+``lb_rx_packets_total``                     every frame the datapath saw
+``lb_tx_packets_total{action}``             ``encap``, ``icmp_echo_reply``
+``lb_pass_packets_total{reason}``           ``not_ip``, ``not_vip``, ``local``
+``lb_drop_packets_total{reason}``           ``malformed``, ``ip_options``, ``fragment``,
+                                            ``oversize``, ``no_real``, ``encap_failed``
+``lb_conn_table_lookups_total{result}``     ``hit``, ``miss``
+``lb_icmp_errors_forwarded_total``
+``lb_conn_table_entries``                   entries now (XDP: all CPUs)
+``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
+``lb_real_packets_total{real}``, ``lb_real_bytes_total{real}``  (per real, all VIPs)
+``lb_real_up{vip,real}``                    1 up, 0 down (health-checked reals only)
+``lb_real_effective_weight{vip,real}``      weight the ring is built with
+``lb_vip_all_reals_down{vip}``              1 while every real of the VIP is down
+==========================================  ==========================================
+
+Kept by the control plane: ``lb_healthcheck_results_total{vip,real,result}``,
+``lb_healthcheck_duration_seconds{vip,real}`` (histogram, completed probes),
+``lb_health_transitions_total{vip,real,to}``, ``lb_control_changes_total{result}``,
+``lb_ring_slots_written_total``, ``lb_control_generation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lb import constants as C
+
+from control.health import ProbeDone, TargetKey
+from control.tables import vip_label
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TX = {"tx_encap": "encap", "tx_icmp_echo_reply": "icmp_echo_reply"}
+_PASS = {"pass_not_ip": "not_ip", "pass_not_vip": "not_vip", "pass_local": "local"}
+_DROP = {n: n[len("drop_"):] for n in C.STATS if n.startswith("drop_")}
+
+
+class _DatapathCollector(Collector):
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Any]:
+        ctl = self.controller
+        with ctl.lock:
+            st, tb = ctl.state, ctl.tables
+            s = ctl.port.read_stats()
+            conn = ctl.port.conn_count()
+        c = s.counters
+        yield CounterMetricFamily("lb_rx_packets", "Frames seen by the datapath", value=c["rx_packets"])
+        for fam, names, label, helptext in (
+            ("lb_tx_packets", _TX, "action", "Frames sent back out (XDP_TX), by action"),
+            ("lb_pass_packets", _PASS, "reason", "Frames passed to the host stack, by reason"),
+            ("lb_drop_packets", _DROP, "reason", "Frames dropped, by reason"),
+        ):
+            m = CounterMetricFamily(fam, helptext, labels=[label])
+            for stat, value in names.items():
+                m.add_metric([value], c[stat])
+            yield m
+        m = CounterMetricFamily("lb_conn_table_lookups", "Connection-table lookups", labels=["result"])
+        m.add_metric(["hit"], c["lru_hit"])
+        m.add_metric(["miss"], c["lru_miss"])
+        yield m
+        yield CounterMetricFamily("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real",
+                                  value=c["icmp_error_forwarded"])
+        yield GaugeMetricFamily("lb_conn_table_entries", "Connection-table entries", value=conn)
+
+        vp = CounterMetricFamily("lb_vip_packets", "Packets to a VIP", labels=["vip"])
+        vb = CounterMetricFamily("lb_vip_bytes", "Bytes to a VIP (frames, L2 included)", labels=["vip"])
+        for v in st.config.vips:
+            num = st.ids.vips[v.key]
+            label = vip_label(v.key)
+            vp.add_metric([label], int(s.vip[num, C.VIP_STAT_PACKETS]))
+            vb.add_metric([label], int(s.vip[num, C.VIP_STAT_BYTES]))
+        yield vp
+        yield vb
+        rp = CounterMetricFamily("lb_real_packets", "Packets sent to a real (all VIPs)", labels=["real"])
+        rb = CounterMetricFamily("lb_real_bytes", "Bytes sent to a real (input frames)", labels=["real"])
+        for addr, rid in st.ids.reals.items():
+            rp.add_metric([addr], int(s.real[rid, C.VIP_STAT_PACKETS]))
+            rb.add_metric([addr], int(s.real[rid, C.VIP_STAT_BYTES]))
+        yield rp
+        yield rb
+
+        up = GaugeMetricFamily("lb_real_up", "1 if the real passes its health check", labels=["vip", "real"])
+        ew = GaugeMetricFamily("lb_real_effective_weight", "Weight the ring is built with",
+                               labels=["vip", "real"])
+        ad = GaugeMetricFamily("lb_vip_all_reals_down", "1 while every real of the VIP is down",
+                               labels=["vip"])
+        if tb is not None:
+            for key, targets in tb.targets.items():
+                label = vip_label(key)
+                for t in targets:
+                    ew.add_metric([label, t.address], t.effective)
+                    if t.up is not None:
+                        up.add_metric([label, t.address], 1 if t.up else 0)
+                ad.add_metric([label], 1 if key in tb.all_down else 0)
+        yield up
+        yield ew
+        yield ad
+        yield GaugeMetricFamily("lb_control_generation", "Generation of the desired state",
+                                value=st.generation)
+        rs = CounterMetricFamily("lb_ring_slots_written", "Ring slots written by the control plane")
+        rs.add_metric([], ctl.counters["ring_slots_written"])
+        yield rs
+        ch = CounterMetricFamily("lb_control_changes", "Change requests", labels=["result"])
+        ch.add_metric(["accepted"], ctl.counters["changes"])
+        ch.add_metric(["refused_or_failed"], ctl.counters["changes_failed"])
+        ch.add_metric(["rolled_back"], ctl.counters["rollbacks"])
+        yield ch
+
+
+class Metrics:
+    """The daemon's registry: datapath collector + health-check metrics."""
+
+    def __init__(self, controller: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_DatapathCollector(controller))
+        self.hc_results = Counter("lb_healthcheck_results", "Health-check probe results",
+                                  ["vip", "real", "result"], registry=self.registry)
+        self.hc_latency = Histogram("lb_healthcheck_duration_seconds", "Duration of completed probes",
+                                    ["vip", "real"], registry=self.registry,
+                                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                             0.5, 1.0, 2.5, 5.0))
+        self.transitions = Counter("lb_health_transitions", "Health verdict changes",
+                                   ["vip", "real", "to"], registry=self.registry)
+        controller.on_health.append(self.on_transition)
+
+    def observe_probe(self, ev: ProbeDone) -> None:
+        vip, real = vip_label(ev.key[0]), ev.key[1]
+        self.hc_results.labels(vip, real, "success" if ev.result.ok else "failure").inc()
+        if ev.result.latency is not None:
+            self.hc_latency.labels(vip, real).observe(ev.result.latency)
+
+    def on_transition(self, key: TargetKey, up: bool, reason: str) -> None:
+        self.transitions.labels(vip_label(key[0]), key[1], "up" if up else "down").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
