@@ -54,7 +54,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     _sigterm_as_interrupt()
     cfg = _load_config(args.config)
     try:
-        lab = Lab(reals=args.reals, clients=args.clients, balancers=args.balancers,
+        reals = args.reals if args.reals is not None else (0 if cfg is not None else 3)
+        lab = Lab(reals=reals, clients=args.clients, balancers=args.balancers,
                   datapath=args.datapath, config=cfg, balancer_processes=True,
                   state_dir=args.state_dir)
     except (ValueError, LabError) as e:
@@ -303,7 +304,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         description="Build a lab and leave it running (state in "
                                     f"{STATE_DIR}/<name>.json). Ctrl-C while building "
                                     "removes what was built.")
-    up.add_argument("--reals", type=int, default=3, help=f"real servers, 1..{MAX_REALS} (default 3)")
+    up.add_argument("--reals", type=int, help=f"real servers, 1..{MAX_REALS} (default 3, or as many as "
+                                              "the --config has real addresses of one family)")
     up.add_argument("--clients", type=int, default=1, help="client namespaces (default 1)")
     up.add_argument("--balancers", type=int, default=1,
                     help="balancer namespaces; more than one: ECMP at the router (default 1)")
