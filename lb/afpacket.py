@@ -28,8 +28,13 @@ to the driver: no qdisc, and no copy to packet taps. A full TX ring drops and co
 (``tx_ring_full``); a frame longer than the interface takes (MTU + Ethernet header, +4
 with an 802.1Q tag) is not queued but counted (``tx_oversize``), and PACKET_LOSS makes the
 kernel skip any other frame it cannot send rather than stop the ring at it. ``tx_mode="sendmmsg"`` instead copies
-frames with one sendmmsg(2) per batch on the same socket (kept for comparison: see
-bench/bench_userspace_io.py for which is faster here).
+frames into new skbs with one sendmmsg(2) per batch on the same socket.
+
+The two differ when the device (or a veth peer) cannot take a frame now: the TX ring
+keeps the slot queued and the kernel retries it on the next ``send()`` (backpressure: the
+ring fills, then ``tx_ring_full``); sendmmsg drops the frame and the rest of the batch
+(``tx_busy``). The device's own tx_dropped counts every refused attempt in both modes,
+so with the ring it counts retries, not lost frames.
 
 Counters (:meth:`PacketSocket.stats`) are this module's plus the kernel's
 PACKET_STATISTICS (``ring_drops``: frames the kernel could not put in the RX ring because
@@ -86,6 +91,7 @@ TP_STATUS_SENDING = 1 << 1
 TP_STATUS_WRONG_FORMAT = 1 << 2
 
 TPACKET_ALIGNMENT = 16
+SO_SNDBUFFORCE = 32
 SIOCETHTOOL = 0x8946
 SIOCGIFMTU = 0x8921
 ETHTOOL_GGRO, ETHTOOL_SGRO = 0x2B, 0x2C
@@ -208,16 +214,17 @@ COUNTERS = (
     "rx_outgoing",  # outgoing frames skipped (only if PACKET_IGNORE_OUTGOING is unavailable)
     "rx_vlan_restored",  # frames whose VLAN tag was written back from the ring header
     "rx_csum_completed",  # frames whose partial TCP/UDP checksum was completed
-    "tx_frames",  # frames queued for sending (TX ring slots filled / sendmmsg entries)
-    "tx_ring_full",  # frames dropped: no free TX slot
+    "tx_frames",  # frames handed to the kernel (TX ring: slots queued; sendmmsg: sent)
+    "tx_ring_full",  # frames dropped: no free TX slot (sendmmsg: more than a batch)
     "tx_oversize",  # frames dropped: longer than a TX slot or than MTU + 14 (+4 if tagged)
     "tx_rejected",  # frames the kernel refused (sendmmsg error; ring slot left WRONG_FORMAT)
     "tx_send_calls",  # send()/sendmmsg() calls
     "tx_send_errors",  # send()/sendmmsg() calls that returned an error
+    "tx_busy",  # sendmmsg: frames dropped because the device/peer queue was full (ENOBUFS/EAGAIN)
 )
 CNT = {name: i for i, name in enumerate(COUNTERS)}
 C_RX_FRAMES, C_RX_BLOCKS, C_RX_OVERSIZE, C_RX_OUTGOING, C_RX_VLAN, C_RX_CSUM = range(6)
-C_TX_FRAMES, C_TX_RING_FULL, C_TX_OVERSIZE, C_TX_REJECTED, C_TX_CALLS, C_TX_ERRORS = range(6, 12)
+C_TX_FRAMES, C_TX_RING_FULL, C_TX_OVERSIZE, C_TX_REJECTED, C_TX_CALLS, C_TX_ERRORS, C_TX_BUSY = range(6, 13)
 
 # rx_state slots: current block, frames left in it (-1: not opened yet), next frame offset
 RX_BLOCK, RX_LEFT, RX_OFF = 0, 1, 2
@@ -446,7 +453,7 @@ def mmsg_fill(msgs, iovs, outs_addr, out_stride, outs, out_lens, actions, n, max
     """sendmmsg mode: point one mmsghdr/iovec per TX frame at its row of ``outs`` (which
     is at address ``outs_addr``, rows ``out_stride`` bytes apart). ``msgs`` is
     uint64[m, 8] (struct mmsghdr, msg_iov pointing at row k of ``iovs``), ``iovs``
-    uint64[m, 2] (struct iovec). Returns the count."""
+    uint64[m, 2] (struct iovec). Returns the count; the sender counts what was sent."""
     q = 0
     for i in range(n):
         if actions[i] != XDP_TX:
@@ -460,7 +467,6 @@ def mmsg_fill(msgs, iovs, outs_addr, out_stride, outs, out_lens, actions, n, max
         iovs[q, 0] = np.uint64(outs_addr + i * out_stride)
         iovs[q, 1] = np.uint64(out_lens[i])
         q += 1
-    counters[C_TX_FRAMES] += q
     return q
 
 
@@ -532,6 +538,14 @@ class PacketSocket:
                 self.qdisc_bypass = True
             except OSError:
                 pass
+        # Every sent frame's skb is charged to the socket until the receiver frees it; with
+        # the default send buffer (~200 KiB) a send() stops after ~240 frames in flight.
+        # Room for a full TX ring (SO_SNDBUFFORCE: root may exceed net.core.wmem_max).
+        want = max(1 << 22, tx_frames * (min(tx_frame_size or 4096, 1 << 16) + 1024))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, want)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
         rx_bytes = 0
         if rx:
             req = TpacketReq3(self.block_size, self.block_count, 2048,
@@ -661,15 +675,15 @@ class PacketSocket:
         while base < k:
             self.counters[C_TX_CALLS] += 1
             r = _libc.sendmmsg(self.sock.fileno(), addr + 64 * base, k - base, socket.MSG_DONTWAIT)
-            if r < 0:
+            if r <= 0:
                 self.counters[C_TX_ERRORS] += 1
-                e = ctypes.get_errno()
-                if e in (errno.EAGAIN, errno.ENOBUFS):
-                    self.counters[C_TX_RING_FULL] += k - base
+                if ctypes.get_errno() in (errno.EAGAIN, errno.ENOBUFS):
+                    self.counters[C_TX_BUSY] += k - base  # the queue is full: the rest goes too
                     break
-                base += 1  # this frame failed (EMSGSIZE...): count it and go on
-                self.counters[C_TX_REJECTED] += 1
+                self.counters[C_TX_REJECTED] += 1  # this frame failed (EMSGSIZE...): go on
+                base += 1
                 continue
+            self.counters[C_TX_FRAMES] += r
             base += r
         self._pending = 0
 

@@ -42,12 +42,15 @@ kernel stack of the balancer host still receives the original of every frame:
   peer, an AF_PACKET socket cannot) and frames longer than the batch stride are not
   processed, only counted (``rx_oversize``); turn TSO/GSO off on the sending side.
 * Overload: when every ring block is still ours the kernel drops (``ring_drops``);
-  a full TX ring drops (``tx_ring_full``); a frame longer than the MTU allows is not sent
+  a full TX ring drops (``tx_ring_full``); sendmmsg to a full device queue drops
+  (``tx_busy``, ``tx_rejected``); a frame longer than the MTU allows is not sent
   (``tx_oversize``). Every frame is accounted for::
 
       ring_packets = ring_drops + rx_frames + rx_oversize (+ frames still in the ring)
-      rx_frames = rx_packets (datapath); tx_encap + tx_icmp_echo_reply
-                = tx_frames + tx_ring_full + tx_oversize
+      rx_frames = rx_packets (datapath)
+      tx_encap + tx_icmp_echo_reply = tx_frames + tx_ring_full + tx_oversize
+                                      + tx_busy + tx_rejected
+      frames on the wire = tx_frames - tx_in_flight (ring slots not yet sent)
 
 Run as a process (what the lab does)::
 
@@ -123,6 +126,18 @@ def _sys_sendmmsg(typingctx, fd, msgvec, vlen, flags):
 
 
 @intrinsic
+def _sys_errno(typingctx):
+    """errno of this thread (*__errno_location())"""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32).as_pointer(), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "__errno_location")
+        return builder.sext(builder.load(builder.call(fn, [])), ir.IntType(64))
+
+    return _I64(), codegen
+
+
+@intrinsic
 def _sys_clock_gettime(typingctx, clock_id, tp):
     """int clock_gettime(clockid_t clk_id, struct timespec *tp)"""
     return _I64(_I64, _I64), _libc_codegen("clock_gettime", 32, (32, 64))
@@ -130,6 +145,7 @@ def _sys_clock_gettime(typingctx, clock_id, tp):
 
 CLOCK_MONOTONIC = 1  # the clock of bpf_ktime_get_ns, and of time.monotonic_ns()
 MSG_DONTWAIT = 0x40
+EAGAIN, ENOBUFS = 11, 105
 POLLIN = 0x1
 TX_RING, TX_SENDMMSG = 0, 1
 
@@ -138,6 +154,13 @@ CTL_STOP, CTL_RELOAD, CTL_POLL_MS, CTL_TX_MAX_LEN = 0, 1, 2, 3
 # loop counters
 LOOP_COUNTERS = ("batches", "polls", "send_retries")
 L_BATCHES, L_POLLS, L_RETRIES = 0, 1, 2
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _last_queued(tx32, frame_size, frame_count, head):
+    """Is the slot filled last still waiting for the kernel (TP_STATUS_SEND_REQUEST)?"""
+    last = (head[0] + frame_count - 1) % frame_count
+    return tx32[(last * frame_size + afpacket.H_STATUS) >> 2] == afpacket.TP_STATUS_SEND_REQUEST
 
 
 @nb.njit(nogil=True, cache=False)
@@ -159,13 +182,12 @@ def _run(  # the loop's whole state, passed once per start/reload
         n = rx_drain(ring, ring32, block_size, block_count, rx_state, frames, lengths,
                      complete_csum, io_counters)
         if n == 0:
-            if retry:  # frames left queued by a failed send(): try again before sleeping
+            if retry:  # frames left queued by an earlier send(): try again before sleeping
                 loop[L_RETRIES] += 1
                 io_counters[afpacket.C_TX_CALLS] += 1
                 if _sys_send(fd, 0, 0, MSG_DONTWAIT) < 0:
                     io_counters[afpacket.C_TX_ERRORS] += 1
-                else:
-                    retry = False
+                retry = _last_queued(tx32, tx_frame_size, tx_frame_count, tx_head)
             pollfds[0, 1] = POLLIN
             pollfds[1, 1] = POLLIN
             _sys_poll(pollfds.ctypes.data, 2, 1 if retry else ctl[CTL_POLL_MS])
@@ -187,12 +209,11 @@ def _run(  # the loop's whole state, passed once per start/reload
             if q > 0 or retry:
                 io_counters[afpacket.C_TX_CALLS] += 1
                 if _sys_send(fd, 0, 0, MSG_DONTWAIT) < 0:
-                    # the kernel stopped at a slot it could not send now (e.g. the peer's
-                    # queue was full): it stays queued and goes with the next send()
                     io_counters[afpacket.C_TX_ERRORS] += 1
-                    retry = True
-                else:
-                    retry = False
+                # The kernel stops at a slot it cannot send now (device queue or send
+                # buffer full) and leaves it queued; it goes with the next send(), which
+                # the idle path makes soon if the last slot we filled is still queued.
+                retry = _last_queued(tx32, tx_frame_size, tx_frame_count, tx_head)
         else:
             q = mmsg_fill(msgs, iovs, out_addr, out_stride, outs, out_lens, actions, n,
                           ctl[CTL_TX_MAX_LEN], io_counters)
@@ -200,13 +221,17 @@ def _run(  # the loop's whole state, passed once per start/reload
             while done < q:
                 io_counters[afpacket.C_TX_CALLS] += 1
                 r = _sys_sendmmsg(fd, msgs.ctypes.data + 64 * done, q - done, MSG_DONTWAIT)
-                if r <= 0:
-                    # this frame failed (peer queue full, too long...): drop it, go on
-                    io_counters[afpacket.C_TX_ERRORS] += 1
-                    io_counters[afpacket.C_TX_REJECTED] += 1
-                    done += 1
-                else:
+                if r > 0:
+                    io_counters[afpacket.C_TX_FRAMES] += r
                     done += r
+                    continue
+                io_counters[afpacket.C_TX_ERRORS] += 1
+                e = _sys_errno()
+                if e == EAGAIN or e == ENOBUFS:  # the device queue / veth peer is full
+                    io_counters[afpacket.C_TX_BUSY] += q - done
+                    break
+                io_counters[afpacket.C_TX_REJECTED] += 1  # this frame failed: skip it
+                done += 1
     return 0
 
 
