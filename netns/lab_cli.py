@@ -26,12 +26,27 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM ends a build like Ctrl-C does: the lab is torn down, nothing is left."""
-    def handler(signum, frame):
+class _Interrupts:
+    """Ctrl-C and SIGTERM end a build: the lab is torn down, nothing is left.
+
+    The handler raises KeyboardInterrupt, and also records the signal, because Python
+    drops an exception raised inside a weakref callback or ``__del__`` ("Exception
+    ignored in ...", e.g. while an import lock is released): the build checks the
+    record at every stage, so a swallowed Ctrl-C still stops it."""
+
+    def __init__(self) -> None:
+        self.seen: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup & co: leave it
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.seen = signum
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    def check(self, *_: object) -> None:
+        if self.seen is not None:
+            raise KeyboardInterrupt
 
 
 def _load_config(path: str | None):
@@ -51,13 +66,13 @@ def _load_config(path: str | None):
 def cmd_up(args: argparse.Namespace) -> int:
     from netns.lab import Lab, LabError
 
-    _sigterm_as_interrupt()
+    interrupts = _Interrupts()
     cfg = _load_config(args.config)
     try:
         reals = args.reals if args.reals is not None else (0 if cfg is not None else 3)
         lab = Lab(reals=reals, clients=args.clients, balancers=args.balancers,
                   datapath=args.datapath, config=cfg, balancer_processes=True,
-                  state_dir=args.state_dir)
+                  state_dir=args.state_dir, on_stage=interrupts.check)
     except (ValueError, LabError) as e:
         print(f"lbctl lab up: {e}", file=sys.stderr)
         return 2
@@ -65,9 +80,13 @@ def cmd_up(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     try:
         lab.build()
+        interrupts.check()
     except LabError as e:
         print(f"lbctl lab up: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        lab.teardown()  # no-op if the build already did
+        raise
     path = lab.release()
     if args.json:
         print(json.dumps({"name": lab.name, "state": path, "timings": lab.timings}))
@@ -176,7 +195,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---- demo --------------------------------------------------------------------------------------
 
 def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
-             concurrency: int = 32, udp_flows_per_family: int = 100) -> dict[str, Any]:
+             concurrency: int = 32, udp_flows_per_family: int = 100,
+             interrupts: _Interrupts | None = None) -> dict[str, Any]:
     """Build a lab, drive traffic through it, tear it down; returns the figures and
     prints them as it goes."""
     from rich.console import Console
@@ -185,10 +205,11 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
     from netns.lab import HTTP_PORT, UDP_PORT, VIP4, VIP6, Lab, leftovers
     from netns.servers import http_requests, ping, udp_flows
 
-    con = Console(highlight=False)
+    con = Console(highlight=False, width=None if sys.stdout.isatty() else 100)
     t0 = time.monotonic()
     report: dict[str, Any] = {}
-    lab = Lab(reals=reals, datapath=datapath)
+    lab = Lab(reals=reals, datapath=datapath,
+              on_stage=interrupts.check if interrupts is not None else None)
     con.print(f"building lab [bold]{lab.name}[/]: 1 client, 1 router, 1 balancer ({datapath}), "
               f"{reals} reals; VIPs {VIP4} and {VIP6} (HTTP :{HTTP_PORT}, UDP echo :{UDP_PORT})")
     with lab:
@@ -272,9 +293,10 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
 def cmd_demo(args: argparse.Namespace) -> int:
     from netns.lab import LabError
 
-    _sigterm_as_interrupt()
+    interrupts = _Interrupts()
     try:
-        rep = run_demo(args.requests, args.reals, args.datapath, args.concurrency)
+        rep = run_demo(args.requests, args.reals, args.datapath, args.concurrency,
+                       interrupts=interrupts)
     except LabError as e:
         print(f"lbctl lab demo: {e}", file=sys.stderr)
         return 1
