@@ -208,17 +208,16 @@ class XdpPort:
         return self.bal.map_fd(name)
 
     # view
+    def _hash_entries(self, name: str, ksz: int, vsz: int) -> dict[bytes, bytes]:
+        """A hash map's entries in one BPF_MAP_LOOKUP_BATCH (a few for big maps)."""
+        keys, values, n = self._B.map_lookup_batch(self._fd(name), ksz, vsz, chunk=1024)
+        return {keys[i * ksz:(i + 1) * ksz]: values[i * vsz:(i + 1) * vsz] for i in range(n)}
+
     def vip_entries(self) -> dict[bytes, bytes]:
-        fd = self._fd("vip_map")
-        out = {}
-        for k in self._B.map_keys(fd, layout.VIP_KEY.itemsize):
-            v = self._B.map_lookup(fd, k, layout.VIP_META.itemsize)
-            if v is not None:
-                out[k] = v
-        return out
+        return self._hash_entries("vip_map", layout.VIP_KEY.itemsize, layout.VIP_META.itemsize)
 
     def vip_addr_entries(self) -> set[bytes]:
-        return set(self._B.map_keys(self._fd("vip_addrs"), layout.VIP_ADDR_KEY.itemsize))
+        return set(self._hash_entries("vip_addrs", layout.VIP_ADDR_KEY.itemsize, 4))
 
     def real_entries(self) -> dict[int, bytes]:
         keys, values, n = self._B.map_lookup_batch(self._fd("reals"), 4, layout.REAL.itemsize)

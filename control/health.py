@@ -396,7 +396,8 @@ class HealthRunner:
                 t.cancel()
 
     async def _step(self) -> None:
-        version, targets, initial = self.sink.health_targets()
+        # in a thread: it takes the controller's lock, which a long change may hold
+        version, targets, initial = await asyncio.to_thread(self.sink.health_targets)
         now = self.clock()
         if version != self._version:
             self.registry.sync(targets, now, initial)

@@ -116,6 +116,22 @@ def _vip_fields(vip: Any) -> dict[str, Any]:
             "flags": list(vip.flags), "reals": list(vip.reals), "healthcheck": vip.healthcheck}
 
 
+def _same_names(old: Config, new: Config) -> bool:
+    """Same VIP keys and, per VIP, the same real addresses (weights, flags, health checks
+    may differ)? Cheap when most VIP objects are shared between the two configs."""
+    if len(old.vips) != len(new.vips) or old.settings.max_reals != new.settings.max_reals \
+            or old.settings.max_vips != new.settings.max_vips:
+        return False
+    before = {v.key: v for v in old.vips}
+    for v in new.vips:
+        o = before.get(v.key)
+        if o is None:
+            return False
+        if o is not v and [r.address for r in o.reals] != [r.address for r in v.reals]:
+            return False
+    return True
+
+
 def _counted(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Count a change request that is refused or fails (metrics: lb_control_changes_total)."""
 
@@ -261,11 +277,14 @@ class Controller:
             old = self.state
             cfg, drained = make(old)
             s = cfg.settings
-            try:
-                ids = allocate(old.ids, [v.key for v in cfg.vips],
-                               [r.address for v in cfg.vips for r in v.reals], s.max_vips, s.max_reals)
-            except AllocationError as e:
-                raise Conflict(str(e)) from None
+            if _same_names(old.config, cfg):
+                ids = old.ids  # no VIP or real address came or went: every number stays
+            else:
+                try:
+                    ids = allocate(old.ids, [v.key for v in cfg.vips],
+                                   [r.address for v in cfg.vips for r in v.reals], s.max_vips, s.max_reals)
+                except AllocationError as e:
+                    raise Conflict(str(e)) from None
             new = DesiredState(cfg, ids, drained, old.generation + 1, old.seed_digest)
             tables = self._build(new, self.tables)
             summary = self._apply_tables(tables, self.tables)

@@ -104,17 +104,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, fsync: bool = True, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content:
-    write ``.<name>.tmp`` beside it, fsync, rename over ``path``, fsync the directory."""
+def atomic_write(path: Path, data: bytes | list[bytes], fsync: bool = True, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` (bytes, or a list of chunks written in order) so that
+    a crash leaves the old or the new content: write ``.<name>.tmp`` beside it, fsync,
+    rename over ``path``, fsync the directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        for i in range(0, len(chunks), 1024):  # IOV_MAX
+            batch = chunks[i:i + 1024]
+            n = os.writev(fd, batch)
+            for chunk in batch:  # a short write: the rest one by one
+                if n >= len(chunk):
+                    n -= len(chunk)
+                    continue
+                view = memoryview(chunk)[n:]
+                n = 0
+                while view:
+                    view = view[os.write(fd, view):]
         if fsync:
             os.fsync(fd)
     finally:
@@ -184,7 +193,7 @@ class Store:
         return DesiredState.from_json(data, str(self.state_path))
 
     def save(self, state: DesiredState) -> None:
-        atomic_write(self.state_path, _state_bytes(state), self.fsync)
+        atomic_write(self.state_path, _state_chunks(state), self.fsync)
 
     # --- health ----------------------------------------------------------------------
 
@@ -209,27 +218,46 @@ class Store:
 # cached by object identity (the cache holds the object, so the id stays valid) and the
 # document is assembled from the pieces.
 
-_vip_json_cache: dict[int, tuple[Any, str]] = {}
+_vip_json_cache: dict[int, tuple[Any, bytes]] = {}
+_ids_json_cache: tuple[Any, bytes] | None = None
 
 
-def _vip_json(vip: Any) -> str:
+def _vip_json(vip: Any) -> bytes:
     hit = _vip_json_cache.get(id(vip))
     if hit is not None and hit[0] is vip:
         return hit[1]
-    text = json.dumps(vip.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    text = json.dumps(vip.model_dump(mode="json", exclude_none=True), separators=(",", ":")).encode()
     _vip_json_cache[id(vip)] = (vip, text)
     return text
 
 
+def _ids_json(ids: Ids) -> bytes:
+    global _ids_json_cache
+    if _ids_json_cache is None or _ids_json_cache[0] is not ids:
+        _ids_json_cache = (ids, json.dumps(ids.to_json(), separators=(",", ":")).encode())
+    return _ids_json_cache[1]
+
+
 def _state_bytes(state: DesiredState) -> bytes:
+    return b"".join(_state_chunks(state))
+
+
+def _state_chunks(state: DesiredState) -> list[bytes]:
+    """The state document in pieces (written one after the other: no 2 MB buffer to build)."""
     cfg = state.config
     vips = [_vip_json(v) for v in cfg.vips]
-    live = {id(v) for v in cfg.vips}
-    if len(_vip_json_cache) > 2 * len(live) + 64:
+    if len(_vip_json_cache) > 2 * len(vips) + 64:
+        live = {id(v) for v in cfg.vips}
         for k in [k for k in _vip_json_cache if k not in live]:
             del _vip_json_cache[k]
-    head = state.head_json()
+    head = {"format": STATE_FORMAT, "generation": state.generation, "seed_digest": state.seed_digest,
+            "drained": sorted([a, p, proto, r] for (a, p, proto), r in state.drained)}
     settings = json.dumps(cfg.settings.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
-    body = json.dumps(head, separators=(",", ":"))
-    config = '{"settings":' + settings + ',"vips":[' + ",".join(vips) + "]}"
-    return (body[:-1] + ',"config":' + config + "}\n").encode()
+    out = [json.dumps(head, separators=(",", ":"))[:-1].encode(), b',"ids":', _ids_json(state.ids),
+           b',"config":{"settings":', settings.encode(), b',"vips":[']
+    for i, v in enumerate(vips):
+        if i:
+            out.append(b",")
+        out.append(v)
+    out.append(b"]}}\n")
+    return out

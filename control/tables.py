@@ -31,7 +31,8 @@ import numpy as np
 from lb import constants as C
 from lb import layout
 from lb.state import PROTOCOLS, DatapathTables, addr16, mac_bytes
-from lb.maglev import ring_for
+from lb.hashing import endpoint_hash
+from lb.maglev import HASH_FUNCTIONS, build_ring
 
 from control.ids import Ids, VipKey
 
@@ -111,6 +112,23 @@ def ctl_record(gateway_mac: str, max_frame_size: int) -> bytes:
 EMPTY_REAL = bytes(layout.REAL.itemsize)
 
 
+@lru_cache(maxsize=65536)
+def _endpoint_hash(address: str) -> int:
+    """lb.hashing.endpoint_hash of a canonical address (lb.config refuses IPv4-mapped
+    IPv6, so no normalisation is needed), cached: a real's hash never changes."""
+    return endpoint_hash(ipaddress.ip_address(address))
+
+
+def ring_of(ring_in: tuple[tuple[str, int, int], ...], ring_size: int, hash_name: str) -> np.ndarray:
+    """lb.maglev.ring_for for validated, canonical, distinct addresses, with the endpoint
+    hashes cached (ring_for re-parses and re-hashes every address on every build)."""
+    n = len(ring_in)
+    return build_ring(np.fromiter((_endpoint_hash(a) for a, _, _ in ring_in), dtype=np.uint64, count=n),
+                      np.fromiter((w for _, w, _ in ring_in), dtype=np.uint32, count=n),
+                      np.fromiter((i for _, _, i in ring_in), dtype=np.uint32, count=n),
+                      ring_size, HASH_FUNCTIONS[hash_name])
+
+
 # --- effective weights -------------------------------------------------------------------
 
 
@@ -172,6 +190,9 @@ class DesiredTables:
     real_ids: Mapping[str, int] = field(default_factory=dict)
     targets: Mapping[VipKey, tuple[RealTarget, ...]] = field(default_factory=dict)
     all_down: frozenset[VipKey] = frozenset()  # VIPs whose reals are all failing
+    parts: Mapping[VipKey, Any] = field(default_factory=dict)  # VipKey -> VipPart, for the next build
+    ids: Ids | None = None  # the numbers these tables were built with
+    local: frozenset[str] = frozenset()  # settings.local_addresses they were built with
 
     def ring_for_num(self, num: int) -> np.ndarray:
         """The desired ring of VIP ``num`` (all zeros for a number not in use)."""
@@ -205,6 +226,44 @@ class DesiredTables:
         )
 
 
+@dataclass(frozen=True)
+class VipPart:
+    """What one VIP contributes to the tables, with what it was made from (so an
+    unchanged VIP is reused as is by the next build)."""
+
+    vip: Any  # the lb.config.Vip it was built from (compared by identity)
+    num: int
+    drained: frozenset[str]
+    down: frozenset[str]
+    local: frozenset[str]
+    ring_size: int
+    key_rec: bytes
+    meta_rec: bytes
+    addr_rec: bytes
+    targets: tuple[RealTarget, ...]
+    all_down: bool
+    ring_input: tuple
+    ring: np.ndarray
+
+
+def _vip_part(vip: Any, num: int, ids: Ids, drained: frozenset[str], down: frozenset[str],
+              local: frozenset[str], ring_size: int, prev: VipPart | None) -> VipPart:
+    if (prev is not None and prev.vip is vip and prev.num == num and prev.drained == drained
+            and prev.down == down and prev.local == local and prev.ring_size == ring_size):
+        return prev  # the VIP and everything its tables depend on are unchanged
+    tgts, none_up = effective_weights(vip, drained, down)
+    ring_in = tuple((t.address, t.effective, ids.reals[t.address]) for t in tgts)
+    inp = (vip.hash, ring_size, ring_in)
+    if prev is not None and prev.ring_input == inp:
+        ring = prev.ring
+    else:
+        ring = ring_of(ring_in, ring_size, vip.hash)
+        ring.flags.writeable = False
+    return VipPart(vip, num, drained, down, local, ring_size, vip_key_record(*vip.key),
+                   vip_meta_record(vip.flag_bits, num), vip_addr_record(vip.address), tuple(tgts),
+                   none_up, inp, ring)
+
+
 def build_tables(
     cfg: Any,
     ids: Ids,
@@ -214,63 +273,53 @@ def build_tables(
 ) -> DesiredTables:
     """Desired contents for ``cfg`` (a validated lb.config.Config) numbered by ``ids``.
 
-    ``drained``/``down``: (VIP key, real address) pairs. Rings whose inputs equal those
-    of ``prev`` are reused, so a change rebuilds only the rings it touches. Raises
-    ValueError (from lb.maglev) if a ring cannot be built, e.g. more reals than slots;
-    KeyError if ``ids`` lacks a number (allocate first).
+    ``drained``/``down``: (VIP key, real address) pairs. What a VIP contributes is reused
+    from ``prev`` when the VIP (the same model object), its number, its drained and down
+    reals and the local addresses are unchanged, and its ring when its inputs are, so a
+    change costs what it touches. Real ids of a VIP that is unchanged are stable by
+    construction (:func:`control.ids.allocate`). Raises ValueError (from lb.maglev) if a
+    ring cannot be built, e.g. more reals than slots; KeyError if ``ids`` lacks a number
+    (allocate first).
     """
     s = cfg.settings
     if s.encap != "ipip":
         raise ValueError(f"settings.encap: {s.encap!r} is not implemented by the datapath yet (use ipip)")
     sizes = Sizes.of(s)
-    local = {str(ipaddress.ip_address(a)) for a in s.local_addresses}
+    local = frozenset(str(ipaddress.ip_address(a)) for a in s.local_addresses)
     drained_by: dict[VipKey, set[str]] = {}
     for key, addr in drained:
         drained_by.setdefault(key, set()).add(addr)
     down_by: dict[VipKey, set[str]] = {}
     for key, addr in down:
         down_by.setdefault(key, set()).add(addr)
+    none: frozenset[str] = frozenset()
+    prev_parts = prev.parts if prev is not None else {}
 
-    vips: dict[bytes, bytes] = {}
-    vip_addrs: set[bytes] = set()
-    reals: dict[int, bytes] = {}
-    rings: dict[int, np.ndarray] = {}
-    inputs: dict[int, tuple] = {}
-    targets: dict[VipKey, tuple[RealTarget, ...]] = {}
-    all_down: set[VipKey] = set()
+    parts: dict[VipKey, VipPart] = {}
     for vip in cfg.vips:
         key = vip.key
-        num = ids.vips[key]
-        vips[vip_key_record(*key)] = vip_meta_record(vip.flag_bits, num)
-        vip_addrs.add(vip_addr_record(vip.address))
-        tgts, none_up = effective_weights(vip, drained_by.get(key, ()), down_by.get(key, ()))
-        targets[key] = tuple(tgts)
-        if none_up:
-            all_down.add(key)
-        ring_in = []
-        for t in tgts:
-            rid = ids.reals[t.address]
-            if rid not in reals:
-                reals[rid] = real_record(t.address, t.address in local)
-            ring_in.append((t.address, t.effective, rid))
-        inp = (vip.hash, sizes.ring_size, tuple(ring_in))
-        inputs[num] = inp
-        if prev is not None and prev.ring_inputs.get(num) == inp:
-            rings[num] = prev.rings[num]
-        else:
-            ring = ring_for(ring_in, sizes.ring_size, vip.hash)
-            ring.flags.writeable = False
-            rings[num] = ring
+        parts[key] = _vip_part(vip, ids.vips[key], ids,
+                               frozenset(drained_by[key]) if key in drained_by else none,
+                               frozenset(down_by[key]) if key in down_by else none,
+                               local, sizes.ring_size, prev_parts.get(key))
+    # every real in use, whatever its weight (ids.reals holds exactly those)
+    if prev is not None and prev.ids is ids and prev.local == local:
+        reals = prev.reals
+    else:
+        reals = {rid: real_record(addr, addr in local) for addr, rid in ids.reals.items()}
     return DesiredTables(
         sizes=sizes,
-        vips=_frozen(vips),
-        vip_addrs=frozenset(vip_addrs),
+        vips=_frozen({p.key_rec: p.meta_rec for p in parts.values()}),
+        vip_addrs=frozenset(p.addr_rec for p in parts.values()),
         reals=_frozen(reals),
         ctl=ctl_record(s.gateway_mac, s.max_frame_size),
-        rings=_frozen(rings),
-        ring_inputs=_frozen(inputs),
-        vip_nums=_frozen({v.key: ids.vips[v.key] for v in cfg.vips}),
-        real_ids=_frozen({a: ids.reals[a] for v in cfg.vips for a in (r.address for r in v.reals)}),
-        targets=_frozen(targets),
-        all_down=frozenset(all_down),
+        rings=_frozen({p.num: p.ring for p in parts.values()}),
+        ring_inputs=_frozen({p.num: p.ring_input for p in parts.values()}),
+        vip_nums=_frozen({k: p.num for k, p in parts.items()}),
+        real_ids=_frozen(ids.reals),
+        targets=_frozen({k: p.targets for k, p in parts.items()}),
+        all_down=frozenset(k for k, p in parts.items() if p.all_down),
+        parts=_frozen(parts),
+        ids=ids,
+        local=local,
     )

@@ -279,8 +279,8 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
         b.set_mac(LB_MAC)
         try:
             # veth delivers XDP_TX'd frames only to a peer whose NAPI runs: an XDP_PASS on `a`
-            passer = BPF(text="int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
-            _setns_call(ns.name, BPF.attach_xdp, a.name, passer.load_func("pass_all", BPF.XDP), 1 << 2)
+            passer = BPF(text=b"int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
+            _setns_call(ns.name, BPF.attach_xdp, a.name.encode(), passer.load_func(b"pass_all", BPF.XDP), 1 << 2)
             cfg = {"settings": small_settings(ring_size=1009), "vips": [vip_dict(0, [0, 1, 2])]}
             d = Daemon(tmp_path, "--pin-dir", pin_dir, interface=b.name, datapath="xdp", config=cfg,
                        netns=None)

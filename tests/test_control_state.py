@@ -67,11 +67,12 @@ def test_crash_while_writing_keeps_the_previous_state(tmp_path, monkeypatch) -> 
     store.save(old)
     real_write = os.write
 
-    def half(fd, data):
-        real_write(fd, bytes(data[: len(data) // 2]))
+    def half(fd, chunks):
+        data = b"".join(chunks)
+        real_write(fd, data[: len(data) // 2])
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(os, "write", half)
+    monkeypatch.setattr(os, "writev", half)
     with pytest.raises(OSError):
         store.save(DesiredState(old.config, old.ids, frozenset(), 99))
     monkeypatch.undo()
