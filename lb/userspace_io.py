@@ -1,13 +1,14 @@
-"""The userspace datapath on a real interface: AF_PACKET rings in, numba datapath, rings out.
+"""The userspace datapath on a real interface: AF_PACKET ring in, numba datapath, frames out.
 
 ``--datapath userspace`` for hosts (or labs) without XDP. :class:`UserspaceBalancer` runs
 :func:`lb.datapath.process_batch` over batches of frames read from a TPACKET_V3 ring
 (lb/afpacket.py) on the balancer's interface and sends every XDP_TX output frame back out
 of the same interface (on a stick, as XDP_TX does). The whole loop — read a batch, take
-the clock, process it, fill the TX ring, ``send()``, ``poll()`` when idle — is one numba
-function compiled with ``nogil=True`` (it calls poll/send/sendmmsg/clock_gettime from
-libc itself): the thread holds the GIL only to start it and when it hands back control (stop,
-table update), so Python threads beside it are not slowed, nor slow it.
+the clock, process it, ``sendmmsg()`` the output (or fill a TX ring and ``send()``),
+``poll()`` when idle — is one numba function compiled with ``nogil=True`` that calls
+poll/send/sendmmsg/clock_gettime itself: the thread holds the GIL only to start it and
+when it hands back control (stop, table update), so Python threads beside it neither slow
+it nor are slowed by it.
 
 How it differs from XDP, and what is done about it
 --------------------------------------------------
@@ -406,16 +407,20 @@ class UserspaceBalancer:
     (a name under /run/netns, a :class:`netns.ns.Netns`, or None: this namespace).
 
     ``batch``: frames per process_batch call. ``cpu``: pin the loop thread there.
-    ``tx_mode``: "ring" (TPACKET_V3 TX ring, the default: measured faster here, see
-    bench/bench_userspace_io.py) or "sendmmsg". ``guard``: "tc" (default; see the module
-    doc) or "none". ``ring_kw``: extra :class:`lb.afpacket.PacketSocket` arguments
+    ``tx_mode``: "sendmmsg" (the default: one sendmmsg(2) per batch, frames copied into
+    linear skbs) or "ring" (TPACKET_V3 TX ring, zero-copy: skbs point into the ring).
+    Measured with bench/bench_userspace_io.py on veth, sendmmsg cost the balancer's CPU
+    as much or less per frame in every placement (a veth peer has to linearize the ring's
+    skbs; the copy of a small frame is cheaper than that), and a frame the device cannot
+    take is dropped and counted at once instead of holding a slot. ``guard``: "tc"
+    (default; see the module doc) or "none". ``ring_kw``: extra :class:`lb.afpacket.PacketSocket` arguments
     (block_size, block_count, tx_frames, qdisc_bypass, ...).
 
     Thread-safe: start/stop/stats/update_tables may be called from any thread.
     """
 
     def __init__(self, tables: DatapathTables, ifname: str, netns: Any = None, batch: int = 256, *,
-                 cpu: int | None = None, tx_mode: str = "ring", guard: str = "tc",
+                 cpu: int | None = None, tx_mode: str = "sendmmsg", guard: str = "tc",
                  poll_ms: int = 100, **ring_kw: Any):
         if batch < 1:
             raise ValueError("batch must be >= 1")
@@ -706,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--netns", default=None, help="network namespace of the interface (/run/netns name)")
     ap.add_argument("--batch", type=int, default=256, help="frames per datapath call")
     ap.add_argument("--cpu", type=int, default=None, help="pin the datapath loop to this CPU")
-    ap.add_argument("--tx-mode", choices=("ring", "sendmmsg"), default="ring")
+    ap.add_argument("--tx-mode", choices=("ring", "sendmmsg"), default="sendmmsg")
     ap.add_argument("--guard", choices=("tc", "none"), default="tc",
                     help="tc: drop VIP-addressed originals before the host stack (default)")
     ap.add_argument("--stats-interval", type=float, default=0.0,
