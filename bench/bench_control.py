@@ -171,7 +171,8 @@ def main() -> None:
          f"{rec['writes']['ring_slots']:,} slots, {rec['writes']['reals']} reals, {state_mb:.1f} MB state"],
         ["cold start total", f"{t_parse + t_load + t_open:.2f} s", ""],
         ["restart onto populated maps (adopt)", f"{t_adopt:.2f} s", "0 writes"],
-        ["weight change -> ring visible", f"{med(ring_ms)} ms", f"p90 {p90(ring_ms)} ms, median {int(statistics.median(slots))} slots"],
+        ["weight change -> ring visible", f"{med(ring_ms)} ms",
+         f"p90 {p90(ring_ms)} ms, median {int(statistics.median(slots))} slots"],
         ["weight change -> acknowledged (state saved)", f"{med(ack_ms)} ms", f"p90 {p90(ack_ms)} ms"],
         ["weight change via HTTP API -> response", f"{med(api_ms)} ms", f"p90 {p90(api_ms)} ms"],
     ]

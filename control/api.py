@@ -28,14 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from lb.config import Config, Real, Vip
-
 from control.errors import ControlError, Invalid
 from control.flows import FlowQuery, flow_frame
 from control.healthcheck import HealthCheck
 from control.metrics import CONTENT_TYPE, Metrics
 from control.service import Controller, parse_real_address, parse_vip_key
 from control.tables import vip_label
+from lb.config import Config, Real, Vip
 
 __all__ = ["create_app", "API_VERSION"]
 

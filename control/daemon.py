@@ -139,8 +139,6 @@ def _setup_logging(level: str) -> None:
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """Everything up to serving: state, datapath, controller, app. StartupError on failure."""
-    from lb.config import ConfigError, load_config
-
     from control.api import create_app
     from control.datapaths import UserspacePort, XdpPort
     from control.health import DirectProber, HealthRunner, plain_socket
@@ -148,6 +146,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from control.service import Controller, extra_checks
     from control.state import StateError, StateLocked, Store
     from control.tables import Sizes
+    from lb.config import ConfigError, load_config
 
     token = None
     listen = None

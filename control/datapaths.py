@@ -22,10 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from lb import constants as C
-from lb import layout
-from lb.state import DatapathTables
-
 from control.reconcile import (
     DeleteVip,
     DeleteVipAddr,
@@ -38,6 +34,9 @@ from control.reconcile import (
     WriteRing,
 )
 from control.tables import Sizes
+from lb import constants as C
+from lb import layout
+from lb.state import DatapathTables
 
 __all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "XdpPort"]
 
@@ -275,7 +274,7 @@ class XdpPort:
     def conn_entries(self, limit: int) -> list[ConnEntry]:
         keys, values = self.bal.conn_table_entries()
         out = []
-        for k, v in zip(keys[:limit], values[:limit]):
+        for k, v in zip(keys[:limit], values[:limit], strict=True):
             fam = int(k["family"])
             out.append(ConnEntry(_addr(k["src"], fam), _addr(k["dst"], fam), int(k["sport"]),
                                  int(k["dport"]), _PROTO.get(int(k["proto"]), str(int(k["proto"]))),

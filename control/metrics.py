@@ -34,10 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lb import constants as C
-
 from control.health import ProbeDone, TargetKey
 from control.tables import vip_label
+from lb import constants as C
 
 __all__ = ["Metrics", "CONTENT_TYPE"]
 

@@ -28,9 +28,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lb import constants as C
-from lb.config import Config, ConfigError, config_to_dict, dump_config_yaml, parse_config
-
 from control.datapaths import ConnEntry
 from control.errors import Conflict, DatapathFailure, Invalid, NotFound, PersistFailure, PreconditionFailed
 from control.health import Target, TargetKey, target_label
@@ -38,6 +35,8 @@ from control.ids import EMPTY, AllocationError, allocate
 from control.reconcile import ApplyError, DatapathPort, RollbackError, apply, plan
 from control.state import DesiredState, StateError, Store, config_digest
 from control.tables import DesiredTables, Sizes, build_tables, vip_label
+from lb import constants as C
+from lb.config import Config, ConfigError, config_to_dict, dump_config_yaml, parse_config
 
 __all__ = ["Controller", "parse_vip_key", "parse_real_address", "extra_checks"]
 

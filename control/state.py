@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lb.config import Config, ConfigError, config_to_dict, parse_config
-
 from control.ids import Ids, VipKey
+from lb.config import Config, ConfigError, config_to_dict, parse_config
 
 __all__ = ["DesiredState", "Store", "StateError", "StateLocked", "atomic_write", "config_digest",
            "STATE_FORMAT"]

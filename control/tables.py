@@ -28,13 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from control.ids import Ids, VipKey
 from lb import constants as C
 from lb import layout
-from lb.state import PROTOCOLS, DatapathTables, addr16, mac_bytes
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
-
-from control.ids import Ids, VipKey
+from lb.state import PROTOCOLS, DatapathTables, addr16, mac_bytes
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
            "vip_key_record", "real_record", "vip_label"]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_control_daemon import REPO, Daemon
 
-from control.testing import real_addr, vip_dict
+from control.testing import real_addr
 from lb.cli import main
 
 

@@ -132,7 +132,7 @@ def test_sigkill_during_changes_loses_no_acknowledged_change(tmp_path, daemons) 
         in_flight: list[tuple[str, object]] = []
         stop = threading.Event()
 
-        def work() -> None:
+        def work(stop=stop, acked=acked, in_flight=in_flight) -> None:  # this round's
             nonlocal next_vip
             with d.client() as c:
                 while not stop.is_set():

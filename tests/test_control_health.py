@@ -62,7 +62,7 @@ def test_table_covers_every_state_and_outcome() -> None:
 def test_fall_then_rise_on_a_fake_clock() -> None:
     m = Machine(target(), next_due=0.0)
     t = 0.0
-    for i in range(2):
+    for _ in range(2):
         assert transitions(drive(m, t, FAIL)) == []
         t += 2
     ev = drive(m, t, FAIL)  # the 3rd consecutive failure
@@ -137,7 +137,7 @@ def hc_vip(reals, on_all_down="fail_open"):
 
 def test_effective_weights() -> None:
     vip = hc_vip([(0, 1), (1, 2), (2, 0)])
-    a, b, c = real_addr(0), real_addr(1), real_addr(2)
+    a, b = real_addr(0), real_addr(1)
     t, all_down = effective_weights(vip, drained={b}, down={a})
     assert [(x.drained, x.up) for x in t] == [(False, False), (True, True), (False, True)]
     assert all_down  # a (down) was the only real that would take traffic: fail open keeps it

@@ -125,7 +125,7 @@ def test_allocation_sequences_keep_numbers_and_stay_consistent(real_sets, vip_se
     """Through any sequence of configs: a VIP/real present in two consecutive states keeps
     its number; numbers are unique and in range; no id is reused while a fresh one exists."""
     ids = EMPTY
-    for reals, vips in zip(real_sets, vip_sets):
+    for reals, vips in zip(real_sets, vip_sets, strict=False):
         keys = [("198.18.100.1", 1000 + v, "tcp") for v in vips]
         addrs = [real_addr(r) for r in reals]
         new = allocate(ids, keys, addrs, max_vips=8, max_reals=12)

@@ -26,7 +26,7 @@ from control.reconcile import (
     plan,
 )
 from control.service import Controller
-from control.state import DesiredState, Store
+from control.state import Store
 from control.tables import EMPTY_REAL, Sizes, build_tables
 from control.testing import check_live_consistency, make_config, real_addr, vip_dict
 from lb.config import ConfigError, parse_config
