@@ -51,10 +51,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Self
 
 STATE_DIR = "/run/lb-lab"
 BPFFS = "/sys/fs/bpf"
@@ -150,7 +149,7 @@ def _ip_batch(ns: str | None, commands: Sequence[str], what: str) -> None:
         return
     argv = ["ip"] + (["-n", ns] if ns else []) + ["-batch", "-"]
     r = subprocess.run(argv, input="\n".join(commands) + "\n", capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, check=False)
     if r.returncode != 0:
         raise LabError(f"{what}: ip -batch failed in {ns or 'the root namespace'}: "
                        f"{(r.stderr or r.stdout).strip()}")
@@ -158,7 +157,7 @@ def _ip_batch(ns: str | None, commands: Sequence[str], what: str) -> None:
 
 def _links_json(ns: str) -> list[dict]:
     r = subprocess.run(["ip", "-n", ns, "-j", "link", "show"], capture_output=True, text=True,
-                       timeout=30)
+                       timeout=30, check=False)
     if r.returncode != 0:
         raise LabError(f"listing links in {ns}: {r.stderr.strip()}")
     return json.loads(r.stdout or "[]")
@@ -220,7 +219,8 @@ def process_alive(entry: Mapping[str, Any]) -> bool:
 
 
 def _netns_pids(ns: str) -> list[int]:
-    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30,
+                       check=False)
     return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
 
 
@@ -809,7 +809,7 @@ class Lab:
 
     # ---- build -----------------------------------------------------------------------------
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         self.build()
         return self
 
@@ -1206,13 +1206,13 @@ class Lab:
             for name, b in list(self._backends.items()):
                 try:
                     b.close()
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - keep tearing down, report it
                     errors.append(f"closing balancer {name}: {e}")
             self._backends.clear()
             if self._decap is not None:
                 try:
                     self._decap.close()
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - keep tearing down, report it
                     errors.append(f"closing the decap program: {e}")
                 self._decap = None
             errors += teardown_state(self.state, self.state_path)
@@ -1249,7 +1249,8 @@ def teardown_state(state: dict[str, Any], state_path: str | None = None) -> list
     # 2. namespaces: every link has one end in the router, so they all go with them
     existing = [ns for ns in state.get("namespaces", []) if os.path.exists(f"/run/netns/{ns}")]
     for ns in existing:
-        r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30,
+                           check=False)
         if r.returncode != 0 and os.path.exists(f"/run/netns/{ns}"):
             errors.append(f"deleting namespace {ns}: {r.stderr.strip()}")
     # 3. pinned maps
@@ -1320,7 +1321,8 @@ def leftovers(state: Mapping[str, Any], state_path: str | None = None) -> list[s
     out = []
     name = state["name"]
     out += [f"namespace {ns}" for ns in state.get("namespaces", []) if os.path.exists(f"/run/netns/{ns}")]
-    r = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, timeout=30,
+                       check=False)
     out += [f"link {link['ifname']}" for link in json.loads(r.stdout or "[]")
             if link.get("ifname", "").startswith(name)]
     if state.get("pin_root") and os.path.lexists(state["pin_root"]):

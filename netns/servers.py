@@ -44,6 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 ADMIN_PORT = 8080
 HTTP_HEAD_LIMIT = 16 * 1024  # longest request head accepted
@@ -263,7 +264,7 @@ async def _one_request(host: str, port: int, sport: int | None, timeout: float, 
         ident = parse_ident(data[head_end + 4:].decode())
         blen = int(ident["len"]) if "len" in ident else None
         return HttpResult(got_port, ident.get("real"), ident.get("addr"), None, blen)
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError) as e:
         return HttpResult(got_port or (sport or 0), None, None, f"{type(e).__name__}: {e}")
     finally:
         if sock is not None:
@@ -335,7 +336,7 @@ class KeepAliveClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> KeepAliveClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
