@@ -206,12 +206,12 @@ def test_full_size_segments_cross_the_tunnel(lab, family):
 def test_weights_shape_the_distribution(lab, capsys):
     """Weights 1:2 (r3 out): r2 gets twice r1's flows. The ring gives r2 exactly 2/3 of
     its slots (Maglev V2); which slot a flow hits is a hash of its source port, so the
-    observed share is binomial around the ring share: with 1200 flows per family
-    sigma = sqrt(p(1-p)/n) = 1.4 points, and the 5-point tolerance is 3.7 sigma
-    (a false alarm about once in 10,000 runs). The exact check is the other one: every
-    flow is on the real Katran's hash picks."""
+    observed share is binomial around the ring share: with 2000 flows per family
+    sigma = sqrt(p(1-p)/n) = 1.05 points, and the 5-point tolerance is 4.7 sigma
+    (a false alarm about once in 400,000 checks). The exact check is the other one:
+    every flow is on the real Katran's hash picks."""
     lab.set_weights({"r1": 1, "r2": 2})
-    n = 1200
+    n = 2000
     for family in (4, 6):
         vip = vip_of(family)
         res = http_requests(lab.client().ns, vip, HTTP_PORT, n=n, concurrency=32)
