@@ -8,7 +8,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	@.venv/bin/lbctl demo
+	@.venv/bin/lbctl lab demo
 
 test: setup
 	@$(PY) -m pytest -q
