@@ -16,6 +16,7 @@ a previous daemon.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,9 @@ class ConnEntry:
 
 
 class MemoryPort:
-    """Tables in memory. ``fail`` (a predicate on an op) makes :meth:`apply` raise, to
-    test rollback; ``writes`` counts the ops applied."""
+    """Tables in memory, with the BPF maps' limits (the VIP hash maps refuse a new key
+    beyond max_vips entries). ``fail`` (a predicate on an op) makes :meth:`apply` raise,
+    to test rollback; ``writes`` lists the ops applied."""
 
     kind = "memory"
 
@@ -114,10 +116,14 @@ class MemoryPort:
         elif isinstance(op, WriteRing):
             self.rings[op.vip_num, op.slots] = op.new
         elif isinstance(op, PutVipAddr):
+            if op.key not in self.addrs and len(self.addrs) >= self.sizes.max_vips:
+                raise OSError(errno.E2BIG, "vip_addrs is full")  # as the kernel's hash map
             self.addrs.add(op.key)
         elif isinstance(op, DeleteVipAddr):
             self.addrs.discard(op.key)
         elif isinstance(op, PutVip):
+            if op.key not in self.vips and len(self.vips) >= self.sizes.max_vips:
+                raise OSError(errno.E2BIG, "vip_map is full")
             self.vips[op.key] = op.new
         elif isinstance(op, DeleteVip):
             self.vips.pop(op.key, None)

@@ -10,11 +10,17 @@ performs a plan on a :class:`DatapathPort` as one unit: if a write fails, the wr
 already made are undone in reverse order and :class:`ApplyError` is raised, leaving the
 datapath as it was.
 
-The order keeps a live datapath consistent at every step: real entries before the rings
-that name them, rings before the VIP entries that lead to them, VIP deletions before the
-real entries only they used are cleared. Between two writes a packet sees either the old
-or the new value of each slot, never a VIP without its ring or a ring slot naming an
-empty real.
+The order keeps a live datapath consistent at every step and within the maps' sizes:
+VIPs that go (and addresses only they used) first — the VIP hash maps hold max_vips
+entries, so adding before deleting could overflow them, and a VIP number handed to a new
+VIP must not be reachable through the old one while its ring is rewritten —; then real
+entries before the rings that name them, rings before the VIP entries that lead to them,
+and last the real entries no ring names any more. Between two writes a packet sees
+either the old or the new value of each slot, never a VIP without its address entry or
+a ring slot naming an empty real. (One exception, only when every real id has been used
+once: an id freed and handed to a new real in the same change names the new real before
+the old VIP rings are rewritten; the allocator reuses the id freed longest ago to make
+that rare.)
 
 :func:`plan` is pure given the view; :func:`apply` does the I/O through the port.
 """
@@ -219,7 +225,15 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
     cur_reals = view.real_entries()
     ops: list[Op] = []
 
-    # 1. real entries that are new or changed (before any ring names them)
+    # 1. VIPs that go, and addresses no remaining VIP uses: first, so the hash maps (sized
+    #    max_vips) never hold old and new entries at once, and a VIP number given to a new
+    #    VIP below is no longer reachable through the old one
+    for key in sorted(set(cur_vips) - set(desired.vips)):
+        ops.append(DeleteVip(key, cur_vips[key]))
+    for key in sorted(cur_addrs - desired.vip_addrs):
+        ops.append(DeleteVipAddr(key))
+
+    # 2. real entries that are new or changed (before any ring names them)
     for rid, rec in desired.reals.items():
         old = cur_reals.get(rid, EMPTY_REAL)
         if old != rec:
@@ -227,12 +241,12 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
                 ops.append(ResetCounters("real", rid))
             ops.append(WriteReal(rid, rec, old))
 
-    # 2. control record
+    # 3. control record
     old_ctl = view.ctl_entry()
     if old_ctl != desired.ctl:
         ops.append(WriteCtl(desired.ctl, old_ctl))
 
-    # 3. ring slots
+    # 4. ring slots
     nums = sorted(desired.rings) if ring_nums is None else sorted(set(ring_nums) & set(desired.rings))
     for num in nums:
         want = desired.rings[num]
@@ -241,7 +255,7 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
         if diff.size:
             ops.append(WriteRing(num, diff, want[diff].copy(), have[diff].copy()))
 
-    # 4. VIP addresses, then VIP entries (a new VIP appears once its ring is in place)
+    # 5. VIP addresses, then VIP entries (a new VIP appears once its ring is in place)
     for key in sorted(desired.vip_addrs - cur_addrs):
         ops.append(PutVipAddr(key))
     for key, meta in desired.vips.items():
@@ -251,11 +265,7 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
                 ops.append(ResetCounters("vip", _meta_num(meta)))
             ops.append(PutVip(key, meta, old))
 
-    # 5. deletions: VIPs, addresses no VIP uses, then real entries no ring names
-    for key in sorted(set(cur_vips) - set(desired.vips)):
-        ops.append(DeleteVip(key, cur_vips[key]))
-    for key in sorted(cur_addrs - desired.vip_addrs):
-        ops.append(DeleteVipAddr(key))
+    # 6. real entries no ring names any more
     for rid in sorted(set(cur_reals) - set(desired.reals)):
         ops.append(WriteReal(rid, EMPTY_REAL, cur_reals[rid]))
     return Plan(tuple(ops), rings_checked=len(nums))

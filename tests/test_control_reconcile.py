@@ -376,3 +376,19 @@ def test_userspace_port_follows_changes() -> None:
     syn = port.dp.process_frames([frame], now=1)  # a SYN re-hashes: the drained real gets no new flow
     assert c.state.ids.reals[other] == int(syn.real_ids[0])
     assert port.read_stats().vip[0, 0] == 2
+
+
+def test_a_full_vip_table_can_be_replaced() -> None:
+    """8 VIPs (max_vips) replaced by 8 others in one change: the maps, which hold at most
+    max_vips entries as the kernel's hash maps do, never need more."""
+    a = make_config([vip_dict(i, [i]) for i in range(8)])
+    b = make_config([vip_dict(i, [i], v6=True) for i in range(8)])
+    desired, ids = tables_for(a)
+    port = CheckingPort(Sizes.of(a.settings))
+    apply(plan(port, desired), port)
+    d2, ids2 = tables_for(b, ids, prev=desired)
+    p = plan(port, d2)
+    kinds = [type(op).__name__ for op in p.ops]
+    assert kinds.index("PutVip") > max(i for i, k in enumerate(kinds) if k in ("DeleteVip", "DeleteVipAddr"))
+    apply(p, port)
+    assert plan(port, d2).empty and ids2.vips == {v.key: i for i, v in enumerate(b.vips)}

@@ -1,0 +1,146 @@
+"""The XDP port against the in-memory one: the same plans leave the BPF maps holding
+exactly what the MemoryPort holds (records, rings), rollback included, and a frame run
+through the program goes where the desired tables say."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control.datapaths import MemoryPort, XdpPort
+from control.ids import EMPTY, allocate
+from control.reconcile import ApplyError, PutVip, apply, plan
+from control.tables import Sizes, build_tables
+from control.testing import make_config, real_addr, vip_dict
+
+pytestmark = [pytest.mark.bpf, pytest.mark.root]
+
+if os.geteuid() != 0:  # pragma: no cover
+    pytest.skip("loading XDP programs needs root", allow_module_level=True)
+
+SIZES = Sizes(ring_size=13, max_vips=8, max_reals=32, conn_table_size=64)
+
+
+@pytest.fixture(scope="module")
+def bal():
+    from lb.bpf_loader import XdpBalancer
+
+    b = XdpBalancer(SIZES.ring_size, SIZES.max_vips, SIZES.max_reals, SIZES.conn_table_size)
+    yield b
+    b.close()
+
+
+def contents(port) -> tuple:
+    rings = np.stack([port.ring(n) for n in range(SIZES.max_vips)])
+    return (port.vip_entries(), port.vip_addr_entries(), port.real_entries(), port.ctl_entry(), rings.tobytes())
+
+
+def tables_for(cfg, ids, prev=None):
+    s = cfg.settings
+    ids = allocate(ids, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
+                   s.max_vips, s.max_reals)
+    return build_tables(cfg, ids, prev=prev), ids
+
+
+def _reset(bal) -> XdpPort:
+    """Empty the maps (the module shares one program)."""
+    port = XdpPort(bal)
+    empty = MemoryPort(SIZES)
+    for n in range(SIZES.max_vips):
+        bal.update_ring(n, np.zeros(SIZES.ring_size, dtype=np.uint32))
+    from control.reconcile import DeleteVip, DeleteVipAddr, WriteCtl, WriteReal
+    from control.tables import EMPTY_REAL
+
+    port.apply(WriteCtl(empty.ctl_entry(), port.ctl_entry()))
+    for k, m in port.vip_entries().items():
+        port.apply(DeleteVip(k, m))
+    for k in port.vip_addr_entries():
+        port.apply(DeleteVipAddr(k))
+    for rid, rec in port.real_entries().items():
+        port.apply(WriteReal(rid, EMPTY_REAL, rec))
+    assert contents(port) == contents(empty)
+    return port
+
+
+@st.composite
+def transitions(draw):
+    def one():
+        vips = []
+        for i in draw(st.lists(st.integers(0, 6), unique=True, max_size=6)):
+            reals = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 3)), max_size=5,
+                                  unique_by=lambda t: t[0]))
+            vips.append(vip_dict(i, reals, v6=draw(st.booleans()), protocol=draw(st.sampled_from(["tcp", "udp"]))))
+        return make_config(vips, gateway_mac=draw(st.sampled_from(["00:00:5e:00:53:01", "02:00:00:00:00:09"])))
+
+    return [one() for _ in range(draw(st.integers(2, 5)))]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(transitions())
+def test_same_plans_same_maps(bal, configs) -> None:
+    xdp = _reset(bal)
+    mem = MemoryPort(SIZES)
+    ids, prev = EMPTY, None
+    for cfg in configs:
+        desired, ids = tables_for(cfg, ids, prev)
+        p_mem, p_xdp = plan(mem, desired), plan(xdp, desired)
+        assert p_mem.summary() == p_xdp.summary()
+        apply(p_mem, mem)
+        apply(p_xdp, xdp)
+        assert contents(xdp) == contents(mem)
+        assert plan(xdp, desired).empty
+        prev = desired
+
+
+def test_rollback_on_the_maps(bal) -> None:
+    xdp = _reset(bal)
+    cfg = make_config([vip_dict(0, [0, 1])])
+    desired, ids = tables_for(cfg, EMPTY)
+    apply(plan(xdp, desired), xdp)
+    before = contents(xdp)
+    cfg2 = make_config([vip_dict(0, [0, (1, 3), 2]), vip_dict(1, [3, 4], v6=True)])
+    d2, _ = tables_for(cfg2, ids)
+
+    class Failing(XdpPort):
+        def apply(self, op):
+            if isinstance(op, PutVip) and op.old is None:
+                raise OSError(28, "injected: map full")
+            super().apply(op)
+
+    with pytest.raises(ApplyError, match="undone"):
+        apply(plan(xdp, d2), Failing(bal))
+    assert contents(xdp) == before
+
+
+def test_a_frame_follows_the_tables(bal) -> None:
+    from control.flows import FlowQuery, flow_frame
+    from lb.bpf_testrun import test_run
+
+    xdp = _reset(bal)
+    cfg = make_config([vip_dict(0, [0, 1, 2])])
+    desired, ids = tables_for(cfg, EMPTY)
+    apply(plan(xdp, desired), xdp)
+    bal.clear_conn_table()
+    seen = set()
+    for sport in range(1000, 1040):
+        frame = flow_frame(FlowQuery(src="198.18.0.9", dst="198.18.100.1", sport=sport, dport=80, protocol="tcp"))
+        action, out, _ = test_run(bal.prog_fd, frame)
+        assert action == 3  # XDP_TX
+        seen.add(str(__import__("ipaddress").IPv4Address(out[30:34])))
+    assert seen == {real_addr(0), real_addr(1), real_addr(2)}
+    # drain real 1 through the tables: new flows avoid it, the VIP's counters kept
+    cfg2 = make_config([vip_dict(0, [0, (1, 0), 2])])
+    d2, _ = tables_for(cfg2, ids, desired)
+    p = plan(xdp, d2, ring_nums=[0])
+    assert [type(op).__name__ for op in p.ops] == ["WriteRing"]
+    apply(p, xdp)
+    for sport in range(2000, 2040):
+        frame = flow_frame(FlowQuery(src="198.18.0.9", dst="198.18.100.1", sport=sport, dport=80, protocol="tcp"))
+        _, out, _ = test_run(bal.prog_fd, frame)
+        assert str(__import__("ipaddress").IPv4Address(out[30:34])) != real_addr(1)
+    assert xdp.read_stats().vip[0, 0] == 80
