@@ -127,6 +127,12 @@ def _sys_sendmmsg(typingctx, fd, msgvec, vlen, flags):
 
 
 @intrinsic
+def _sys_getsockopt(typingctx, fd, level, optname, optval, optlen):
+    """int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)"""
+    return _I64(_I64, _I64, _I64, _I64, _I64), _libc_codegen("getsockopt", 32, (32, 32, 32, 64, 64))
+
+
+@intrinsic
 def _sys_errno(typingctx):
     """errno of this thread (*__errno_location())"""
 
@@ -147,14 +153,15 @@ def _sys_clock_gettime(typingctx, clock_id, tp):
 CLOCK_MONOTONIC = 1  # the clock of bpf_ktime_get_ns, and of time.monotonic_ns()
 MSG_DONTWAIT = 0x40
 EAGAIN, ENOBUFS = 11, 105
-POLLIN = 0x1
+SOL_SOCKET, SO_ERROR = 1, 4
+POLLIN, POLLERR, POLLHUP, POLLNVAL = 0x1, 0x8, 0x10, 0x20
 TX_RING, TX_SENDMMSG = 0, 1
 
 # ctl slots (written by Python, read by the loop between batches)
 CTL_STOP, CTL_RELOAD, CTL_POLL_MS, CTL_TX_MAX_LEN = 0, 1, 2, 3
 # loop counters
-LOOP_COUNTERS = ("batches", "polls", "send_retries")
-L_BATCHES, L_POLLS, L_RETRIES = 0, 1, 2
+LOOP_COUNTERS = ("batches", "polls", "send_retries", "socket_errors")
+L_BATCHES, L_POLLS, L_RETRIES, L_SOCK_ERRORS = 0, 1, 2, 3
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -177,6 +184,7 @@ def _run(  # the loop's whole state, passed once per start/reload
     """Until ctl[CTL_STOP] or ctl[CTL_RELOAD] is set: drain a batch, process it, send the
     TX frames; poll when there is nothing to read. Runs without the GIL."""
     retry = False
+    errs = 0  # socket errors in a row
     out_addr = outs.ctypes.data
     out_stride = outs.strides[0]
     while ctl[CTL_STOP] == 0 and ctl[CTL_RELOAD] == 0:
@@ -193,6 +201,19 @@ def _run(  # the loop's whole state, passed once per start/reload
             pollfds[1, 1] = POLLIN
             _sys_poll(pollfds.ctypes.data, 2, 1 if retry else ctl[CTL_POLL_MS])
             loop[L_POLLS] += 1
+            if (pollfds[0, 1] >> 16) & (POLLERR | POLLHUP | POLLNVAL):
+                # The socket reports an error (its interface went down, ENETDOWN): read it
+                # (SO_ERROR clears it; until then poll() keeps returning at once). Should
+                # errors keep coming, wait on the wake-up fd alone rather than spin.
+                loop[L_SOCK_ERRORS] += 1
+                errs += 1
+                pollfds[2, 1] = 4
+                _sys_getsockopt(fd, SOL_SOCKET, SO_ERROR, pollfds.ctypes.data + 16, pollfds.ctypes.data + 20)
+                if errs > 3:
+                    pollfds[1, 1] = POLLIN
+                    _sys_poll(pollfds.ctypes.data + 8, 1, ctl[CTL_POLL_MS])
+            else:
+                errs = 0
             continue
         _sys_clock_gettime(CLOCK_MONOTONIC, ts.ctypes.data)
         now = ts[0] * 1_000_000_000 + ts[1]
@@ -475,7 +496,9 @@ class UserspaceBalancer:
                               tx_mode=self.tx_mode, **self.ring_kw)
         self.ctl[CTL_TX_MAX_LEN] = self.sock.tx_max_len
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.pollfds = np.array([[self.sock.fileno(), POLLIN], [self._wake_fd, POLLIN]], dtype=np.int32)
+        # struct pollfd[2] (fd, events | revents << 16), then [SO_ERROR value, its length]
+        self.pollfds = np.array([[self.sock.fileno(), POLLIN], [self._wake_fd, POLLIN], [0, 4]],
+                                dtype=np.int32)
         self.ts = np.zeros(2, dtype=np.int64)
         self._alloc_batch()
         if self.guard_mode == "tc":

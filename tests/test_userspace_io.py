@@ -436,6 +436,43 @@ def test_update_tables_when_stopped_and_restart_refused(pair: Pair) -> None:
 
 
 @netns_test
+def test_link_flap(pair: Pair) -> None:
+    """Interface down and up again under a running loop: frames flow again at once."""
+    frame = pair.frame(IP(src=CLIENT, dst=VIP4) / TCP(sport=5, dport=80, flags="S"))
+    cap = pair.capture()
+    with UserspaceBalancer(pair.tables, pair.b.name, pair.bns) as bal:
+        pair.b.down()
+        time.sleep(0.3)
+        pair.b.up()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        pair.send([frame] * 20)
+        got = received(cap, 20, timeout=3.0, settle=0.1)
+        took = time.monotonic() - t0
+        stats = bal.stats()
+    assert len(got) == 20 and took < 1.5, (len(got), took)
+    assert stats["loop_socket_errors"] >= 1
+
+
+@netns_test
+def test_interface_going_away_does_not_spin(pair: Pair) -> None:
+    """The balancer's interface goes down, then is deleted, under a running loop: the loop
+    waits instead of spinning on the socket error, and stop() is still clean."""
+    with UserspaceBalancer(pair.tables, pair.b.name, pair.bns, poll_ms=50) as bal:
+        pair.b.down()
+        time.sleep(0.3)
+        with pair.bns.ipr() as ipr:
+            ipr.link("del", ifname=pair.b.name)
+        cpu0, t0 = bal.loop_cpu_seconds(), time.monotonic()
+        time.sleep(1.0)
+        busy = (bal.loop_cpu_seconds() - cpu0) / (time.monotonic() - t0)
+        polls = bal.stats()["loop_polls"]
+    assert busy < 0.2, busy
+    assert polls < 200
+    assert not lb_threads()
+
+
+@netns_test
 def test_two_balancers_share_nothing(pair: Pair) -> None:
     """Two instances in one process (two links): each its own socket, thread, tables."""
     _c, d = pair.lab.veth(pair.cns, pair.bns, "lv", queues=1)
