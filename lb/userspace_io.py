@@ -35,6 +35,8 @@ kernel stack of the balancer host still receives the original of every frame:
   filtered, so ``pass_local`` frames reach the local service; the originals of frames the
   datapath encapsulates to the *other* reals then reach it too. ``stats()`` reports such
   addresses as ``guard_unfiltered_vips``; use XDP for local VIPs.
+  Frames dropped as malformed (rows 1/3/4) whatever their address reach the stack, which
+  drops them too.
 * The socket does not see frames the host itself sends (PACKET_IGNORE_OUTGOING), nor
   our own TX frames, as XDP does not.
 * A frame the sender left with a partial checksum (veth peers, CHECKSUM_PARTIAL) is
@@ -53,7 +55,7 @@ kernel stack of the balancer host still receives the original of every frame:
                                       + tx_busy + tx_rejected
       frames on the wire = tx_frames - tx_in_flight (ring slots not yet sent)
 
-Run as a process (what the lab does)::
+Run as a process::
 
     python -m lb.userspace_io --config FILE --interface IF [--netns NAME]
 
