@@ -10,7 +10,9 @@ Start-up, in order:
    their VIPs, rings, counters and connection table. Attaching replaces the program
    already on the interface in one step, so a restarted daemon never interrupts
    forwarding: the old program runs until the new one takes over, on the same maps.
-   ``userspace``: the numba datapath (no packet I/O; state, stats and ``simulate``);
+   ``userspace``: the numba datapath on an AF_PACKET socket of the interface (it lives in
+   this process: its connection table starts empty after a restart), or with
+   ``--no-packet-io`` without touching the interface (tests, dry runs);
 3. reconcile the datapath to the desired state (after a restart: zero writes if nothing
    changed while the daemon was down);
 4. serve the API on a Unix socket (mode 0600; its directory 0700) or, opt-in, on TCP with
@@ -140,7 +142,7 @@ def _setup_logging(level: str) -> None:
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """Everything up to serving: state, datapath, controller, app. StartupError on failure."""
     from control.api import create_app
-    from control.datapaths import UserspacePort, XdpPort
+    from control.datapaths import UserspaceIoPort, UserspacePort, XdpPort
     from control.health import DirectProber, HealthRunner, plain_socket
     from control.metrics import Metrics
     from control.service import Controller, extra_checks
@@ -205,8 +207,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         log.info("XDP program loaded in %.1f s, maps %s %s", time.monotonic() - t0,
                  "adopted from" if adopting else "pinned under", pin_dir)
         port: Any = XdpPort(bal)
-    else:
+    elif args.no_packet_io:
         port = UserspacePort(sizes)
+    else:
+        try:
+            port = UserspaceIoPort(sizes, args.interface, args.netns)
+        except (OSError, ImportError, ValueError) as e:
+            raise StartupError(f"the userspace datapath cannot use {args.interface}: {e}") from None
 
     try:
         controller = Controller.open(port, store, seed, from_config=args.from_config, loaded=loaded)
@@ -216,6 +223,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     log.info("datapath reconciled to generation %d: %s", controller.generation,
              ", ".join(f"{k} {v}" for k, v in rec.get("writes", {}).items() if v) or "no writes needed")
 
+    if isinstance(port, UserspaceIoPort):
+        try:
+            port.start()  # the tables are in: start reading the interface
+        except Exception as e:  # noqa: BLE001 - socket, guard, loop: all fatal here
+            raise StartupError(f"the userspace datapath could not start on {args.interface}: {e}") from None
+        log.info("userspace datapath running on %s%s", args.interface,
+                 f" in netns {args.netns}" if args.netns else "")
     if bal is not None:
         # attach after the maps hold the desired state: the new program takes over from a
         # running one atomically, on the same maps
@@ -321,6 +335,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"lbctl serve: {e}", file=sys.stderr)
         return e.code
     finally:
+        stop_io = getattr(parts.get("port"), "stop", None)
+        if stop_io is not None:  # the userspace datapath lives in this process
+            with contextlib.suppress(Exception):
+                stop_io()
         bal = parts.get("bal")
         if bal is not None and args.detach_on_exit:
             with contextlib.suppress(Exception):
@@ -335,7 +353,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interface", required=True, help="interface to attach the XDP program to")
     p.add_argument("--config", help="YAML config: the starting point when the state directory is empty")
     p.add_argument("--datapath", choices=["xdp", "userspace"], default="xdp",
-                   help="xdp (default) or userspace (the numba twin: no packet I/O)")
+                   help="xdp (default) or userspace (the numba twin on an AF_PACKET socket; it "
+                        "stops with the daemon)")
+    p.add_argument("--no-packet-io", action="store_true",
+                   help="userspace only: keep the tables in the numba twin without opening the "
+                        "interface (tests, dry runs, simulate)")
     p.add_argument("--state-dir", help=f"desired state and health (default {DEFAULT_STATE_ROOT}/[NETNS-]IF)")
     p.add_argument("--pin-dir", help=f"bpffs directory of the pinned maps (default {DEFAULT_PIN_ROOT}/[NETNS-]IF)")
     p.add_argument("--netns", help="network namespace (under /run/netns) the interface is in; "

@@ -3,9 +3,10 @@
 * :class:`MemoryPort` keeps the tables in memory (numpy arrays in lb.layout formats).
   It is the test double for the reconciler (with fault injection) and the base of
 * :class:`UserspacePort`, which feeds those tables to the numba datapath
-  (:class:`lb.datapath.UserspaceDatapath`) after every unit of writes. The daemon has
-  no packet I/O for it: it is the datapath for hosts without XDP, for ``simulate`` and
-  for tests.
+  (:class:`lb.datapath.UserspaceDatapath`) after every unit of writes, without packet
+  I/O (``lbctl serve --datapath userspace --no-packet-io``: tests, dry runs);
+* :class:`UserspaceIoPort`, the same on a real interface through
+  :class:`lb.userspace_io.UserspaceBalancer` (hosts without XDP);
 * :class:`XdpPort` writes the BPF maps of an :class:`lb.bpf_loader.XdpBalancer`:
   element updates for VIPs and reals, the mmap'ed ring array for slots.
 
@@ -39,7 +40,7 @@ from lb import constants as C
 from lb import layout
 from lb.state import DatapathTables
 
-__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "XdpPort"]
+__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort"]
 
 COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
 
@@ -184,6 +185,43 @@ class UserspacePort(MemoryPort):
 
     def conn_count(self) -> int:
         return self.dp.conn_table_size()
+
+
+class UserspaceIoPort(MemoryPort):
+    """The numba datapath on a real interface (:class:`lb.userspace_io.UserspaceBalancer`:
+    AF_PACKET ring in, frames out of the same interface). Ring slots are written in place
+    in the array its loop reads (each an aligned 32-bit store, as with XDP); VIP, real and
+    control changes take effect at :meth:`commit`, between two batches. Its connection
+    table and counters live in the process: a restart starts them afresh."""
+
+    kind = "userspace"
+
+    def __init__(self, sizes: Sizes, ifname: str, netns: str | None = None,
+                 fail: Callable[[Op], bool] | None = None, **kw: Any) -> None:
+        super().__init__(sizes, fail)
+        from lb.userspace_io import UserspaceBalancer
+
+        self.bal = UserspaceBalancer(self.to_datapath_tables(), ifname, netns, **kw)
+        self.vip_stats = self.bal.dp.vip_stats  # one set of counters: the loop's
+        self.real_stats = self.bal.dp.real_stats
+
+    def start(self) -> None:
+        self.bal.start()
+
+    def stop(self) -> None:
+        self.bal.stop()
+
+    def commit(self) -> None:
+        super().commit()
+        self.bal.update_tables(self.to_datapath_tables())
+
+    def read_stats(self) -> Stats:
+        counters = self.bal.stats()
+        return Stats({name: int(counters.get(name, 0)) for name in C.STATS}, self.bal.vip_stats(),
+                     self.bal.real_stats())
+
+    def conn_count(self) -> int:
+        return self.bal.dp.conn_table_size()
 
 
 def _addr(raw: np.ndarray, family: int) -> str:
