@@ -58,8 +58,16 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_F_NO_COMMON_LRU = 1 << 1
 BPF_F_MMAPABLE = 1 << 10
+
+# Compile-time flag (extra_cflags) selecting the connection-table layout of xdp/maps.h:
+# per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS indexed by CPU (Katran's layout)
+# instead of one LRU_HASH with BPF_F_NO_COMMON_LRU. bench/bench_xdp.py measures both.
+CONN_PERCPU_MAPS_CFLAG = "-DLB_CONN_PERCPU_MAPS"
+BPF_MAP_CREATE = 0
+BPF_MAP_GET_FD_BY_ID = 14
 
 # Sizes fixed at compile time; the others in lb/constants.py are wire/protocol facts.
 _CONFIGURABLE = {"RING_SIZE", "MAX_VIPS", "MAX_REALS", "CONN_TABLE_SIZE", "CONN_TABLE_WAYS",
@@ -313,10 +321,11 @@ class BalancerStats:
 
 # Map name -> (type, key size, value size, flags); max_entries from the sizes.
 def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: int,
-               ncpus: int) -> dict[str, tuple[int, int, int, int, int]]:
+               ncpus: int, conn_percpu_maps: bool = False
+               ) -> dict[str, tuple[int, int, int, int, int]]:
     cols = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
     conn_entries = conn_table_size * ncpus
-    return {
+    specs = {
         "vip_map": (BPF_MAP_TYPE_HASH, layout.VIP_KEY.itemsize, layout.VIP_META.itemsize,
                     max_vips, 0),
         "vip_addrs": (BPF_MAP_TYPE_HASH, layout.VIP_ADDR_KEY.itemsize, 4, max_vips, 0),
@@ -329,6 +338,37 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
         "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * cols, 0),
     }
+    if conn_percpu_maps:
+        # conn_table[cpu] -> that CPU's LRU_HASH (conn_inner is the template and CPU 0's)
+        specs["conn_table"] = (BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, ncpus, 0)
+        specs["conn_inner"] = (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
+                               layout.CONN_VALUE.itemsize, conn_table_size, 0)
+    return specs
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16),
+                ("_rest", ctypes.c_uint8 * 64)]
+
+
+class _GetFdByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0, name: str = "") -> int:
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
+                          max_entries=max_entries, map_flags=flags,
+                          map_name=name.encode()[:15])
+    return bpf_syscall(BPF_MAP_CREATE, attr, f"create map {name}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return bpf_syscall(BPF_MAP_GET_FD_BY_ID, _GetFdByIdAttr(id=map_id), f"map fd of id {map_id}")
 
 
 def _setns_call(netns: str | None, fn, *args):
@@ -385,7 +425,10 @@ class XdpBalancer:
         self.ncpus = possible_cpus()
         self.pin_dir = str(pin_dir) if pin_dir is not None else None
         self.extra_cflags = list(extra_cflags)
-        self._specs = _map_specs(ring_size, max_vips, max_reals, conn_table_size, self.ncpus)
+        self.conn_percpu_maps = CONN_PERCPU_MAPS_CFLAG in self.extra_cflags
+        self._specs = _map_specs(ring_size, max_vips, max_reals, conn_table_size, self.ncpus,
+                                 self.conn_percpu_maps)
+        self._conn_fds: list[int] = []  # per-CPU inner tables (conn_percpu_maps only)
         self._attached: tuple[str, int, str | None] | None = None  # (ifname, flags, netns)
         self._rings_mm: mmap.mmap | None = None
         self._rings: np.ndarray | None = None
@@ -396,6 +439,8 @@ class XdpBalancer:
         self._bpf, self._fn = self._compile(self.pin_dir)
         self.load_seconds = time.monotonic() - t0
         self._map_rings()
+        if self.conn_percpu_maps:
+            self._fill_conn_tables()
 
     @classmethod
     def from_tables(cls, tables: Any, **kwargs: Any) -> "XdpBalancer":
@@ -520,6 +565,9 @@ class XdpBalancer:
         pointer in one step, no frame sees "no program". Without pin_dir the maps are
         pinned in a temporary bpffs directory just for the reload."""
         if extra_cflags is not None:
+            if (CONN_PERCPU_MAPS_CFLAG in extra_cflags) != self.conn_percpu_maps:
+                raise XdpError("replace_program cannot change the connection-table layout "
+                               f"({CONN_PERCPU_MAPS_CFLAG}): load a new XdpBalancer")
             self.extra_cflags = list(extra_cflags)
         old_ids = self.map_ids()
         tmp = None
@@ -639,18 +687,50 @@ class XdpBalancer:
             real=self._percpu_sum("real_stats").reshape(self.max_reals, cols),
         )
 
+    def _fill_conn_tables(self) -> None:
+        """conn_percpu_maps: make sure conn_table[cpu] holds a table for every CPU (CPU 0:
+        the template conn_inner; others created here, or found again in pinned maps) and
+        keep an fd of each."""
+        outer = self.map_fd("conn_table")
+        mtype, ksz, vsz, entries, flags = self._specs["conn_inner"]
+        fds = []
+        for cpu in range(self.ncpus):
+            key = cpu.to_bytes(4, "little")
+            inner_id = map_lookup(outer, key, 4)
+            if inner_id is not None:
+                fds.append(map_fd_by_id(int.from_bytes(inner_id, "little")))
+                continue
+            if cpu == 0:
+                fd = os.dup(self.map_fd("conn_inner"))
+            else:
+                fd = map_create(mtype, ksz, vsz, entries, flags, f"conn_cpu{cpu}")
+            map_update(outer, key, fd.to_bytes(4, "little"))
+            fds.append(fd)
+        self._conn_fds = fds
+
+    def conn_table_fds(self) -> list[int]:
+        """fds of the connection table(s): one LRU_HASH, or one per CPU with
+        conn_percpu_maps (owned by this object: do not close)."""
+        if self.conn_percpu_maps:
+            return list(self._conn_fds)
+        return [self.map_fd("conn_table")]
+
     def conn_table_entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Every connection-table entry: (keys as layout.FLOW_KEY, values as
-        layout.CONN_VALUE), index-aligned."""
-        keys, values, n = map_lookup_batch(self.map_fd("conn_table"), layout.FLOW_KEY.itemsize,
-                                           layout.CONN_VALUE.itemsize)
+        layout.CONN_VALUE), index-aligned (all CPUs' tables)."""
+        keys, values, n = b"", b"", 0
+        for fd in self.conn_table_fds():
+            k, v, c = map_lookup_batch(fd, layout.FLOW_KEY.itemsize, layout.CONN_VALUE.itemsize)
+            keys, values, n = keys + k, values + v, n + c
         return (np.frombuffer(keys, dtype=layout.FLOW_KEY, count=n).copy(),
                 np.frombuffer(values, dtype=layout.CONN_VALUE, count=n).copy())
 
     def clear_conn_table(self) -> int:
-        fd = self.map_fd("conn_table")
-        keys = map_keys(fd, layout.FLOW_KEY.itemsize)
-        return sum(map_delete(fd, k) for k in keys)
+        n = 0
+        for fd in self.conn_table_fds():
+            keys = map_keys(fd, layout.FLOW_KEY.itemsize)
+            n += sum(map_delete(fd, k) for k in keys)
+        return n
 
     # ---- lifetime -------------------------------------------------------------------------
 
@@ -675,6 +755,9 @@ class XdpBalancer:
         if getattr(self, "_bpf", None) is not None:
             self._bpf.cleanup()
             self._bpf = None
+        for fd in self._conn_fds:
+            os.close(fd)
+        self._conn_fds = []
         if unpin and self.pin_dir is not None:
             self.unpin_dir(self.pin_dir)
 

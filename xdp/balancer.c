@@ -51,6 +51,44 @@ static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 		*v += bytes;
 }
 
+/* ---- connection table --------------------------------------------------------------- */
+
+#ifndef LB_CONN_PERCPU_MAPS
+static __always_inline struct conn_value *conn_lookup(struct flow_key *flow)
+{
+	return conn_table.lookup(flow);
+}
+
+static __always_inline void conn_update(struct flow_key *flow, struct conn_value *val)
+{
+	conn_table.update(flow, val);
+}
+#else
+/* This CPU's table (xdp/maps.h); NULL only if the loader has not filled the slot, which
+ * then behaves as an empty table that cannot be written. */
+static __always_inline void *conn_table_this_cpu(void)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+
+	return conn_table.lookup(&cpu);
+}
+
+static __always_inline struct conn_value *conn_lookup(struct flow_key *flow)
+{
+	void *t = conn_table_this_cpu();
+
+	return t ? bpf_map_lookup_elem(t, flow) : NULL;
+}
+
+static __always_inline void conn_update(struct flow_key *flow, struct conn_value *val)
+{
+	void *t = conn_table_this_cpu();
+
+	if (t)
+		bpf_map_update_elem(t, flow, val, BPF_ANY);
+}
+#endif
+
 /* ---- real selection and forwarding (rows 14-19) ------------------------------------ */
 
 /* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
@@ -114,7 +152,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	/* 1. connection table */
 	use_lru = !(flags & F_LRU_BYPASS);
 	if (use_lru && !pkt->tcp_syn) {
-		cv = conn_table.lookup(&pkt->flow);
+		cv = conn_lookup(&pkt->flow);
 		if (cv) {
 			__u32 id = cv->real_id;
 			struct real_def *r = reals.lookup(&id);
@@ -163,7 +201,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 
 			nv.real_id = real_id;
 			nv.atime = bpf_ktime_get_ns();
-			conn_table.update(&pkt->flow, &nv);
+			conn_update(&pkt->flow, &nv);
 		}
 	}
 	if (!real) {

@@ -37,11 +37,23 @@ LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
  * mmap-able so the control plane writes slots directly. */
 LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);
 
+#ifndef LB_CONN_PERCPU_MAPS
 /* Connection table: flow -> (real id, last access). One LRU list per CPU
  * (BPF_F_NO_COMMON_LRU); the kernel gives each CPU max_entries / nr_cpus entries,
  * so CONN_TABLE_SIZE is the per-CPU capacity. */
 LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_table,
        CONN_TABLE_SIZE * LB_NR_CPUS, BPF_F_NO_COMMON_LRU);
+#else
+/* -DLB_CONN_PERCPU_MAPS: Katran's layout instead. conn_table[cpu] is that CPU's own
+ * LRU_HASH of CONN_TABLE_SIZE entries (one common LRU each, used by one CPU only).
+ * conn_inner is the inner-map template bcc needs in the program; the loader
+ * (lb/bpf_loader.py) uses it as CPU 0's table and creates the others. A flow's entry is
+ * then seen only by the CPU that wrote it (a flow that moves to another CPU is hashed
+ * again), where the default's single table is looked up by every CPU. Not the default:
+ * no faster in bench/bench_xdp.py (part d), and that difference in behaviour. */
+LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_inner, CONN_TABLE_SIZE, 0);
+LB_MAP("array_of_maps$conn_inner", int, int, conn_table, LB_NR_CPUS, 0);
+#endif
 
 /* Global settings, one entry. */
 LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
