@@ -216,6 +216,36 @@ def _etag(gen: int) -> dict[str, str]:
     return {"ETag": f'"{gen}"'}
 
 
+_IP = {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]}
+# What lb.config's plain validators check, for readers of the document (and generators)
+_REFINE = {
+    ("Vip", "address"): _IP,
+    ("Vip", "port"): {"type": "integer", "minimum": 0, "maximum": 65535, "description": "0 = any port"},
+    ("Vip", "flags"): {"type": "array", "items": {"type": "string", "enum": [
+        "no_src_port", "lru_bypass", "dport_only", "local"]}},
+    ("Real", "address"): _IP,
+    ("Settings", "gateway_mac"): {"type": "string", "pattern": "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"},
+    ("Settings", "local_addresses"): {"type": "array", "items": _IP},
+    ("GueSettings", "source_v4"): {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "null"}]},
+    ("GueSettings", "source_v6"): {"anyOf": [{"type": "string", "format": "ipv6"}, {"type": "null"}]},
+    ("HealthCheck", "port"): {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "null"}]},
+    ("HealthCheck", "rise"): {"type": "integer", "minimum": 1, "maximum": 100},
+    ("HealthCheck", "fall"): {"type": "integer", "minimum": 1, "maximum": 100},
+    ("HealthCheck", "interval"): {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+    ("HealthCheck", "timeout"): {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+    ("FlowQuery", "src"): _IP,
+    ("FlowQuery", "dst"): _IP,
+}
+
+
+def _refine(schemas: dict[str, Any]) -> None:
+    for (model, prop), extra in _REFINE.items():
+        props = schemas.get(model, {}).get("properties", {})
+        if prop in props:
+            keep = {k: v for k, v in props[prop].items() if k in ("title", "default", "description")}
+            props[prop] = {**extra, **keep}
+
+
 def create_app(
     controller: Controller,
     *,
@@ -482,6 +512,7 @@ def create_app(
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, s in defs.get("$defs", {}).items():
             comps.setdefault(name, s)
+        _refine(comps)
         if token is not None:
             schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
