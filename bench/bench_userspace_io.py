@@ -30,6 +30,10 @@ is shared, and "Mpps per balancer CPU" (balancer Mpps / that share) is the figur
 survives other work on the same CPU (softirq work done outside those two threads is not
 in it).
 
+First, two figures without the generator: process_batch alone on the same frames (in
+memory), and what sending costs per frame with each TX path (TPACKET_V3 TX ring or
+sendmmsg, qdisc bypass on/off) including the veth peer's receive on the same CPU.
+
 Figures are rates over a --seconds window while traffic flows (after a warm-up):
 offered (generated), balancer (frames the balancer processed), out (frames the sink got
 back), ring drops (the AF_PACKET ring was full: the loop was behind), loop CPU (CPU time
@@ -305,6 +309,43 @@ def one_case(bed: Bed, kind: str, tx_mode: str, bypass: bool, batch: int, b_thre
     return r
 
 
+def tx_cost(lab: Lab, gen_ns: Any, bal_ns: Any, bal_cpu: int, reps: int = 2000,
+            batch: int = 256) -> list[dict[str, Any]]:
+    """What sending costs, TX ring vs sendmmsg, qdisc bypass on/off: batches of 84-byte
+    frames (the encapsulated 64-byte input) out of a veth end whose peer has no XDP and no
+    NAPI, so the peer's receive (backlog, stack, drop: the frames are for nobody) runs in
+    softirq on the sending CPU too. Wall time per frame on ``bal_cpu``, median of 3."""
+    from lb.afpacket import PacketSocket
+
+    _c, d = lab.veth(gen_ns, bal_ns, "lt", queues=1)
+    frame = build_frame(4, "tcp", 84, dst="198.19.0.1", dport=80)
+    outs = np.zeros((batch, 2048), dtype=np.uint8)
+    outs[:, :len(frame)] = np.frombuffer(frame, dtype=np.uint8)
+    lens = np.full(batch, len(frame), dtype=np.int64)
+    acts = np.full(batch, 3, dtype=np.uint8)  # XDP_TX
+
+    def one(tx_mode: str, bypass: bool) -> dict[str, Any]:
+        ps = run_in_netns(bal_ns, PacketSocket, d.name, tx_mode=tx_mode, qdisc_bypass=bypass, rx=False)
+        try:
+            def body() -> list[float]:
+                out = []
+                for _ in range(3):
+                    t0 = time.perf_counter_ns()
+                    for _ in range(reps):
+                        ps.flush(ps.queue(outs, lens, acts, batch))
+                    out.append((time.perf_counter_ns() - t0) / (reps * batch))
+                return out
+
+            runs = run_in_netns(None, body, cpu=bal_cpu)
+            st = ps.stats()
+        finally:
+            ps.close()
+        return {"tx_mode": tx_mode, "qdisc_bypass": bypass, "ns_per_frame": statistics.median(runs),
+                "runs": runs, "dropped": st["tx_ring_full"] + st["tx_busy"] + st["tx_rejected"]}
+
+    return [one(m, b) for m in ("ring", "sendmmsg") for b in (True, False)]
+
+
 def loadavg() -> list[float]:
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -365,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             mem_ns = in_memory_ns_per_packet(bed, args.batch)
             print(f"process_batch in memory, batches of {args.batch}: {mem_ns:.0f} ns/packet "
                   f"({1e3 / mem_ns:.2f} Mpps); load average {load_before}", flush=True)
+            tx = tx_cost(lab, bed.gen_ns, bed.bal_ns, bal_cpu)
+            for t in tx:
+                print(f"  send + peer receive, {t['tx_mode']:8} qdisc bypass {'on ' if t['qdisc_bypass'] else 'off'}: "
+                      f"{t['ns_per_frame']:.0f} ns/frame (runs {[round(x) for x in t['runs']]}, "
+                      f"dropped {t['dropped']})", flush=True)
             for label, kind, tx_mode, bypass, batch, b_threaded, sink_threaded in cases:
                 batch = batch or args.batch
                 runs = [one_case(bed, kind, tx_mode, bypass, batch, b_threaded, sink_threaded, args)
@@ -415,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         {"benchmark": "userspace_io", "frame_bytes": FRAME, "flows": FLOWS, "gen_cpu": gen_cpu,
          "bal_cpu": bal_cpu, "in_memory_ns_per_packet": mem_ns, "batch": args.batch,
-         "seconds": args.seconds, "reps": args.reps, "nice": args.nice,
+         "seconds": args.seconds, "reps": args.reps, "nice": args.nice, "tx_cost": tx,
          "loadavg_before": load_before, "loadavg_after": load_after,
          "results": results},
         args.json, "userspace_io.json",

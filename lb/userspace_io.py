@@ -432,10 +432,11 @@ class UserspaceBalancer:
     ``batch``: frames per process_batch call. ``cpu``: pin the loop thread there.
     ``tx_mode``: "sendmmsg" (the default: one sendmmsg(2) per batch, frames copied into
     linear skbs) or "ring" (TPACKET_V3 TX ring, zero-copy: skbs point into the ring).
-    Measured with bench/bench_userspace_io.py on veth, sendmmsg cost the balancer's CPU
-    as much or less per frame in every placement (a veth peer has to linearize the ring's
-    skbs; the copy of a small frame is cheaper than that), and a frame the device cannot
-    take is dropped and counted at once instead of holding a slot. ``guard``: "tc"
+    Measured with bench/bench_userspace_io.py on veth: sending (with the peer's receive)
+    cost ~15% less per 84-byte frame with sendmmsg (the peer has to pull headers out of
+    the ring's paged skbs; copying a small frame is cheaper); in the whole pipeline the
+    two are within run-to-run noise. sendmmsg also fails like XDP_TX does: a frame the
+    device cannot take now is dropped and counted, not left holding a slot. ``guard``: "tc"
     (default; see the module doc) or "none". ``ring_kw``: extra :class:`lb.afpacket.PacketSocket` arguments
     (block_size, block_count, tx_frames, qdisc_bypass, ...).
 
