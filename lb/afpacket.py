@@ -20,15 +20,16 @@ as soon as they are read. Frames come out as they were on the wire:
 * a frame that does not fit ``stride``, or that the ring truncated (bigger than a block,
   or a GSO super-frame), is not handed out and is counted in ``rx_oversize``.
 
-TX: a TPACKET_V3 TX ring (kernel >= 4.11) of fixed-size frames in the same mmap.
-:meth:`PacketSocket.queue` copies frames into free slots (a slot is free again once the
-kernel has freed the skb that used it) and :meth:`PacketSocket.flush` sends every queued
-slot with one ``send()``. With ``qdisc_bypass`` (PACKET_QDISC_BYPASS) frames go straight
-to the driver: no qdisc, and no copy to packet taps. A full TX ring drops and counts
-(``tx_ring_full``); a frame longer than the interface takes (MTU + Ethernet header, +4
-with an 802.1Q tag) is not queued but counted (``tx_oversize``), and PACKET_LOSS makes the
-kernel skip any other frame it cannot send rather than stop the ring at it. ``tx_mode="sendmmsg"`` instead copies
-frames into new skbs with one sendmmsg(2) per batch on the same socket.
+TX, ``tx_mode="ring"``: a TPACKET_V3 TX ring (kernel >= 4.11) of fixed-size slots in the
+same mmap. :meth:`PacketSocket.queue` copies frames into free slots (a slot is free again
+once the kernel has freed the skb that used it: the skb points into the ring) and
+:meth:`PacketSocket.flush` sends every queued slot with one ``send()``. A full TX ring
+drops and counts (``tx_ring_full``); PACKET_LOSS makes the kernel skip a slot it cannot
+send at all rather than stop the ring at it. ``tx_mode="sendmmsg"``: frames are copied
+into new skbs by one sendmmsg(2) per batch on the same socket. In both modes a frame
+longer than the interface takes (MTU + Ethernet header, +4 with an 802.1Q tag) is not
+sent but counted (``tx_oversize``), and with ``qdisc_bypass`` (PACKET_QDISC_BYPASS)
+frames go straight to the driver: no qdisc, and no copy to packet taps.
 
 The two differ when the device (or a veth peer) cannot take a frame now: the TX ring
 keeps the slot queued and the kernel retries it on the next ``send()`` (backpressure: the
