@@ -575,7 +575,8 @@ class UserspaceDatapath:
             fam = int(key["family"])
             lo, hi = _addr_words(key["addr"], 0, fam)
             tail = np.uint64(int(key["port"]) | (int(key["proto"]) << 16) | (fam << 24))
-            i = _vip_insert(self.vip_keys, self.vip_used, cap - 1, lo, hi, tail)
+            # as uint64: a word >= 2**63 comes back from numba as a Python int it cannot retype
+            i = _vip_insert(self.vip_keys, self.vip_used, cap - 1, np.uint64(lo), np.uint64(hi), tail)
             self.vip_vals[i] = (meta["flags"], meta["vip_num"])
         self.vip_mask = cap - 1
         vcap = _pow2_at_least(max(2, 2 * len(tables.vip_addr_keys)))
@@ -584,7 +585,7 @@ class UserspaceDatapath:
         for key in tables.vip_addr_keys:
             fam = int(key["family"])
             lo, hi = _addr_words(key["addr"], 0, fam)
-            _vip_insert(self.va_keys, self.va_used, vcap - 1, lo, hi, np.uint64(fam))
+            _vip_insert(self.va_keys, self.va_used, vcap - 1, np.uint64(lo), np.uint64(hi), np.uint64(fam))
         self.va_mask = vcap - 1
         self.real_addr = np.ascontiguousarray(tables.reals["addr"])
         self.real_family = np.ascontiguousarray(tables.reals["family"])

@@ -321,3 +321,15 @@ def test_example_config_goes_through_the_api(tmp_path) -> None:
             r = api.post("/v1/vips", json=v)
             assert r.status_code == 201, r.text
         assert api.get("/v1/config").json()["config"] == cfg.model_dump(mode="json", exclude_none=True)
+
+
+def test_ipv6_vip_with_a_high_last_byte(env) -> None:
+    """2001:db8:100::80: its address words exceed 2**63 (found by the API fuzzing: the
+    userspace datapath refused such a VIP until lb/datapath.py passed them as uint64)."""
+    api, ctl, port = env
+    r = api.post("/v1/vips", json=vip_dict(0x7F, [(0, 1)], v6=True))  # 2001:db8:100::80
+    assert r.status_code == 201, r.text
+    assert r.json()["address"] == "2001:db8:100::80"
+    r = api.post("/v1/simulate", json={"src": "2001:db8:9::1", "dst": "2001:db8:100::80", "sport": 7,
+                                      "dport": 80, "protocol": "tcp"})
+    assert r.json()["action"] == "TX" and r.json()["real"] == real_addr(0, v6=True)

@@ -24,7 +24,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(CTL))
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case) -> None:
     response = case.call()
     case.validate_response(response, checks=(not_a_server_error,))
