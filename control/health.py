@@ -299,13 +299,22 @@ class DirectProber:
             detail = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
             return ProbeResult(False, loop.time() - t0, detail.lower())
 
+    def endpoint(self, t: Target) -> tuple[str, int]:
+        """Where the probe connects (a subclass may probe elsewhere: the VIP)."""
+        return t.real_address, t.port
+
+    def make_socket(self, t: Target, family: int, type_: int) -> socket.socket:
+        """The probe's socket (a subclass may set options on it: SO_MARK)."""
+        return self.socket_factory(family, type_)
+
     async def _run(self, t: Target) -> str:
-        family = socket.AF_INET6 if ":" in t.real_address else socket.AF_INET
+        host_addr, port = self.endpoint(t)
+        family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
         kind = t.spec.type
         loop = asyncio.get_running_loop()
-        sock = self.socket_factory(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+        sock = self.make_socket(t, family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
         try:
-            addr = (t.real_address, t.port)
+            addr = (host_addr, port)
             if kind == "udp":
                 u = t.spec.udp_settings
                 await loop.sock_connect(sock, addr)
@@ -318,7 +327,7 @@ class DirectProber:
             if kind == "tcp":
                 return "connected"
             h = t.spec.http_settings
-            host = h.host or (f"[{t.real_address}]" if family == socket.AF_INET6 else t.real_address)
+            host = h.host or (f"[{host_addr}]" if family == socket.AF_INET6 else host_addr)
             req = f"GET {h.path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lb-healthcheck\r\n" \
                   f"Connection: close\r\n\r\n"
             await loop.sock_sendall(sock, req.encode())

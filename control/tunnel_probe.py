@@ -1,0 +1,224 @@
+"""Health probes through the tunnel, as Katran does them.
+
+:class:`TunnelEncap` loads ``xdp/hc_encap.c`` (a tc egress program, clsact,
+direct-action) on the balancer's interface; it encapsulates every packet whose
+``skb->mark`` is ``mark_base + real id`` towards that real exactly as the XDP datapath
+would (IPIP / IPv4-in-IPv6 / IP6IP6, Katran's outer source, TTL 64). Its map
+``hc_reals`` holds mark -> real address (family), written by the prober.
+
+:class:`TunnelProber` is a :class:`control.health.Prober`: for each probe it makes sure
+the real's entry is in ``hc_reals``, opens the socket (in the datapath's namespace) with
+``SO_MARK`` = ``mark_base + real id`` and connects to the **VIP** address on the probed
+port (the check's ``port``, default the VIP's) — TCP connect, HTTP GET (``Host``: the
+check's host or the VIP address) or UDP request/response, as :class:`DirectProber`. So a
+probe succeeds only if the real decapsulates, has the VIP on its loopback, serves on it
+and answers from it (DSR): a real that lost its VIP or its decap program fails even
+though its own address answers.
+
+Return path: the real answers from VIP:port to the balancer's address:ephemeral port, an
+ordinary reply for the connected socket; the balancer's XDP program passes it (its
+destination is not a VIP address). The balancer needs a route to the VIP (its default
+route, on a one-armed balancer): the stack resolves the gateway's MAC for it, and the
+outer packet goes to that same gateway (see xdp/hc_encap.c).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Self
+
+from control.health import DirectProber, SocketFactory, Target, plain_socket
+from lb import constants
+
+__all__ = ["DEFAULT_MARK_BASE", "HC_STATS", "TC_PRIORITY", "TunnelEncap", "TunnelProber"]
+
+XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
+SOURCE = XDP_DIR / "hc_encap.c"
+PROG_NAME = b"hc_encap_tc"
+DEFAULT_MARK_BASE = 0x4C420000  # "LB" << 16: SO_MARK = base + real id
+TC_PRIORITY = 0x4C42
+TC_HANDLE = 1
+TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress ("ffff:fff3")
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+# Counter slots of hc_stats; each packet the program sees bumps exactly one.
+HC_STATS = (
+    "passed",  # no mark of ours (or not IP): untouched
+    "encap_v4",  # encapsulated in IPv4 (IPIP)
+    "encap_v6",  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6)
+    "drop_no_real",  # a mark of ours without a real (or an IPv6 packet for an IPv4 real)
+    "drop_malformed",  # headers unreadable
+    "drop_failed",  # a helper failed (no room, ...)
+)
+
+
+class TunnelEncapError(RuntimeError):
+    """Compiling, loading or attaching xdp/hc_encap.c failed."""
+
+
+def c_flags(mark_base: int, max_reals: int) -> list[str]:
+    from lb.bpf_loader import c_flags as lb_c_flags
+
+    flags = lb_c_flags(max_reals=max_reals)
+    flags += [f"-DHC_MARK_BASE={mark_base}U", f"-DHC_MAX_REALS={max_reals}",
+              f"-DHC_N_STATS={len(HC_STATS)}"]
+    flags += [f"-DHC_STAT_{name.upper()}={i}" for i, name in enumerate(HC_STATS)]
+    return flags
+
+
+class TunnelEncap:
+    """The loaded tc program and its mark -> real map; attached to one interface."""
+
+    def __init__(self, max_reals: int = constants.MAX_REALS, mark_base: int = DEFAULT_MARK_BASE) -> None:
+        if not 0 < mark_base + max_reals <= 0xFFFFFFFF:
+            raise ValueError(f"mark_base {mark_base:#x} + max_reals {max_reals} must fit in 32 bits")
+        self.mark_base = mark_base
+        self.max_reals = max_reals
+        from bcc import BPF
+
+        try:
+            self._bpf = BPF(text=SOURCE.read_bytes(), cflags=c_flags(mark_base, max_reals))
+            self._fn = self._bpf.load_func(PROG_NAME, BPF.SCHED_CLS)
+        except Exception as e:  # bcc raises bare Exception
+            raise TunnelEncapError(f"could not compile/load {SOURCE.name}: {e}") from e
+        self._reals = self._bpf[b"hc_reals"]
+        self._stats = self._bpf[b"hc_stats"]
+        self._known: dict[int, str] = {}
+        self._attached: tuple[str, str | None, int] | None = None
+
+    @property
+    def prog_fd(self) -> int:
+        return self._fn.fd
+
+    def mark(self, real_id: int) -> int:
+        if not 0 <= real_id < self.max_reals:
+            raise ValueError(f"real id {real_id} out of 0..{self.max_reals - 1}")
+        return self.mark_base + real_id
+
+    # ---- the map ----------------------------------------------------------------------
+
+    def set_real(self, real_id: int, address: str) -> int:
+        """hc_reals[mark(real_id)] = address; returns the mark. Cheap when unchanged."""
+        mark = self.mark(real_id)
+        if self._known.get(mark) == address:
+            return mark
+        ip = ipaddress.ip_address(address)
+        family = constants.FAMILY_V4 if ip.version == 4 else constants.FAMILY_V6
+        raw = ip.packed.ljust(16, b"\0") + bytes([family, 0, 0, 0])  # struct real_def
+        leaf = self._reals.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), raw, len(raw))
+        self._reals[self._reals.Key(mark)] = leaf
+        self._known[mark] = address
+        return mark
+
+    def remove_real(self, real_id: int) -> None:
+        mark = self.mark(real_id)
+        with contextlib.suppress(KeyError):
+            del self._reals[self._reals.Key(mark)]
+        self._known.pop(mark, None)
+
+    def reals(self) -> dict[int, str]:
+        out = {}
+        for k, v in self._reals.items():
+            raw = bytes(v)
+            addr = ipaddress.ip_address(raw[:4] if raw[16] == constants.FAMILY_V4 else raw[:16])
+            out[int(k.value)] = str(addr)
+        return out
+
+    def read_stats(self) -> dict[str, int]:
+        return {name: int(sum(self._stats.getvalue(self._stats.Key(i)))) for i, name in enumerate(HC_STATS)}
+
+    # ---- attach / detach ----------------------------------------------------------------
+
+    def attach(self, ifname: str, netns: str | None = None) -> None:
+        """tc egress of ``ifname`` (in ``netns``): a clsact qdisc if missing, our filter at
+        priority TC_PRIORITY (one left by a previous, killed daemon is replaced)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        from lb.decap_loader import in_netns
+
+        with in_netns(netns), IPRoute() as ipr:
+            ifindex = socket.if_nametoindex(ifname)
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise TunnelEncapError(f"adding clsact to {ifname}: {e}") from e
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", ifindex, f":{TC_HANDLE}", parent=TC_EGRESS_PARENT, prio=TC_PRIORITY)
+            try:
+                ipr.tc("add-filter", "bpf", ifindex, f":{TC_HANDLE}", fd=self._fn.fd,
+                       name=self._fn.name.decode(), parent=TC_EGRESS_PARENT, classid=1,
+                       direct_action=True, prio=TC_PRIORITY)
+            except NetlinkError as e:
+                raise TunnelEncapError(f"adding the tc egress filter on {ifname}: {e}") from e
+        self._attached = (ifname, netns, ifindex)
+
+    def detach(self) -> None:
+        if self._attached is None:
+            return
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        from lb.decap_loader import in_netns, netns_path
+
+        ifname, netns, ifindex = self._attached
+        self._attached = None
+        if netns is not None and not os.path.exists(netns_path(netns)):
+            return  # the namespace went, and the filter with it
+        with in_netns(netns), IPRoute() as ipr:
+            try:
+                if socket.if_nametoindex(ifname) != ifindex:
+                    return
+            except OSError:
+                return
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", ifindex, f":{TC_HANDLE}", parent=TC_EGRESS_PARENT, prio=TC_PRIORITY)
+
+    def close(self) -> None:
+        try:
+            self.detach()
+        finally:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TunnelProber(DirectProber):
+    """Probes the VIP address with SO_MARK = the real's mark: through the tunnel."""
+
+    def __init__(self, encap: TunnelEncap, socket_factory: SocketFactory = plain_socket) -> None:
+        super().__init__(socket_factory)
+        self.encap = encap
+
+    def endpoint(self, t: Target) -> tuple[str, int]:
+        return t.vip_address, t.port
+
+    def make_socket(self, t: Target, family: int, type_: int) -> socket.socket:
+        mark = self.encap.set_real(t.real_id, t.real_address)
+        sock = self.socket_factory(family, type_)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+if __name__ == "__main__":  # pragma: no cover - compile check: python -m control.tunnel_probe
+    with TunnelEncap() as enc:
+        print(f"{SOURCE.name} loaded, prog fd {enc.prog_fd}", file=sys.stderr)

@@ -1,0 +1,157 @@
+/* Health probes through the tunnel (Katran's healthchecking_ipip): a tc egress program,
+ * clsact direct-action, on the balancer's interface.
+ *
+ * The prober (control/tunnel_probe.py) opens its probe socket with SO_MARK = HC_MARK_BASE
+ * + real id and connects to the VIP address/port. Every packet of that socket leaves with
+ * that mark; this program looks the mark up in hc_reals (mark -> struct real_def, written
+ * by the prober) and encapsulates the packet towards that real exactly as balancer_xdp
+ * would (xdp/encap.h): IPv4-in-IPv4, IPv4-in-IPv6 or IPv6-in-IPv6, Katran's outer source
+ * derived from the packet's source address and port, outer TTL / hop limit DEFAULT_TTL,
+ * inner TOS copied. The real decapsulates it and answers from the VIP straight to the
+ * balancer's address (DSR): an ordinary reply for the connected socket, and the balancer's
+ * own XDP program passes it (its destination is not a VIP address).
+ *
+ * L2: the stack has already resolved the next hop of the route to the VIP (the gateway,
+ * on a one-armed balancer) and written its MAC as the destination; the outer packet goes
+ * to the same gateway, which routes it to the real, so the Ethernet header is kept and
+ * only its ethertype changes when the outer family differs (IPv4-in-IPv6). This is the
+ * datapath's gateway_mac without reading the balancer's ctl map.
+ *
+ * Unmarked packets and marks that are not ours pass untouched; a mark in our range
+ * without an entry is dropped (it would otherwise reach the VIP unencapsulated and be
+ * load-balanced to any real: a probe must never test the wrong real).
+ * Constants come from lb/constants.py (lb.bpf_loader.c_flags), plus HC_MARK_BASE,
+ * HC_MAX_REALS and HC_STAT_* from control/tunnel_probe.py.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "structs.h"
+#include "parsing.h"
+#include "csum.h"
+#include "encap.h"
+
+BPF_HASH(hc_reals, __u32, struct real_def, HC_MAX_REALS);
+BPF_PERCPU_ARRAY(hc_stats, __u64, HC_N_STATS);
+
+static __always_inline void hc_stat(__u32 idx)
+{
+	__u64 *v = hc_stats.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+struct outer_v6 {
+	struct ipv6hdr ip6;
+};
+
+int hc_encap_tc(struct __sk_buff *skb)
+{
+	__u32 mark = skb->mark;
+	struct real_def *r;
+	struct real_def real;
+	struct pkt_desc pkt = {};
+	struct ethhdr eth;
+	__be16 proto;
+	__u64 flags;
+	int olen;
+
+	if (mark < HC_MARK_BASE || mark >= HC_MARK_BASE + HC_MAX_REALS) {
+		hc_stat(HC_STAT_PASSED);
+		return TC_ACT_OK;
+	}
+	r = hc_reals.lookup(&mark);
+	if (!r || (r->family != FAMILY_V4 && r->family != FAMILY_V6)) {
+		hc_stat(HC_STAT_DROP_NO_REAL);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(&real, r, sizeof(real));
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		goto malformed;
+	proto = eth.h_proto;
+	if (proto == bpf_htons(LB_ETH_P_IP)) {
+		struct iphdr iph;
+		struct l4_ports ports = {};
+
+		if (bpf_skb_load_bytes(skb, LB_ETH_HLEN, &iph, sizeof(iph)) < 0 || iph.version != 4 ||
+		    iph.ihl < 5)
+			goto malformed;
+		if (iph.protocol == LB_IPPROTO_TCP || iph.protocol == LB_IPPROTO_UDP)
+			if (bpf_skb_load_bytes(skb, LB_ETH_HLEN + iph.ihl * 4, &ports,
+					       sizeof(ports)) < 0)
+				goto malformed;
+		pkt.flow.family = FAMILY_V4;
+		pkt.flow.src.v4 = iph.saddr;
+		pkt.flow.dst.v4 = iph.daddr;
+		pkt.flow.sport = ports.source;
+		pkt.flow.dport = ports.dest;
+		pkt.flow.proto = iph.protocol;
+		pkt.tos = iph.tos;
+		pkt.pkt_len = bpf_ntohs(iph.tot_len);
+	} else if (proto == bpf_htons(LB_ETH_P_IPV6)) {
+		struct ipv6hdr ip6h;
+		struct l4_ports ports = {};
+
+		if (bpf_skb_load_bytes(skb, LB_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6)
+			goto malformed;
+		if (real.family != FAMILY_V6) {
+			/* IPv6 in IPv4 is not something the datapath sends (docs/datapath.md) */
+			hc_stat(HC_STAT_DROP_NO_REAL);
+			return TC_ACT_SHOT;
+		}
+		if (ip6h.nexthdr == LB_IPPROTO_TCP || ip6h.nexthdr == LB_IPPROTO_UDP)
+			if (bpf_skb_load_bytes(skb, LB_ETH_HLEN + IPV6_HLEN, &ports, sizeof(ports)) < 0)
+				goto malformed;
+		pkt.flow.family = FAMILY_V6;
+		__builtin_memcpy(&pkt.flow.src, &ip6h.saddr, 16);
+		__builtin_memcpy(&pkt.flow.dst, &ip6h.daddr, 16);
+		pkt.flow.sport = ports.source;
+		pkt.flow.dport = ports.dest;
+		pkt.flow.proto = ip6h.nexthdr;
+		pkt.tos = ipv6_tclass(&ip6h);
+		pkt.pkt_len = bpf_ntohs(ip6h.payload_len) + IPV6_HLEN;
+	} else {
+		hc_stat(HC_STAT_PASSED);  /* ARP, ...: not a probe packet */
+		return TC_ACT_OK;
+	}
+
+	flags = BPF_F_ADJ_ROOM_FIXED_GSO;
+	if (real.family == FAMILY_V4) {
+		struct iphdr outer = {};
+
+		olen = LB_ENCAP_IPV4_OVERHEAD;
+		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
+		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
+			goto failed;
+		if (encap_write_ipv4(&outer, (void *)(&outer + 1), &pkt, real.addr.v4))
+			goto failed;
+		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
+			goto failed;
+	} else {
+		struct outer_v6 outer = {};
+		__be16 v6 = bpf_htons(LB_ETH_P_IPV6);
+
+		olen = LB_ENCAP_IPV6_OVERHEAD;
+		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV6;
+		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
+			goto failed;
+		if (encap_write_ipv6(&outer, (void *)(&outer + 1), &pkt, &real.addr))
+			goto failed;
+		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
+			goto failed;
+		if (proto != v6 &&
+		    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &v6, sizeof(v6), 0))
+			goto failed;
+	}
+	hc_stat(real.family == FAMILY_V4 ? HC_STAT_ENCAP_V4 : HC_STAT_ENCAP_V6);
+	return TC_ACT_OK;
+
+malformed:
+	hc_stat(HC_STAT_DROP_MALFORMED);
+	return TC_ACT_SHOT;
+failed:
+	hc_stat(HC_STAT_DROP_FAILED);
+	return TC_ACT_SHOT;
+}
