@@ -629,6 +629,7 @@ class Lab:
 
     STAGES = ("namespaces", "links", "addresses", "decap", "servers", "balancer", "routes",
               "ready")
+    name_prefix = NAME_PREFIX  # subclasses (netns/fleet.py) name their labs differently
 
     def __init__(self, reals: int = 3, *, clients: int = 1, balancers: int = 1,
                  datapath: str = "xdp", config: Any = None,
@@ -702,7 +703,7 @@ class Lab:
 
         taken = set(list_netns())
         for _ in range(20):
-            name = unique_name(NAME_PREFIX, maxlen=9)
+            name = unique_name(self.name_prefix, maxlen=9)
             if (not any(n.startswith(name) for n in taken)
                     and not os.path.exists(os.path.join(self.state_dir, f"{name}.json"))
                     and not os.path.exists(os.path.join(BPFFS, name))):

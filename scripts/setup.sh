@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PKGS=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 clang llvm
-          iproute2 bpftool libbpf-dev tcpdump curl)
+          iproute2 bpftool libbpf-dev tcpdump curl bird2 etcd-server etcd-client)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

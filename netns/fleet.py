@@ -1,0 +1,301 @@
+"""The fleet lab: several balancers behind a BGP router with ECMP (docs/fleet.md).
+
+:class:`FleetLab` is :class:`netns.lab.Lab` (same clients, reals, DSR, XDP balancers
+with pinned maps) with the VIP routing done by BGP instead of static routes:
+
+* the **router** runs BIRD (``bird2``): one BGP session per balancer and family (hold
+  3 s, keepalive 1 s), the learned VIP routes go into the kernel with ``merge paths on``
+  (one ECMP route over every balancer announcing the VIP);
+* each **balancer** runs ``lbctl serve`` (adopting the lab's pinned maps, swapping its own
+  program in), a BIRD announcing static routes over BGP, and the announcer sidecar
+  (``python -m control.bgp``) that decides from the daemon's API what to announce.
+
+The router's end of every balancer link gets the same MAC, so one configuration
+(``gateway_mac``) is valid on every balancer: the fleet shares one config.
+
+Names: ``lbf`` + 6 hex (per run), everything recorded in the lab's state file before it
+exists, every process (daemons, BIRDs, announcers) killed on teardown, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from netns.lab import (
+    BPF_PROG_LOAD,
+    BPF_PROG_TYPE_XDP,
+    Lab,
+    LabError,
+    _ip_batch,
+    _links_json,
+    _proc_start_time,
+    _prog_id,
+    _ProgLoadAttr,
+    attach_xdp_fd,
+)
+
+FLEET_PREFIX = "lbf"
+ROUTER_ASN = 65000
+BALANCER_ASN = 65001
+
+
+def load_xdp_drop() -> int:
+    """``r0 = XDP_DROP; exit`` (raw bpf(), like netns.lab.load_xdp_pass); its fd."""
+    import ctypes
+
+    from lb.bpf_testrun import bpf_syscall
+
+    insns = bytes.fromhex("b700000001000000" "9500000000000000")  # mov64 r0, 1; exit
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_XDP, insn_cnt=2, insns=ctypes.addressof(buf),
+                         license=ctypes.addressof(lic), prog_name=b"fleet_xdp_drop")
+    return bpf_syscall(BPF_PROG_LOAD, attr, "load the XDP_DROP program")
+
+
+class FleetLab(Lab):
+    """A lab whose balancers announce the VIPs to the router over BGP."""
+
+    name_prefix = FLEET_PREFIX
+
+    def __init__(self, reals: int = 3, *, balancers: int = 2, hold: int = 3, keepalive: int = 1,
+                 announce_after: float = 1.0, **kw: Any) -> None:
+        if kw.get("datapath", "xdp") != "xdp":
+            raise ValueError("the fleet lab runs lbctl serve on the XDP datapath")
+        super().__init__(reals, balancers=balancers, **kw)
+        self.hold, self.keepalive, self.announce_after = hold, keepalive, announce_after
+        self.state["fleet"] = {"balancers": {}}
+
+    # ---- hooks into Lab's build ---------------------------------------------------------------
+
+    def _addresses(self) -> None:
+        super()._addresses()
+        # One gateway MAC for every balancer: the router's end of each balancer link gets
+        # lb1's, so the same config (gateway_mac) is right on every balancer.
+        mac = self.balancers()[0].gw_mac
+        _ip_batch(self.router_ns, [f"link set {h.gw_ifname} address {mac}" for h in self.balancers()[1:]],
+                  "one gateway MAC for the balancers")
+        macs = {link["ifname"]: link.get("address", "") for link in _links_json(self.router_ns)}
+        for h in self.balancers():
+            h.gw_mac = macs[h.gw_ifname]
+        self._save()
+
+    def _vip_routes(self) -> None:
+        """Instead of static routes: BIRD on the router, lbctl serve + BIRD + announcer on
+        every balancer; wait until the router has the ECMP route over all of them."""
+        from control.bgp import router_bird_config
+
+        d = self.log_dir
+        peers = [(h.name, h.gw4, h.addr4, f"{h.gw6} {h.addr6}", BALANCER_ASN) for h in self.balancers()]
+        conf = os.path.join(d, "rt.bird.conf")
+        with open(conf, "w") as f:
+            f.write(router_bird_config(router_id=self.balancers()[0].gw4, asn=ROUTER_ASN, peers=peers,
+                                       log_file=os.path.join(d, "rt.bird.log"), hold=self.hold,
+                                       keepalive=self.keepalive))
+        self.router_bird_socket = os.path.join(d, "rt.bird.ctl")
+        self._spawn_logged("bird-rt", self.router_ns,
+                           ["bird", "-f", "-c", conf, "-s", self.router_bird_socket], "rt.bird.out")
+        for h in self.balancers():
+            self._start_daemon(h)
+        for h in self.balancers():
+            self._wait_daemon(h)
+        for h in self.balancers():
+            self.start_speaker(h.name)
+        self.wait_ecmp(len(self.balancers()), timeout=30)
+
+    # ---- processes ----------------------------------------------------------------------------
+
+    def _spawn_logged(self, role: str, ns: str | None, argv: list[str], log: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        from netns.lab import REPO
+
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        full = ["ip", "netns", "exec", ns, *argv] if ns else argv
+        with open(os.path.join(self.log_dir, log), "ab") as logf:
+            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    cwd=str(REPO), env=env, start_new_session=True)
+        self.state["processes"].append({"role": role, "ns": ns, "pid": proc.pid,
+                                        "start": _proc_start_time(proc.pid), "argv": argv})
+        self._procs[role] = proc
+        self._save()
+        return proc
+
+    def paths(self, name: str) -> dict[str, str]:
+        d = self.log_dir
+        return {"socket": os.path.join(d, f"{name}.api.sock"), "state_dir": os.path.join(d, f"{name}.state"),
+                "config": os.path.join(d, "fleet.yaml"), "bird_conf": os.path.join(d, f"{name}.bird.conf"),
+                "bird_socket": os.path.join(d, f"{name}.bird.ctl"), "conf_dir": os.path.join(d, f"{name}.vips"),
+                "drain_file": os.path.join(d, f"{name}.drain")}
+
+    def daemon_argv(self, name: str, store: str | None = None) -> list[str]:
+        from lb.config import config_to_dict
+
+        h = self.host(name)
+        p = self.paths(name)
+        if not os.path.exists(p["config"]):
+            with open(p["config"], "w") as f:
+                yaml.safe_dump(config_to_dict(self.config), f)
+        argv = [sys.executable, "-m", "lb.cli", "serve", "--interface", h.ifname, "--netns", h.ns,
+                "--datapath", "xdp", "--pin-dir", self.state["pin_dirs"][name], "--config", p["config"],
+                "--state-dir", p["state_dir"], "--socket", p["socket"]]
+        if store:
+            argv += ["--store", store]
+        return argv
+
+    def _start_daemon(self, h: Any, store: str | None = None) -> None:
+        self._spawn_logged(f"daemon-{h.name}", None, self.daemon_argv(h.name, store), f"{h.name}.daemon.log")
+
+    def _wait_daemon(self, h: Any, timeout: float = 120) -> None:
+        from control.client import Client
+
+        proc = self._procs[f"daemon-{h.name}"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(f"lbctl serve on {h.name} exited {proc.returncode}: "
+                               + self.log_tail(f"{h.name}.daemon.log"))
+            try:
+                with Client(socket=self.paths(h.name)["socket"], timeout=5) as c:
+                    c.status()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        raise LabError(f"lbctl serve on {h.name} not ready after {timeout} s")
+
+    def start_daemon(self, name: str, store: str | None = None) -> None:
+        h = self.host(name)
+        self._start_daemon(h, store)
+        self._wait_daemon(h)
+
+    def log_tail(self, log: str, n: int = 2000) -> str:
+        try:
+            with open(os.path.join(self.log_dir, log), errors="replace") as f:
+                return f.read()[-n:]
+        except OSError:
+            return ""
+
+    def start_speaker(self, name: str) -> None:
+        """BIRD in the balancer's namespace and the announcer sidecar next to it."""
+        from control.bgp import BirdSpeaker, balancer_bird_config
+
+        h = self.host(name)
+        p = self.paths(name)
+        os.makedirs(p["conf_dir"], exist_ok=True)
+        BirdSpeaker(p["conf_dir"], p["bird_socket"]).write(set())  # start announcing nothing
+        with open(p["bird_conf"], "w") as f:
+            f.write(balancer_bird_config(router_id=h.addr4, asn=BALANCER_ASN, peer_asn=ROUTER_ASN,
+                                         local4=h.addr4, peer4=h.gw4, local6=h.addr6, peer6=h.gw6,
+                                         conf_dir=p["conf_dir"], log_file=os.path.join(self.log_dir, f"{name}.bird.log"),
+                                         hold=self.hold, keepalive=self.keepalive))
+        bird = self._spawn_logged(f"bird-{name}", h.ns, ["bird", "-f", "-c", p["bird_conf"], "-s", p["bird_socket"]],
+                                  f"{name}.bird.out")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(p["bird_socket"]):
+            if time.monotonic() > deadline or bird.poll() is not None:
+                raise LabError(f"BIRD on {name} did not start: " + self.log_tail(f"{name}.bird.out"))
+            time.sleep(0.05)
+        self._spawn_logged(f"announcer-{name}", None,
+                           [sys.executable, "-m", "control.bgp", "--api-socket", p["socket"], "--interface",
+                            h.ifname, "--netns", h.ns, "--bird-socket", p["bird_socket"], "--conf-dir",
+                            p["conf_dir"], "--drain-file", p["drain_file"],
+                            "--announce-after", str(self.announce_after)], f"{name}.announcer.log")
+
+    def kill_role(self, role: str, sig: int = signal.SIGKILL) -> None:
+        proc = self._procs.get(role)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def kill_balancer(self, name: str) -> None:
+        """The balancer's host dies silently: first the router's end of its link drops
+        everything the balancer sends (a dead host sends no TCP FIN/RST that would close
+        the BGP session at once: only the hold timer notices), then SIGKILL its daemon,
+        BIRD and announcer, and take the XDP program off its link (it would keep
+        forwarding without the daemon)."""
+        h = self.host(name)
+        fd = load_xdp_drop()
+        try:
+            self.state["prog_ids"].append(_prog_id(fd))
+            self._save()
+            attach_xdp_fd(self.router_ns, h.gw_ifname, fd)
+        finally:
+            os.close(fd)
+        for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
+            proc = self._procs.get(role)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        subprocess.run(["ip", "-n", h.ns, "link", "set", "dev", h.ifname, "xdp", "off"], check=True,
+                       capture_output=True, timeout=10)
+        for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
+            proc = self._procs.get(role)
+            if proc is not None:
+                proc.wait(timeout=30)
+
+    # ---- the router's view -----------------------------------------------------------------------
+
+    def vip_nexthops(self, vip: str) -> list[str]:
+        """The router's kernel next hops for the VIP (empty: no route)."""
+        plen = 128 if ":" in vip else 32
+        r = subprocess.run(["ip", "-n", self.router_ns, "-6" if plen == 128 else "-4", "-j", "route", "show",
+                            f"{vip}/{plen}"],
+                           capture_output=True, text=True, timeout=10, check=False)
+        out = []
+        for route in json.loads(r.stdout or "[]"):
+            if "nexthops" in route:
+                out += [n.get("gateway", "") for n in route["nexthops"]]
+            elif "gateway" in route:
+                out.append(route["gateway"])
+        return sorted(out)
+
+    def wait_ecmp(self, n: int, timeout: float = 30, vips: list[str] | None = None) -> float:
+        """Wait until every VIP is routed over exactly ``n`` balancers; seconds waited."""
+        vips = vips or sorted({v.address for v in self.vips})
+        t0 = time.monotonic()
+        while True:
+            hops = {v: self.vip_nexthops(v) for v in vips}
+            if all(len(h) == n for h in hops.values()):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                detail = "".join(f"\n--- {h.name}: {self.bird_show(h.name)}{self.log_tail(h.name + '.bird.out')}"
+                                 f"{self.log_tail(h.name + '.announcer.log', 1000)}" for h in self.balancers())
+                raise LabError(f"VIP routes not over {n} balancers after {timeout} s: {hops}; router BIRD: "
+                               + self.bird_show("rt") + detail)
+            time.sleep(0.02)
+
+    def bird_show(self, who: str, what: str = "protocols") -> str:
+        sock = self.router_bird_socket if who == "rt" else self.paths(who)["bird_socket"]
+        r = subprocess.run(["birdc", "-s", sock, "show", *what.split()], capture_output=True, text=True,
+                           timeout=10, check=False)
+        return r.stdout + r.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m netns.fleet up [--reals N] [--balancers N]``: build a fleet lab that
+    stays up, print its name (``lbctl lab down NAME`` removes it)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m netns.fleet")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--reals", type=int, default=3)
+    up.add_argument("--balancers", type=int, default=2)
+    args = p.parse_args(argv)
+    lab = FleetLab(args.reals, balancers=args.balancers)
+    lab.build()
+    lab.release()
+    print(lab.name)
+    return 0
+
+
+__all__ = ["FleetLab", "load_xdp_drop", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The fleet: VIP announcement logic (control/bgp.py, unit tests with a fake clock) and
+the fleet lab (netns/fleet.py: BIRD router with ECMP, two balancers each running lbctl
+serve + BIRD + the announcer) with a balancer host dying under long-lived connections.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from control.bgp import (
+    Announcer,
+    BirdSpeaker,
+    Observation,
+    balancer_bird_config,
+    router_bird_config,
+    vip_health,
+    vip_prefix,
+)
+
+P4, P6 = "198.18.0.100/32", "2001:db8::100/128"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def ok(**vips: bool) -> Observation:
+    return Observation(True, {P4: vips.get("v4", True), P6: vips.get("v6", True)})
+
+
+def test_announce_only_after_stable_health() -> None:
+    clk = Clock()
+    a = Announcer(clk, announce_after=1.0)
+    assert a.decide(ok()) == set()
+    clk.t += 0.5
+    assert a.decide(ok()) == set()
+    clk.t += 0.5
+    assert a.decide(ok()) == {P4, P6}
+
+
+def test_withdraw_at_once_on_datapath_failure_and_reannounce_after_delay() -> None:
+    clk = Clock()
+    a = Announcer(clk, announce_after=1.0)
+    a.decide(ok())
+    clk.t += 1
+    assert a.decide(ok()) == {P4, P6}
+    clk.t += 0.1
+    assert a.decide(Observation(False, {})) == set()  # daemon unreachable: nothing
+    clk.t += 0.1
+    assert a.decide(ok()) == set()  # back, but not yet for announce_after
+    clk.t += 0.5
+    assert a.decide(Observation(False, {})) == set()  # flapped: the timer restarts
+    clk.t += 0.1
+    a.decide(ok())
+    clk.t += 0.99
+    assert a.decide(ok()) == set()
+    clk.t += 0.01
+    assert a.decide(ok()) == {P4, P6}
+
+
+def test_withdraw_the_vip_whose_reals_are_all_down_only() -> None:
+    clk = Clock()
+    a = Announcer(clk, announce_after=0)
+    assert a.decide(ok()) == {P4, P6}
+    assert a.decide(ok(v6=False)) == {P4}
+    assert a.decide(Observation(True, {P4: True})) == {P4}  # VIP removed from the config
+    assert a.decide(ok()) == {P4, P6}
+
+
+def test_withdraw_after_grace_but_drain_and_stop_are_immediate() -> None:
+    clk = Clock()
+    a = Announcer(clk, announce_after=0, withdraw_after=2.0)
+    assert a.decide(ok()) == {P4, P6}
+    clk.t += 1
+    assert a.decide(Observation(False, {})) == {P4, P6}  # within the grace
+    clk.t += 0.9
+    assert a.decide(Observation(False, {})) == {P4, P6}  # 0.9 s of 2
+    clk.t += 1.0
+    assert a.decide(Observation(False, {})) == {P4, P6}  # 1.9 s of 2
+    clk.t += 0.1
+    assert a.decide(Observation(False, {})) == set()
+    assert a.decide(ok()) == {P4, P6}
+    assert a.decide(Observation(True, {P4: True, P6: True}, drain=True)) == set()
+    assert a.decide(ok()) == {P4, P6}
+    assert a.decide(Observation(True, {P4: True, P6: True}, stopping=True)) == set()
+
+
+def test_vip_health_from_the_api_view() -> None:
+    vips = [
+        {"address": "198.18.0.100", "port": 80, "reals": [
+            {"address": "a", "weight": 1, "effective_weight": 0}, {"address": "b", "weight": 1,
+                                                                   "effective_weight": 1}]},
+        {"address": "2001:db8::100", "port": 80, "reals": [
+            {"address": "a", "weight": 1, "effective_weight": 0, "drained": True}]},
+        {"address": "2001:db8::100", "port": 7, "reals": [
+            {"address": "a", "weight": 2, "effective_weight": None, "healthy": False}]},
+        {"address": "198.18.0.101", "port": 80, "reals": [
+            {"address": "a", "weight": 3, "effective_weight": None, "healthy": None}]},
+    ]
+    assert vip_health(vips) == {P4: True, P6: False, "198.18.0.101/32": True}
+    assert vip_prefix("2001:db8::100") == P6
+
+
+def test_speaker_files_and_configs(tmp_path) -> None:
+    files = BirdSpeaker.files(tmp_path, {P4, P6})
+    assert files == {"vips4.conf": f"route {P4} blackhole;\n", "vips6.conf": f"route {P6} blackhole;\n"}
+    assert BirdSpeaker.files(tmp_path, set()) == {"vips4.conf": "", "vips6.conf": ""}
+    rt = router_bird_config(router_id="198.18.11.1", asn=65000, log_file="/x",
+                            peers=[("lb1", "198.18.11.1", "198.18.11.2", "2001:db8:0:11::1 2001:db8:0:11::2", 65001)])
+    assert rt.count("merge paths on") == 2 and "hold time 3" in rt and "neighbor 198.18.11.2 as 65001" in rt
+    bal = balancer_bird_config(router_id="198.18.11.2", asn=65001, peer_asn=65000, local4="198.18.11.2",
+                               peer4="198.18.11.1", local6="2001:db8:0:11::2", peer6="2001:db8:0:11::1",
+                               conf_dir="/c", log_file="/x")
+    assert '\ninclude "/c/vips4.conf";\n' in bal and "next hop self" in bal
+
+
+# ---- the fleet lab ------------------------------------------------------------------------------
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.slow
+def test_balancer_host_dies_connections_survive() -> None:
+    from netns.fleet import FleetLab
+    from netns.lab import VIP4, VIP6, leftovers
+    from netns.servers import KeepAliveClient, http_requests
+
+    lab = FleetLab(reals=3, balancers=2)
+    conns: list[KeepAliveClient] = []
+    try:
+        lab.build()
+        assert lab.vip_nexthops(VIP4) == ["198.18.11.2", "198.18.12.2"]
+        assert lab.vip_nexthops(VIP6) == ["2001:db8:0:11::2", "2001:db8:0:12::2"]
+        c = lab.client()
+        n = 64
+        conns = [KeepAliveClient(c.ns, VIP4 if i % 2 == 0 else VIP6, timeout=30) for i in range(n)]
+        owners = [k.get() for k in conns]
+        rx1 = lab.balancer_stats("lb1")["rx_packets"]
+        rx2 = lab.balancer_stats("lb2")["rx_packets"]
+        assert rx1 > 0 and rx2 > 0, (rx1, rx2)  # ECMP uses both
+
+        t0 = time.monotonic()
+        lab.kill_balancer("lb1")
+        done: dict[int, tuple[float, str | None]] = {}
+
+        def probe(i: int) -> None:
+            try:
+                real = conns[i].get()
+                done[i] = (time.monotonic() - t0, real)
+            except Exception:  # noqa: BLE001 - counted as lost
+                done[i] = (time.monotonic() - t0, None)
+
+        threads = [threading.Thread(target=probe, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        lab.wait_ecmp(1, timeout=15)
+        route_s = time.monotonic() - t0
+        assert lab.vip_nexthops(VIP4) == ["198.18.12.2"]
+        for t in threads:
+            t.join(timeout=60)
+        survived = sum(1 for i in range(n) if done.get(i, (0, None))[1] == owners[i])
+        traffic_s = max(d for d, _ in done.values())
+        stalled = sum(1 for d, _ in done.values() if d > 1.0)  # went through lb1
+        again = [k.get() for k in conns]  # every connection answers at once now
+        new = http_requests(c.ns, VIP4, n=100)
+        print(f"MEASURED fleet failover: {survived}/{n} long-lived connections survived on their real; "
+              f"router route withdrawn {route_s:.2f} s after the kill (hold 3 s); every connection answered "
+              f"again {traffic_s:.2f} s after ({stalled} had been crossing lb1); lb1 had {rx1} rx packets, lb2 {rx2} before")
+        assert survived == n, {i: (done.get(i), owners[i]) for i in range(n) if done.get(i, (0, None))[1] != owners[i]}
+        assert again == owners
+        assert all(r.real is not None for r in new)
+        assert route_s < 8
+        assert stalled > 0  # some connections did cross the balancer that died
+    finally:
+        for k in conns:
+            k.close()
+        st, sp = lab.state, lab.state_path
+        lab.teardown()
+    assert leftovers(st, sp) == []
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.slow
+def test_drain_and_sigterm_withdraw() -> None:
+    import signal
+
+    from netns.fleet import FleetLab
+    from netns.lab import VIP4, leftovers
+
+    lab = FleetLab(reals=2, balancers=2)
+    try:
+        lab.build()
+        Path = __import__("pathlib").Path
+        drain = Path(lab.paths("lb2")["drain_file"])
+        t0 = time.monotonic()
+        drain.touch()
+        lab.wait_ecmp(1, timeout=10)
+        drain_s = time.monotonic() - t0
+        assert lab.vip_nexthops(VIP4) == ["198.18.11.2"]
+        drain.unlink()
+        lab.wait_ecmp(2, timeout=10)
+        t0 = time.monotonic()
+        lab.kill_role("announcer-lb1", signal.SIGTERM)  # withdraws before exiting
+        lab.wait_ecmp(1, timeout=10)
+        term_s = time.monotonic() - t0
+        assert lab.vip_nexthops(VIP4) == ["198.18.12.2"]
+        print(f"MEASURED drain withdrawn in {drain_s:.2f} s, SIGTERM withdrawn in {term_s:.2f} s")
+        assert term_s < 2.5  # well under the 3 s hold time: an explicit withdraw
+    finally:
+        st, sp = lab.state, lab.state_path
+        lab.teardown()
+    assert leftovers(st, sp) == []
