@@ -171,7 +171,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise StartupError(str(ConfigError(problems, args.config)), 2)
 
     name = instance_name(args.interface, args.netns)
-    store = Store(args.state_dir or os.path.join(DEFAULT_STATE_ROOT, name))
+    from control.etcd_store import open_store
+
+    try:
+        store = open_store(getattr(args, "store", None), args.state_dir or os.path.join(DEFAULT_STATE_ROOT, name),
+                           args.netns)
+    except ValueError as e:
+        raise StartupError(str(e), 2) from None
     try:
         store.lock()
     except StateLocked as e:
@@ -240,6 +246,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         log.info("XDP attached to %s%s (%s)", args.interface,
                  f" in netns {args.netns}" if args.netns else "", args.xdp_mode)
 
+    if hasattr(store, "attach"):  # a shared store (etcd): follow changes made elsewhere
+        store.attach(controller)
     if args.netns:
         from netns.ns import run_in_netns
 
@@ -248,10 +256,27 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     else:
         factory = plain_socket
     metrics = Metrics(controller)
-    runner = HealthRunner(controller, DirectProber(factory), observe=metrics.observe_probe)
+    transport = args.probe_transport or ("tunnel" if args.datapath == "xdp" else "direct")
+    encap = None
+    if transport == "tunnel":
+        from control.tunnel_probe import TunnelEncap, TunnelEncapError, TunnelProber
+
+        try:
+            encap = TunnelEncap(sizes.max_reals, args.probe_mark_base)
+            encap.attach(args.interface, args.netns)
+        except (TunnelEncapError, OSError, ValueError) as e:
+            if encap is not None:
+                encap.close()
+            raise StartupError(f"probes through the tunnel: {e}") from None
+        log.info("health probes through the tunnel (tc egress on %s, SO_MARK %#x + real id)",
+                 args.interface, args.probe_mark_base)
+        prober: Any = TunnelProber(encap, factory)
+    else:
+        prober = DirectProber(factory)
+    runner = HealthRunner(controller, prober, observe=metrics.observe_probe)
     info = {"interface": args.interface, "netns": args.netns, "pid": os.getpid(),
             "state_dir": str(store.dir), "pin_dir": getattr(bal, "pin_dir", None),
-            "started": time.time()}
+            "started": time.time(), "store": getattr(store, "info", {"kind": "file"})}
     holder: dict[str, Any] = {}
 
     def health_details() -> dict[tuple[str, str], dict[str, Any]]:
@@ -267,7 +292,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     app = create_app(controller, token=token, metrics=metrics, health_details=health_details, info=info)
     return {"controller": controller, "app": app, "runner": runner, "bal": bal, "store": store,
-            "listen": listen, "holder": holder, "port": port}
+            "listen": listen, "holder": holder, "port": port, "encap": encap}
 
 
 async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
@@ -339,6 +364,10 @@ def serve(args: argparse.Namespace) -> int:
         if stop_io is not None:  # the userspace datapath lives in this process
             with contextlib.suppress(Exception):
                 stop_io()
+        encap = parts.get("encap")
+        if encap is not None:  # no probes without the daemon: the tc filter goes with it
+            with contextlib.suppress(Exception):
+                encap.close()
         bal = parts.get("bal")
         if bal is not None and args.detach_on_exit:
             with contextlib.suppress(Exception):
@@ -359,6 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="userspace only: keep the tables in the numba twin without opening the "
                         "interface (tests, dry runs, simulate)")
     p.add_argument("--state-dir", help=f"desired state and health (default {DEFAULT_STATE_ROOT}/[NETNS-]IF)")
+    p.add_argument("--store", help="where the desired state lives: file (default: --state-dir) or "
+                                   "etcd://HOST:PORT/PREFIX (shared by a fleet; see docs/fleet.md)")
     p.add_argument("--pin-dir", help=f"bpffs directory of the pinned maps (default {DEFAULT_PIN_ROOT}/[NETNS-]IF)")
     p.add_argument("--netns", help="network namespace (under /run/netns) the interface is in; "
                                    "health probes are sent from there too")
@@ -370,4 +401,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="discard the saved state and start from --config")
     p.add_argument("--detach-on-exit", action="store_true",
                    help="detach the XDP program on SIGTERM (default: keep forwarding)")
+    p.add_argument("--probe-transport", choices=["tunnel", "direct"], default=None,
+                   help="health probes: tunnel (to the VIP, SO_MARK, encapsulated by a tc egress "
+                        "program towards the real; default with --datapath xdp) or direct (to the "
+                        "real's own address; default with userspace)")
+    p.add_argument("--probe-mark-base", type=lambda v: int(v, 0), default=0x4C420000,
+                   help="tunnel probes: SO_MARK = this + real id (default 0x4c420000)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

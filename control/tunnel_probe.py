@@ -32,7 +32,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from control.health import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
