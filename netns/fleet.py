@@ -67,11 +67,12 @@ class FleetLab(Lab):
     name_prefix = FLEET_PREFIX
 
     def __init__(self, reals: int = 3, *, balancers: int = 2, hold: int = 3, keepalive: int = 1,
-                 announce_after: float = 1.0, **kw: Any) -> None:
+                 announce_after: float = 1.0, etcd: bool = False, **kw: Any) -> None:
         if kw.get("datapath", "xdp") != "xdp":
             raise ValueError("the fleet lab runs lbctl serve on the XDP datapath")
         super().__init__(reals, balancers=balancers, **kw)
         self.hold, self.keepalive, self.announce_after = hold, keepalive, announce_after
+        self.etcd = etcd
         self.state["fleet"] = {"balancers": {}}
 
     # ---- hooks into Lab's build ---------------------------------------------------------------
@@ -103,8 +104,10 @@ class FleetLab(Lab):
         self.router_bird_socket = os.path.join(d, "rt.bird.ctl")
         self._spawn_logged("bird-rt", self.router_ns,
                            ["bird", "-f", "-c", conf, "-s", self.router_bird_socket], "rt.bird.out")
+        if self.etcd:
+            self.start_etcd()
         for h in self.balancers():
-            self._start_daemon(h)
+            self._start_daemon(h, self.store_url(h.name))
         for h in self.balancers():
             self._wait_daemon(h)
         for h in self.balancers():
@@ -170,10 +173,44 @@ class FleetLab(Lab):
                 time.sleep(0.2)
         raise LabError(f"lbctl serve on {h.name} not ready after {timeout} s")
 
-    def start_daemon(self, name: str, store: str | None = None) -> None:
+    def start_daemon(self, name: str) -> None:
         h = self.host(name)
-        self._start_daemon(h, store)
+        self._start_daemon(h, self.store_url(name))
         self._wait_daemon(h)
+
+    # ---- etcd: the fleet's shared configuration ---------------------------------------------------
+
+    def store_url(self, name: str) -> str | None:
+        """The daemon's --store: etcd on the router's address of this balancer's link."""
+        return f"etcd://{self.host(name).gw4}:2379/{self.name}" if self.etcd else None
+
+    def etcd_client(self) -> Any:
+        from control.etcd_store import EtcdClient
+
+        return EtcdClient(self.balancers()[0].gw4, 2379, netns=self.router_ns)
+
+    def start_etcd(self, timeout: float = 30) -> None:
+        """etcd in the router's namespace, clients on the router's balancer-link addresses
+        only, peers on the router namespace's loopback; data under the lab's log dir."""
+        from control.etcd_store import EtcdUnavailable
+
+        clients = ",".join(f"http://{h.gw4}:2379" for h in self.balancers())
+        peer = "http://127.0.0.1:2380"
+        argv = ["etcd", "--name", "fleet", "--data-dir", os.path.join(self.log_dir, "etcd"),
+                "--listen-client-urls", clients, "--advertise-client-urls", clients,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"fleet={peer}", "--log-level", "warn"]
+        proc = self._spawn_logged("etcd", self.router_ns, argv, "etcd.log")
+        c = self.etcd_client()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                c.get("/probe")
+                return
+            except EtcdUnavailable:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError("etcd did not start: " + self.log_tail("etcd.log")) from None
+                time.sleep(0.1)
 
     def log_tail(self, log: str, n: int = 2000) -> str:
         try:
