@@ -315,8 +315,8 @@ class FleetLab(Lab):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m netns.fleet up [--reals N] [--balancers N]``: build a fleet lab that
-    stays up, print its name (``lbctl lab down NAME`` removes it)."""
+    """``python -m netns.fleet up [--reals N] [--balancers N] [--etcd]``: build a fleet lab
+    that stays up, print its name (``lbctl lab down NAME`` removes it)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m netns.fleet")
@@ -324,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up")
     up.add_argument("--reals", type=int, default=3)
     up.add_argument("--balancers", type=int, default=2)
+    up.add_argument("--etcd", action="store_true", help="shared config in etcd (lbctl serve --store etcd://...)")
     args = p.parse_args(argv)
-    lab = FleetLab(args.reals, balancers=args.balancers)
+    lab = FleetLab(args.reals, balancers=args.balancers, etcd=args.etcd)
     lab.build()
     lab.release()
     print(lab.name)
