@@ -51,6 +51,15 @@ each flow mix, then filled by one pass over all flows: measured frames are hits.
     per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS (-DLB_CONN_PERCPU_MAPS), LRU VIP,
     1k / 100k / 1M flows, harness (a) with the sink in softirq.
 
+(p) where the time goes: the cost of one BPF helper call on this machine, and
+    cpu-clock profiles (perf, this process's samples) of the generating CPU running
+    harness (a) with the balancer and with the stub, IPv4 LRU VIP, 1k and 100k flows.
+
+Mpps in (a) and (d) is frames / the kernel's own BPF_PROG_TEST_RUN run time on the
+generating CPU, which leaves out time other tasks had that CPU (this machine is shared);
+the wall-clock figures are in the JSON and (a)'s table too. (b) counts frames back at
+the sink per wall-clock second.
+
 Load average (1-minute) is recorded before and after every measurement; a measurement
 that started or ended with it above --load-high is run again (up to --max-reruns) and
 the calmer one kept; both are in the JSON.
@@ -333,8 +342,17 @@ class Program:
 
 @dataclass
 class RunResult:
+    """One generator run. ``seconds``: wall time of the generating thread(s);
+    ``kernel_seconds``: the kernel's own BPF_PROG_TEST_RUN timing of the same frames,
+    which leaves out time the generating thread was switched out for other tasks (the
+    kernel is PREEMPT_NONE/voluntary here: the generator yields only between batches,
+    where the timer stops), so it measures the generating CPU's cost per frame even
+    when other work shares that CPU. Softirq work the batches trigger on that CPU (the
+    sink's NAPI in "softirq" mode) is inside it."""
+
     packets: int
     seconds: float
+    kernel_seconds: float
     delivered: int
     veth_dropped: int
     gen_cpus: dict[int, int]
@@ -352,12 +370,16 @@ class RunResult:
         return self.packets / self.seconds / 1e6 if self.seconds else 0.0
 
     @property
+    def kernel_mpps(self) -> float:
+        return self.packets / self.kernel_seconds / 1e6 if self.kernel_seconds else 0.0
+
+    @property
     def delivered_mpps(self) -> float:
         return self.delivered / self.seconds / 1e6 if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d.update(mpps=self.mpps, delivered_mpps=self.delivered_mpps,
+        d.update(mpps=self.mpps, kernel_mpps=self.kernel_mpps, delivered_mpps=self.delivered_mpps,
                  gen_cpus={str(k): v for k, v in self.gen_cpus.items()},
                  sink_cpus={str(k): v for k, v in self.sink_cpus.items()},
                  bal_cpus={str(k): v for k, v in self.bal_cpus.items()})
@@ -419,11 +441,12 @@ class XdpBench:
     # --- one run ---------------------------------------------------------------------
 
     def _generate(self, bed: Bed, prog: Program, family: int, flows: int, count: int,
-                  tail: bool) -> tuple[int, float, dict[int, int]]:
-        """Generate ``count`` frames of the mix (whole segments for chunked mixes)."""
+                  tail: bool) -> tuple[int, float, float, dict[int, int]]:
+        """Generate ``count`` frames of the mix (whole segments for chunked mixes);
+        returns (frames, wall seconds, kernel-timed seconds, frames per CPU)."""
         gen = self.gen
         segs = flow_segments(family, flows)
-        packets, seconds, cpus = 0, 0.0, {}
+        packets, seconds, kseconds, cpus = 0, 0.0, 0.0, {}
         while packets < count:
             for seg in segs:
                 gen.set_template(bed.frame(family, seg.src, prog.dst), flows=seg.flows, vary=seg.vary)
@@ -437,11 +460,12 @@ class XdpBench:
                     raise RuntimeError(f"{r.tail_missed} tail calls into {prog.label} failed")
                 packets += r.packets
                 seconds += r.seconds
+                kseconds += r.kernel_ns_per_frame * r.packets / 1e9
                 for c, v in r.cpus.items():
                     cpus[c] = cpus.get(c, 0) + v
                 if packets >= count:
                     break
-        return packets, seconds, cpus
+        return packets, seconds, kseconds, cpus
 
     def run_once(self, bed: Bed, prog: Program, family: int, flows: int, count: int) -> RunResult:
         tail = not bed.topology
@@ -453,7 +477,7 @@ class XdpBench:
         rx0 = balancer_rx_per_cpu(prog.bal) if prog.bal else None
         napi0 = {p: task_cpu_seconds(p) for p in bed.napi_pids}
         load0 = loadavg()
-        packets, seconds, gen_cpus = self._generate(bed, prog, family, flows, count, tail)
+        packets, seconds, kseconds, gen_cpus = self._generate(bed, prog, family, flows, count, tail)
         # let the sink drain the veth rings (a few hundred frames)
         deadline = time.monotonic() + 2.0
         while True:
@@ -462,7 +486,8 @@ class XdpBench:
             if c.packets + dropped >= packets or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-        res = RunResult(packets=packets, seconds=seconds, delivered=c.packets,
+        res = RunResult(packets=packets, seconds=seconds, kernel_seconds=kseconds,
+                        delivered=c.packets,
                         veth_dropped=dropped, gen_cpus=gen_cpus, sink_cpus=dict(c.per_cpu),
                         bal_cpus={}, load_before=load0, load_after=loadavg())
         if bed.napi_pids:
@@ -485,7 +510,12 @@ class XdpBench:
             if p.uses_lru:
                 drain_conn_tables(p.bal)
         for p in progs:
-            self.run_once(bed, p, family, flows, max(flows, self.warm_frames))
+            # a pass may lose frames before the balancer (a full veth ring in (b)): repeat
+            # until a pass finds every flow that reached it in the table
+            for _ in range(5):
+                r = self.run_once(bed, p, family, flows, max(flows, self.warm_frames))
+                if not p.uses_lru or (r.lru_miss == 0 and r.delivered == r.packets):
+                    break
 
     def cell(self, bed: Bed, progs: Sequence[Program], family: int, flows: int,
              reps: int | None = None, count: int | None = None) -> dict[str, Any]:
@@ -522,17 +552,30 @@ def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+METRICS = {"kernel": lambda r: r.kernel_mpps, "wall": lambda r: r.mpps,
+           "delivered": lambda r: r.delivered_mpps}
+
+
 def summarize(cell: dict[str, Any], label: str, base: str = "stub",
-              metric: str = "mpps") -> dict[str, Any]:
-    """Median Mpps of ``label`` and of ``base``, and the median of the per-rep ratios."""
+              metric: str = "kernel") -> dict[str, Any]:
+    """Median Mpps of ``label`` and of ``base`` and the median of the per-rep ratios, by
+    ``metric`` ("kernel": frames / kernel-timed seconds, "wall": frames / wall seconds,
+    "delivered": frames the sink counted / wall seconds); the others alongside."""
     runs, brun = cell["runs"][label], cell["runs"][base]
-    get = (lambda r: r.mpps) if metric == "mpps" else (lambda r: r.delivered_mpps)
-    ratios = [get(r) / get(b) for r, b in zip(runs, brun) if get(b) > 0]
+
+    def stats(get):
+        ratios = [get(r) / get(b) for r, b in zip(runs, brun) if get(b) > 0]
+        return _median([get(r) for r in runs]), _median([get(b) for b in brun]), _median(ratios), ratios
+
+    mpps, base_mpps, ratio, ratios = stats(METRICS[metric])
     out = {
-        "mpps": _median([get(r) for r in runs]),
-        "base_mpps": _median([get(b) for b in brun]),
-        "ratio": _median(ratios),
+        "metric": metric,
+        "mpps": mpps,
+        "base_mpps": base_mpps,
+        "ratio": ratio,
         "ratios": ratios,
+        "by_metric": {m: dict(zip(("mpps", "base_mpps", "ratio", "ratios"), stats(f)))
+                      for m, f in METRICS.items()},
         "generated_mpps": _median([r.mpps for r in runs]),
         "base_generated_mpps": _median([b.mpps for b in brun]),
         "delivered_mpps": _median([r.delivered_mpps for r in runs]),
@@ -595,7 +638,8 @@ def part_a(xb: XdpBench, families: Sequence[int], flow_counts: Sequence[int],
                         xb.console.print(
                             f"  (a) {mode:8} v{family} {flows:>9,} flows {k:10} "
                             f"stub {s['base_mpps']:5.2f} bal {s['mpps']:5.2f} Mpps "
-                            f"ratio {s['ratio']:.3f} (+{s.get('added_ns_per_pkt', 0):.0f} ns/pkt) "
+                            f"ratio {s['ratio']:.3f} (wall {s['by_metric']['wall']['ratio']:.3f}) "
+                            f"+{s.get('added_ns_per_pkt', 0):.0f} ns/pkt "
                             f"hit {s['lru_hit_ratio'] if s['lru_hit_ratio'] is not None else '-'} "
                             f"cpu gen {s['gen_cpus']} bal {s['bal_cpus']} sink {s['sink_cpus']} "
                             f"load {_load(s)}")
@@ -678,6 +722,107 @@ def part_c(xb: XdpBench | None, families: Sequence[int], flow_counts: Sequence[i
     return rows
 
 
+def helper_call_ns(cpu: int, repeat: int = 200_000) -> dict[str, float]:
+    """What one BPF helper call costs here: an XDP program calling bpf_get_prandom_u32()
+    100 times vs. not at all, timed by BPF_PROG_TEST_RUN (kernel-timed, repeat runs).
+    Every hash-map lookup of the balancer is ~4 such calls/returns inside the kernel
+    (__htab_map_lookup_elem, htab_map_hash, lookup_nulls_elem_raw, memcmp)."""
+    from bcc import BPF
+
+    from lb.bpf_testrun import test_run
+
+    src = b"""
+    #include <uapi/linux/bpf.h>
+    int none(struct xdp_md *ctx) { return XDP_DROP; }
+    int calls(struct xdp_md *ctx) {
+        __u32 s = 0;
+    #pragma unroll
+        for (int i = 0; i < 100; i++)
+            s += bpf_get_prandom_u32();
+        return s == 12345 ? XDP_PASS : XDP_DROP;
+    }
+    """
+    b = BPF(text=src)
+    try:
+        fds = {n: b.load_func(n.encode(), BPF.XDP).fd for n in ("none", "calls")}
+
+        def best(fd: int) -> float:
+            return min(test_run(fd, bytes(64), repeat=repeat)[2] for _ in range(5))
+
+        t = run_in_netns(None, lambda: {n: best(fd) for n, fd in fds.items()}, cpu=cpu)
+    finally:
+        b.cleanup()
+    return {"empty_program_ns": t["none"], "ns_per_helper_call": (t["calls"] - t["none"]) / 100}
+
+
+def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | None:
+    """Run ``seconds_fn()`` under ``perf record -e cpu-clock -C cpu`` (sampling, no
+    hardware counters in this VM) and return the top symbols of this process's samples
+    (share % of them, symbol)."""
+    import subprocess
+    import tempfile
+
+    if shutil.which("perf") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="lbbperf") as d:
+        data = os.path.join(d, "perf.data")
+        p = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-C", str(cpu),
+                              "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)  # perf needs a moment before it samples
+            seconds_fn()
+        finally:
+            p.send_signal(2)
+            p.wait(timeout=30)
+        # only this process's samples (the generator thread, and the softirq work it
+        # triggers): other sessions share the CPU
+        out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
+                              "--pid", str(os.getpid()), "--percentage", "relative",
+                              "--sort", "sym", "-q"], capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].endswith("%"):
+            rows.append((float(parts[0][:-1]), parts[2].strip()))
+    return rows[:top]
+
+
+def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> dict[str, Any]:
+    """(p) where the balancer's time goes: the cost of a helper call on this machine,
+    and cpu-clock profiles of the generating CPU in harness (a) (IPv4, LRU VIP, sink in
+    softirq), balancer and stub."""
+    out: dict[str, Any] = {"helper_call": helper_call_ns(xb.gen_cpu), "profiles": []}
+    xb.console.print(f"  (p) helper call: {out['helper_call']['ns_per_helper_call']:.1f} ns "
+                     f"(empty program {out['helper_call']['empty_program_ns']:.0f} ns per run)")
+    with Bed(xb.gen, False, xb.gen_cpu, xb.other_cpu) as bed:
+        xb.set_gateway(bed.gateway_mac)
+        stub_fd = xb.gen.configure_tx_stub(bed.b.mac_bytes)
+        bed.set_mode("softirq")
+        vip = VIPS[(4, "lru")]
+        for flows in flow_counts:
+            progs = [Program("stub", stub_fd, vip), Program("lru", xb.bal.prog_fd, vip, xb.bal, True)]
+            xb.warm(bed, progs, 4, flows)
+            for p in progs:
+                res: dict[str, Any] = {}
+
+                def go() -> None:  # the generator alone (run_once's netlink calls fork)
+                    t0, packets, kseconds = time.monotonic(), 0, 0.0
+                    while time.monotonic() - t0 < seconds:
+                        n, _, k, _ = xb._generate(bed, p, 4, flows, max(xb.frames, flows), tail=True)
+                        packets, kseconds = packets + n, kseconds + k
+                    res["r"] = packets, kseconds
+
+                top = perf_top(xb.gen_cpu, go)
+                packets, kseconds = res["r"]
+                out["profiles"].append({"flows": flows, "program": p.label, "top": top,
+                                        "kernel_mpps_under_perf": packets / kseconds / 1e6})
+                if top:
+                    xb.console.print(f"  (p) v4 {flows:>9,} flows {p.label:5}: " + ", ".join(
+                        f"{sym.split()[-1]} {pct:.1f}%" for pct, sym in top[:8]))
+        xb.gen.detach_tail_call()
+    return out
+
+
 def part_d(xb: XdpBench, families: Sequence[int], flow_counts: Sequence[int]) -> list[dict[str, Any]]:
     """(d) connection-table layouts side by side, LRU VIP, harness (a), sink in softirq."""
     if xb.bal_pcm is None:
@@ -695,8 +840,8 @@ def part_d(xb: XdpBench, families: Sequence[int], flow_counts: Sequence[int]) ->
                          Program("percpu_maps", xb.bal_pcm.prog_fd, vip, xb.bal_pcm, True)]
                 cell = xb.cell(bed, progs, family, flows)
                 a, b = summarize(cell, "no_common_lru"), summarize(cell, "percpu_maps")
-                pair = [y.mpps / x.mpps for x, y in zip(cell["runs"]["no_common_lru"],
-                                                        cell["runs"]["percpu_maps"])]
+                pair = [y.kernel_mpps / x.kernel_mpps for x, y in zip(cell["runs"]["no_common_lru"],
+                                                                      cell["runs"]["percpu_maps"])]
                 row = {"part": "d", "family": family, "flows": flows,
                        "frame_bytes": frame_size(family), "stub_mpps": a["base_mpps"],
                        "no_common_lru": a, "percpu_maps": b,
@@ -726,10 +871,11 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 def table_a(rows: list[dict[str, Any]], gen_cpu: int, other_cpu: int) -> Table:
     t = Table(title="(a) generator -> tail call -> balancer | no-balancer stub -> XDP_TX -> "
-                    f"veth -> sink; generator + program on CPU {gen_cpu}")
+                    f"veth -> sink; generator + program on CPU {gen_cpu}. Mpps: frames / the "
+                    "kernel's run time on that CPU (wall-clock ratio beside it)")
     for col in ("sink NAPI", "fam", "bytes", "flows", "VIP", "no-bal Mpps", "bal Mpps",
-                "ratio", "target", "met", "+ns/pkt", "LRU hit", "gen CPU", "bal CPU",
-                "sink CPU", "lost", "load 1m"):
+                "ratio", "wall ratio", "target", "met", "+ns/pkt", "LRU hit", "gen CPU",
+                "bal CPU", "sink CPU", "lost", "load 1m"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         tgt = r.get("target")
@@ -737,6 +883,7 @@ def table_a(rows: list[dict[str, Any]], gen_cpu: int, other_cpu: int) -> Table:
         t.add_row("softirq" if r["mode"] == "softirq" else f"kthread@{other_cpu}",
                   f"v{r['family']}", str(r["frame_bytes"]), f"{r['flows']:,}", r["vip"],
                   _f(r["base_mpps"]), _f(r["mpps"]), _f(r["ratio"], "{:.3f}"),
+                  _f(r["by_metric"]["wall"]["ratio"], "{:.3f}"),
                   _f(tgt, "{:.2f}"), met, _f(r.get("added_ns_per_pkt"), "{:.0f}"),
                   _f(r["lru_hit_ratio"], "{:.4f}"), _cpus(r["gen_cpus"]), _cpus(r["bal_cpus"]),
                   _cpus(r["sink_cpus"]), f"{r['lost_fraction'] * 100:.1f}%", _load(r))
@@ -819,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help=f"where to write results (default {DEFAULT_JSON})")
     ap.add_argument("--quick", action="store_true",
                     help="1 rep of 1M frames, 1k and 100k flows, LRU VIP only, sink in softirq for (a)")
-    ap.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    ap.add_argument("--parts", default="a,b,c,d,p",
+                    help="comma-separated subset of a,b,c,d,p (p: profile, where the time goes)")
     ap.add_argument("--flows", default=None, help="comma-separated flow counts (default 1,1000,100000,1000000)")
     ap.add_argument("--frames", type=int, default=2_000_000, help="frames per run (at least the flow count)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs per program (median reported)")
@@ -857,17 +1005,21 @@ def main(argv: list[str] | None = None) -> int:
     rows_b: list[dict[str, Any]] = []
     rows_c: list[dict[str, Any]] = []
     rows_d: list[dict[str, Any]] = []
-    if parts & {"a", "b", "d"}:
+    profile: dict[str, Any] = {}
+    if parts & {"a", "b", "d", "p"}:
         with XdpBench(gen_cpu=gen_cpu, other_cpu=other_cpu, frames=frames, reps=reps,
                       percpu_maps="d" in parts, load_high=args.load_high,
                       max_reruns=args.max_reruns, console=console) as xb:
             data["balancer_prog"] = xb.bal.prog_info()
             rows_a, rows_b, rows_d = run_bpf_parts(xb, parts, flow_counts, kinds, modes_a)
+            if "p" in parts:
+                profile = part_p(xb, [f for f in flow_counts if f in (1_000, 100_000)] or flow_counts[:1])
     if "c" in parts:
         rows_c = part_c(None, FAMILIES, flow_counts, kinds, other_cpu, console=console)
         console.print(table_c(rows_c, rows_a))
 
-    data.update(part_a=rows_a, part_b=rows_b, part_c=rows_c, part_d=rows_d, load_end=loadavg())
+    data.update(part_a=rows_a, part_b=rows_b, part_c=rows_c, part_d=rows_d, profile=profile,
+                load_end=loadavg())
     summary = []
     for r in rows_a:
         if r.get("target") is not None:

@@ -89,7 +89,7 @@ def xb():
     assert _lbb_namespaces() <= before, "a namespace of the benchmark was left behind"
 
 
-def _sane(row: dict, *, lru: bool) -> None:
+def _sane(row: dict, *, lru: bool, min_hit: float = 1.0) -> None:
     for label, runs in row["runs"].items():
         for r in runs:
             assert r["packets"] > 0 and r["seconds"] > 0
@@ -97,7 +97,7 @@ def _sane(row: dict, *, lru: bool) -> None:
             assert r["load_before"] and r["load_after"]
     assert row["ratio"] > 0 and row["mpps"] > 0 and row["base_mpps"] > 0
     if lru:
-        assert row["lru_hit_ratio"] == 1.0  # the warm-up pass put every flow in the table
+        assert row["lru_hit_ratio"] >= min_hit  # the warm-up pass put every flow in the table
     else:
         assert row["lru_hit_ratio"] is None
 
@@ -137,7 +137,8 @@ def test_part_b_topology(xb) -> None:
     rows = bx.part_b(xb, [4], [1000], ["lru"], ["softirq", "threaded"])
     assert [r["mode"] for r in rows] == ["softirq", "threaded"]
     for r in rows:
-        _sane(r, lru=True)
+        # threaded: frames lost on the way in may keep a few flows out of the warm-up
+        _sane(r, lru=True, min_hit=1.0 if r["mode"] == "softirq" else 0.95)
         assert r["gen_cpus"] == [GEN_CPU]
         if r["mode"] == "softirq":  # everything on the generator's CPU, nothing lost
             assert r["bal_cpus"] == [GEN_CPU] == r["sink_cpus"]
@@ -162,6 +163,19 @@ def test_part_d_conn_table_layouts(xb) -> None:
     assert len(keys) == 1000
     assert bx.drain_conn_tables(xb.bal_pcm) == 1000
     assert len(xb.bal_pcm.conn_table_entries()[0]) == 0
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_part_p_profile(xb) -> None:
+    prof = bx.part_p(xb, [1000], seconds=0.3)
+    assert 0 < prof["helper_call"]["ns_per_helper_call"] < 1000
+    assert [p["program"] for p in prof["profiles"]] == ["stub", "lru"]
+    for p in prof["profiles"]:
+        assert p["kernel_mpps_under_perf"] > 0
+        if p["top"] is not None:  # perf installed
+            assert all(0 <= pct <= 100 for pct, _ in p["top"])
 
 
 def test_part_c_userspace() -> None:
