@@ -70,9 +70,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     try:
         reals = args.reals if args.reals is not None else (0 if cfg is not None else 3)
-        lab = Lab(reals=reals, clients=args.clients, balancers=args.balancers,
-                  datapath=args.datapath, config=cfg, balancer_processes=True,
-                  state_dir=args.state_dir, on_stage=interrupts.check)
+        if args.bgp or args.etcd:
+            # the fleet lab: BIRD on the router (ECMP over BGP), lbctl serve + BIRD +
+            # announcer on every balancer, optionally the desired state in etcd
+            from netns.fleet import FleetLab
+
+            lab = FleetLab(reals, balancers=max(args.balancers, 2), etcd=args.etcd, clients=args.clients,
+                           datapath=args.datapath, config=cfg, state_dir=args.state_dir,
+                           on_stage=interrupts.check)
+        else:
+            lab = Lab(reals=reals, clients=args.clients, balancers=args.balancers,
+                      datapath=args.datapath, config=cfg, balancer_processes=True,
+                      state_dir=args.state_dir, on_stage=interrupts.check)
     except (ValueError, LabError) as e:
         print(f"lbctl lab up: {e}", file=sys.stderr)
         return 2
@@ -331,6 +340,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--clients", type=int, default=1, help="client namespaces (default 1)")
     up.add_argument("--balancers", type=int, default=1,
                     help="balancer namespaces; more than one: ECMP at the router (default 1)")
+    up.add_argument("--bgp", action="store_true",
+                    help="fleet lab: the balancers run lbctl serve and announce the VIPs over BGP to a "
+                         "BIRD router that spreads flows by ECMP (at least 2 balancers; docs/fleet.md)")
+    up.add_argument("--etcd", action="store_true",
+                    help="fleet lab with the balancers' desired state in etcd (implies --bgp)")
     up.add_argument("--datapath", choices=DATAPATHS, default="xdp", help="balancer datapath (default xdp)")
     up.add_argument("--config", help="YAML config whose VIPs and reals the lab serves "
                                      "(gateway_mac is replaced by the router's MAC)")

@@ -299,3 +299,30 @@ def test_shared_config_in_etcd() -> None:
         st_, sp = lab.state, lab.state_path
         lab.teardown()
     assert leftovers(st_, sp) == []
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.bpf
+def test_lbctl_lab_up_bgp_is_one_command() -> None:
+    """`lbctl lab up --bgp` builds the fleet: the router learns the VIP over BGP from both
+    balancers (one ECMP route, no static route), a client gets answers, `lab down` removes all."""
+    import json
+    import subprocess
+    import sys
+
+    up = subprocess.run([sys.executable, "-m", "lb.cli", "lab", "up", "--bgp", "--json"],
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    name = json.loads(up.stdout)["name"]
+    try:
+        route = subprocess.run(["ip", "netns", "exec", f"{name}-rt", "ip", "route", "show", "198.18.0.100"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "proto bird" in route and route.count("nexthop via") == 2, route
+        body = subprocess.run(["ip", "netns", "exec", f"{name}-c1", "curl", "-s", "--max-time", "5",
+                               "http://198.18.0.100/"], capture_output=True, text=True).stdout
+        assert body.startswith("real=r"), body
+    finally:
+        subprocess.run([sys.executable, "-m", "lb.cli", "lab", "down", name], capture_output=True, timeout=120)
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in left
