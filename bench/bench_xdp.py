@@ -116,6 +116,7 @@ STUB_SRC_MAC = bytes.fromhex("02000000c1e7")  # the "client side" MAC in harness
 ACK = 0x10
 
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+BPF_MAP_DELETE_BATCH = 27
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,6 +193,28 @@ def mix_frames(family: int, flows: int, dst: str) -> np.ndarray:
     return out
 
 
+def flow_keys(family: int, flows: int, dst: str) -> np.ndarray:
+    """The connection-table keys (lb.layout.FLOW_KEY) of a mix's flows, in flow order."""
+    from lb import layout
+
+    keys = np.zeros(flows, dtype=layout.FLOW_KEY)
+    alen = 4 if family == 4 else 16
+    src = np.zeros((flows, 16), dtype=np.uint8)
+    frames = mix_frames(family, flows, dst)
+    s_off = 26 if family == 4 else 22
+    src[:, :alen] = frames[:, s_off:s_off + alen]
+    keys["src"] = src
+    d = np.zeros(16, dtype=np.uint8)
+    d[:alen] = np.frombuffer(ipaddress.ip_address(dst).packed, dtype=np.uint8)
+    keys["dst"] = d
+    p_off = 34 if family == 4 else 54
+    keys["sport"] = frames[:, p_off].astype(np.uint16) << 8 | frames[:, p_off + 1]
+    keys["dport"] = DPORT
+    keys["proto"] = C.IPPROTO_TCP
+    keys["family"] = C.FAMILY_V4 if family == 4 else C.FAMILY_V6
+    return keys
+
+
 # ---------------------------------------------------------------------------------------
 # small kernel helpers
 
@@ -228,8 +251,49 @@ def drain_map(fd: int, key_size: int, value_size: int, chunk: int = 65536) -> in
         first = False
 
 
+def delete_keys(fd: int, keys: bytes, key_size: int) -> int:
+    """BPF_MAP_DELETE_BATCH of ``keys`` in their order (keys not in the map skipped);
+    returns how many were deleted."""
+    from lb.bpf_testrun import bpf_syscall
+
+    buf = ctypes.create_string_buffer(keys, len(keys))
+    n, done, deleted = len(keys) // key_size, 0, 0
+    while done < n:
+        attr = _BatchAttr(keys=ctypes.addressof(buf) + done * key_size, count=n - done, map_fd=fd)
+        try:
+            bpf_syscall(BPF_MAP_DELETE_BATCH, attr, "map delete batch")
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            deleted += attr.count
+            done += attr.count + 1  # skip the missing key
+            continue
+        deleted += attr.count
+        done += attr.count
+    return deleted
+
+
 def drain_conn_tables(bal: Any) -> int:
     return sum(drain_map(fd, 40, 16) for fd in bal.conn_table_fds())
+
+
+def reset_conn_table(bal: Any, keys: np.ndarray, cpu: int) -> int:
+    """Empty the connection table so that the next inserts get the same elements, in the
+    same order, as in a fresh map: the keys of the flows a cell inserted are deleted
+    newest first (an LRU map's free list is last-in first-out), then anything else is
+    drained. Deleting in hash order instead scatters the elements of later inserts over
+    the whole preallocated area, which makes lookups at 100k+ flows markedly slower
+    (more cache and TLB misses); a long-running balancer's table ends up like that."""
+    from lb import layout
+
+    fds = bal.conn_table_fds()
+    fd = fds[cpu] if len(fds) > 1 else fds[0]  # per-CPU layout: the generating CPU's table
+    size = layout.FLOW_KEY.itemsize
+    # reversed as raw rows: numpy's copy of a structured array with gaps (FLOW_KEY has 2
+    # padding bytes) leaves the gaps uninitialised, and map keys compare every byte
+    rows = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint8).reshape(-1, size)
+    n = delete_keys(fd, rows[::-1].tobytes(), size)
+    return n + drain_conn_tables(bal)
 
 
 def balancer_rx_per_cpu(bal: Any) -> np.ndarray:
@@ -504,12 +568,15 @@ class XdpBench:
     # --- one cell: programs side by side ---------------------------------------------
 
     def warm(self, bed: Bed, progs: Sequence[Program], family: int, flows: int) -> None:
-        """Empty the connection tables, then one pass over all flows through every
-        program (fills the tables; measured frames are hits), warm_frames at least."""
+        """One pass over all flows through every program (fills the connection tables, in
+        flow order; measured frames are hits), warm_frames at least. The tables are
+        empty: :meth:`cell` resets them after each cell."""
         for p in progs:
             if p.uses_lru:
-                drain_conn_tables(p.bal)
+                drain_conn_tables(p.bal)  # normally empty already (a few ms to check)
         for p in progs:
+            if p.uses_lru:
+                self.gen.reset_counters()  # flow numbering from 0: inserts in flow order
             # a pass may lose frames before the balancer (a full veth ring in (b)): repeat
             # until a pass finds every flow that reached it in the table
             for _ in range(5):
@@ -538,6 +605,9 @@ class XdpBench:
                 break
             self.console.print(f"    [yellow]load average {load0[0]:.2f} -> {load1[0]:.2f} above "
                                f"{self.load_high}: measuring again[/yellow]")
+        for p in progs:
+            if p.uses_lru:
+                reset_conn_table(p.bal, flow_keys(family, flows, p.dst), self.gen_cpu)
         best = min(attempts, key=lambda a: max(a["load_before"][0], a["load_after"][0]))
         return {"runs": best["runs"], "load_before": best["load_before"],
                 "load_after": best["load_after"], "load_high": best["load_high"],
@@ -813,6 +883,8 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
                     res["r"] = packets, kseconds
 
                 top = perf_top(xb.gen_cpu, go)
+                if p.uses_lru:
+                    reset_conn_table(p.bal, flow_keys(4, flows, vip), xb.gen_cpu)
                 packets, kseconds = res["r"]
                 out["profiles"].append({"flows": flows, "program": p.label, "top": top,
                                         "kernel_mpps_under_perf": packets / kseconds / 1e6})
