@@ -461,8 +461,8 @@ class XdpBalancer:
 
         text = (XDP_DIR / "balancer.c").read_text()
         try:
-            b = BPF(text=text, cflags=self.cflags(pin_dir))
-            fn = b.load_func(PROG_NAME, BPF.XDP)
+            b = BPF(text=text.encode(), cflags=self.cflags(pin_dir))
+            fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
         except Exception as e:  # bcc raises bare Exception
             raise XdpError(f"could not compile/load {PROG_NAME}: {e}") from e
         return b, fn
