@@ -16,6 +16,10 @@ test: setup
 bench: setup
 	@$(PY) -m bench.bench_maglev
 	@$(PY) -m bench.bench_datapath
+	@$(PY) -m bench.bench_pktgen
+	@$(PY) -m bench.bench_xdp
+	@$(PY) -m bench.bench_userspace_io
+	@$(PY) -m bench.bench_control
 
 clean:
 	rm -rf .venv bench/results .pytest_cache
