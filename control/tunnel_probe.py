@@ -85,7 +85,7 @@ class TunnelEncap:
 
         try:
             self._bpf = BPF(text=SOURCE.read_bytes(), cflags=c_flags(mark_base, max_reals))
-            self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.SCHED_CLS)
+            self._fn = self._bpf.load_func(PROG_NAME, BPF.SCHED_CLS)
         except Exception as e:  # bcc raises bare Exception
             raise TunnelEncapError(f"could not compile/load {SOURCE.name}: {e}") from e
         self._reals = self._bpf[b"hc_reals"]
