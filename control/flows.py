@@ -46,7 +46,8 @@ class FlowQuery(BaseModel):
         return v.upper()
 
 
-def _csum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 checksum of ``data`` (odd length padded with a zero byte)."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -71,7 +72,7 @@ def flow_frame(q: FlowQuery) -> bytes:
         proto = 17
     if src.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, src.packed, dst.packed)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
         frame = LB_MAC + CLIENT_MAC + b"\x08\x00" + ip + l4
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src.packed, dst.packed)

@@ -15,20 +15,13 @@ from fixtures import (
 )
 from hypothesis import strategies as st
 
+from control.flows import internet_checksum
+
 SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
 VIPS = [(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"]] + [
     (extra[0], extra[1], "tcp") for extra in (V6_VIP_WITH_V4_REAL, V6_LOCAL_VIP_WITH_V4_LOCAL_REAL)
 ]
 _MACS = bytes.fromhex(LB_MAC.replace(":", "")) + bytes.fromhex(ROUTER_MAC.replace(":", ""))
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def _addr(text: str) -> bytes:
@@ -70,7 +63,7 @@ def valid_flow_frame(draw) -> bytes:
     else:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, draw(st.integers(0, 255)), 20 + len(l4), 0,
                           draw(st.sampled_from([0, 0x4000])), draw(st.integers(1, 255)), pnum, 0, src, dst)
-        ip = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        ip = hdr[:10] + struct.pack("!H", internet_checksum(hdr)) + hdr[12:]
         et = b"\x08\x00"
     ip += l4
     l2 = _MACS + (b"\x81\x00" + struct.pack("!H", draw(st.integers(0, 0xFFFF))) if draw(st.booleans()) else b"") + et
