@@ -33,7 +33,7 @@ from lb import constants as C
 from lb import layout
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
-from lb.state import PROTOCOLS, DatapathTables, addr16, mac_bytes
+from lb.state import PROTOCOLS, DatapathTables, addr16, ctl_array
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
            "vip_key_record", "real_record", "vip_label"]
@@ -101,11 +101,8 @@ def real_record(address: str, local: bool) -> bytes:
     return rec.tobytes()
 
 
-def ctl_record(gateway_mac: str, max_frame_size: int) -> bytes:
-    rec = np.zeros(1, dtype=layout.CTL)
-    rec[0]["gw_mac"] = np.frombuffer(mac_bytes(gateway_mac), dtype=np.uint8)
-    rec[0]["max_frame"] = max_frame_size
-    return rec.tobytes()
+def ctl_record(settings: Any) -> bytes:
+    return ctl_array(settings).tobytes()
 
 
 EMPTY_REAL = bytes(layout.REAL.itemsize)
@@ -311,7 +308,7 @@ def build_tables(
         vips=_frozen({p.key_rec: p.meta_rec for p in parts.values()}),
         vip_addrs=frozenset(p.addr_rec for p in parts.values()),
         reals=_frozen(reals),
-        ctl=ctl_record(s.gateway_mac, s.max_frame_size),
+        ctl=ctl_record(s),
         rings=_frozen({p.num: p.ring for p in parts.values()}),
         ring_inputs=_frozen({p.num: p.ring_input for p in parts.values()}),
         vip_nums=_frozen({k: p.num for k, p in parts.items()}),

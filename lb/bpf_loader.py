@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lb import constants, layout
+from lb.state import routing_tables
 from lb.bpf_testrun import (
     BPF_ANY,
     BPF_MAP_DELETE_ELEM,
@@ -58,7 +59,9 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+BPF_F_NO_PREALLOC = 1 << 0
 BPF_F_NO_COMMON_LRU = 1 << 1
 BPF_F_MMAPABLE = 1 << 10
 
@@ -334,6 +337,11 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "conn_table": (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
                        layout.CONN_VALUE.itemsize, conn_entries, BPF_F_NO_COMMON_LRU),
         "ctl": (BPF_MAP_TYPE_ARRAY, 4, layout.CTL.itemsize, 1, 0),
+        "quic_servers": (BPF_MAP_TYPE_HASH, 4, 4, constants.MAX_QUIC_SERVER_IDS, 0),
+        "src_routes_v4": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V4_KEY.itemsize, 4,
+                          constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
+        "src_routes_v6": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V6_KEY.itemsize, 4,
+                          constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
         "stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, constants.N_STATS, 0),
         "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
         "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * cols, 0),
@@ -650,6 +658,29 @@ class XdpBalancer:
         for k in map_keys(addr_fd, layout.VIP_ADDR_KEY.itemsize):
             if k not in new_addrs:
                 map_delete(addr_fd, k)
+        quic, src_v4, src_v6 = routing_tables(tables)
+        self.sync_map("quic_servers", _id_records(quic["server_id"]), _id_records(quic["real_id"]))
+        for name, dtype, routes in (("src_routes_v4", layout.LPM_V4_KEY, src_v4),
+                                    ("src_routes_v6", layout.LPM_V6_KEY, src_v6)):
+            self.sync_map(name, _records(routes["key"], dtype), _id_records(routes["real_id"]))
+
+    def sync_map(self, name: str, keys: list[bytes], values: list[bytes]) -> tuple[int, int]:
+        """Make map ``name`` hold exactly ``keys`` -> ``values``: write every pair that is
+        missing or differs, then delete keys not listed. Returns (written, deleted)."""
+        fd = self.map_fd(name)
+        present = set(map_keys(fd, self._specs[name][1]))
+        written = deleted = 0
+        for k, v in zip(keys, values):
+            # only an exact key is looked up: in an LPM trie a lookup of a missing prefix
+            # would return a shorter prefix's value
+            if k not in present or map_lookup(fd, k, len(v)) != v:
+                map_update(fd, k, v)
+                written += 1
+        wanted = set(keys)
+        for k in present - wanted:
+            map_delete(fd, k)
+            deleted += 1
+        return written, deleted
 
     def update_ring(self, vip_num: int, new_ring: np.ndarray) -> int:
         """Write the slots of ring ``vip_num`` that differ from ``new_ring``; returns how
@@ -766,6 +797,11 @@ class XdpBalancer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _id_records(ids: Any) -> list[bytes]:
+    """u32 ids as 4-byte little-endian records."""
+    return [int(i).to_bytes(4, "little") for i in np.asarray(ids).ravel()]
 
 
 def as_layout(arr: Any, dtype: np.dtype) -> np.ndarray:

@@ -41,6 +41,8 @@ __all__ = [
     "GueSettings",
     "Real",
     "Vip",
+    "QuicServer",
+    "SourceRoute",
     "Config",
     "parse_config",
     "load_config",
@@ -52,7 +54,7 @@ __all__ = [
     "MAX_WEIGHT",
 ]
 
-GUE_DEFAULT_PORT = 6080  # Katran's GUE destination port (GUE_DPORT)
+GUE_DEFAULT_PORT = C.GUE_DEFAULT_PORT  # Katran's GUE destination port (GUE_DPORT)
 MIN_RING_SIZE = 13  # smallest Maglev ring accepted: anything smaller balances badly
 MAX_WEIGHT = 2**32 - 1  # weights are u32
 MAX_FRAME_SIZE_RANGE = (64, 9216)  # Ethernet minimum .. common jumbo frame
@@ -178,11 +180,22 @@ def _mac(value: Any) -> str:
 
 
 def _flag(name: str) -> str:
-    if name in C.SUPPORTED_VIP_FLAGS:
-        return name
     if name in C.VIP_FLAGS:
-        raise ValueError(f"flag {name!r} is not supported yet")
-    raise ValueError(f"unknown flag {_show(name)}; valid flags: {', '.join(C.SUPPORTED_VIP_FLAGS)}")
+        return name
+    raise ValueError(f"unknown flag {_show(name)}; valid flags: {', '.join(C.VIP_FLAGS)}")
+
+
+def _canonical_prefix(value: Any) -> str:
+    """'198.18.64.0/24' / '2001:db8:5::/48' in canonical form; host bits must be zero."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a prefix string like 198.18.64.0/24 (got {_show(value)})")
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IPv4 or IPv6 prefix: {_show(value)}") from None
+    if ipaddress.ip_interface(value.strip()).ip != net.network_address:
+        raise ValueError(f"host bits set in {value.strip()}: did you mean {net}?")
+    return str(net)
 
 
 def _none_is_empty(value: Any) -> Any:
@@ -203,6 +216,7 @@ def _duplicates(items: list[Any], name: str) -> list[tuple[str, str]]:
 
 
 Address = Annotated[str, PlainValidator(_canonical_ip)]
+Prefix = Annotated[str, PlainValidator(_canonical_prefix)]
 Mac = Annotated[str, PlainValidator(_mac)]
 Flag = Annotated[str, AfterValidator(_flag)]
 
@@ -253,6 +267,10 @@ class Settings(BaseModel):
     encap: Literal["ipip", "gue"] = "ipip"
     gue: GueSettings = GueSettings()
     max_frame_size: Annotated[int, _int_range(*MAX_FRAME_SIZE_RANGE)] = C.MAX_FRAME_SIZE
+    # Path MTU towards the reals (largest outer IP packet). When set, a packet that would
+    # exceed it once encapsulated is answered with ICMP "fragmentation needed" / ICMPv6
+    # "packet too big" instead of being sent (docs/datapath.md). None: not checked.
+    mtu: Annotated[int, _int_range(C.MIN_MTU, MAX_FRAME_SIZE_RANGE[1])] | None = None
     local_addresses: Annotated[list[Address], BeforeValidator(_none_is_empty)] = []
 
     @model_validator(mode="after")
@@ -327,6 +345,24 @@ class Vip(BaseModel):
         return (self.address, self.port, self.protocol)
 
 
+class QuicServer(BaseModel):
+    """A QUIC server id (as the real embeds it in its connection ids) and its real."""
+
+    model_config = _STRICT
+
+    id: Annotated[int, _int_range(1, C.MAX_QUIC_SERVER_ID)]
+    real: Address
+
+
+class SourceRoute(BaseModel):
+    """Clients in ``prefix`` go to ``real`` on VIPs flagged src_routing (before hashing)."""
+
+    model_config = _STRICT
+
+    prefix: Prefix
+    real: Address
+
+
 class Config(BaseModel):
     """The whole configuration."""
 
@@ -334,17 +370,30 @@ class Config(BaseModel):
 
     settings: Settings
     vips: Annotated[list[Vip], BeforeValidator(_none_is_empty)] = []
+    quic_servers: Annotated[list[QuicServer], BeforeValidator(_none_is_empty)] = []
+    source_routes: Annotated[list[SourceRoute], BeforeValidator(_none_is_empty)] = []
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        problems = _limits(self) + _encap(self)
+        problems = _limits(self) + _encap(self) + _routing_tables(self)
         first: dict[tuple[str, int, str], int] = {}
+        seen_mtu: set[tuple[str, int]] = set()
         for i, vip in enumerate(self.vips):
             if vip.key in first:
                 addr, port, proto = vip.key
                 what = f"duplicate of vips[{first[vip.key]}] ({addr} port {port} {proto})"
                 problems.append((f"vips[{i}]", what))
             first.setdefault(vip.key, i)
+            if self.settings.mtu and vip.ip.version == 6:
+                # IPv6 hosts never go below 1280: the inner packet must fit that
+                need = C.MIN_MTU + C.ENCAP_IPV6_OVERHEAD + (C.UDP_HLEN if self.settings.encap == "gue" else 0)
+                if self.settings.mtu < need and ("settings.mtu", need) not in seen_mtu:
+                    seen_mtu.add(("settings.mtu", need))
+                    problems.append(("settings.mtu", f"must be >= {need} with IPv6 VIPs (vips[{i}]):"
+                                     f" IPv6 clients need 1280 bytes inside the tunnel (got {self.settings.mtu})"))
+            if "quic" in vip.flags and vip.protocol != "udp":
+                where = f"vips[{i}].flags[{vip.flags.index('quic')}]"
+                problems.append((where, f"'quic' needs protocol udp (got {vip.protocol})"))
             if "local" in vip.flags and not self.settings.local_addresses:
                 where = f"vips[{i}].flags[{vip.flags.index('local')}]"
                 problems.append((where, "'local' needs settings.local_addresses, which is empty"))
@@ -394,6 +443,31 @@ def _encap(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
+def _routing_tables(cfg: Config) -> list[tuple[str, str]]:
+    """quic_servers and source_routes: unique keys, sizes, and reals that exist."""
+    reals = {r.address for v in cfg.vips for r in v.reals}
+    out = _duplicates([q.id for q in cfg.quic_servers], "quic_servers")
+    out = [(f"{p}.id", m) for p, m in out]
+    out += [(f"{p}.prefix", m) for p, m in _duplicates([r.prefix for r in cfg.source_routes],
+                                                       "source_routes")]
+    if len(cfg.quic_servers) > C.MAX_QUIC_SERVER_IDS:
+        out.append(("quic_servers", f"{len(cfg.quic_servers)} entries, at most {C.MAX_QUIC_SERVER_IDS}"))
+    for version in (4, 6):
+        n = sum(1 for r in cfg.source_routes if ipaddress.ip_network(r.prefix).version == version)
+        if n > C.MAX_SRC_ROUTES:
+            out.append(("source_routes", f"{n} IPv{version} prefixes, at most {C.MAX_SRC_ROUTES}"))
+    for section, items in (("quic_servers", cfg.quic_servers), ("source_routes", cfg.source_routes)):
+        for i, item in enumerate(items):
+            if item.real not in reals:
+                out.append((f"{section}[{i}].real", f"{item.real} is not a real of any VIP"))
+    for i, route in enumerate(cfg.source_routes):
+        if (cfg.settings.encap == "ipip" and ipaddress.ip_network(route.prefix).version == 6
+                and ipaddress.ip_address(route.real).version == 4):
+            out.append((f"source_routes[{i}].real", f"IPv4 real {route.real} for IPv6 clients"
+                        f" {route.prefix}: ipip can't carry IPv6 in IPv4; use an IPv6 real or encap: gue"))
+    return out
+
+
 # --- pydantic errors -> ConfigError ----------------------------------------------------
 
 _MODEL_AT: dict[tuple[str, ...], type[BaseModel]] = {
@@ -402,6 +476,8 @@ _MODEL_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("settings", "gue"): GueSettings,
     ("vips",): Vip,
     ("vips", "reals"): Real,
+    ("quic_servers",): QuicServer,
+    ("source_routes",): SourceRoute,
     ("vips", "healthcheck"): HealthCheck,
     ("vips", "healthcheck", "http"): HttpCheck,
     ("vips", "healthcheck", "udp"): UdpCheck,

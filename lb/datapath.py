@@ -14,7 +14,7 @@ import numpy as np
 
 from lb import constants as C
 from lb.jhash import jhash16, jhash_2words
-from lb.state import DatapathTables
+from lb.state import DatapathTables, routing_tables
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -207,7 +207,10 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
     va_keys, va_used, va_mask,
     real_addr, real_family, real_flags,
     rings, ring_size, ch_seed, v6_seed,
-    gw_mac, max_frame,
+    gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6,
+    quic_ids, quic_reals,
+    lpm4_lens, lpm4_start, lpm4_keys, lpm4_reals,
+    lpm6_lens, lpm6_start, lpm6_hi, lpm6_lo, lpm6_reals,
     ct_tags, ct_ent, ct_mask, clock,
     now, stats, vip_stats, real_stats,
 ):
@@ -546,6 +549,51 @@ class BatchResult:
         return self.out[i, : self.out_lens[i]].tobytes()
 
 
+def _lpm_groups(prefixlens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Order routes by prefix length, longest first: (order, lengths, starts) where the
+    routes of ``lengths[k]`` are ``order[starts[k]:starts[k+1]]``."""
+    lens = np.asarray(prefixlens, dtype=np.int64)
+    distinct = np.unique(lens)[::-1].copy()
+    order_parts, starts = [], [0]
+    for length in distinct:
+        idx = np.flatnonzero(lens == length)
+        order_parts.append(idx)
+        starts.append(starts[-1] + len(idx))
+    order = np.concatenate(order_parts) if order_parts else np.zeros(0, dtype=np.int64)
+    return order, distinct, np.array(starts, dtype=np.int64)
+
+
+def _lpm_v4(routes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Source routes (layout.SRC_ROUTE_V4) as sorted per-length groups for a longest-prefix
+    match by binary search: (lengths, starts, keys, reals); keys are the masked addresses
+    as big-endian integers, sorted within each group."""
+    addr = routes["key"]["addr"].astype(np.int64)
+    keys = (addr[:, 0] << 24) | (addr[:, 1] << 16) | (addr[:, 2] << 8) | addr[:, 3] if len(routes) else np.zeros(0, np.int64)
+    order, lens, starts = _lpm_groups(routes["key"]["prefixlen"])
+    keys, reals = keys[order], routes["real_id"].astype(np.int64)[order]
+    for k in range(len(lens)):
+        g = slice(starts[k], starts[k + 1])
+        o = np.argsort(keys[g], kind="stable")
+        keys[g], reals[g] = keys[g][o], reals[g][o]
+    return lens, starts, np.ascontiguousarray(keys), np.ascontiguousarray(reals)
+
+
+def _lpm_v6(routes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """As :func:`_lpm_v4` for IPv6: (lengths, starts, hi, lo, reals), the masked address as
+    two big-endian uint64 halves, sorted by (hi, lo) within each group."""
+    raw = np.ascontiguousarray(routes["key"]["addr"]).reshape(len(routes), 16)
+    hi = raw[:, :8].copy().view(">u8").ravel().astype(np.uint64)
+    lo = raw[:, 8:].copy().view(">u8").ravel().astype(np.uint64)
+    order, lens, starts = _lpm_groups(routes["key"]["prefixlen"])
+    hi, lo, reals = hi[order], lo[order], routes["real_id"].astype(np.int64)[order]
+    for k in range(len(lens)):
+        g = slice(starts[k], starts[k + 1])
+        o = np.lexsort((lo[g], hi[g]))
+        hi[g], lo[g], reals[g] = hi[g][o], lo[g][o], reals[g][o]
+    return (lens, starts, np.ascontiguousarray(hi), np.ascontiguousarray(lo),
+            np.ascontiguousarray(reals))
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -591,8 +639,21 @@ class UserspaceDatapath:
         self.real_family = np.ascontiguousarray(tables.reals["family"])
         self.real_flags = np.ascontiguousarray(tables.reals["flags"])
         self.rings = tables.rings
-        self.gw_mac = np.array(tables.ctl[0]["gw_mac"], dtype=np.uint8)
-        self.max_frame = int(tables.ctl[0]["max_frame"])
+        ctl = tables.ctl[0]
+        self.gw_mac = np.array(ctl["gw_mac"], dtype=np.uint8)
+        self.max_frame = int(ctl["max_frame"])
+        self.mtu = int(ctl["mtu"])  # 0: not checked
+        self.encap = int(ctl["encap"])
+        self.gue_port = int(ctl["gue_port"])  # host order
+        self.gue_src_v4 = np.array(ctl["gue_src_v4"], dtype=np.uint8)
+        self.gue_src_v6 = np.array(ctl["gue_src_v6"], dtype=np.uint8)
+        quic, src_v4, src_v6 = routing_tables(tables)
+        # QUIC server ids, sorted, for a binary search
+        order = np.argsort(quic["server_id"], kind="stable")
+        self.quic_ids = np.ascontiguousarray(quic["server_id"][order], dtype=np.int64)
+        self.quic_reals = np.ascontiguousarray(quic["real_id"][order], dtype=np.int64)
+        self.lpm4 = _lpm_v4(src_v4)
+        self.lpm6 = _lpm_v6(src_v6)
         self.ch_seed = C.ch_rings_size(tables.max_vips, tables.ring_size)
         self.v6_seed = tables.max_vips
         if not hasattr(self, "vip_stats") or self.vip_stats.shape[0] != tables.max_vips:
@@ -623,7 +684,10 @@ class UserspaceDatapath:
             self.va_keys, self.va_used, self.va_mask,
             self.real_addr, self.real_family, self.real_flags,
             self.rings, self.tables.ring_size, self.ch_seed, self.v6_seed,
-            self.gw_mac, self.max_frame,
+            self.gw_mac, self.max_frame, self.mtu, self.encap, self.gue_port,
+            self.gue_src_v4, self.gue_src_v6,
+            self.quic_ids, self.quic_reals,
+            *self.lpm4, *self.lpm6,
             self.ct_tags, self.ct_ent, self.ct_mask,
             self.clock, int(now), stats, vip_stats, real_stats,
         )

@@ -57,14 +57,34 @@ CONN_VALUE = np.dtype(
     {"names": ["real_id", "atime"], "formats": ["<u4", "<u8"], "offsets": [0, 8], "itemsize": 16}
 )
 
-# Control values (single entry). 8 bytes.
+# Control values (single entry). 36 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
+# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses.
 CTL = np.dtype(
     {
-        "names": ["gw_mac", "max_frame"],
-        "formats": [("u1", 6), "<u2"],
-        "offsets": [0, 6],
-        "itemsize": 8,
+        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "gue_src_v4", "gue_src_v6"],
+        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", ("u1", 4), ("u1", 16)],
+        "offsets": [0, 6, 8, 10, 12, 16, 20],
+        "itemsize": 36,
     }
+)
+
+# Source-routing LPM keys (BPF_MAP_TYPE_LPM_TRIE: prefix length first, host order, then
+# the address bytes). Values: u32 real id.
+LPM_V4_KEY = np.dtype(
+    {"names": ["prefixlen", "addr"], "formats": ["<u4", ("u1", 4)], "offsets": [0, 4], "itemsize": 8}
+)
+LPM_V6_KEY = np.dtype(
+    {"names": ["prefixlen", "addr"], "formats": ["<u4", ("u1", 16)], "offsets": [0, 4], "itemsize": 20}
+)
+
+# Source-routing table entries (userspace form): LPM key + real id.
+SRC_ROUTE_V4 = np.dtype([("key", LPM_V4_KEY), ("real_id", "<u4")])
+SRC_ROUTE_V6 = np.dtype([("key", LPM_V6_KEY), ("real_id", "<u4")])
+
+# QUIC server id -> real id table entry (userspace form; the BPF map's key and value are
+# the two u32s).
+QUIC_SERVER = np.dtype(
+    {"names": ["server_id", "real_id"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
 )
 
 # name in C (xdp/structs.h) -> dtype
@@ -76,4 +96,6 @@ C_STRUCTS: dict[str, np.dtype] = {
     "flow_key": FLOW_KEY,
     "conn_value": CONN_VALUE,
     "ctl_value": CTL,
+    "lpm_v4_key": LPM_V4_KEY,
+    "lpm_v6_key": LPM_V6_KEY,
 }

@@ -52,6 +52,9 @@ class DatapathTables:
     reals: np.ndarray  # REAL[max_reals], index = real id
     rings: np.ndarray  # uint32[max_vips, ring_size]
     ctl: np.ndarray  # CTL[1]
+    quic_servers: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.QUIC_SERVER))
+    src_routes_v4: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V4))
+    src_routes_v6: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V6))
     real_ids: dict[IPAddress, int] = field(default_factory=dict)
     vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
 
@@ -61,6 +64,46 @@ class DatapathTables:
         if real_id == 0 or entry["family"] == C.FAMILY_NONE:
             return None
         return addr_from16(entry["addr"], int(entry["family"]))
+
+
+def routing_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(quic_servers, src_routes_v4, src_routes_v6) of ``tables``, empty where a
+    hand-built table set (tests, benchmarks) leaves them out."""
+    return (
+        getattr(tables, "quic_servers", np.zeros(0, layout.QUIC_SERVER)),
+        getattr(tables, "src_routes_v4", np.zeros(0, layout.SRC_ROUTE_V4)),
+        getattr(tables, "src_routes_v6", np.zeros(0, layout.SRC_ROUTE_V6)),
+    )
+
+
+def ctl_array(settings) -> np.ndarray:
+    """The single ctl entry (layout.CTL) for an :class:`lb.config.Settings`."""
+    ctl = np.zeros(1, dtype=layout.CTL)
+    ctl[0]["gw_mac"] = np.frombuffer(mac_bytes(settings.gateway_mac), dtype=np.uint8)
+    ctl[0]["max_frame"] = settings.max_frame_size
+    ctl[0]["mtu"] = settings.mtu or 0
+    ctl[0]["encap"] = C.ENCAP_GUE if settings.encap == "gue" else C.ENCAP_IPIP
+    ctl[0]["gue_port"] = settings.gue.port
+    if settings.gue.source_v4:
+        ctl[0]["gue_src_v4"] = np.frombuffer(ipaddress.IPv4Address(settings.gue.source_v4).packed, np.uint8)
+    if settings.gue.source_v6:
+        ctl[0]["gue_src_v6"] = np.frombuffer(ipaddress.IPv6Address(settings.gue.source_v6).packed, np.uint8)
+    return ctl
+
+
+def src_route_arrays(routes: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix, real id) pairs -> the IPv4 and IPv6 source-route tables."""
+    nets = [(ipaddress.ip_network(p), rid) for p, rid in routes]
+    out = []
+    for version, dtype in ((4, layout.SRC_ROUTE_V4), (6, layout.SRC_ROUTE_V6)):
+        mine = [(n, rid) for n, rid in nets if n.version == version]
+        arr = np.zeros(len(mine), dtype=dtype)
+        for i, (net, rid) in enumerate(mine):
+            arr[i]["key"]["prefixlen"] = net.prefixlen
+            arr[i]["key"]["addr"] = np.frombuffer(net.network_address.packed, np.uint8)
+            arr[i]["real_id"] = rid
+        out.append(arr)
+    return out[0], out[1]
 
 
 def _ip(value: object) -> IPAddress:
@@ -120,9 +163,10 @@ def compile_tables(cfg) -> DatapathTables:
         vip_addr_keys[i]["addr"] = np.frombuffer(raw_bytes, dtype=np.uint8)
         vip_addr_keys[i]["family"] = fam
 
-    ctl = np.zeros(1, dtype=layout.CTL)
-    ctl[0]["gw_mac"] = np.frombuffer(mac_bytes(s.gateway_mac), dtype=np.uint8)
-    ctl[0]["max_frame"] = s.max_frame_size
+    quic_servers = np.zeros(len(cfg.quic_servers), dtype=layout.QUIC_SERVER)
+    for i, q in enumerate(cfg.quic_servers):
+        quic_servers[i] = (q.id, real_ids[_ip(q.real)])
+    src_v4, src_v6 = src_route_arrays([(r.prefix, real_ids[_ip(r.real)]) for r in cfg.source_routes])
     return DatapathTables(
         ring_size=s.ring_size,
         max_vips=s.max_vips,
@@ -133,7 +177,10 @@ def compile_tables(cfg) -> DatapathTables:
         vip_addr_keys=vip_addr_keys,
         reals=reals,
         rings=rings,
-        ctl=ctl,
+        ctl=ctl_array(s),
+        quic_servers=quic_servers,
+        src_routes_v4=src_v4,
+        src_routes_v6=src_v6,
         real_ids=real_ids,
         vip_nums=vip_nums,
     )

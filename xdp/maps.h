@@ -55,6 +55,14 @@ LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_inner, CONN_TABLE_SI
 LB_MAP("array_of_maps$conn_inner", int, int, conn_table, LB_NR_CPUS, 0);
 #endif
 
+/* QUIC server id (from the connection id) -> real id. */
+LB_MAP("hash", __u32, __u32, quic_servers, LB_MAX_QUIC_SERVER_IDS, 0);
+
+/* Source routing: client prefix -> real id, one trie per family (LPM tries must not be
+ * preallocated). */
+LB_MAP("lpm_trie", struct lpm_v4_key, __u32, src_routes_v4, LB_MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
+LB_MAP("lpm_trie", struct lpm_v6_key, __u32, src_routes_v6, LB_MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
+
 /* Global settings, one entry. */
 LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
 

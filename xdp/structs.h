@@ -65,8 +65,25 @@ struct conn_value {
 	__u64 atime;       /* ns, bpf_ktime_get_ns() clock */
 };
 
-/* ctl[0] (layout.CTL). 8 bytes. */
+/* ctl[0] (layout.CTL). 36 bytes. */
 struct ctl_value {
 	__u8 gw_mac[6];    /* destination MAC of encapsulated frames */
 	__u16 max_frame;   /* largest frame accepted for a VIP address, L2 included */
+	__u16 mtu;         /* largest outer IP packet towards reals; 0 = not checked */
+	__be16 gue_port;   /* GUE outer UDP destination port */
+	__u8 encap;        /* LB_ENCAP_IPIP / LB_ENCAP_GUE */
+	__u8 pad[3];
+	__u8 gue_src_v4[4];  /* GUE outer source addresses */
+	__u8 gue_src_v6[16];
+};
+
+/* Source-routing LPM keys (layout.LPM_V4_KEY / LPM_V6_KEY); value: real id. */
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lpm_v6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
 };
