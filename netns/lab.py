@@ -450,6 +450,12 @@ def remap_real_ids(tables: Any, ids: dict[str, int], max_reals: int) -> Any:
         reals[new_real_ids[ip]] = tables.reals[old]
     n = len(tables.vip_keys)
     tables.rings[:n] = old_to_new[tables.rings[:n]]
+    for name in ("quic_servers", "src_routes_v4", "src_routes_v6"):
+        table = getattr(tables, name, None)
+        if table is not None and len(table):
+            table = table.copy()
+            table["real_id"] = old_to_new[table["real_id"]]
+            setattr(tables, name, table)
     tables.reals = reals
     tables.real_ids = new_real_ids
     return tables
@@ -974,7 +980,11 @@ class Lab:
                 "--admin", format_endpoint(h.addr6, ADMIN_PORT)]
         for v in self.vips:
             port = v.port or (HTTP_PORT if v.protocol == "tcp" else UDP_PORT)
-            argv += [f"--{v.protocol}", format_endpoint(v.address, port)]
+            kind = "quic" if "quic" in v.flags else v.protocol
+            argv += [f"--{kind}", format_endpoint(v.address, port)]
+        for q in (self._user_config.quic_servers if self._user_config is not None else ()):
+            if q.real in (h.real4, h.real6):
+                argv += ["--quic-id", f"{q.real}={q.id}"]
         return argv
 
     def _spawn(self, role: str, ns: str | None, argv: list[str], log: str) -> subprocess.Popen:

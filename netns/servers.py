@@ -42,7 +42,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -145,8 +145,14 @@ class _Echo(asyncio.DatagramProtocol):
 
 async def serve(name: str, addr4: str | None, addr6: str | None, tcp: Sequence[tuple[str, int]],
                 udp: Sequence[tuple[str, int]], admin: Sequence[tuple[str, int]],
-                ready=None) -> None:
-    """Bind everything, call ``ready()``, serve until SIGTERM/SIGINT."""
+                ready=None, quic: Sequence[tuple[str, int]] = (),
+                quic_ids: Mapping[str, int] | None = None) -> None:
+    """Bind everything, call ``ready()``, serve until SIGTERM/SIGINT. ``quic``: VIP
+    endpoints served by :class:`netns.quic.QuicEcho`, which hands out connection ids
+    carrying this real's server id (``quic_ids``: own address -> id)."""
+    from netns.quic import QuicEcho
+
+    ids = quic_ids or {}
     srv = _Server(name, addr4, addr6)
     loop = asyncio.get_running_loop()
     closers = []
@@ -161,6 +167,12 @@ async def serve(name: str, addr4: str | None, addr6: str | None, tcp: Sequence[t
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         transport, _ = await loop.create_datagram_endpoint(lambda: _Echo(srv), local_addr=(host, port),
                                                            family=fam)
+        closers.append(transport)
+    for host, port in quic:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sid = ids.get((addr6 if fam == socket.AF_INET6 else addr4) or "", 0)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda sid=sid: QuicEcho(srv.name, sid, srv.stats), local_addr=(host, port), family=fam)
         closers.append(transport)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="serve UDP echo on this VIP endpoint (repeatable)")
     p.add_argument("--admin", action="append", default=[], type=_endpoint, metavar="ADDR:PORT",
                    help="serve GET /stats here (the real's own address)")
+    p.add_argument("--quic", action="append", default=[], type=_endpoint, metavar="ADDR:PORT",
+                   help="serve QUIC-shaped UDP on this VIP endpoint (netns/quic.py; repeatable)")
+    p.add_argument("--quic-id", action="append", default=[], metavar="ADDR=ID",
+                   help="this real's QUIC server id for its own address ADDR (repeatable)")
     args = p.parse_args(argv)
 
     def ready() -> None:
@@ -194,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, 1)
         os.close(devnull)
 
-    asyncio.run(serve(args.name, args.addr4, args.addr6, args.tcp, args.udp, args.admin, ready))
+    from netns.quic import parse_quic_ids
+
+    asyncio.run(serve(args.name, args.addr4, args.addr6, args.tcp, args.udp, args.admin, ready,
+                      args.quic, parse_quic_ids(args.quic_id)))
     return 0
 
 

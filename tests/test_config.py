@@ -588,3 +588,89 @@ def test_readme_example_is_the_example_file() -> None:
     block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     assert block == (ROOT / "examples" / "lb.yaml").read_text()
     parse_config_yaml(block)
+
+
+# --- QUIC server ids, source routes, mtu ------------------------------------------------
+
+
+def routed() -> dict[str, Any]:
+    """base() with a QUIC VIP and both routing tables filled."""
+    d = base()
+    d["vips"].append({"address": "10.200.1.2", "port": 443, "protocol": "udp", "flags": ["quic", "src_routing"],
+                      "reals": [{"address": "10.0.0.1"}, {"address": "10.0.0.3"}]})
+    d["vips"].append({"address": "2001:db8:100::1", "port": 443, "protocol": "udp", "flags": ["src_routing"],
+                      "reals": [{"address": "2001:db8:200::1"}]})
+    d["quic_servers"] = [{"id": 1, "real": "10.0.0.1"}, {"id": 0xFFFFFFFF, "real": "10.0.0.3"}]
+    d["source_routes"] = [{"prefix": "198.18.64.0/24", "real": "10.0.0.2"},
+                          {"prefix": "2001:db8:5::/48", "real": "2001:db8:200::1"}]
+    return d
+
+
+def test_routing_tables_load_canonical() -> None:
+    d = routed()
+    d["source_routes"][1]["prefix"] = "2001:0db8:0005:0000::/48"
+    cfg = parse_config(d)
+    assert [(q.id, q.real) for q in cfg.quic_servers] == [(1, "10.0.0.1"), (0xFFFFFFFF, "10.0.0.3")]
+    assert [r.prefix for r in cfg.source_routes] == ["198.18.64.0/24", "2001:db8:5::/48"]
+    assert parse_config(config_to_dict(cfg)) == cfg  # round trip
+
+
+def test_routing_tables_compile_to_real_ids() -> None:
+    from lb.state import compile_tables
+
+    t = compile_tables(parse_config(routed()))
+    ids = {str(a): i for a, i in t.real_ids.items()}
+    assert sorted(t.quic_servers.tolist()) == [(1, ids["10.0.0.1"]), (0xFFFFFFFF, ids["10.0.0.3"])]
+    assert t.src_routes_v6["real_id"].tolist() == [ids["2001:db8:200::1"]]
+    assert t.src_routes_v4["key"]["prefixlen"].tolist() == [24]
+    assert bytes(t.src_routes_v4["key"]["addr"][0]) == bytes([198, 18, 64, 0])
+    assert t.src_routes_v4["real_id"].tolist() == [ids["10.0.0.2"]]
+    assert t.src_routes_v6["key"]["prefixlen"].tolist() == [48]
+    assert bytes(t.src_routes_v6["key"]["addr"][0]) == ipaddress.ip_address("2001:db8:5::").packed
+
+
+@pytest.mark.parametrize(
+    ("edit", "path", "fragment"),
+    [
+        (lambda d: d["quic_servers"].append({"id": 1, "real": "10.0.0.2"}), "quic_servers[2].id", "duplicate of quic_servers[0]"),
+        (lambda d: d["quic_servers"].append({"id": 0, "real": "10.0.0.2"}), "quic_servers[2].id", "must be 1..4294967295"),
+        (lambda d: d["quic_servers"].append({"id": 2**32, "real": "10.0.0.2"}), "quic_servers[2].id", "must be 1..4294967295"),
+        (lambda d: d["quic_servers"].append({"id": 9, "real": "10.9.9.9"}), "quic_servers[2].real", "not a real of any VIP"),
+        (lambda d: d["quic_servers"].append({"id": 9}), "quic_servers[2].real", "required"),
+        (lambda d: d["source_routes"].append({"prefix": "198.18.64.7/24", "real": "10.0.0.2"}),
+         "source_routes[2].prefix", "host bits set in 198.18.64.7/24: did you mean 198.18.64.0/24?"),
+        (lambda d: d["source_routes"].append({"prefix": "198.18.64.0/24", "real": "10.0.0.1"}),
+         "source_routes[2].prefix", "duplicate of source_routes[0]"),
+        (lambda d: d["source_routes"].append({"prefix": "nope", "real": "10.0.0.1"}),
+         "source_routes[2].prefix", "not an IPv4 or IPv6 prefix"),
+        (lambda d: d["source_routes"].append({"prefix": 5, "real": "10.0.0.1"}),
+         "source_routes[2].prefix", "must be a prefix string"),
+        (lambda d: d["source_routes"].append({"prefix": "10.1.0.0/16", "real": "10.9.9.9"}),
+         "source_routes[2].real", "not a real of any VIP"),
+        (lambda d: d["vips"][1].update(protocol="tcp"), "vips[1].flags[0]", "'quic' needs protocol udp"),
+        (lambda d: d["settings"].update(mtu=1279), "settings.mtu", "must be 1280..9216"),
+    ],
+)
+def test_routing_table_errors(edit, path: str, fragment: str) -> None:
+    d = routed()
+    edit(d)
+    assert_error(d, path, fragment)
+
+
+def test_ipv6_clients_routed_to_ipv4_real_need_gue() -> None:
+    d = routed()
+    d["source_routes"][1]["real"] = "10.0.0.1"  # an IPv6 prefix -> IPv4 real
+    assert_error(d, "source_routes[1].real", "ipip can't carry IPv6 in IPv4")
+    d["settings"]["encap"] = "gue"
+    d["settings"]["gue"] = {"source_v4": "198.18.0.254", "source_v6": "2001:db8::fe"}
+    assert parse_config(d).source_routes[1].real == "10.0.0.1"
+
+
+def test_mtu_must_leave_1280_for_ipv6_clients() -> None:
+    d = routed()
+    d["settings"]["mtu"] = 1300
+    assert_error(d, "settings.mtu", "must be >= 1320 with IPv6 VIPs")
+    d["settings"]["mtu"] = 1320
+    assert parse_config(d).settings.mtu == 1320
+    d["settings"].update(mtu=1320, encap="gue", gue={"source_v4": "198.18.0.254", "source_v6": "2001:db8::fe"})
+    assert_error(d, "settings.mtu", "must be >= 1328")
