@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from lb.config import ConfigError, load_config
 
 
-def _load(path: str):
+def load_config_or_exit(path: str):
+    """The config at ``path``; on a ConfigError its message goes to stderr and the
+    command exits with status 2."""
     try:
         return load_config(path)
     except ConfigError as e:
@@ -25,7 +27,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from lb.simulate import FrameFileError, make_simulator, read_hex_frames, read_pcap_frames, simulate, summarize
     from lb.state import compile_tables
 
-    cfg = _load(args.config)
+    cfg = load_config_or_exit(args.config)
     try:
         tables = compile_tables(cfg)
     except ValueError as e:
@@ -58,7 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    cfg = _load(args.file)
+    cfg = load_config_or_exit(args.file)
     n_reals = len({r.address for v in cfg.vips for r in v.reals})
     print(f"{args.file}: ok ({len(cfg.vips)} VIPs, {n_reals} reals)")
     return 0
@@ -67,7 +69,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     from lb.config import config_to_dict, dump_config_yaml
 
-    cfg = _load(args.file)
+    cfg = load_config_or_exit(args.file)
     print(json.dumps(config_to_dict(cfg), indent=2) if args.json else dump_config_yaml(cfg), end="")
     return 0
 
@@ -77,7 +79,7 @@ def cmd_ring(args: argparse.Namespace) -> int:
 
     from lb.state import compile_tables
 
-    cfg = _load(args.config)
+    cfg = load_config_or_exit(args.config)
     tables = compile_tables(cfg)
     rows = []
     for (addr, port, proto), num in tables.vip_nums.items():
@@ -100,7 +102,7 @@ def cmd_ring(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lb.demo import print_report, run_demo
 
-    cfg = _load(args.config) if args.config else None
+    cfg = load_config_or_exit(args.config) if args.config else None
     rep = run_demo(cfg, flows=args.flows)
     print_report(rep, cfg)
     return 0 if rep.split_flows == 0 else 1

@@ -203,12 +203,11 @@ def tx_checksum_off(ns: str, ifname: str) -> None:
 def _proc_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (/proc/<pid>/stat field 22), so a
     recorded pid is never confused with a later process that reused the number."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+    from netns.ns import proc_stat_fields
+
+    fields = proc_stat_fields(pid)
+    if fields is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
     if fields[0] == "Z":
         return None  # a zombie has finished; only its parent's wait() is missing
     return int(fields[19])

@@ -50,15 +50,9 @@ class _Interrupts:
 
 
 def _load_config(path: str | None):
-    if path is None:
-        return None
-    from lb.config import ConfigError, load_config
+    from lb.cli import load_config_or_exit
 
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2) from None
+    return None if path is None else load_config_or_exit(path)
 
 
 # ---- up / down / status ---------------------------------------------------------------------

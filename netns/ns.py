@@ -364,15 +364,21 @@ class Iface:
         return pids
 
 
-def napi_thread_cpu(pid: int) -> int | None:
-    """CPU a task last ran on (/proc/<pid>/stat field 39)."""
+def proc_stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (index 0 = field 3, the state), or None
+    if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[36])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def napi_thread_cpu(pid: int) -> int | None:
+    """CPU a task last ran on (/proc/<pid>/stat field 39)."""
+    fields = proc_stat_fields(pid)
+    return None if fields is None else int(fields[36])
 
 
 # ---------------------------------------------------------------------------------------
