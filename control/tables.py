@@ -278,8 +278,6 @@ def build_tables(
     (allocate first).
     """
     s = cfg.settings
-    if s.encap != "ipip":
-        raise ValueError(f"settings.encap: {s.encap!r} is not implemented by the datapath yet (use ipip)")
     sizes = Sizes.of(s)
     local = frozenset(str(ipaddress.ip_address(a)) for a in s.local_addresses)
     drained_by: dict[VipKey, set[str]] = {}

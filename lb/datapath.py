@@ -198,6 +198,72 @@ def _echo_reply(p, n, out, l3, l4, family, vlan, stats):
     return C.XDP_TX, n, 0
 
 
+@nb.njit(cache=True, inline="always")
+def _sum16(buf, off, nbytes):
+    """One's-complement partial sum (unfolded) of ``nbytes`` (even) bytes at ``off``."""
+    s = 0
+    for k in range(0, nbytes, 2):
+        s += _be16(buf, off + k)
+    return s
+
+
+@nb.njit(cache=True, inline="always")
+def _too_big(p, out, l3, family, pkt_len, overhead, mtu, stats):
+    """Row 20: ICMP frag-needed / ICMPv6 packet-too-big back to the client, quoting the
+    start of the packet. Returns (action, output length, real id)."""
+    _copy(out, 0, p, 6, 6)
+    _copy(out, 6, p, 0, 6)
+    _copy(out, 12, p, 12, l3 - 12)  # the 802.1Q tag if any, and the same ethertype
+    o = l3
+    if family == C.FAMILY_V4:
+        quote = C.ICMP_TOO_BIG_QUOTE_V4
+        ic = o + 20
+        out[o] = 0x45
+        out[o + 1] = 0
+        tot = 20 + 8 + quote
+        out[o + 2] = tot >> 8
+        out[o + 3] = tot & 0xFF
+        _zero(out, o + 4, 4)
+        out[o + 8] = C.DEFAULT_TTL
+        out[o + 9] = C.IPPROTO_ICMP
+        _copy(out, o + 12, p, l3 + 16, 4)
+        _copy(out, o + 16, p, l3 + 12, 4)
+        c = _ipv4_csum(out, o)
+        out[o + 10] = c >> 8
+        out[o + 11] = c & 0xFF
+        out[ic] = C.ICMP_DEST_UNREACH
+        out[ic + 1] = C.ICMP_FRAG_NEEDED
+        _zero(out, ic + 2, 4)
+        out[ic + 6] = (mtu - overhead) >> 8
+        out[ic + 7] = (mtu - overhead) & 0xFF
+        _copy(out, ic + 8, p, l3, quote)
+        s = _sum16(out, ic, 8 + quote)
+    else:
+        quote = C.ICMP_TOO_BIG_QUOTE_V6
+        ic = o + 40
+        plen = 8 + quote
+        out[o] = 0x60
+        _zero(out, o + 1, 3)
+        out[o + 4] = plen >> 8
+        out[o + 5] = plen & 0xFF
+        out[o + 6] = C.IPPROTO_ICMPV6
+        out[o + 7] = C.DEFAULT_TTL
+        _copy(out, o + 8, p, l3 + 24, 16)
+        _copy(out, o + 24, p, l3 + 8, 16)
+        out[ic] = C.ICMPV6_PKT_TOOBIG
+        _zero(out, ic + 1, 5)
+        out[ic + 6] = (mtu - overhead) >> 8
+        out[ic + 7] = (mtu - overhead) & 0xFF
+        _copy(out, ic + 8, p, l3, quote)
+        # pseudo header: addresses, upper-layer length, next header
+        s = _sum16(out, o + 8, 32) + plen + C.IPPROTO_ICMPV6 + _sum16(out, ic, plen)
+    c = (~_csum_fold(s)) & 0xFFFF
+    out[ic + 2] = c >> 8
+    out[ic + 3] = c & 0xFF
+    stats[C.STAT_TX_ICMP_TOO_BIG] += 1
+    return C.XDP_TX, ic + 8 + quote, 0
+
+
 # Not cached: numba's on-disk cache made this loop ~1.8x slower (314 vs 175 ns/packet,
 # measured with bench/bench_datapath.py); it costs a few seconds of compilation per process.
 @nb.njit(cache=False)
@@ -463,9 +529,22 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             _copy(out, 0, p, 0, n)
             actions[i], out_lens[i], real_ids[i] = C.XDP_PASS, n, real_id
             continue
-        if family == C.FAMILY_V6 and rfam == C.FAMILY_V4:
+        gue = encap == C.ENCAP_GUE
+        if family == C.FAMILY_V6 and rfam == C.FAMILY_V4 and not gue:
             stats[C.STAT_DROP_ENCAP_FAILED] += 1
             actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
+            continue
+        hlen = C.ENCAP_IPV4_OVERHEAD if rfam == C.FAMILY_V4 else C.ENCAP_IPV6_OVERHEAD
+        ulen = C.UDP_HLEN if gue else 0
+        if mtu != 0 and pkt_len + hlen + ulen > mtu:
+            quote = C.ICMP_TOO_BIG_QUOTE_V4 if family == C.FAMILY_V4 else C.ICMP_TOO_BIG_QUOTE_V6
+            if (is_icmp_err or pkt_len < quote
+                    or (family == C.FAMILY_V4 and (_be16(p, l3 + 6) & C.IP_DF) == 0)):
+                stats[C.STAT_DROP_TOO_BIG] += 1
+                actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
+                continue
+            actions[i], out_lens[i], real_ids[i] = _too_big(p, out, l3, family, pkt_len,
+                                                            hlen + ulen, mtu, stats)
             continue
 
         # ---- encapsulation
@@ -478,18 +557,22 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
         if rfam == C.FAMILY_V4:
             out[l2len - 2] = C.ETH_P_IP >> 8
             out[l2len - 1] = C.ETH_P_IP & 0xFF
-            tot = pkt_len + C.ENCAP_IPV4_OVERHEAD
+            tot = pkt_len + C.ENCAP_IPV4_OVERHEAD + ulen
             out[o] = 0x45
             out[o + 1] = tos
             out[o + 2] = tot >> 8
             out[o + 3] = tot & 0xFF
             _zero(out, o + 4, 4)
             out[o + 8] = C.DEFAULT_TTL
-            out[o + 9] = C.IPPROTO_IPIP
-            out[o + 12] = C.IPIP_V4_PREFIX0
-            out[o + 13] = C.IPIP_V4_PREFIX1
-            out[o + 14] = p[fsrc_off + 2] ^ (sport & 0xFF)
-            out[o + 15] = p[fsrc_off + 3] ^ (sport >> 8)
+            if gue:
+                out[o + 9] = C.IPPROTO_UDP
+                _copy(out, o + 12, gue_src_v4, 0, 4)
+            else:
+                out[o + 9] = C.IPPROTO_IPIP
+                out[o + 12] = C.IPIP_V4_PREFIX0
+                out[o + 13] = C.IPIP_V4_PREFIX1
+                out[o + 14] = p[fsrc_off + 2] ^ (sport & 0xFF)
+                out[o + 15] = p[fsrc_off + 3] ^ (sport >> 8)
             for k in range(4):
                 out[o + 16 + k] = real_addr[real_id, k]
             c = _ipv4_csum(out, o)
@@ -503,21 +586,40 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             out[o + 1] = (tos & 0xF) << 4
             out[o + 2] = 0
             out[o + 3] = 0
-            out[o + 4] = pkt_len >> 8
-            out[o + 5] = pkt_len & 0xFF
-            out[o + 6] = C.IPPROTO_IPIP if family == C.FAMILY_V4 else C.IPPROTO_IPV6
+            plen = pkt_len + ulen
+            out[o + 4] = plen >> 8
+            out[o + 5] = plen & 0xFF
             out[o + 7] = C.DEFAULT_TTL
-            out[o + 8] = C.IPIP_V6_PREFIX0
-            out[o + 9] = C.IPIP_V6_PREFIX1
-            _zero(out, o + 10, 10)
-            last4 = fsrc_off if family == C.FAMILY_V4 else fsrc_off + 12
-            out[o + 20] = p[last4] ^ (sport >> 8)
-            out[o + 21] = p[last4 + 1] ^ (sport & 0xFF)
-            out[o + 22] = p[last4 + 2]
-            out[o + 23] = p[last4 + 3]
+            if gue:
+                out[o + 6] = C.IPPROTO_UDP
+                _copy(out, o + 8, gue_src_v6, 0, 16)
+            else:
+                out[o + 6] = C.IPPROTO_IPIP if family == C.FAMILY_V4 else C.IPPROTO_IPV6
+                out[o + 8] = C.IPIP_V6_PREFIX0
+                out[o + 9] = C.IPIP_V6_PREFIX1
+                _zero(out, o + 10, 10)
+                last4 = fsrc_off if family == C.FAMILY_V4 else fsrc_off + 12
+                out[o + 20] = p[last4] ^ (sport >> 8)
+                out[o + 21] = p[last4 + 1] ^ (sport & 0xFF)
+                out[o + 22] = p[last4 + 2]
+                out[o + 23] = p[last4 + 3]
             for k in range(16):
                 out[o + 24 + k] = real_addr[real_id, k]
             o += C.ENCAP_IPV6_OVERHEAD
+        if gue:
+            # UDP: source port varies with the client, checksum 0 (RFC 6935)
+            a = fsrc_off + (2 if family == C.FAMILY_V4 else 14)
+            gsport = C.GUE_SPORT_BASE | ((_be16(p, a) ^ sport) & C.GUE_SPORT_MASK)
+            ulen_field = pkt_len + C.UDP_HLEN
+            out[o] = gsport >> 8
+            out[o + 1] = gsport & 0xFF
+            out[o + 2] = gue_port >> 8
+            out[o + 3] = gue_port & 0xFF
+            out[o + 4] = ulen_field >> 8
+            out[o + 5] = ulen_field & 0xFF
+            out[o + 6] = 0
+            out[o + 7] = 0
+            o += C.UDP_HLEN
         rest = n - l3
         _copy(out, o, p, l3, rest)
         real_stats[real_id, C.VIP_STAT_PACKETS] += 1

@@ -117,10 +117,6 @@ def compile_tables(cfg) -> DatapathTables:
     order of first use, as Katran does.
     """
     s = cfg.settings
-    if s.encap != "ipip":
-        # GUE is part of the config model but not of the datapath yet: refuse loudly
-        # rather than send IPIP to reals that expect GUE.
-        raise ValueError(f"settings.encap: {s.encap!r} is not implemented by the datapath yet (use ipip)")
     n = len(cfg.vips)
     vip_keys = np.zeros(n, dtype=layout.VIP_KEY)
     vip_metas = np.zeros(n, dtype=layout.VIP_META)

@@ -1113,7 +1113,8 @@ class Lab:
         old = self.tables
         rings_only = (old is not None and np.array_equal(old.reals, tables.reals)
                       and np.array_equal(old.vip_keys, tables.vip_keys)
-                      and np.array_equal(old.vip_metas, tables.vip_metas))
+                      and np.array_equal(old.vip_metas, tables.vip_metas)
+                      and np.array_equal(old.ctl, tables.ctl))  # settings (encap, mtu) too
         changed: int | None = 0 if rings_only else None
         for h in self.balancers():
             b = self._backends[h.name]

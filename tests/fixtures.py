@@ -406,3 +406,234 @@ KATRAN_VECTOR_POS = 0xC7E68632 % 65537
 KATRAN_VECTOR_REAL = "198.19.0.3"
 
 FIXTURES = build_fixtures()
+
+
+# --- GUE and the MTU check (global settings: their own table sets) -------------------------
+
+GUE_SRC4 = "198.18.0.254"
+GUE_SRC6 = "2001:db8:fffe::254"
+GUE_PORT = 6080
+GUE_MTU = 1400
+GUE_CONFIG = {
+    "settings": {
+        "gateway_mac": GW_MAC,
+        "max_frame_size": MAX_FRAME,
+        "conn_table_size": 1024,
+        "encap": "gue",
+        "gue": {"port": GUE_PORT, "source_v4": GUE_SRC4, "source_v6": GUE_SRC6},
+        "mtu": GUE_MTU,
+    },
+    "vips": [
+        {"address": "198.18.110.1", "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.1.1"}]},
+        {"address": "198.18.110.1", "port": 53, "protocol": "udp", "reals": [{"address": "198.19.1.2"}]},
+        {"address": "198.18.110.2", "port": 80, "protocol": "tcp", "flags": ["no_src_port"],
+         "reals": [{"address": "198.19.1.1"}]},
+        {"address": "198.18.110.3", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:2::1"}]},
+        {"address": "2001:db8:110::1", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:2::2"}]},
+        {"address": "2001:db8:110::2", "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.1.3"}]},
+    ],
+}
+
+# IPIP with an MTU: 1500 towards the reals, so IPv4 packets up to 1480 (IPv4 real) or 1460
+# (IPv6 real) bytes go through.
+MTU_IPIP = 1500
+MTU_CONFIG = {
+    "settings": {
+        "gateway_mac": GW_MAC,
+        "max_frame_size": MAX_FRAME,
+        "conn_table_size": 1024,
+        "local_addresses": ["198.19.2.250"],
+        "mtu": MTU_IPIP,
+    },
+    "vips": [
+        {"address": "198.18.120.1", "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.2.1"}]},
+        {"address": "198.18.120.2", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:3::1"}]},
+        {"address": "198.18.120.3", "port": 80, "protocol": "tcp", "flags": ["local"],
+         "reals": [{"address": "198.19.2.250"}]},
+        {"address": "2001:db8:120::1", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:3::2"}]},
+    ],
+}
+MTU_V6_VIP_WITH_V4_REAL = ("2001:db8:120::2", 80, "198.19.2.1", 0)
+
+
+def fixture_tables_gue() -> DatapathTables:
+    """encap gue, mtu 1400: every GUE and too-big fixture runs against these."""
+    return compile_tables(parse_config(GUE_CONFIG))
+
+
+def fixture_tables_mtu() -> DatapathTables:
+    """encap ipip with mtu 1500 (plus an IPv6 VIP with an IPv4 real, for the row order)."""
+    t = compile_tables(parse_config(MTU_CONFIG))
+    _add_vip(t, *MTU_V6_VIP_WITH_V4_REAL)
+    return t
+
+
+def gue_sport(client: str, sport: int) -> int:
+    """Outer UDP source port: 0xC000 | ((last two client address bytes) ^ sport) & 0x3FFF."""
+    a = ipaddress.ip_address(client).packed
+    return 0xC000 | (((a[-2] << 8) | a[-1]) ^ sport) & 0x3FFF
+
+
+def _l3_first(frame: bytes):
+    inp = Ether(frame)
+    vlan = Dot1Q in inp
+    first = inp[Dot1Q].payload if vlan else inp.payload
+    plen = first.len if isinstance(first, IP) else first.plen + 40
+    return inp, vlan, (18 if vlan else 14), first, plen
+
+
+def gue_encap(frame: bytes, real: str, client: str, sport: int) -> bytes:
+    """The frame as docs/datapath.md encapsulates it in GUE (variant 1) for ``real``."""
+    inp, vlan, l3, first, plen = _l3_first(frame)
+    tos = first.tos if isinstance(first, IP) else first.tc
+    l2 = Ether(dst=GW_MAC, src=inp.dst)
+    if vlan:
+        l2 = l2 / Dot1Q(prio=inp[Dot1Q].prio, dei=inp[Dot1Q].dei, vlan=inp[Dot1Q].vlan)
+    udp = UDP(sport=gue_sport(client, sport), dport=GUE_PORT, len=plen + 8, chksum=0)
+    if ipaddress.ip_address(real).version == 4:
+        outer = IP(src=GUE_SRC4, dst=real, proto=17, ttl=64, id=0, flags=0, tos=tos, len=plen + 28)
+    else:
+        outer = IPv6(src=GUE_SRC6, dst=real, nh=17, hlim=64, tc=tos, fl=0, plen=plen + 8)
+    return raw(l2 / outer / udp / Raw(frame[l3:]))
+
+
+def too_big(frame: bytes, next_hop_mtu: int) -> bytes:
+    """ICMP frag-needed / ICMPv6 packet-too-big for ``frame``, quoting 128 / 256 bytes."""
+    inp, vlan, l3, first, _ = _l3_first(frame)
+    l2 = Ether(dst=inp.src, src=inp.dst)
+    if vlan:
+        l2 = l2 / Dot1Q(prio=inp[Dot1Q].prio, dei=inp[Dot1Q].dei, vlan=inp[Dot1Q].vlan)
+    if isinstance(first, IP):
+        ip = IP(src=first.dst, dst=first.src, tos=0, id=0, flags=0, ttl=64, proto=1)
+        return raw(l2 / ip / ICMP(type=3, code=4, nexthopmtu=next_hop_mtu) / Raw(frame[l3:l3 + 128]))
+    ip6 = IPv6(src=first.dst, dst=first.src, tc=0, fl=0, hlim=64, nh=58)
+    return raw(l2 / ip6 / ICMPv6PacketTooBig(mtu=next_hop_mtu) / Raw(frame[l3:l3 + 256]))
+
+
+def _tcp(dst: str, size: int = 0, sport: int = 31337, src: str | None = None, vlan: int | None = None,
+         tcp_flags: str = "S", payload: bytes = b"", **ip_kw) -> bytes:
+    v6 = ":" in dst
+    ip = (IPv6(src=src or CLIENT6, dst=dst, **ip_kw) if v6 else IP(src=src or CLIENT4, dst=dst, **ip_kw))
+    l2 = eth() / Dot1Q(vlan=vlan, prio=3) if vlan is not None else eth()
+    bare = l2 / ip / TCP(sport=sport, dport=80, flags=tcp_flags)
+    fill = max(0, size - len(raw(bare[IPv6] if v6 else bare[IP]))) if size else 0
+    return raw(bare / (payload + (bytes(range(256)) * 6)[:fill]))
+
+
+def build_gue_fixtures() -> list[Fixture]:
+    """Against :func:`fixture_tables_gue` (encap gue, mtu 1400)."""
+    fx: list[Fixture] = []
+    add = fx.append
+    r1, r2, r6, r6b, r4b = "198.19.1.1", "198.19.1.2", "2001:db8:2::1", "2001:db8:2::2", "198.19.1.3"
+    syn = _tcp("198.18.110.1")
+    add(Fixture("GUE: IPv4 TCP SYN -> IPv4/UDP/IPv4", 18, syn, "TX", gue_encap(syn, r1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), r1))
+    v6 = _tcp("2001:db8:110::1", tc=0x28, fl=777, sport=4242)
+    add(Fixture("GUE: IPv6 TCP -> IPv6/UDP/IPv6", 18, v6, "TX", gue_encap(v6, r6b, CLIENT6, 4242),
+                C(tx_encap=1, lru_miss=1), r6b))
+    v4in6 = _tcp("198.18.110.3", tos=0x10, sport=999)
+    add(Fixture("GUE: IPv4 client, IPv6 real -> IPv6/UDP/IPv4", 18, v4in6, "TX",
+                gue_encap(v4in6, r6, CLIENT4, 999), C(tx_encap=1, lru_miss=1), r6))
+    v6in4 = _tcp("2001:db8:110::2", tc=0xB8)
+    add(Fixture("GUE: IPv6 client, IPv4 real (row 16 does not apply) -> IPv4/UDP/IPv6", 18, v6in4, "TX",
+                gue_encap(v6in4, r4b, CLIENT6, 31337), C(tx_encap=1, lru_miss=1), r4b))
+    vl = _tcp("198.18.110.1", vlan=42, sport=1000)
+    add(Fixture("GUE: 802.1Q tag kept", 18, vl, "TX", gue_encap(vl, r1, CLIENT4, 1000),
+                C(tx_encap=1, lru_miss=1), r1))
+    padded = raw(eth() / IP(src=CLIENT4, dst="198.18.110.1") / UDP(sport=5000, dport=53)) + b"\x00" * 18
+    add(Fixture("GUE: UDP with Ethernet padding (kept, not counted in the lengths)", 18, padded, "TX",
+                gue_encap(padded, r2, CLIENT4, 5000), C(tx_encap=1, lru_miss=1), r2))
+    nsp = _tcp("198.18.110.2", sport=40000, src="198.18.7.9")
+    add(Fixture("GUE: no_src_port: UDP source port from sport 0", 18, nsp, "TX",
+                gue_encap(nsp, r1, "198.18.7.9", 0), C(tx_encap=1, lru_miss=1), r1))
+    err = raw(eth() / IP(src="198.18.0.1", dst="198.18.110.1") / ICMP(type=3, code=4, nexthopmtu=1300)
+              / IPerror(src="198.18.110.1", dst=CLIENT4) / TCPerror(sport=80, dport=31337))
+    add(Fixture("GUE: ICMP error forwarded to the flow's real", 19, err, "TX",
+                gue_encap(err, r1, CLIENT4, 31337), C(tx_encap=1, lru_miss=1, icmp_error_forwarded=1), r1))
+
+    # MTU 1400: IPv4 real 28 bytes of overhead (1372 fit), IPv6 real 48 (1352 fit)
+    at = _tcp("198.18.110.1", size=1372, flags="DF")
+    add(Fixture("GUE: IPv4 packet of exactly mtu - 28 passes", 18, at, "TX", gue_encap(at, r1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), r1))
+    over = _tcp("198.18.110.1", size=1373, flags="DF")
+    add(Fixture("GUE: IPv4 DF, 1 byte over -> ICMP frag-needed, next-hop MTU 1372", 20, over, "TX",
+                too_big(over, 1372), C(tx_icmp_too_big=1, lru_miss=1)))
+    ack = _tcp("198.18.110.1", size=1373, flags="DF", tcp_flags="A")
+    add(Fixture("GUE: too big after a connection-table hit: lru_hit counted", 20, ack, "TX",
+                too_big(ack, 1372), C(tx_icmp_too_big=1, lru_hit=1), setup=(_tcp("198.18.110.1"),)))
+    nodf = _tcp("198.18.110.1", size=1373)
+    add(Fixture("GUE: IPv4 without DF, too big -> drop", 21, nodf, "DROP", None,
+                C(drop_too_big=1, lru_miss=1)))
+    over6 = _tcp("2001:db8:110::1", size=1353, sport=4242)
+    add(Fixture("GUE: IPv6, 1 byte over -> ICMPv6 packet-too-big, MTU 1352", 20, over6, "TX",
+                too_big(over6, 1352), C(tx_icmp_too_big=1, lru_miss=1)))
+    at6 = _tcp("2001:db8:110::1", size=1352, sport=4242)
+    add(Fixture("GUE: IPv6 packet of exactly mtu - 48 passes", 18, at6, "TX",
+                gue_encap(at6, r6b, CLIENT6, 4242), C(tx_encap=1, lru_miss=1), r6b))
+    over6v = _tcp("2001:db8:110::1", size=1400, vlan=7)
+    add(Fixture("GUE: 802.1Q IPv6 too big -> packet-too-big with the tag kept", 20, over6v, "TX",
+                too_big(over6v, 1352), C(tx_icmp_too_big=1, lru_miss=1)))
+    over4v = _tcp("198.18.110.1", size=1480, vlan=9, flags="DF", tos=0xB8)
+    add(Fixture("GUE: 802.1Q IPv4 DF too big -> frag-needed with the tag kept", 20, over4v, "TX",
+                too_big(over4v, 1372), C(tx_icmp_too_big=1, lru_miss=1)))
+    o46 = _tcp("198.18.110.3", size=1353, flags="DF")
+    add(Fixture("GUE: IPv4 client, IPv6 real: 48 bytes of overhead, next-hop MTU 1352", 20, o46, "TX",
+                too_big(o46, 1352), C(tx_icmp_too_big=1, lru_miss=1)))
+    o64 = _tcp("2001:db8:110::2", size=1373)
+    add(Fixture("GUE: IPv6 client, IPv4 real: 28 bytes of overhead, MTU 1372", 20, o64, "TX",
+                too_big(o64, 1372), C(tx_icmp_too_big=1, lru_miss=1)))
+    a64 = _tcp("2001:db8:110::2", size=1372)
+    add(Fixture("GUE: IPv6 client, IPv4 real, exactly mtu - 28 passes", 18, a64, "TX",
+                gue_encap(a64, r4b, CLIENT6, 31337), C(tx_encap=1, lru_miss=1), r4b))
+    big_err = raw(eth() / IP(src="198.18.0.1", dst="198.18.110.1", flags="DF")
+                  / ICMP(type=3, code=4, nexthopmtu=1300)
+                  / IPerror(src="198.18.110.1", dst=CLIENT4) / TCPerror(sport=80, dport=31337)
+                  / Raw(bytes(1400)))
+    add(Fixture("GUE: ICMP error too big to forward (DF set) -> drop", 21, big_err, "DROP", None,
+                C(drop_too_big=1, lru_miss=1)))
+    return fx
+
+
+def build_mtu_fixtures() -> list[Fixture]:
+    """Against :func:`fixture_tables_mtu` (encap ipip, mtu 1500)."""
+    fx: list[Fixture] = []
+    add = fx.append
+    r1, r6, r6b = "198.19.2.1", "2001:db8:3::1", "2001:db8:3::2"
+    at = _tcp("198.18.120.1", size=1480)
+    add(Fixture("IPIP mtu: IPv4 packet of exactly mtu - 20 passes", 18, at, "TX", encap(at, r1, CLIENT4, 31337),
+                C(tx_encap=1, lru_miss=1), r1))
+    over = _tcp("198.18.120.1", size=1481, flags="DF", ttl=5)
+    add(Fixture("IPIP mtu: IPv4 DF, 1 byte over -> frag-needed, next-hop MTU 1480", 20, over, "TX",
+                too_big(over, 1480), C(tx_icmp_too_big=1, lru_miss=1)))
+    nodf = _tcp("198.18.120.1", size=1500)
+    add(Fixture("IPIP mtu: IPv4 without DF, too big -> drop", 21, nodf, "DROP", None,
+                C(drop_too_big=1, lru_miss=1)))
+    o46 = _tcp("198.18.120.2", size=1461, flags="DF")
+    add(Fixture("IPIP mtu: IPv4 client, IPv6 real, 1 byte over -> next-hop MTU 1460", 20, o46, "TX",
+                too_big(o46, 1460), C(tx_icmp_too_big=1, lru_miss=1)))
+    a46 = _tcp("198.18.120.2", size=1460, flags="DF")
+    add(Fixture("IPIP mtu: IPv4 client, IPv6 real, exactly mtu - 40 passes", 18, a46, "TX",
+                encap(a46, r6, CLIENT4, 31337), C(tx_encap=1, lru_miss=1), r6))
+    o6 = _tcp("2001:db8:120::1", size=1461)
+    add(Fixture("IPIP mtu: IPv6, 1 byte over -> packet-too-big, MTU 1460", 20, o6, "TX",
+                too_big(o6, 1460), C(tx_icmp_too_big=1, lru_miss=1)))
+    a6 = _tcp("2001:db8:120::1", size=1460)
+    add(Fixture("IPIP mtu: IPv6 of exactly mtu - 40 passes", 18, a6, "TX", encap(a6, r6b, CLIENT6, 31337),
+                C(tx_encap=1, lru_miss=1), r6b))
+    loc = _tcp("198.18.120.3", size=1500, flags="DF")
+    add(Fixture("IPIP mtu: local real: row 17 before the MTU check", 17, loc, "PASS", loc,
+                C(pass_local=1, lru_miss=1), "198.19.2.250"))
+    v6v4 = _tcp(MTU_V6_VIP_WITH_V4_REAL[0], size=1480)
+    add(Fixture("IPIP mtu: IPv6 client, IPv4 real, too big: row 16 before the MTU check", 16, v6v4, "DROP",
+                None, C(drop_encap_failed=1, lru_miss=1)))
+    return fx
+
+
+GUE_FIXTURES = build_gue_fixtures()
+MTU_FIXTURES = build_mtu_fixtures()
+# table set name -> (provisioning, fixtures); tests run each fixture against its own set
+FIXTURE_SETS = {
+    "main": (fixture_tables, FIXTURES),
+    "gue": (fixture_tables_gue, GUE_FIXTURES),
+    "mtu": (fixture_tables_mtu, MTU_FIXTURES),
+}

@@ -7,8 +7,12 @@ import struct
 
 from fixtures import (
     FIXTURE_CONFIG,
+    FIXTURE_SETS,
     FIXTURES,
+    GUE_CONFIG,
     LB_MAC,
+    MTU_CONFIG,
+    MTU_V6_VIP_WITH_V4_REAL,
     ROUTER_MAC,
     V6_LOCAL_VIP_WITH_V4_LOCAL_REAL,
     V6_VIP_WITH_V4_REAL,
@@ -21,6 +25,14 @@ SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
 VIPS = [(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"]] + [
     (extra[0], extra[1], "tcp") for extra in (V6_VIP_WITH_V4_REAL, V6_LOCAL_VIP_WITH_V4_LOCAL_REAL)
 ]
+# the GUE and IPIP+mtu table sets: their VIPs and seeds for big frames around the MTU
+MTU_VIPS = {
+    "gue": [(v["address"], v["port"], v["protocol"]) for v in GUE_CONFIG["vips"]],
+    "mtu": [(v["address"], v["port"], v["protocol"]) for v in MTU_CONFIG["vips"]]
+    + [(MTU_V6_VIP_WITH_V4_REAL[0], MTU_V6_VIP_WITH_V4_REAL[1], "tcp")],
+}
+MTU_SEEDS = {name: [fx.frame for fx in FIXTURE_SETS[name][1]] + [s for fx in FIXTURE_SETS[name][1] for s in fx.setup]
+             for name in MTU_VIPS}
 _MACS = bytes.fromhex(LB_MAC.replace(":", "")) + bytes.fromhex(ROUTER_MAC.replace(":", ""))
 
 
@@ -31,10 +43,11 @@ def _addr(text: str) -> bytes:
 
 
 @st.composite
-def valid_flow_frame(draw) -> bytes:
+def valid_flow_frame(draw, vips=VIPS, big: bool = False) -> bytes:
     """A well-formed TCP/UDP/ICMP frame to a fixture VIP address (sometimes another port),
-    IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding sometimes."""
-    vip, port, proto = draw(st.sampled_from(VIPS))
+    IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding sometimes.
+    ``big``: often 1150-1480 bytes of payload more, around any MTU the fixtures set."""
+    vip, port, proto = draw(st.sampled_from(vips))
     dst = _addr(vip)
     v6 = len(dst) == 16
     if v6:
@@ -45,6 +58,8 @@ def valid_flow_frame(draw) -> bytes:
     sport = draw(st.integers(0, 65535))
     dport = port if draw(st.booleans()) or port == 0 and draw(st.booleans()) else draw(st.integers(0, 65535))
     payload = draw(st.binary(max_size=64))
+    if big and draw(st.booleans()):
+        payload += bytes(draw(st.integers(1150, 1480)))
     if l4kind == "tcp":
         flags = draw(st.sampled_from([0x02, 0x10, 0x18, 0x12, 0x11, 0x04, 0x02 | 0x10]))
         l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 0x50, flags, 8192, 0, 0) + payload
@@ -74,9 +89,9 @@ def valid_flow_frame(draw) -> bytes:
 
 
 @st.composite
-def mutated_frame(draw) -> bytes:
+def mutated_frame(draw, seeds=SEEDS) -> bytes:
     """A golden-fixture frame truncated, with bytes flipped, or with header fields rewritten."""
-    f = bytearray(draw(st.sampled_from(SEEDS)))
+    f = bytearray(draw(st.sampled_from(seeds)))
     kind = draw(st.sampled_from(["truncate", "flip", "field", "extend"]))
     if kind == "truncate":
         return bytes(f[: draw(st.integers(0, len(f)))])
@@ -99,3 +114,10 @@ any_frame = st.one_of(
     valid_flow_frame(), valid_flow_frame(), mutated_frame(), mutated_frame(),
     st.binary(min_size=0, max_size=120),
 )
+
+
+def mtu_frame(name: str) -> st.SearchStrategy[bytes]:
+    """Frames for the table set ``name`` of :data:`MTU_VIPS` (GUE and/or mtu): flows to its
+    VIPs, many around the MTU with DF on and off, and its fixtures mutated."""
+    return st.one_of(valid_flow_frame(MTU_VIPS[name], big=True), valid_flow_frame(MTU_VIPS[name], big=True),
+                     mutated_frame(MTU_SEEDS[name]))

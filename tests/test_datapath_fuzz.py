@@ -6,10 +6,11 @@ from __future__ import annotations
 import ipaddress
 
 import numpy as np
-from fixtures import FIXTURES, fixture_tables
+import pytest
+from fixtures import FIXTURE_SETS, FIXTURES, fixture_tables
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import any_frame, mutated_frame, valid_flow_frame
+from strategies import MTU_VIPS, any_frame, mtu_frame, mutated_frame, valid_flow_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
@@ -17,15 +18,24 @@ from lb.simulate import ip_destination
 
 TABLES = fixture_tables()
 DP = UserspaceDatapath(TABLES)
-VIP_ADDRESSES = {
-    ipaddress.ip_address(bytes(k["addr"][: 4 if k["family"] == C.FAMILY_V4 else 16]))
-    for k in TABLES.vip_addr_keys
-}
+
+
+def vip_addresses(tables) -> set:
+    return {ipaddress.ip_address(bytes(k["addr"][: 4 if k["family"] == C.FAMILY_V4 else 16]))
+            for k in tables.vip_addr_keys}
+
+
+VIP_ADDRESSES = vip_addresses(TABLES)
 OUTCOMES = [i for i, n in enumerate(C.STATS) if n.split("_")[0] in ("tx", "pass", "drop")]
+# output lengths with GUE and the MTU check: IPIP or GUE outer headers, or an ICMP
+# too-big reply (L2 of 14 or 18 bytes + 156 / 304)
+MTU_OVERHEADS = (0, 20, 40, 28, 48)
+TOO_BIG_LENS = {l2 + size for l2 in (14, 18) for size in (156, 304)}
 
 
-def check_batch(frames: list[bytes]) -> None:
-    r = DP.process_frames(frames, now=10**9)
+def check_batch(frames: list[bytes], dp: UserspaceDatapath = DP, vips: set = VIP_ADDRESSES,
+                overheads: tuple[int, ...] = (0, 20, 40), reply_lens: set = frozenset()) -> None:
+    r = dp.process_frames(frames, now=10**9)
     outcomes = r.stats[OUTCOMES]
     assert int(r.stats[C.STAT_RX_PACKETS]) == len(frames)
     assert int(outcomes.sum()) == len(frames), "every frame has exactly one outcome"
@@ -35,8 +45,8 @@ def check_batch(frames: list[bytes]) -> None:
         if action == C.XDP_PASS:
             assert r.output(i) == f, "a passed frame is unmodified"
         if action == C.XDP_TX:
-            assert ip_destination(f) in VIP_ADDRESSES, "TX only for frames to a VIP address"
-            assert r.out_lens[i] in (len(f), len(f) + 20, len(f) + 40)
+            assert ip_destination(f) in vips, "TX only for frames to a VIP address"
+            assert r.out_lens[i] - len(f) in overheads or r.out_lens[i] in reply_lens
 
 
 @settings(max_examples=400, deadline=None)
@@ -61,6 +71,23 @@ def test_valid_flows(frames: list[bytes]) -> None:
 @given(st.lists(any_frame, min_size=1, max_size=16))
 def test_any_frames(frames: list[bytes]) -> None:
     check_batch(frames)
+
+
+@pytest.mark.parametrize("table_set", sorted(MTU_VIPS))
+def test_mtu_table_sets(table_set: str) -> None:
+    """GUE / IPIP with mtu: frames around the MTU and mutated fixtures of that set."""
+    tables = FIXTURE_SETS[table_set][0]()
+    dp, vips = UserspaceDatapath(tables), vip_addresses(tables)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(mtu_frame(table_set), min_size=1, max_size=16))
+    def run(frames: list[bytes]) -> None:
+        check_batch(frames, dp, vips, MTU_OVERHEADS, TOO_BIG_LENS)
+
+    run()
+    fxs = FIXTURE_SETS[table_set][1]
+    check_batch([fx.frame[:n] for fx in fxs for n in range(0, len(fx.frame) + 1, 7)], dp, vips,
+                MTU_OVERHEADS, TOO_BIG_LENS)
 
 
 def test_every_truncation_of_every_fixture() -> None:

@@ -1,7 +1,9 @@
 """The XDP program against the userspace datapath: same action, same output bytes, same
 counter updates, on every golden fixture and on 100,000+ hypothesis-generated frames.
 
-Both start from identical tables (:func:`fixtures.fixture_tables`). The XDP program runs
+Both start from identical tables: each fixture's own table set (:data:`fixtures.FIXTURE_SETS`;
+random frames run against the main set and, sized around the MTU, the GUE and IPIP+mtu
+sets). The XDP program runs
 through BPF_PROG_TEST_RUN. A mismatch prints the frame as hex and a scapy one-liner.
 Frames shorter than 14 bytes are not compared: the kernel refuses them for a test run (a
 driver never delivers them), and the userspace handling of them is covered by
@@ -12,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fixtures import FIXTURES, Fixture, fixture_tables
+from fixtures import FIXTURE_SETS, Fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import any_frame
+from strategies import MTU_VIPS, any_frame, mtu_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
@@ -23,22 +25,37 @@ from lb.datapath import UserspaceDatapath
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
 EXAMPLES = 3000
+MTU_EXAMPLES = 250  # per GUE / IPIP+mtu table set
 FRAMES_PER_EXAMPLE = 64
-FRAMES_COMPARED = [0]  # filled by the hypothesis test, checked by the last test
+FRAMES_COMPARED = [0]  # filled by the hypothesis tests, checked by the last test
 
 
 @pytest.fixture(scope="module")
-def tables():
-    return fixture_tables()
-
-
-@pytest.fixture(scope="module")
-def xdp(tables):
+def balancers():
+    """Table set name -> (XdpBalancer, tables), each loaded on first use."""
     from lb.bpf_loader import XdpBalancer
 
-    bal = XdpBalancer.from_tables(tables)
-    yield bal
-    bal.close()
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            tables = FIXTURE_SETS[name][0]()
+            loaded[name] = (XdpBalancer.from_tables(tables), tables)
+        return loaded[name]
+
+    yield get
+    for bal, _ in loaded.values():
+        bal.close()
+
+
+@pytest.fixture(scope="module")
+def xdp(balancers):
+    return balancers("main")[0]
+
+
+@pytest.fixture(scope="module")
+def tables(balancers):
+    return balancers("main")[1]
 
 
 def _explain(frame: bytes, what: str, user, kern) -> str:
@@ -72,14 +89,17 @@ def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]) -> None:
 
 
 # Frames under 14 bytes can't be test-run (see the module docstring).
-XDP_FIXTURES = [fx for fx in FIXTURES if len(fx.frame) >= C.ETH_HLEN]
+XDP_FIXTURES = [(name, fx) for name, (_, fxs) in FIXTURE_SETS.items() for fx in fxs
+                if len(fx.frame) >= C.ETH_HLEN]
 
 
-@pytest.mark.parametrize("fx", XDP_FIXTURES, ids=[f"row{fx.row}-{fx.description}" for fx in XDP_FIXTURES])
-def test_fixture_through_xdp(xdp, tables, fx: Fixture) -> None:
+@pytest.mark.parametrize(("table_set", "fx"), XDP_FIXTURES,
+                         ids=[f"{name}-row{fx.row}-{fx.description}" for name, fx in XDP_FIXTURES])
+def test_fixture_through_xdp(balancers, table_set: str, fx: Fixture) -> None:
     """Each golden fixture through XDP: the expected output, counters, and userspace's."""
     from lb.bpf_testrun import test_run
 
+    xdp, tables = balancers(table_set)
     xdp.clear_conn_table()
     dp = UserspaceDatapath(tables)
     for s in fx.setup:
@@ -112,6 +132,30 @@ def test_random_frames_agree(xdp_and_tables, frames: list[bytes]) -> None:
 @pytest.fixture(scope="module")
 def xdp_and_tables(xdp, tables):
     return xdp, tables
+
+
+@pytest.mark.parametrize("table_set", sorted(MTU_VIPS))
+def test_random_frames_around_the_mtu_agree(balancers, table_set: str) -> None:
+    """GUE and IPIP with mtu: flows sized around the MTU (DF on and off) and mutated
+    fixtures of that table set."""
+    xdp, tables = balancers(table_set)
+
+    @settings(max_examples=MTU_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(mtu_frame(table_set), min_size=FRAMES_PER_EXAMPLE - 20, max_size=FRAMES_PER_EXAMPLE))
+    def run(frames: list[bytes]) -> None:
+        frames = [f for f in frames if len(f) >= C.ETH_HLEN]
+        if not frames:
+            return
+        xdp.clear_conn_table()
+        _run_both(xdp, UserspaceDatapath(tables), frames)
+        FRAMES_COMPARED[0] += len(frames)
+
+    before = xdp.read_stats().counters
+    run()
+    after = xdp.read_stats().counters
+    # the frames did reach both sides of the MTU check
+    for name in ("tx_icmp_too_big", "drop_too_big", "tx_encap"):
+        assert after[name] - before[name] > 100, name
 
 
 def test_at_least_100k_frames_were_compared() -> None:

@@ -89,7 +89,7 @@ static __always_inline void conn_update(struct flow_key *flow, struct conn_value
 }
 #endif
 
-/* ---- real selection and forwarding (rows 14-19) ------------------------------------ */
+/* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
 
 /* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
 static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_flags)
@@ -116,8 +116,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	struct vip_meta *meta;
 	struct conn_value *cv;
 	struct real_def *real = NULL;
-	struct ctl_value *cfg;
-	__u8 gw_mac[ETH_ALEN];
+	struct ctl_value *cfg, c;
 	__u32 flags, vip_num, real_id = 0, zero = 0;
 	int use_lru;
 
@@ -215,18 +214,40 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		*stat = STAT_PASS_LOCAL; /* row 17 */
 		return XDP_PASS;
 	}
-	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4) {
-		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
-		return XDP_DROP;
-	}
-
 	cfg = ctl.lookup(&zero);
 	if (!cfg) {
 		*stat = STAT_DROP_ENCAP_FAILED;
 		return XDP_DROP;
 	}
-	__builtin_memcpy(gw_mac, cfg->gw_mac, ETH_ALEN);
-	if (encapsulate(ctx, pkt, real, gw_mac)) {
+	c = *cfg; /* a copy: no map value is read after the packet moved */
+	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4 &&
+	    c.encap != LB_ENCAP_GUE) {
+		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
+		return XDP_DROP;
+	}
+	if (c.mtu) {
+		__u32 overhead = (real->family == FAMILY_V4 ? LB_ENCAP_IPV4_OVERHEAD
+							    : LB_ENCAP_IPV6_OVERHEAD) +
+				 (c.encap == LB_ENCAP_GUE ? LB_UDP_HLEN : 0);
+
+		if (pkt->pkt_len + overhead > c.mtu) {
+			__u32 quote = pkt->flow.family == FAMILY_V4 ? LB_ICMP_TOO_BIG_QUOTE_V4
+								    : LB_ICMP_TOO_BIG_QUOTE_V6;
+
+			if (pkt->icmp_err || pkt->pkt_len < quote ||
+			    (pkt->flow.family == FAMILY_V4 && !pkt->df)) {
+				*stat = STAT_DROP_TOO_BIG; /* row 21 */
+				return XDP_DROP;
+			}
+			if (icmp_too_big(ctx, pkt, c.mtu - overhead)) {
+				*stat = STAT_DROP_ENCAP_FAILED; /* no headroom */
+				return XDP_DROP;
+			}
+			*stat = STAT_TX_ICMP_TOO_BIG; /* row 20 */
+			return XDP_TX;
+		}
+	}
+	if (encapsulate(ctx, pkt, real, &c)) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 		return XDP_DROP;
 	}
@@ -240,7 +261,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 /* ---- IPv4 / IPv6 (rows 3-13) ------------------------------------------------------- */
 
 /* Returned by the per-family parsers for a TCP/UDP packet or a well-formed ICMP error to
- * a VIP address: pkt->flow is filled and forward() decides (rows 14-19). Not an XDP
+ * a VIP address: pkt->flow is filled and forward() decides (rows 14-21). Not an XDP
  * action, so forward() is inlined once. */
 #define LB_FORWARD (-1)
 
@@ -336,6 +357,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 
 	pkt->pkt_len = bpf_ntohs(iph->tot_len);
 	pkt->tos = iph->tos;
+	pkt->df = (iph->frag_off & bpf_htons(LB_IP_DF)) != 0;
 	l4_room = pkt->pkt_len - IPV4_HLEN;
 	pkt->flow.family = FAMILY_V4;
 	pkt->flow.proto = iph->protocol;

@@ -1,5 +1,6 @@
-/* ICMP handling at a VIP address: echo replies written in place (row 11). ICMP errors
- * are parsed in parsing.h and forwarded like the flow they belong to. */
+/* ICMP written by the balancer: echo replies in place (row 11) and "too big" replies
+ * to packets that would not fit settings.mtu once encapsulated (row 20). ICMP errors
+ * from outside are parsed in parsing.h and forwarded like the flow they belong to. */
 #pragma once
 
 #include <linux/if_ether.h>
@@ -10,6 +11,7 @@
 
 #include "parsing.h"
 #include "csum.h"
+#include "encap.h"
 
 static __always_inline void swap_macs(struct ethhdr *eth)
 {
@@ -61,4 +63,94 @@ static __always_inline void icmp6_echo_reply(struct ethhdr *eth, struct ipv6hdr 
 	ip6h->daddr = tmp;
 	ip6h->hop_limit = DEFAULT_TTL;
 	icmp_set_type(icmp, LB_ICMPV6_ECHO_REPLY);
+}
+
+/* Row 20 reply sizes: ICMP header + quote, summed by bpf_csum_diff (multiples of 4,
+ * at most 512 bytes). */
+#define TOO_BIG_V4_ICMP_LEN (ICMP_HLEN + LB_ICMP_TOO_BIG_QUOTE_V4)
+#define TOO_BIG_V6_ICMP_LEN (ICMP_HLEN + LB_ICMP_TOO_BIG_QUOTE_V6)
+
+/* The reply headers go in front of the packet (adjust_head), so the packet's own start
+ * becomes the quote where it is; then the frame is cut after the quote (adjust_tail).
+ * The caller checked pkt_len >= quote. Writes IPv4 + ICMP frag-needed with next-hop MTU
+ * mtu_left, or IPv6 + ICMPv6 packet-too-big; MACs swapped, 802.1Q tag kept. */
+static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_desc *pkt,
+					__u32 mtu_left)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u8 dst_mac[ETH_ALEN], src_mac[ETH_ALEN];
+	int v4 = pkt->flow.family == FAMILY_V4;
+	__u32 hdrs = v4 ? IPV4_HLEN + ICMP_HLEN : IPV6_HLEN + ICMP_HLEN;
+	__u32 quote = v4 ? LB_ICMP_TOO_BIG_QUOTE_V4 : LB_ICMP_TOO_BIG_QUOTE_V6;
+	void *l3;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(dst_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(src_mac, eth->h_dest, ETH_ALEN);
+	if (bpf_xdp_adjust_head(ctx, -(int)hdrs))
+		return -1;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	l3 = encap_write_l2(data, data_end, pkt, dst_mac, src_mac,
+			    bpf_htons(v4 ? LB_ETH_P_IP : LB_ETH_P_IPV6));
+	if (!l3)
+		return -1;
+	if (v4) {
+		struct iphdr *iph = l3;
+		struct icmphdr *icmp = (void *)(iph + 1);
+
+		if ((void *)icmp + TOO_BIG_V4_ICMP_LEN > data_end)
+			return -1;
+		iph->version = IPV4_VERSION;
+		iph->ihl = IPV4_HLEN / 4;
+		iph->tos = 0;
+		iph->tot_len = bpf_htons(IPV4_HLEN + TOO_BIG_V4_ICMP_LEN);
+		iph->id = 0;
+		iph->frag_off = 0;
+		iph->ttl = DEFAULT_TTL;
+		iph->protocol = LB_IPPROTO_ICMP;
+		iph->check = 0;
+		iph->saddr = pkt->flow.dst.v4;
+		iph->daddr = pkt->flow.src.v4;
+		iph->check = lb_ipv4_csum(iph);
+		icmp->type = LB_ICMP_DEST_UNREACH;
+		icmp->code = LB_ICMP_FRAG_NEEDED;
+		icmp->checksum = 0;
+		icmp->un.frag.__unused = 0;
+		icmp->un.frag.mtu = bpf_htons(mtu_left);
+		icmp->checksum = lb_csum_fold(bpf_csum_diff(NULL, 0, (void *)icmp,
+							    TOO_BIG_V4_ICMP_LEN, 0));
+	} else {
+		struct ipv6hdr *ip6h = l3;
+		struct icmp6hdr *icmp = (void *)(ip6h + 1);
+		/* pseudo header after the addresses: upper-layer length, 3 zeros, next header */
+		__be32 pseudo[2] = { bpf_htonl(TOO_BIG_V6_ICMP_LEN), bpf_htonl(LB_IPPROTO_ICMPV6) };
+		__u32 sum;
+
+		if ((void *)icmp + TOO_BIG_V6_ICMP_LEN > data_end)
+			return -1;
+		ip6h->version = IPV6_VERSION;
+		ip6h->priority = 0;
+		ip6h->flow_lbl[0] = 0;
+		ip6h->flow_lbl[1] = 0;
+		ip6h->flow_lbl[2] = 0;
+		ip6h->payload_len = bpf_htons(TOO_BIG_V6_ICMP_LEN);
+		ip6h->nexthdr = LB_IPPROTO_ICMPV6;
+		ip6h->hop_limit = DEFAULT_TTL;
+		__builtin_memcpy(&ip6h->saddr, &pkt->flow.dst, sizeof(ip6h->saddr));
+		__builtin_memcpy(&ip6h->daddr, &pkt->flow.src, sizeof(ip6h->daddr));
+		icmp->icmp6_type = LB_ICMPV6_PKT_TOOBIG;
+		icmp->icmp6_code = 0;
+		icmp->icmp6_cksum = 0;
+		icmp->icmp6_mtu = bpf_htonl(mtu_left);
+		sum = bpf_csum_diff(NULL, 0, (void *)&ip6h->saddr, 2 * sizeof(ip6h->saddr), 0);
+		sum = bpf_csum_diff(NULL, 0, pseudo, sizeof(pseudo), sum);
+		sum = bpf_csum_diff(NULL, 0, (void *)icmp, TOO_BIG_V6_ICMP_LEN, sum);
+		icmp->icmp6_cksum = lb_csum_fold(sum);
+	}
+	/* the frame (now frame_len + hdrs long) ends after the quote: L2 + hdrs + quote */
+	return bpf_xdp_adjust_tail(ctx, (int)(pkt->l3_off + quote) - (int)pkt->frame_len);
 }

@@ -62,6 +62,7 @@ struct pkt_desc {
 	__u8 icmp_err;          /* flow taken from an ICMP error's embedded header */
 	__u8 tcp_syn;           /* TCP segment with SYN set: never served from conn_table */
 	__u8 vip_found;         /* vip holds the VIP of (dst, dport, proto) (fast path) */
+	__u8 df;                /* IPv4 "don't fragment" set (row 20 vs 21) */
 	struct vip_meta vip;
 };
 
