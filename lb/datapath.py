@@ -762,6 +762,21 @@ class UserspaceDatapath:
             self.vip_stats = np.zeros((tables.max_vips, 2), dtype=np.int64)
             self.real_stats = np.zeros((tables.max_reals, 2), dtype=np.int64)
 
+    def state_args(self) -> tuple:
+        """process_batch's arguments between ``real_ids`` and ``now``: the tables and the
+        connection table, in its order (lb/userspace_io.py passes them through too)."""
+        return (
+            self.vip_keys, self.vip_used, self.vip_vals, self.vip_mask,
+            self.va_keys, self.va_used, self.va_mask,
+            self.real_addr, self.real_family, self.real_flags,
+            self.rings, self.tables.ring_size, self.ch_seed, self.v6_seed,
+            self.gw_mac, self.max_frame, self.mtu, self.encap, self.gue_port,
+            self.gue_src_v4, self.gue_src_v6,
+            self.quic_ids, self.quic_reals,
+            *self.lpm4, *self.lpm6,
+            self.ct_tags, self.ct_ent, self.ct_mask, self.clock,
+        )
+
     def process(self, frames: np.ndarray, lengths: np.ndarray, now: int, deltas: bool = True) -> BatchResult:
         """Process a batch: ``frames`` uint8[n, stride], ``lengths`` int64[n] (<= stride).
 
@@ -780,19 +795,8 @@ class UserspaceDatapath:
         stats = np.zeros(C.N_STATS, dtype=np.int64)
         vip_stats = np.zeros_like(self.vip_stats) if deltas else self.vip_stats
         real_stats = np.zeros_like(self.real_stats) if deltas else self.real_stats
-        process_batch(
-            frames, lengths, out, out_lens, actions, real_ids,
-            self.vip_keys, self.vip_used, self.vip_vals, self.vip_mask,
-            self.va_keys, self.va_used, self.va_mask,
-            self.real_addr, self.real_family, self.real_flags,
-            self.rings, self.tables.ring_size, self.ch_seed, self.v6_seed,
-            self.gw_mac, self.max_frame, self.mtu, self.encap, self.gue_port,
-            self.gue_src_v4, self.gue_src_v6,
-            self.quic_ids, self.quic_reals,
-            *self.lpm4, *self.lpm6,
-            self.ct_tags, self.ct_ent, self.ct_mask,
-            self.clock, int(now), stats, vip_stats, real_stats,
-        )
+        process_batch(frames, lengths, out, out_lens, actions, real_ids, *self.state_args(),
+                      int(now), stats, vip_stats, real_stats)
         self.stats += stats
         if deltas:
             self.vip_stats += vip_stats

@@ -177,10 +177,7 @@ def _last_queued(tx32, frame_size, frame_count, head):
 def _run(  # the loop's whole state, passed once per start/reload
     ring, ring32, block_size, block_count, rx_state, complete_csum, io_counters,
     tx_mode, tx, tx32, tx_frame_size, tx_frame_count, tx_head, msgs, iovs, fd, pollfds,
-    frames, lengths, outs, out_lens, actions, real_ids,
-    vip_keys, vip_used, vip_vals, vip_mask, va_keys, va_used, va_mask,
-    real_addr, real_family, real_flags, rings, ring_size, ch_seed, v6_seed,
-    gw_mac, max_frame, ct_tags, ct_ent, ct_mask, clock,
+    frames, lengths, outs, out_lens, actions, real_ids, dp_state,
     stats, vip_stats, real_stats, ctl, loop, ts,
 ):
     """Until ctl[CTL_STOP] or ctl[CTL_RELOAD] is set: drain a batch, process it, send the
@@ -221,10 +218,7 @@ def _run(  # the loop's whole state, passed once per start/reload
         now = ts[0] * 1_000_000_000 + ts[1]
         process_batch(
             frames[:n], lengths[:n], outs[:n], out_lens[:n], actions[:n], real_ids[:n],
-            vip_keys, vip_used, vip_vals, vip_mask, va_keys, va_used, va_mask,
-            real_addr, real_family, real_flags, rings, ring_size, ch_seed, v6_seed,
-            gw_mac, max_frame, ct_tags, ct_ent, ct_mask, clock,
-            now, stats, vip_stats, real_stats,
+            *dp_state, now, stats, vip_stats, real_stats,
         )
         loop[L_BATCHES] += 1
         if tx_mode == TX_RING:
@@ -542,10 +536,7 @@ class UserspaceBalancer:
             TX_RING if s.tx_mode == "ring" else TX_SENDMMSG, s.tx_ring, s.tx_ring32,
             s.tx_frame_size, s.tx_frame_count, s.tx_head, msgs, iovs, s.fileno(), self.pollfds,
             self.frames, self.lengths, self.outs, self.out_lens, self.actions, self.real_ids,
-            dp.vip_keys, dp.vip_used, dp.vip_vals, dp.vip_mask, dp.va_keys, dp.va_used, dp.va_mask,
-            dp.real_addr, dp.real_family, dp.real_flags, dp.rings, dp.tables.ring_size, dp.ch_seed,
-            dp.v6_seed, dp.gw_mac, dp.max_frame, dp.ct_tags, dp.ct_ent, dp.ct_mask, dp.clock,
-            dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
+            dp.state_args(), dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
         )
 
     def _thread_main(self, ready: threading.Event) -> None:

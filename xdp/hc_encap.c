@@ -125,7 +125,8 @@ int hc_encap_tc(struct __sk_buff *skb)
 		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
 		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
 			goto failed;
-		if (encap_write_ipv4(&outer, (void *)(&outer + 1), &pkt, real.addr.v4))
+		if (encap_write_ipv4(&outer, (void *)(&outer + 1), &pkt, real.addr.v4,
+				     encap_v4_src(&pkt.flow), LB_IPPROTO_IPIP, 0))
 			goto failed;
 		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
 			goto failed;
@@ -137,7 +138,7 @@ int hc_encap_tc(struct __sk_buff *skb)
 		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV6;
 		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
 			goto failed;
-		if (encap_write_ipv6(&outer, (void *)(&outer + 1), &pkt, &real.addr))
+		if (encap_write_ipv6(&outer, (void *)(&outer + 1), &pkt, &real.addr, 0, NULL))
 			goto failed;
 		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
 			goto failed;
