@@ -293,6 +293,9 @@ def test_openapi_document(env) -> None:
         "/v1/stats": {"get"}, "/v1/stats/global": {"get"}, "/v1/stats/vips": {"get"},
         "/v1/stats/reals": {"get"}, "/v1/stats/conntable": {"get"}, "/v1/health": {"get"},
         "/v1/simulate": {"post"}, "/v1/config": {"get", "put"}, "/metrics": {"get"},
+        "/v1/quic-servers": {"get", "put", "post"}, "/v1/quic-servers/{id}": {"get", "delete"},
+        "/v1/source-routes": {"get", "put", "post"},
+        "/v1/source-routes/{address}/{length}": {"get", "delete"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == want
     body = paths["/v1/vips"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -300,7 +303,8 @@ def test_openapi_document(env) -> None:
     schemas = doc["components"]["schemas"]
     assert set(schemas["Vip"]["properties"]) == {"address", "port", "protocol", "hash", "flags", "reals",
                                                  "healthcheck"}
-    for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody"):
+    for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody",
+                 "QuicServer", "SourceRoute"):
         assert name in schemas
     # every referenced schema exists
     import json
