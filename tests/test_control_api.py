@@ -321,10 +321,14 @@ def test_example_config_goes_through_the_api(tmp_path) -> None:
     empty = parse_config({"settings": cfg.model_dump(mode="json")["settings"]})
     ctl = Controller.open(UserspacePort(Sizes.of(cfg.settings)), None, empty)
     with ApiClient(create_app(ctl)) as api:
-        for v in cfg.model_dump(mode="json", exclude_none=True)["vips"]:
+        data = cfg.model_dump(mode="json", exclude_none=True)
+        for v in data["vips"]:
             r = api.post("/v1/vips", json=v)
             assert r.status_code == 201, r.text
-        assert api.get("/v1/config").json()["config"] == cfg.model_dump(mode="json", exclude_none=True)
+        for q in data["quic_servers"]:
+            assert api.post("/v1/quic-servers", json=q).status_code == 201
+        assert api.put("/v1/source-routes", json=data["source_routes"]).status_code == 200
+        assert api.get("/v1/config").json()["config"] == data
 
 
 def test_ipv6_vip_with_a_high_last_byte(env) -> None:

@@ -534,3 +534,83 @@ def test_parse_config_agrees_with_the_api_for_routing_bodies() -> None:
         except (Invalid, Conflict):
             api_ok = False
         assert ok == api_ok, body
+
+
+# --- XDP: the pinned maps hold exactly the desired entries ---------------------------------------------
+
+
+def _read_map(bal, name: str, key_size: int) -> dict[bytes, int]:
+    from lb.bpf_loader import map_keys, map_lookup
+
+    fd = bal.map_fd(name)
+    return {k: int.from_bytes(map_lookup(fd, k, 4), "little") for k in map_keys(fd, key_size)}
+
+
+def _expected(ctl) -> tuple[dict[bytes, int], dict[bytes, int], dict[bytes, int]]:
+    """From the desired config and ids, independently of DesiredTables' records."""
+    import ipaddress
+
+    ids, cfg = ctl.state.ids, ctl.state.config
+    out = ctl.tables.routed_out
+    quic = {q.id.to_bytes(4, "little"): ids.reals[q.real] for q in cfg.quic_servers if q.real not in out}
+    v4: dict[bytes, int] = {}
+    v6: dict[bytes, int] = {}
+    for r in cfg.source_routes:
+        if r.real in out:
+            continue
+        net = ipaddress.ip_network(r.prefix)
+        (v4 if net.version == 4 else v6)[net.prefixlen.to_bytes(4, "little") + net.network_address.packed] = \
+            ids.reals[r.real]
+    return quic, v4, v6
+
+
+@pytest.mark.bpf
+@pytest.mark.root
+def test_xdp_maps_hold_exactly_the_desired_entries_after_api_calls(tmp_path) -> None:
+    import os
+
+    if os.geteuid() != 0:  # pragma: no cover
+        pytest.skip("loading XDP programs needs root")
+    from control.datapaths import XdpPort
+    from lb.bpf_loader import XdpBalancer
+
+    cfg = base_config(mtu=1500)
+    s = cfg.settings
+    bal = XdpBalancer(s.ring_size, s.max_vips, s.max_reals, s.conn_table_size)
+    try:
+        ctl = Controller.open(XdpPort(bal), Store(tmp_path), cfg)
+
+        def check() -> None:
+            quic, v4, v6 = _expected(ctl)
+            assert _read_map(bal, "quic_servers", 4) == quic
+            assert _read_map(bal, "src_routes_v4", layout.LPM_V4_KEY.itemsize) == v4
+            assert _read_map(bal, "src_routes_v6", layout.LPM_V6_KEY.itemsize) == v6
+
+        check()
+        assert len(_read_map(bal, "quic_servers", 4)) == 3
+        with ApiClient(create_app(ctl)) as api:
+            assert api.post("/v1/quic-servers", json={"id": 0xFFFFFFFF, "real": R2}).status_code == 201
+            assert api.delete("/v1/quic-servers/2049").status_code == 204
+            assert api.post("/v1/source-routes", json={"prefix": "198.18.64.128/25", "real": R2}).status_code == 201
+            assert api.delete("/v1/source-routes/2001:db8:5::/48").status_code == 204
+            r = api.put("/v1/source-routes", json=[{"prefix": "198.18.64.128/25", "real": R2},
+                                                   {"prefix": "198.18.64.0/24", "real": R1},
+                                                   {"prefix": "2001:db8:6::/47", "real": real_addr(0, True)}])
+            assert r.status_code == 200, r.text
+            check()
+            ctl.set_health({(K0, R0): False})  # R0 down everywhere: its QUIC id leaves the map
+            check()
+            assert 1025 not in {int.from_bytes(k, "little") for k in _read_map(bal, "quic_servers", 4)}
+            ctl.set_health({(K0, R0): True})
+            check()
+            assert len(_read_map(bal, "quic_servers", 4)) == 3
+        ctl_rec = bal.map_fd("ctl")
+        from lb.bpf_loader import map_lookup
+
+        raw = map_lookup(ctl_rec, bytes(4), layout.CTL.itemsize)
+        assert int(np.frombuffer(raw, dtype=layout.CTL)[0]["mtu"]) == 1500
+        # a restart adopts the maps: nothing to write
+        again = Controller.open(XdpPort(bal), Store(tmp_path), cfg)
+        assert sum(again.last_reconcile["writes"].values()) == 0, again.last_reconcile
+    finally:
+        bal.close()
