@@ -32,7 +32,13 @@ from control.errors import ControlError, Invalid
 from control.flows import FlowQuery, flow_frame
 from control.healthcheck import HealthCheck
 from control.metrics import CONTENT_TYPE, Metrics
-from control.service import Controller, parse_prefix, parse_quic_id, parse_real_address, parse_vip_key
+from control.service import (
+    Controller,
+    parse_prefix,
+    parse_quic_id,
+    parse_real_address,
+    parse_vip_key,
+)
 from control.tables import vip_label
 from lb import constants as C
 from lb.config import Config, QuicServer, Real, SourceRoute, Vip
@@ -474,12 +480,12 @@ def create_app(
 
     @app.get(QUIC_ID, tags=["quic-servers"], summary="Get one QUIC server id",
              responses=_responses(QuicServerView, 404, 422))
-    def get_quic_server(id: str) -> JSONResponse:  # noqa: A002
+    def get_quic_server(id: str) -> JSONResponse:
         return routing_entry("quic_servers", parse_quic_id(id))
 
     @app.delete(QUIC_ID, tags=["quic-servers"], summary="Delete a QUIC server id", status_code=204,
                 responses=_responses(None, 404, 412, 422, 503))
-    async def delete_quic_server(id: str, request: Request) -> Response:  # noqa: A002
+    async def delete_quic_server(id: str, request: Request) -> Response:
         return await routing_delete("quic_servers", parse_quic_id(id), request)
 
     @app.get(ROUTE, tags=["source-routes"], summary="Get one source route",

@@ -517,17 +517,17 @@ def register(sub: argparse._SubParsersAction, config_sub: argparse._SubParsersAc
     # quic, route
     for cmd, helptext, desc, key_help, key_type in (
         ("quic", "QUIC server ids -> reals: list, add, delete (daemon)",
-         "QUIC server ids of the running daemon: on VIPs flagged quic, a packet whose connection id "
-         "carries server id ID goes to REAL (before the connection table and the ring). An entry "
-         "whose real is down for every VIP it serves is inactive (left out of the datapath).",
+         ("QUIC server ids of the running daemon: on VIPs flagged quic, a packet whose connection id "
+          "carries server id ID goes to REAL (before the connection table and the ring). An entry "
+          "whose real is down for every VIP it serves is inactive (left out of the datapath)."),
          "QUIC server id (1..4294967295; 0x.. accepted)", _quic_id),
         ("route", "source routes (client prefix -> real): list, add, delete (daemon)",
-         "Source routes of the running daemon: on VIPs flagged src_routing, a new flow from a client "
-         "in PREFIX goes to REAL (longest prefix wins) instead of the ring. An entry whose real is down "
-         "for every VIP it serves is inactive (left out of the datapath).",
+         ("Source routes of the running daemon: on VIPs flagged src_routing, a new flow from a client "
+          "in PREFIX goes to REAL (longest prefix wins) instead of the ring. An entry whose real is down "
+          "for every VIP it serves is inactive (left out of the datapath)."),
          "client prefix ADDRESS/LENGTH, host bits zero (198.18.64.0/24, 2001:db8:5::/48)", _prefix),
     ):
-        table, field, _, what = _ROUTING[cmd]
+        _, field, _, what = _ROUTING[cmd]
         q = sub.add_parser(cmd, help=helptext, description=desc)
         qs = q.add_subparsers(dest=f"{cmd}_command", required=True, metavar="ACTION")
         x = qs.add_parser("list", help=f"every {what}", description=f"Every {what}, its real and real id, "

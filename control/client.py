@@ -153,10 +153,6 @@ class Client:
     def routing(self, table: str) -> list[dict[str, Any]]:
         return self.get(ROUTING_PATHS[table])
 
-    def put_routing(self, table: str, entries: list[dict[str, Any]], if_match: int | None = None
-                    ) -> list[dict[str, Any]]:
-        return self.request("PUT", ROUTING_PATHS[table], json=entries, if_match=if_match).json()
-
     def add_routing(self, table: str, entry: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
         return self.request("POST", ROUTING_PATHS[table], json=entry, if_match=if_match).json()
 

@@ -76,8 +76,9 @@ class ConnEntry:
 
 class MemoryPort:
     """Tables in memory, with the BPF maps' limits (the VIP hash maps refuse a new key
-    beyond max_vips entries, the routing maps beyond ROUTING_CAPACITY). ``fail`` (a predicate on an op) makes :meth:`apply` raise,
-    to test rollback; ``writes`` lists the ops applied."""
+    beyond max_vips entries, the routing maps beyond ROUTING_CAPACITY). ``fail`` (a
+    predicate on an op) makes :meth:`apply` raise, to test rollback; ``writes`` lists the
+    ops applied."""
 
     kind = "memory"
 

@@ -56,8 +56,8 @@ _FAMILIES = {
     "pass_": ("lb_pass_packets", "reason", "Frames passed to the host stack, by reason"),
     "drop_": ("lb_drop_packets", "reason", "Frames dropped, by reason"),
     "lru_": ("lb_conn_table_lookups", "result", "Connection-table lookups"),
-    "quic_": ("lb_quic_packets", "result", "QUIC VIP packets by how the real was chosen "
-                                           "(routed by server id, fallback, unknown id)"),
+    "quic_": ("lb_quic_packets", "result", ("QUIC VIP packets by how the real was chosen "
+                                            "(routed by server id, fallback, unknown id)")),
 }
 # counters with a family of their own; any other counter is lb_<name>
 _SINGLE = {

@@ -16,8 +16,20 @@ from control.ids import EMPTY, allocate
 from control.reconcile import DeleteEntry, PutEntry, WriteCtl, apply, plan
 from control.service import Controller
 from control.state import Store
-from control.tables import Sizes, build_tables, id_record, quic_key_record, src_route_key_record
-from control.testing import ApiClient, check_live_consistency, make_config, real_addr, vip_dict
+from control.tables import (
+    Sizes,
+    build_tables,
+    id_record,
+    quic_key_record,
+    src_route_key_record,
+)
+from control.testing import (
+    ApiClient,
+    check_live_consistency,
+    make_config,
+    real_addr,
+    vip_dict,
+)
 from lb import constants as C
 from lb import layout
 from lb.config import parse_config
@@ -406,7 +418,7 @@ def test_api_quic_servers(env) -> None:
     r = api.get("/v1/quic-servers")
     assert r.status_code == 200 and r.headers["etag"] == '"1"'
     views = [QuicServerView.model_validate(x) for x in r.json()]
-    assert [(v.id, v.real, v.real_id, v.active) for v in views][0] == (1025, R0, ctl.state.ids.reals[R0], True)
+    assert (views[0].id, views[0].real, views[0].real_id, views[0].active) == (1025, R0, ctl.state.ids.reals[R0], True)
     r = api.post("/v1/quic-servers", json={"id": 4096, "real": R2})
     assert r.status_code == 201 and r.headers["location"] == "/v1/quic-servers/4096" and r.headers["etag"] == '"2"'
     assert QuicServerView.model_validate(r.json()).real_id == ctl.state.ids.reals[R2]
@@ -500,7 +512,7 @@ def test_api_config_carries_the_routing_tables_and_mtu(env) -> None:
 
 
 def test_api_vip_patch_flags(env) -> None:
-    api, ctl, _ = env
+    api, _, _ = env
     r = api.patch("/v1/vips/198.18.100.2/53/udp", json={"flags": ["quic"]})
     assert r.status_code == 200 and r.json()["flags"] == ["quic"]
     r = api.patch("/v1/vips/198.18.100.1/80/tcp", json={"flags": ["src_routing"]})
