@@ -32,9 +32,16 @@ from control.errors import ControlError, Invalid
 from control.flows import FlowQuery, flow_frame
 from control.healthcheck import HealthCheck
 from control.metrics import CONTENT_TYPE, Metrics
-from control.service import Controller, parse_real_address, parse_vip_key
+from control.service import (
+    Controller,
+    parse_prefix,
+    parse_quic_id,
+    parse_real_address,
+    parse_vip_key,
+)
 from control.tables import vip_label
-from lb.config import Config, Real, Vip
+from lb import constants as C
+from lb.config import Config, QuicServer, Real, SourceRoute, Vip
 
 __all__ = ["create_app", "API_VERSION"]
 
@@ -166,9 +173,28 @@ class ConfigView(BaseModel):
     config: dict[str, Any]
 
 
-def _json_body_schema(name: str) -> dict[str, Any]:
+_ACTIVE = "false while the real is down (health check) for every VIP it serves: the entry is then " \
+          "left out of the datapath and its packets are hashed onto the healthy reals"
+
+
+class QuicServerView(BaseModel):
+    id: int = Field(description="QUIC server id, as the real embeds it in its connection ids")
+    real: str
+    real_id: int | None
+    active: bool = Field(description=_ACTIVE)
+
+
+class SourceRouteView(BaseModel):
+    prefix: str = Field(description="client prefix, canonical (198.18.64.0/24, 2001:db8:5::/48)")
+    real: str
+    real_id: int | None
+    active: bool = Field(description=_ACTIVE)
+
+
+def _json_body_schema(name: str, array: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"$ref": f"#/components/schemas/{name}"}
     return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+        "schema": {"type": "array", "items": ref} if array else ref}}}}
 
 
 def _responses(model: type[BaseModel] | None, *codes: int) -> dict[int | str, Any]:
@@ -221,9 +247,12 @@ _IP = {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "forma
 _REFINE = {
     ("Vip", "address"): _IP,
     ("Vip", "port"): {"type": "integer", "minimum": 0, "maximum": 65535, "description": "0 = any port"},
-    ("Vip", "flags"): {"type": "array", "items": {"type": "string", "enum": [
-        "no_src_port", "lru_bypass", "dport_only", "local"]}},
+    ("Vip", "flags"): {"type": "array", "items": {"type": "string", "enum": list(C.VIP_FLAGS)}},
     ("Real", "address"): _IP,
+    ("QuicServer", "id"): {"type": "integer", "minimum": 1, "maximum": C.MAX_QUIC_SERVER_ID},
+    ("QuicServer", "real"): _IP,
+    ("SourceRoute", "prefix"): {"type": "string", "description": "client prefix ADDRESS/LENGTH, host bits zero"},
+    ("SourceRoute", "real"): _IP,
     ("Settings", "gateway_mac"): {"type": "string", "pattern": "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"},
     ("Settings", "local_addresses"): {"type": "array", "items": _IP},
     ("GueSettings", "source_v4"): {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "null"}]},
@@ -402,6 +431,73 @@ def create_app(
         res = await run_in_threadpool(ctl.remove_real, key, addr, _if_match(request))
         return Response(status_code=204, headers=_etag(res.generation))
 
+    # --- QUIC server ids and source routes -------------------------------------------------------------
+
+    def routing_endpoints(section: str, base: str, model: str, view: type[BaseModel], what: str,
+                          location: Callable[[Any], str]) -> None:
+        """GET/PUT the whole table, POST one entry."""
+        tag = base.rsplit("/", 1)[1]
+
+        @app.get(base, tags=[tag], summary=f"List the {what}", response_model=list[view])
+        def list_all() -> JSONResponse:
+            with ctl.lock:
+                gen, body = ctl.generation, ctl.routing_view(section)
+            return JSONResponse(body, headers=_etag(gen))
+
+        @app.put(base, tags=[tag], summary=f"Replace the whole table of {what}",
+                 openapi_extra=_json_body_schema(model, array=True),
+                 responses={200: {"model": list[view]}, **_responses(None, 409, 412, 422, 503)})
+        async def replace(request: Request) -> JSONResponse:
+            body = await _json(request)
+            res = await run_in_threadpool(ctl.replace_routing, section, body, _if_match(request))
+            return JSONResponse(await run_in_threadpool(ctl.routing_view, section), headers=_etag(res.generation))
+
+        @app.post(base, tags=[tag], summary=f"Add one of the {what}", status_code=201,
+                  openapi_extra=_json_body_schema(model),
+                  responses={201: {"model": view}, **_responses(None, 409, 412, 422, 503)})
+        async def add(request: Request) -> JSONResponse:
+            body = await _json(request)
+            key, res = await run_in_threadpool(ctl.add_routing, section, body, _if_match(request))
+            return JSONResponse(await run_in_threadpool(ctl.routing_view, section, key), status_code=201,
+                                headers={**_etag(res.generation), "Location": location(key)})
+
+    routing_endpoints("quic_servers", "/v1/quic-servers", "QuicServer", QuicServerView,
+                      "QUIC server ids (id -> real)", lambda key: f"/v1/quic-servers/{key}")
+    routing_endpoints("source_routes", "/v1/source-routes", "SourceRoute", SourceRouteView,
+                      "source routes (client prefix -> real)", lambda key: f"/v1/source-routes/{key}")
+
+    def routing_entry(section: str, key: Any) -> JSONResponse:
+        with ctl.lock:
+            gen, body = ctl.generation, ctl.routing_view(section, key)
+        return JSONResponse(body, headers=_etag(gen))
+
+    async def routing_delete(section: str, key: Any, request: Request) -> Response:
+        res = await run_in_threadpool(ctl.delete_routing, section, key, _if_match(request))
+        return Response(status_code=204, headers=_etag(res.generation))
+
+    QUIC_ID = "/v1/quic-servers/{id}"
+    ROUTE = "/v1/source-routes/{address}/{length}"  # the prefix as two segments: 198.18.64.0/24
+
+    @app.get(QUIC_ID, tags=["quic-servers"], summary="Get one QUIC server id",
+             responses=_responses(QuicServerView, 404, 422))
+    def get_quic_server(id: str) -> JSONResponse:
+        return routing_entry("quic_servers", parse_quic_id(id))
+
+    @app.delete(QUIC_ID, tags=["quic-servers"], summary="Delete a QUIC server id", status_code=204,
+                responses=_responses(None, 404, 412, 422, 503))
+    async def delete_quic_server(id: str, request: Request) -> Response:
+        return await routing_delete("quic_servers", parse_quic_id(id), request)
+
+    @app.get(ROUTE, tags=["source-routes"], summary="Get one source route",
+             responses=_responses(SourceRouteView, 404, 422))
+    def get_source_route(address: str, length: str) -> JSONResponse:
+        return routing_entry("source_routes", parse_prefix(f"{address}/{length}"))
+
+    @app.delete(ROUTE, tags=["source-routes"], summary="Delete a source route", status_code=204,
+                responses=_responses(None, 404, 412, 422, 503))
+    async def delete_source_route(address: str, length: str, request: Request) -> Response:
+        return await routing_delete("source_routes", parse_prefix(f"{address}/{length}"), request)
+
     # --- stats ----------------------------------------------------------------------------------------
 
     @app.get("/v1/stats", tags=["stats"], summary="All counters: global, per VIP, per real, conn table",
@@ -507,7 +603,8 @@ def create_app(
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)
         _, defs = models_json_schema(
-            [(m, "validation") for m in (Vip, Real, Config, VipPatch, RealPatch, FlowQuery)],
+            [(m, "validation") for m in (Vip, Real, Config, QuicServer, SourceRoute, VipPatch, RealPatch,
+                                         FlowQuery)],
             ref_template="#/components/schemas/{model}")
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, s in defs.get("$defs", {}).items():

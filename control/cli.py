@@ -1,5 +1,5 @@
-"""``lbctl serve`` and the commands that talk to the daemon: ``vip``, ``real``, ``stats``,
-``health``, ``config export`` / ``config apply``.
+"""``lbctl serve`` and the commands that talk to the daemon: ``vip``, ``real``, ``quic``,
+``route``, ``stats``, ``health``, ``config export`` / ``config apply``.
 
 Tables for people (rich), ``--json`` for scripts. Exit status: 0 success; 1 the daemon is
 unreachable or failed (5xx); 2 the request was refused (4xx: the message names the field)
@@ -245,6 +245,65 @@ def cmd_real_del(args: argparse.Namespace, c: Any) -> int:
     return 0
 
 
+# --- quic / route ----------------------------------------------------------------------------------
+
+_ROUTING = {  # command -> (table, key field, column title, what)
+    "quic": ("quic_servers", "id", "id", "QUIC server id"),
+    "route": ("source_routes", "prefix", "prefix", "source route"),
+}
+
+
+def _routing_list(cmd: str) -> Callable[[argparse.Namespace, Any], int]:
+    table, field, title, _ = _ROUTING[cmd]
+
+    def run(args: argparse.Namespace, c: Any) -> int:
+        rows = c.routing(table)
+        if args.json:
+            _print_json(rows)
+        else:
+            _table(None, [title, "real", "real id", "active"],
+                   [[r[field], r["real"], r["real_id"], "yes" if r["active"] else "no (real down)"] for r in rows])
+        return 0
+
+    return run
+
+
+def _routing_add(cmd: str) -> Callable[[argparse.Namespace, Any], int]:
+    table, field, _, what = _ROUTING[cmd]
+
+    def run(args: argparse.Namespace, c: Any) -> int:
+        r = c.add_routing(table, {field: getattr(args, field), "real": args.real}, if_match=args.if_match)
+        _print_json(r) if args.json else print(f"added {what} {r[field]} -> {r['real']} (real id {r['real_id']})")
+        return 0
+
+    return run
+
+
+def _routing_del(cmd: str) -> Callable[[argparse.Namespace, Any], int]:
+    table, field, _, what = _ROUTING[cmd]
+
+    def run(args: argparse.Namespace, c: Any) -> int:
+        c.delete_routing(table, getattr(args, field), if_match=args.if_match)
+        if not args.json:
+            print(f"deleted {what} {getattr(args, field)}")
+        return 0
+
+    return run
+
+
+def _quic_id(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a QUIC server id is an integer (e.g. 1025 or 0x401)") from None
+
+
+def _prefix(text: str) -> str:
+    if "/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ADDRESS/LENGTH (e.g. 198.18.64.0/24)")
+    return text
+
+
 # --- stats / health / config ------------------------------------------------------------------------
 
 
@@ -373,7 +432,7 @@ def _client_args(p: argparse.ArgumentParser, changes: bool = False) -> None:
 
 
 def register(sub: argparse._SubParsersAction, config_sub: argparse._SubParsersAction | None = None) -> None:
-    """Add ``serve``, ``vip``, ``real``, ``stats``, ``health`` to lbctl's subcommands and
+    """Add ``serve``, ``vip``, ``real``, ``quic``, ``route``, ``stats``, ``health`` to lbctl's subcommands and
     ``export``/``apply`` to its ``config`` subcommands (``config_sub``)."""
     from control.daemon import add_arguments
 
@@ -454,6 +513,37 @@ def register(sub: argparse._SubParsersAction, config_sub: argparse._SubParsersAc
     x.add_argument("address")
     _client_args(x, changes=True)
     x.set_defaults(func=_run(cmd_real_del))
+
+    # quic, route
+    for cmd, helptext, desc, key_help, key_type in (
+        ("quic", "QUIC server ids -> reals: list, add, delete (daemon)",
+         ("QUIC server ids of the running daemon: on VIPs flagged quic, a packet whose connection id "
+          "carries server id ID goes to REAL (before the connection table and the ring). An entry "
+          "whose real is down for every VIP it serves is inactive (left out of the datapath)."),
+         "QUIC server id (1..4294967295; 0x.. accepted)", _quic_id),
+        ("route", "source routes (client prefix -> real): list, add, delete (daemon)",
+         ("Source routes of the running daemon: on VIPs flagged src_routing, a new flow from a client "
+          "in PREFIX goes to REAL (longest prefix wins) instead of the ring. An entry whose real is down "
+          "for every VIP it serves is inactive (left out of the datapath)."),
+         "client prefix ADDRESS/LENGTH, host bits zero (198.18.64.0/24, 2001:db8:5::/48)", _prefix),
+    ):
+        _, field, _, what = _ROUTING[cmd]
+        q = sub.add_parser(cmd, help=helptext, description=desc)
+        qs = q.add_subparsers(dest=f"{cmd}_command", required=True, metavar="ACTION")
+        x = qs.add_parser("list", help=f"every {what}", description=f"Every {what}, its real and real id, "
+                                                                     "and whether it is active.")
+        _client_args(x)
+        x.set_defaults(func=_run(_routing_list(cmd)))
+        x = qs.add_parser("add", help=f"add a {what}", description=f"Add a {what}; REAL must be a real of "
+                                                                    "some VIP.")
+        x.add_argument(field, metavar=field.upper(), type=key_type, help=key_help)
+        x.add_argument("real", metavar="REAL", help="address of a real of some VIP")
+        _client_args(x, changes=True)
+        x.set_defaults(func=_run(_routing_add(cmd)))
+        x = qs.add_parser("del", help=f"delete a {what}", description=f"Delete a {what}.")
+        x.add_argument(field, metavar=field.upper(), type=key_type, help=key_help)
+        _client_args(x, changes=True)
+        x.set_defaults(func=_run(_routing_del(cmd)))
 
     # stats, health
     x = sub.add_parser("stats", help="datapath counters, per VIP and per real (daemon)",

@@ -10,7 +10,10 @@ import httpx
 
 from control.daemon import DEFAULT_SOCKET
 
-__all__ = ["Client", "ApiError", "Unavailable", "parse_vip", "vip_path"]
+__all__ = ["Client", "ApiError", "Unavailable", "parse_vip", "vip_path", "ROUTING_PATHS"]
+
+# routing table (config section) -> its API path
+ROUTING_PATHS = {"quic_servers": "/v1/quic-servers", "source_routes": "/v1/source-routes"}
 
 VipKey = tuple[str, int, str]
 
@@ -145,6 +148,17 @@ class Client:
 
     def put_config(self, data: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
         return self.request("PUT", "/v1/config", json=data, if_match=if_match).json()
+
+    # QUIC server ids and source routes: ``table`` is "quic_servers" or "source_routes"
+    def routing(self, table: str) -> list[dict[str, Any]]:
+        return self.get(ROUTING_PATHS[table])
+
+    def add_routing(self, table: str, entry: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
+        return self.request("POST", ROUTING_PATHS[table], json=entry, if_match=if_match).json()
+
+    def delete_routing(self, table: str, key: int | str, if_match: int | None = None) -> None:
+        """``key``: a QUIC server id, or a prefix 'ADDRESS/LENGTH' (sent as two segments)."""
+        self.request("DELETE", f"{ROUTING_PATHS[table]}/{quote(str(key), safe=':/')}", if_match=if_match)
 
     def simulate(self, query: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", "/v1/simulate", json=query).json()

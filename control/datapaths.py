@@ -8,7 +8,8 @@
 * :class:`UserspaceIoPort`, the same on a real interface through
   :class:`lb.userspace_io.UserspaceBalancer` (hosts without XDP);
 * :class:`XdpPort` writes the BPF maps of an :class:`lb.bpf_loader.XdpBalancer`:
-  element updates for VIPs and reals, the mmap'ed ring array for slots.
+  element updates for VIPs, reals and the routing maps (QUIC server ids, source-route
+  LPM tries), the mmap'ed ring array for slots.
 
 Every port can describe its current contents (the :class:`~control.reconcile.DatapathView`
 half), so the reconciler can diff against what is really there, e.g. pinned maps left by
@@ -25,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from control.reconcile import (
+    DeleteEntry,
     DeleteVip,
     DeleteVipAddr,
     Op,
+    PutEntry,
     PutVip,
     PutVipAddr,
     ResetCounters,
@@ -35,7 +38,7 @@ from control.reconcile import (
     WriteReal,
     WriteRing,
 )
-from control.tables import Sizes
+from control.tables import ROUTING_TABLES, Sizes, routing_arrays
 from lb import constants as C
 from lb import layout
 from lb.state import DatapathTables
@@ -43,6 +46,9 @@ from lb.state import DatapathTables
 __all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort"]
 
 COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
+# entries each routing map holds (as sized in lb.bpf_loader / xdp/maps.h)
+ROUTING_CAPACITY = {"quic_servers": C.MAX_QUIC_SERVER_IDS, "src_routes_v4": C.MAX_SRC_ROUTES,
+                    "src_routes_v6": C.MAX_SRC_ROUTES}
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,9 @@ class ConnEntry:
 
 class MemoryPort:
     """Tables in memory, with the BPF maps' limits (the VIP hash maps refuse a new key
-    beyond max_vips entries). ``fail`` (a predicate on an op) makes :meth:`apply` raise,
-    to test rollback; ``writes`` lists the ops applied."""
+    beyond max_vips entries, the routing maps beyond ROUTING_CAPACITY). ``fail`` (a
+    predicate on an op) makes :meth:`apply` raise, to test rollback; ``writes`` lists the
+    ops applied."""
 
     kind = "memory"
 
@@ -81,6 +88,7 @@ class MemoryPort:
         self.addrs: set[bytes] = set()
         self.reals = np.zeros(sizes.max_reals, dtype=layout.REAL)
         self.ctl = bytes(layout.CTL.itemsize)
+        self.routing: dict[str, dict[bytes, bytes]] = {name: {} for name in ROUTING_TABLES}
         # lazily zero pages: costs memory only for the rows in use
         self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
         self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
@@ -106,6 +114,9 @@ class MemoryPort:
     def ring(self, vip_num: int) -> np.ndarray:
         return self.rings[vip_num].copy()
 
+    def routing_entries(self, table: str) -> dict[bytes, bytes]:
+        return dict(self.routing[table])
+
     # writes
     def apply(self, op: Op) -> None:
         if self.fail is not None and self.fail(op):
@@ -128,6 +139,13 @@ class MemoryPort:
             self.vips[op.key] = op.new
         elif isinstance(op, DeleteVip):
             self.vips.pop(op.key, None)
+        elif isinstance(op, PutEntry):
+            entries = self.routing[op.table]
+            if op.key not in entries and len(entries) >= ROUTING_CAPACITY[op.table]:
+                raise OSError(errno.E2BIG, f"{op.table} is full")
+            entries[op.key] = op.new
+        elif isinstance(op, DeleteEntry):
+            self.routing[op.table].pop(op.key, None)
         elif isinstance(op, ResetCounters):
             (self.vip_stats if op.table == "vip" else self.real_stats)[op.index] = 0
         else:  # pragma: no cover
@@ -149,7 +167,8 @@ class MemoryPort:
             conn_table_size=s.conn_table_size, vip_keys=keys, vip_metas=metas,
             vip_addr_keys=addrs, reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
-            ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1))
+            ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
+            **routing_arrays(self.routing))
 
     # stats
     def read_stats(self) -> Stats:
@@ -277,6 +296,19 @@ class XdpPort:
     def ring(self, vip_num: int) -> np.ndarray:
         return self.bal.ring(vip_num)
 
+    def routing_entries(self, table: str) -> dict[bytes, bytes]:
+        if table == "quic_servers":  # a hash map: one batch lookup
+            return self._hash_entries(table, 4, 4)
+        # LPM tries have no batch operations: walk the keys (exact-key lookups only)
+        fd = self._fd(table)
+        key_size = (layout.LPM_V4_KEY if table == "src_routes_v4" else layout.LPM_V6_KEY).itemsize
+        out = {}
+        for k in self._B.map_keys(fd, key_size):
+            v = self._B.map_lookup(fd, k, 4)
+            if v is not None:
+                out[k] = v
+        return out
+
     # writes
     def apply(self, op: Op) -> None:
         B = self._B
@@ -296,6 +328,10 @@ class XdpPort:
             B.map_update(self._fd("vip_map"), op.key, op.new)
         elif isinstance(op, DeleteVip):
             B.map_delete(self._fd("vip_map"), op.key)
+        elif isinstance(op, PutEntry):
+            B.map_update(self._fd(op.table), op.key, op.new)
+        elif isinstance(op, DeleteEntry):
+            B.map_delete(self._fd(op.table), op.key)
         elif isinstance(op, ResetCounters):
             fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
             for col in range(COLS):

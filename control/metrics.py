@@ -1,15 +1,23 @@
 """Prometheus metrics (prometheus-client), one registry per daemon.
 
 Datapath counters are read from the datapath at scrape time (a custom collector), so
-they are exactly the counters the datapath keeps, per VIP and per real included:
+they are exactly the counters the datapath keeps, per VIP and per real included. Every
+counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
+``lb_tx_packets_total{action="X"}``, ``pass_X`` / ``drop_X`` as ``lb_pass_packets_total`` /
+``lb_drop_packets_total{reason="X"}``, ``lru_X`` as ``lb_conn_table_lookups_total{result="X"}``,
+``quic_X`` as ``lb_quic_packets_total{result="X"}``, a few by name (below), and any other
+(a counter added later) as ``lb_<name>_total``:
 
 ==========================================  ==========================================
 ``lb_rx_packets_total``                     every frame the datapath saw
-``lb_tx_packets_total{action}``             ``encap``, ``icmp_echo_reply``
+``lb_tx_packets_total{action}``             ``encap``, ``icmp_echo_reply``, ``icmp_too_big``
 ``lb_pass_packets_total{reason}``           ``not_ip``, ``not_vip``, ``local``
 ``lb_drop_packets_total{reason}``           ``malformed``, ``ip_options``, ``fragment``,
-                                            ``oversize``, ``no_real``, ``encap_failed``
+                                            ``oversize``, ``no_real``, ``encap_failed``,
+                                            ``too_big``
 ``lb_conn_table_lookups_total{result}``     ``hit``, ``miss``
+``lb_quic_packets_total{result}``           ``routed``, ``fallback``, ``unknown``
+``lb_src_routed_packets_total``             real taken from the source-route table
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -42,9 +50,38 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_TX = {"tx_encap": "encap", "tx_icmp_echo_reply": "icmp_echo_reply"}
-_PASS = {"pass_not_ip": "not_ip", "pass_not_vip": "not_vip", "pass_local": "local"}
-_DROP = {n: n[len("drop_"):] for n in C.STATS if n.startswith("drop_")}
+# counter name prefix -> (family, label, help): one labelled family per prefix
+_FAMILIES = {
+    "tx_": ("lb_tx_packets", "action", "Frames sent back out (XDP_TX), by action"),
+    "pass_": ("lb_pass_packets", "reason", "Frames passed to the host stack, by reason"),
+    "drop_": ("lb_drop_packets", "reason", "Frames dropped, by reason"),
+    "lru_": ("lb_conn_table_lookups", "result", "Connection-table lookups"),
+    "quic_": ("lb_quic_packets", "result", ("QUIC VIP packets by how the real was chosen "
+                                            "(routed by server id, fallback, unknown id)")),
+}
+# counters with a family of their own; any other counter is lb_<name>
+_SINGLE = {
+    "rx_packets": ("lb_rx_packets", "Frames seen by the datapath"),
+    "icmp_error_forwarded": ("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real"),
+    "src_routed": ("lb_src_routed_packets", "Packets whose real came from the source-route table"),
+}
+
+
+def _counter_families(counters: dict[str, int]) -> Iterator[Any]:
+    """Every datapath counter of lb.constants.STATS as a Prometheus family."""
+    grouped: dict[str, CounterMetricFamily] = {}
+    for name in C.STATS:
+        value = counters.get(name, 0)
+        prefix = next((p for p in _FAMILIES if name.startswith(p)), None)
+        if prefix is not None:
+            fam, label, helptext = _FAMILIES[prefix]
+            if fam not in grouped:
+                grouped[fam] = CounterMetricFamily(fam, helptext, labels=[label])
+            grouped[fam].add_metric([name[len(prefix):]], value)
+        else:
+            fam, helptext = _SINGLE.get(name, (f"lb_{name}", f"Datapath counter {name}"))
+            yield CounterMetricFamily(fam, helptext, value=value)
+    yield from grouped.values()
 
 
 class _DatapathCollector(Collector):
@@ -57,23 +94,7 @@ class _DatapathCollector(Collector):
             st, tb = ctl.state, ctl.tables
             s = ctl.port.read_stats()
             conn = ctl.port.conn_count()
-        c = s.counters
-        yield CounterMetricFamily("lb_rx_packets", "Frames seen by the datapath", value=c["rx_packets"])
-        for fam, names, label, helptext in (
-            ("lb_tx_packets", _TX, "action", "Frames sent back out (XDP_TX), by action"),
-            ("lb_pass_packets", _PASS, "reason", "Frames passed to the host stack, by reason"),
-            ("lb_drop_packets", _DROP, "reason", "Frames dropped, by reason"),
-        ):
-            m = CounterMetricFamily(fam, helptext, labels=[label])
-            for stat, value in names.items():
-                m.add_metric([value], c[stat])
-            yield m
-        m = CounterMetricFamily("lb_conn_table_lookups", "Connection-table lookups", labels=["result"])
-        m.add_metric(["hit"], c["lru_hit"])
-        m.add_metric(["miss"], c["lru_miss"])
-        yield m
-        yield CounterMetricFamily("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real",
-                                  value=c["icmp_error_forwarded"])
+        yield from _counter_families(s.counters)
         yield GaugeMetricFamily("lb_conn_table_entries", "Connection-table entries", value=conn)
 
         vp = CounterMetricFamily("lb_vip_packets", "Packets to a VIP", labels=["vip"])

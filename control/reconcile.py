@@ -5,7 +5,8 @@
 map writes, each carrying the value it overwrites, so that every write has an inverse.
 Only differences are written: changed ring slots (not whole rings), VIP entries added,
 changed or deleted, real entries added, changed or cleared, the control record if it
-changed, counters of a VIP number or real id that is being (re)used. :func:`apply`
+changed, routing entries (QUIC server ids, source routes) added, changed or deleted,
+counters of a VIP number or real id that is being (re)used. :func:`apply`
 performs a plan on a :class:`DatapathPort` as one unit: if a write fails, the writes
 already made are undone in reverse order and :class:`ApplyError` is raised, leaving the
 datapath as it was.
@@ -15,7 +16,9 @@ VIPs that go (and addresses only they used) first — the VIP hash maps hold max
 entries, so adding before deleting could overflow them, and a VIP number handed to a new
 VIP must not be reachable through the old one while its ring is rewritten —; then real
 entries before the rings that name them, rings before the VIP entries that lead to them,
-and last the real entries no ring names any more. Between two writes a packet sees
+and last the real entries no ring names any more. Routing entries that go are deleted
+first (with the VIPs; they may name a real that is cleared at the end) and new or changed
+ones are written once the real entries they name are in place. Between two writes a packet sees
 either the old or the new value of each slot, never a VIP without its address entry or
 a ring slot naming an empty real. (One exception, only when every real id has been used
 once: an id freed and handed to a new real in the same change names the new real before
@@ -33,11 +36,11 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from control.tables import EMPTY_REAL, DesiredTables, Sizes
+from control.tables import EMPTY_REAL, ROUTING_TABLES, DesiredTables, Sizes
 
 __all__ = [
     "WriteReal", "WriteCtl", "WriteRing", "PutVipAddr", "DeleteVipAddr", "PutVip", "DeleteVip",
-    "ResetCounters", "Op", "Plan", "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
+    "PutEntry", "DeleteEntry", "ResetCounters", "Op", "Plan", "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
     "plan", "apply", "inverse",
 ]
 
@@ -92,6 +95,23 @@ class DeleteVip:
 
 
 @dataclass(frozen=True)
+class PutEntry:
+    """Entry ``key`` of routing map ``table`` (control.tables.ROUTING_TABLES) gets ``new``."""
+
+    table: str
+    key: bytes
+    new: bytes  # u32 real id
+    old: bytes | None  # None: the key was absent
+
+
+@dataclass(frozen=True)
+class DeleteEntry:
+    table: str
+    key: bytes
+    old: bytes
+
+
+@dataclass(frozen=True)
 class ResetCounters:
     """Zero the per-VIP (``vip``) or per-real (``real``) packet/byte counters of a number
     that is being given to a new VIP/real. Has no inverse (the old counts belonged to
@@ -101,7 +121,8 @@ class ResetCounters:
     index: int
 
 
-Op = WriteReal | WriteCtl | WriteRing | PutVipAddr | DeleteVipAddr | PutVip | DeleteVip | ResetCounters
+Op = (WriteReal | WriteCtl | WriteRing | PutVipAddr | DeleteVipAddr | PutVip | DeleteVip | PutEntry | DeleteEntry
+      | ResetCounters)
 
 
 def inverse(op: Op) -> Op | None:
@@ -120,6 +141,11 @@ def inverse(op: Op) -> Op | None:
         return DeleteVip(op.key, op.new) if op.old is None else PutVip(op.key, op.old, op.new)
     if isinstance(op, DeleteVip):
         return PutVip(op.key, op.old, None)
+    if isinstance(op, PutEntry):
+        return (DeleteEntry(op.table, op.key, op.new) if op.old is None
+                else PutEntry(op.table, op.key, op.old, op.new))
+    if isinstance(op, DeleteEntry):
+        return PutEntry(op.table, op.key, op.old, None)
     return None
 
 
@@ -139,9 +165,11 @@ class Plan:
 
     def summary(self) -> dict[str, int]:
         """Counts by kind: ring_slots, rings, reals, ctl, vip_addrs_put/_deleted,
-        vips_put/_deleted, counter_resets."""
+        vips_put/_deleted, counter_resets, and per routing map (quic_servers,
+        src_routes_v4, src_routes_v6) the entries put or deleted."""
         out = {"ring_slots": 0, "rings": 0, "reals": 0, "ctl": 0, "vip_addrs_put": 0,
-               "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "counter_resets": 0}
+               "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "counter_resets": 0,
+               **{name: 0 for name in ROUTING_TABLES}}
         for op in self.ops:
             if isinstance(op, WriteRing):
                 out["ring_slots"] += int(op.slots.size)
@@ -158,6 +186,8 @@ class Plan:
                 out["vips_put"] += 1
             elif isinstance(op, DeleteVip):
                 out["vips_deleted"] += 1
+            elif isinstance(op, (PutEntry, DeleteEntry)):
+                out[op.table] += 1
             else:
                 out["counter_resets"] += 1
         return out
@@ -180,6 +210,8 @@ class DatapathView(Protocol):
     def ctl_entry(self) -> bytes: ...
 
     def ring(self, vip_num: int) -> np.ndarray: ...  # a copy
+
+    def routing_entries(self, table: str) -> dict[bytes, bytes]: ...  # a ROUTING_TABLES map
 
 
 class DatapathPort(DatapathView, Protocol):
@@ -210,11 +242,13 @@ def _meta_num(meta: bytes) -> int:
     return int.from_bytes(meta[4:8], "little")
 
 
-def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | None = None) -> Plan:
+def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | None = None,
+         tables: Iterable[str] | None = None) -> Plan:
     """The writes that turn ``view`` into ``desired``.
 
     ``ring_nums``: the VIP numbers whose rings may differ (a change knows which rings it
     rebuilt); None compares every ring of ``desired`` (start-up, after a failure).
+    ``tables``: likewise the routing maps that may differ (None: all of them).
     Rings of VIPs being deleted are left as they are: nothing reads them, and a number
     given out again is compared slot by slot then.
     """
@@ -223,6 +257,8 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
     cur_vips = view.vip_entries()
     cur_addrs = view.vip_addr_entries()
     cur_reals = view.real_entries()
+    names = ROUTING_TABLES if tables is None else [n for n in ROUTING_TABLES if n in set(tables)]
+    cur_routing = {name: view.routing_entries(name) for name in names}
     ops: list[Op] = []
 
     # 1. VIPs that go, and addresses no remaining VIP uses: first, so the hash maps (sized
@@ -232,6 +268,11 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
         ops.append(DeleteVip(key, cur_vips[key]))
     for key in sorted(cur_addrs - desired.vip_addrs):
         ops.append(DeleteVipAddr(key))
+    #    routing entries that go (they may name a real cleared in step 6; deleting them
+    #    first also keeps the maps within their sizes)
+    for name, cur in cur_routing.items():
+        for key in sorted(set(cur) - set(desired.routing[name])):
+            ops.append(DeleteEntry(name, key, cur[key]))
 
     # 2. real entries that are new or changed (before any ring names them)
     for rid, rec in desired.reals.items():
@@ -245,6 +286,13 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
     old_ctl = view.ctl_entry()
     if old_ctl != desired.ctl:
         ops.append(WriteCtl(desired.ctl, old_ctl))
+
+    #    routing entries new or changed (the reals they name are in place)
+    for name, cur in cur_routing.items():
+        for key, value in desired.routing[name].items():
+            old = cur.get(key)
+            if old != value:
+                ops.append(PutEntry(name, key, value, old))
 
     # 4. ring slots
     nums = sorted(desired.rings) if ring_nums is None else sorted(set(ring_nums) & set(desired.rings))

@@ -37,8 +37,10 @@ from control.state import DesiredState, StateError, Store, config_digest
 from control.tables import DesiredTables, Sizes, build_tables, vip_label
 from lb import constants as C
 from lb.config import Config, ConfigError, config_to_dict, dump_config_yaml, parse_config
+from lb.config import _canonical_prefix  # the config's own prefix rule, for prefixes in URLs
 
-__all__ = ["Controller", "parse_vip_key", "parse_real_address", "extra_checks"]
+__all__ = ["Controller", "parse_vip_key", "parse_real_address", "parse_quic_id", "parse_prefix",
+           "extra_checks", "ROUTING_SECTIONS"]
 
 log = logging.getLogger("lb.control")
 
@@ -70,6 +72,43 @@ def parse_vip_key(address: str, port: str | int, protocol: str) -> VipKey:
     if problems:
         raise Invalid(problems, "invalid VIP in the URL")
     return (addr, p, protocol)
+
+
+# routing table (config section) -> the field that keys its entries
+ROUTING_SECTIONS = {"quic_servers": "id", "source_routes": "prefix"}
+
+
+def parse_quic_id(text: str | int) -> int:
+    """A QUIC server id from a URL; Invalid naming ``id``."""
+    try:
+        v = int(text)
+        if not 1 <= v <= C.MAX_QUIC_SERVER_ID:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise Invalid([("id", f"must be an integer 1..{C.MAX_QUIC_SERVER_ID} (got {text!r})")],
+                      "invalid QUIC server id in the URL") from None
+    return v
+
+
+def parse_prefix(text: str) -> str:
+    """A client prefix from a URL ('198.18.64.0/24'), canonical; Invalid naming ``prefix``."""
+    try:
+        return _canonical_prefix(text)
+    except ValueError as e:
+        raise Invalid([("prefix", str(e))], "invalid prefix in the URL") from None
+
+
+def _routing_key(section: str, item: Any) -> Any:
+    """The key (QUIC id, canonical prefix) of a routing entry, a model or a request body;
+    None if the body's key is not valid (the validation reports it)."""
+    field = ROUTING_SECTIONS[section]
+    v = getattr(item, field) if not isinstance(item, dict) else item.get(field)
+    if section == "quic_servers":
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    try:
+        return _canonical_prefix(v)
+    except ValueError:
+        return None
 
 
 def parse_real_address(address: str) -> str:
@@ -129,6 +168,42 @@ def _same_names(old: Config, new: Config) -> bool:
         if o is not v and [r.address for r in o.reals] != [r.address for r in v.reals]:
             return False
     return True
+
+
+def _refuse_dangling(cfg: Config) -> None:
+    """Conflict naming every QUIC server id / source route whose real no VIP has any more
+    (the change removed it): the operator removes those entries first."""
+    reals = {r.address for v in cfg.vips for r in v.reals}
+    problems = [(f"quic_servers[{i}]", f"id {q.id} -> {q.real}") for i, q in enumerate(cfg.quic_servers)
+                if q.real not in reals]
+    problems += [(f"source_routes[{i}]", f"{r.prefix} -> {r.real}") for i, r in enumerate(cfg.source_routes)
+                 if r.real not in reals]
+    if problems:
+        gone = sorted({m.rsplit(" -> ", 1)[1] for _, m in problems})
+        raise Conflict(f"{', '.join(gone)} would no longer be a real of any VIP but "
+                       f"{'; '.join(f'{p} ({m})' for p, m in problems)} still point at it: delete those "
+                       "entries first (DELETE /v1/quic-servers/ID, /v1/source-routes/PREFIX)", problems)
+
+
+def _routing_problems(problems: list[tuple[str, str]], section: str, index: int | None
+                      ) -> list[tuple[str, str]]:
+    """Paths of a whole-config validation made relative to a routing request's body:
+    ``quic_servers[3].real`` -> ``[3].real`` (a whole table) or, for the one entry at
+    ``index`` (an added entry), ``real``."""
+    out = []
+    for path, msg in problems:
+        if index is not None:
+            one = f"{section}[{index}]"
+            if path == one:
+                path = "(body)"
+            elif path.startswith(one + "."):
+                path = path[len(one) + 1:]
+        elif path == section:
+            path = "(body)"
+        elif path.startswith(section + "["):
+            path = path[len(section):]
+        out.append((path, msg))
+    return out
 
 
 def _counted(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -249,10 +324,11 @@ class Controller:
     def _apply_tables(self, tables: DesiredTables, prev: DesiredTables | None) -> dict[str, int]:
         """Write the differences between the datapath and ``tables``; rolls back on failure."""
         if self.dirty or prev is None:
-            nums = None
+            nums = names = None
         else:
             nums = [n for n, r in tables.rings.items() if prev.rings.get(n) is not r]
-        p = plan(self.port, tables, nums)
+            names = [n for n, t in tables.routing.items() if prev.routing.get(n) is not t]
+        p = plan(self.port, tables, nums, names)
         try:
             done = apply(p, self.port)
         except RollbackError as e:
@@ -275,6 +351,7 @@ class Controller:
                 raise PreconditionFailed(f"generation is {self.state.generation}, not {if_match}")
             old = self.state
             cfg, drained = make(old)
+            _refuse_dangling(cfg)
             s = cfg.settings
             if _same_names(old.config, cfg):
                 ids = old.ids  # no VIP or real address came or went: every number stays
@@ -348,8 +425,12 @@ class Controller:
                            [("reals", "table full")])
 
     @staticmethod
-    def _config(settings: Any, vips: list[Any]) -> Config:
-        return Config.model_construct(settings=settings, vips=vips)
+    def _config(base: Config, vips: list[Any]) -> Config:
+        """``base`` with other (already validated) VIPs; the routing tables are kept (a
+        change that would leave one of their entries without its real is refused in
+        :meth:`_commit`)."""
+        return Config.model_construct(settings=base.settings, vips=vips, quic_servers=base.quic_servers,
+                                      source_routes=base.source_routes)
 
     # --- VIPs ---------------------------------------------------------------------------------
 
@@ -367,7 +448,7 @@ class Controller:
             vips = [*st.config.vips, vip]
             self._limits(s, vips)
             created.append(vip.key)
-            return self._config(s, vips), st.drained
+            return self._config(st.config, vips), st.drained
 
         res = self._commit(make, f"VIP {body.get('address')} created", if_match)
         return created[0], res
@@ -388,7 +469,7 @@ class Controller:
             new = self._check_vip(st.config.settings, data, what="invalid VIP change")
             vips = list(st.config.vips)
             vips[i] = new
-            return self._config(st.config.settings, vips), st.drained
+            return self._config(st.config, vips), st.drained
 
         return self._commit(make, f"VIP {vip_label(key)} changed ({', '.join(patch)})", if_match)
 
@@ -397,7 +478,7 @@ class Controller:
         def make(st: DesiredState) -> tuple[Config, frozenset]:
             i, _ = self._find(st, key)
             vips = [v for j, v in enumerate(st.config.vips) if j != i]
-            return self._config(st.config.settings, vips), frozenset(d for d in st.drained if d[0] != key)
+            return self._config(st.config, vips), frozenset(d for d in st.drained if d[0] != key)
 
         return self._commit(make, f"VIP {vip_label(key)} deleted", if_match)
 
@@ -426,7 +507,7 @@ class Controller:
             vips[i] = new
             self._limits(st.config.settings, vips)
             added.append(addr)
-            return self._config(st.config.settings, vips), st.drained
+            return self._config(st.config, vips), st.drained
 
         res = self._commit(make, f"real {body.get('address')} added to {vip_label(key)}", if_match)
         return added[0], res
@@ -458,7 +539,7 @@ class Controller:
             drained = st.drained
             if "drain" in patch:
                 drained = drained | {(key, address)} if patch["drain"] else drained - {(key, address)}
-            return self._config(st.config.settings, vips), frozenset(drained)
+            return self._config(st.config, vips), frozenset(drained)
 
         return self._commit(make, f"real {address} of {vip_label(key)} changed "
                                   f"({', '.join(f'{k}={v}' for k, v in patch.items())})", if_match)
@@ -473,7 +554,7 @@ class Controller:
             data["reals"] = [r for r in vip.reals if r.address != address]
             vips = list(st.config.vips)
             vips[i] = self._check_vip(st.config.settings, data)
-            return self._config(st.config.settings, vips), st.drained - {(key, address)}
+            return self._config(st.config, vips), st.drained - {(key, address)}
 
         return self._commit(make, f"real {address} removed from {vip_label(key)}", if_match)
 
@@ -501,6 +582,80 @@ class Controller:
             return cfg, frozenset(d for d in st.drained if d in pairs)
 
         return self._commit(make, "config replaced", if_match)
+
+    # --- QUIC server ids and source routes -------------------------------------------------------
+
+    @staticmethod
+    def _with_routing(st: DesiredState, section: str, items: Any, index: int | None, what: str) -> Config:
+        """The current config with ``section`` replaced by ``items``, validated by
+        lb.config as a whole (the VIP models are reused, not re-validated)."""
+        data = {"settings": st.config.settings, "vips": list(st.config.vips),
+                "quic_servers": list(st.config.quic_servers), "source_routes": list(st.config.source_routes)}
+        data[section] = items
+        try:
+            return parse_config(data)
+        except ConfigError as e:
+            raise Invalid(_routing_problems(e.errors, section, index), what) from None
+
+    @_counted
+    def replace_routing(self, section: str, body: Any, if_match: int | None = None) -> ChangeResult:
+        """PUT a whole routing table (``quic_servers`` or ``source_routes``)."""
+        if not isinstance(body, list):
+            raise Invalid([("(body)", "must be a JSON array of entries")], f"invalid {section}")
+
+        def make(st: DesiredState) -> tuple[Config, frozenset]:
+            return self._with_routing(st, section, body, None, f"invalid {section}"), st.drained
+
+        return self._commit(make, f"{section} replaced ({len(body)} entries)", if_match)
+
+    @_counted
+    def add_routing(self, section: str, body: Any, if_match: int | None = None) -> tuple[Any, ChangeResult]:
+        """POST one entry; returns its key (QUIC id / canonical prefix)."""
+        field = ROUTING_SECTIONS[section]
+        if not isinstance(body, dict):
+            raise Invalid([("(body)", "must be a JSON object")], f"invalid {section} entry")
+        key = _routing_key(section, body)
+
+        def make(st: DesiredState) -> tuple[Config, frozenset]:
+            items = list(getattr(st.config, section))
+            if key is not None and any(_routing_key(section, x) == key for x in items):
+                raise Conflict(f"{section}: {field} {key} exists", [(field, "exists")])
+            return self._with_routing(st, section, [*items, body], len(items),
+                                      f"invalid {section} entry"), st.drained
+
+        res = self._commit(make, f"{section} entry {body.get(field)} -> {body.get('real')} added", if_match)
+        return key, res
+
+    @_counted
+    def delete_routing(self, section: str, key: Any, if_match: int | None = None) -> ChangeResult:
+        """DELETE the entry keyed ``key`` (parse_quic_id / parse_prefix)."""
+
+        def make(st: DesiredState) -> tuple[Config, frozenset]:
+            items = getattr(st.config, section)
+            keep = [x for x in items if _routing_key(section, x) != key]
+            if len(keep) == len(items):
+                raise NotFound(f"no {section} entry {key}")
+            return st.config.model_copy(update={section: keep}), st.drained
+
+        return self._commit(make, f"{section} entry {key} deleted", if_match)
+
+    def routing_view(self, section: str, key: Any = None) -> Any:
+        """The entries of a routing table with their real ids and whether they are in the
+        datapath (``active``: false while the real is down for every VIP it serves);
+        with ``key``, that one entry (NotFound if absent)."""
+        with self.lock:
+            st, tb = self.state, self.tables
+            out = []
+            for x in getattr(st.config, section):
+                if key is not None and _routing_key(section, x) != key:
+                    continue
+                out.append({**x.model_dump(mode="json"), "real_id": st.ids.reals.get(x.real),
+                            "active": not (tb is not None and x.real in tb.routed_out)})
+        if key is None:
+            return out
+        if not out:
+            raise NotFound(f"no {section} entry {key}")
+        return out[0]
 
     # --- health -----------------------------------------------------------------------------------
 
@@ -660,6 +815,8 @@ class Controller:
                 "sizes": self.port.sizes.__dict__,
                 "vips": len(st.config.vips),
                 "reals": len(st.ids.reals),
+                "quic_servers": len(st.config.quic_servers),
+                "source_routes": len(st.config.source_routes),
                 "dirty": self.dirty,
                 "last_reconcile": self.last_reconcile,
                 "counters": dict(self.counters),

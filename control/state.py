@@ -8,7 +8,8 @@ value: every accepted change makes a new one with ``generation + 1``.
 :class:`Store` keeps it in ``<state-dir>/state.json``. :func:`atomic_write` writes a
 temporary file in the same directory, fsyncs it, renames it over the old file and fsyncs
 the directory: after a crash at any point, ``state.json`` is either the old or the new
-state, complete. Health results go to ``health.json`` the same way (they only save
+state, complete. The config includes the routing tables (``quic_servers``,
+``source_routes``) and ``settings.mtu``. Health results go to ``health.json`` the same way (they only save
 probes after a restart). A lock file (``flock``) keeps two daemons off one directory;
 the kernel drops the lock when the holder dies, also by SIGKILL.
 """
@@ -258,5 +259,6 @@ def _state_chunks(state: DesiredState) -> list[bytes]:
         if i:
             out.append(b",")
         out.append(v)
-    out.append(b"]}}\n")
+    routing = {k: [x.model_dump(mode="json") for x in getattr(cfg, k)] for k in ("quic_servers", "source_routes")}
+    out.append(b"]," + json.dumps(routing, separators=(",", ":"))[1:].encode() + b"}\n")
     return out

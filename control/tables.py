@@ -14,6 +14,13 @@ traffic is down, the VIP's ``healthcheck.on_all_down`` decides: ``fail_open`` (d
 ignores health for that VIP, ``drop`` leaves the ring empty (the datapath drops and
 counts ``drop_no_real``).
 
+The routing tables (``quic_servers``: QUIC server id -> real id; ``src_routes_v4`` /
+``src_routes_v6``: client prefix -> real id) hold every configured entry except those of
+a real that is down for every VIP it serves (:func:`routed_out`): such a packet then
+falls back to hashing onto the healthy reals. A drained real keeps its entries, so
+connections pinned to it by their QUIC connection id or client prefix keep working
+while it drains.
+
 Pure: values in, values out.
 """
 
@@ -36,7 +43,11 @@ from lb.maglev import HASH_FUNCTIONS, build_ring
 from lb.state import PROTOCOLS, DatapathTables, addr16, ctl_array
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
-           "vip_key_record", "real_record", "vip_label"]
+           "vip_key_record", "real_record", "vip_label", "ROUTING_TABLES", "routed_out",
+           "quic_key_record", "src_route_key_record", "id_record"]
+
+# The routing maps, by their map names (xdp/maps.h): key -> u32 real id.
+ROUTING_TABLES = ("quic_servers", "src_routes_v4", "src_routes_v6")
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,25 @@ def ctl_record(settings: Any) -> bytes:
 
 
 EMPTY_REAL = bytes(layout.REAL.itemsize)
+
+
+def id_record(value: int) -> bytes:
+    """A u32 as the maps store it (QUIC server ids, real ids as map values)."""
+    return int(value).to_bytes(4, "little")
+
+
+quic_key_record = id_record  # quic_servers is keyed by the u32 server id
+
+
+@lru_cache(maxsize=65536)
+def src_route_key_record(prefix: str) -> tuple[str, bytes]:
+    """(map name, LPM key) of a canonical prefix, as lb.state.src_route_arrays lays it out."""
+    net = ipaddress.ip_network(prefix)
+    dtype = layout.LPM_V4_KEY if net.version == 4 else layout.LPM_V6_KEY
+    rec = np.zeros(1, dtype=dtype)
+    rec[0]["prefixlen"] = net.prefixlen
+    rec[0]["addr"] = np.frombuffer(net.network_address.packed, np.uint8)
+    return ("src_routes_v4" if net.version == 4 else "src_routes_v6"), rec.tobytes()
 
 
 @lru_cache(maxsize=65536)
@@ -189,6 +219,11 @@ class DesiredTables:
     parts: Mapping[VipKey, Any] = field(default_factory=dict)  # VipKey -> VipPart, for the next build
     ids: Ids | None = None  # the numbers these tables were built with
     local: frozenset[str] = frozenset()  # settings.local_addresses they were built with
+    # map name (ROUTING_TABLES) -> key record -> real id record, config order
+    routing: Mapping[str, Mapping[bytes, bytes]] = field(
+        default_factory=lambda: {name: {} for name in ROUTING_TABLES})
+    routed_out: frozenset[str] = frozenset()  # reals whose routing entries are left out (down)
+    routing_input: tuple = ()  # what built ``routing`` (reused by the next build when equal)
 
     def ring_for_num(self, num: int) -> np.ndarray:
         """The desired ring of VIP ``num`` (all zeros for a number not in use)."""
@@ -217,9 +252,63 @@ class DesiredTables:
             ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
             conn_table_size=s.conn_table_size, vip_keys=vip_keys, vip_metas=vip_metas,
             vip_addr_keys=vip_addr_keys, reals=reals, rings=rings, ctl=ctl,
+            **routing_arrays(self.routing),
             real_ids={ipaddress.ip_address(a): i for a, i in self.real_ids.items()},
             vip_nums={(ipaddress.ip_address(a), p, proto): n for (a, p, proto), n in self.vip_nums.items()},
         )
+
+
+def routing_arrays(routing: Mapping[str, Mapping[bytes, bytes]]) -> dict[str, np.ndarray]:
+    """The routing maps' records as lb.state.DatapathTables' arrays (quic_servers,
+    src_routes_v4, src_routes_v6), in the mappings' order."""
+    out = {}
+    for name, dtype, key_dtype in (("quic_servers", layout.QUIC_SERVER, None),
+                                   ("src_routes_v4", layout.SRC_ROUTE_V4, layout.LPM_V4_KEY),
+                                   ("src_routes_v6", layout.SRC_ROUTE_V6, layout.LPM_V6_KEY)):
+        entries = routing.get(name, {})
+        arr = np.zeros(len(entries), dtype=dtype)
+        for i, (k, v) in enumerate(entries.items()):
+            if key_dtype is None:
+                arr[i]["server_id"] = int.from_bytes(k, "little")
+            else:
+                arr[i]["key"] = np.frombuffer(k, dtype=key_dtype)[0]
+            arr[i]["real_id"] = int.from_bytes(v, "little")
+        out[name] = arr
+    return out
+
+
+def routed_out(parts: Mapping[VipKey, Any]) -> frozenset[str]:
+    """Reals that are down for every VIP they serve: health-checked, failing, and not
+    kept in the ring by ``on_all_down: fail_open`` (which ignores health for its VIP).
+    Drain does not count: a drained real is out of the rings but keeps its routing
+    entries, so its pinned QUIC connections and routed clients keep working."""
+    up: set[str] = set()
+    down: set[str] = set()
+    for part in parts.values():
+        hc = part.vip.healthcheck
+        ignored = part.all_down and hc is not None and hc.on_all_down == "fail_open"
+        for t in part.targets:
+            (down if t.up is False and not ignored else up).add(t.address)
+    return frozenset(down - up)
+
+
+def _routing(cfg: Any, ids: Ids, out: frozenset[str], prev: DesiredTables | None
+             ) -> tuple[Mapping[str, Mapping[bytes, bytes]], tuple]:
+    """The routing maps' desired contents (reused from ``prev`` when built from the same
+    lists, real ids and left-out reals)."""
+    inp = (cfg.quic_servers, cfg.source_routes, ids.reals, out)
+    if prev is not None and len(prev.routing_input) == 4 and all(
+            a is b for a, b in zip(prev.routing_input[:3], inp[:3])) and prev.routing_input[3] == out:
+        return prev.routing, prev.routing_input
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in ROUTING_TABLES}
+    for q in cfg.quic_servers:
+        if q.real not in out:
+            tables["quic_servers"][quic_key_record(q.id)] = id_record(ids.reals[q.real])
+    for r in cfg.source_routes:
+        if r.real not in out:
+            name, key = src_route_key_record(r.prefix)
+            tables[name][key] = id_record(ids.reals[r.real])
+    return _frozen({n: _frozen(t) for n, t in tables.items()}), inp
 
 
 @dataclass(frozen=True)
@@ -301,6 +390,8 @@ def build_tables(
         reals = prev.reals
     else:
         reals = {rid: real_record(addr, addr in local) for addr, rid in ids.reals.items()}
+    out = routed_out(parts)
+    routing, routing_input = _routing(cfg, ids, out, prev)
     return DesiredTables(
         sizes=sizes,
         vips=_frozen({p.key_rec: p.meta_rec for p in parts.values()}),
@@ -316,4 +407,7 @@ def build_tables(
         parts=_frozen(parts),
         ids=ids,
         local=local,
+        routing=routing,
+        routed_out=out,
+        routing_input=routing_input,
     )

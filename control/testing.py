@@ -50,8 +50,10 @@ def vip_dict(i: int, reals: Iterable[int | tuple[int, int]] = (), port: int = 80
     return {"address": addr, "port": port, "protocol": protocol, "reals": rs, **extra}
 
 
-def make_config(vips: Iterable[dict[str, Any]], **settings: Any) -> Config:
-    return parse_config({"settings": small_settings(**settings), "vips": list(vips)})
+def make_config(vips: Iterable[dict[str, Any]], quic_servers: Iterable[dict[str, Any]] = (),
+                source_routes: Iterable[dict[str, Any]] = (), **settings: Any) -> Config:
+    return parse_config({"settings": small_settings(**settings), "vips": list(vips),
+                         "quic_servers": list(quic_servers), "source_routes": list(source_routes)})
 
 
 class ApiClient:
@@ -112,7 +114,8 @@ class ApiClient:
 
 def check_live_consistency(port: Any) -> list[str]:
     """What a packet could trip over in a MemoryPort right now: a VIP whose address is
-    not in the address set, or a ring slot of a live VIP naming an empty real entry."""
+    not in the address set, a ring slot of a live VIP or a routing entry (QUIC server id,
+    source route) naming an empty real entry."""
     problems = []
     addrs = port.addrs
     for key, meta in port.vips.items():
@@ -123,4 +126,8 @@ def check_live_consistency(port: Any) -> list[str]:
         for rid in ids[ids != 0]:
             if port.reals[int(rid)]["family"] == 0:
                 problems.append(f"VIP {num} ring names empty real {int(rid)}")
+    for table, entries in port.routing.items():
+        for key, value in entries.items():
+            if port.reals[int.from_bytes(value, "little")]["family"] == 0:
+                problems.append(f"{table} entry {key.hex()} names empty real {int.from_bytes(value, 'little')}")
     return problems

@@ -293,6 +293,9 @@ def test_openapi_document(env) -> None:
         "/v1/stats": {"get"}, "/v1/stats/global": {"get"}, "/v1/stats/vips": {"get"},
         "/v1/stats/reals": {"get"}, "/v1/stats/conntable": {"get"}, "/v1/health": {"get"},
         "/v1/simulate": {"post"}, "/v1/config": {"get", "put"}, "/metrics": {"get"},
+        "/v1/quic-servers": {"get", "put", "post"}, "/v1/quic-servers/{id}": {"get", "delete"},
+        "/v1/source-routes": {"get", "put", "post"},
+        "/v1/source-routes/{address}/{length}": {"get", "delete"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == want
     body = paths["/v1/vips"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -300,7 +303,8 @@ def test_openapi_document(env) -> None:
     schemas = doc["components"]["schemas"]
     assert set(schemas["Vip"]["properties"]) == {"address", "port", "protocol", "hash", "flags", "reals",
                                                  "healthcheck"}
-    for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody"):
+    for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody",
+                 "QuicServer", "SourceRoute"):
         assert name in schemas
     # every referenced schema exists
     import json
@@ -317,10 +321,14 @@ def test_example_config_goes_through_the_api(tmp_path) -> None:
     empty = parse_config({"settings": cfg.model_dump(mode="json")["settings"]})
     ctl = Controller.open(UserspacePort(Sizes.of(cfg.settings)), None, empty)
     with ApiClient(create_app(ctl)) as api:
-        for v in cfg.model_dump(mode="json", exclude_none=True)["vips"]:
+        data = cfg.model_dump(mode="json", exclude_none=True)
+        for v in data["vips"]:
             r = api.post("/v1/vips", json=v)
             assert r.status_code == 201, r.text
-        assert api.get("/v1/config").json()["config"] == cfg.model_dump(mode="json", exclude_none=True)
+        for q in data["quic_servers"]:
+            assert api.post("/v1/quic-servers", json=q).status_code == 201
+        assert api.put("/v1/source-routes", json=data["source_routes"]).status_code == 200
+        assert api.get("/v1/config").json()["config"] == data
 
 
 def test_ipv6_vip_with_a_high_last_byte(env) -> None:

@@ -115,3 +115,45 @@ def test_stats_watch(daemon) -> None:
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=30) == 0
     assert all("counters" in json.loads(x) for x in lines)
+
+
+def test_quic_and_route_commands(daemon, capsys) -> None:
+    rc, out, _ = run(daemon, capsys, "quic", "add", "0x401", real_addr(0))
+    assert rc == 0 and f"added QUIC server id 1025 -> {real_addr(0)}" in out
+    rc, out, _ = run(daemon, capsys, "quic", "list")
+    assert rc == 0 and "1025" in out and real_addr(0) in out and "yes" in out
+    rc, out, _ = run(daemon, capsys, "route", "add", "198.18.64.0/24", real_addr(1))
+    assert rc == 0 and "added source route 198.18.64.0/24" in out
+    rc, out, _ = run(daemon, capsys, "route", "list", "--json")
+    assert rc == 0 and [(r["prefix"], r["real"], r["active"]) for r in json.loads(out)] == [
+        ("198.18.64.0/24", real_addr(1), True)]
+    # refusals name the field; a real still routed to cannot be removed
+    rc, _, err = run(daemon, capsys, "quic", "add", "1025", real_addr(1))
+    assert rc == 2 and "id 1025 exists" in err
+    rc, _, err = run(daemon, capsys, "route", "add", "198.18.64.1/24", real_addr(1))
+    assert rc == 2 and "prefix: host bits set" in err
+    rc, _, err = run(daemon, capsys, "quic", "add", "9", "198.19.9.9")
+    assert rc == 2 and "real: 198.19.9.9 is not a real of any VIP" in err
+    rc, _, err = run(daemon, capsys, "real", "del", "198.18.100.1:80/tcp", real_addr(1))
+    assert rc == 2 and "source_routes[0] (198.18.64.0/24" in err
+    rc, _, err = run(daemon, capsys, "route", "del", "198.18.65.0/24")
+    assert rc == 2 and "no source_routes entry 198.18.65.0/24" in err
+    with pytest.raises(SystemExit):
+        main(["route", "del", "198.18.64.0", "--socket", daemon.socket])  # no length
+    with pytest.raises(SystemExit):
+        main(["quic", "del", "x", "--socket", daemon.socket])
+    capsys.readouterr()
+    assert run(daemon, capsys, "quic", "del", "1025")[0] == 0
+    rc, out, _ = run(daemon, capsys, "route", "del", "198.18.64.0/24")
+    assert rc == 0 and "deleted source route 198.18.64.0/24" in out
+    assert json.loads(run(daemon, capsys, "quic", "list", "--json")[1]) == []
+    rc, out, _ = run(daemon, capsys, "config", "export", "--json")
+    assert json.loads(out)["config"]["source_routes"] == []
+
+
+@pytest.mark.parametrize("argv", [["quic"], ["quic", "list"], ["quic", "add"], ["quic", "del"], ["route"],
+                                  ["route", "list"], ["route", "add"], ["route", "del"]])
+def test_quic_and_route_help(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0 and "usage: lbctl " + " ".join(argv) in capsys.readouterr().out

@@ -282,7 +282,9 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
             # veth delivers XDP_TX'd frames only to a peer whose NAPI runs: an XDP_PASS on `a`
             passer = BPF(text=b"int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
             _setns_call(ns.name, BPF.attach_xdp, a.name.encode(), passer.load_func(b"pass_all", BPF.XDP), 1 << 2)
-            cfg = {"settings": small_settings(ring_size=1009), "vips": [vip_dict(0, [0, 1, 2])]}
+            cfg = {"settings": small_settings(ring_size=1009, mtu=1500), "vips": [vip_dict(0, [0, 1, 2])],
+                   "quic_servers": [{"id": 1025, "real": real_addr(0)}],
+                   "source_routes": [{"prefix": "198.18.64.0/24", "real": real_addr(1)}]}
             d = Daemon(tmp_path, "--pin-dir", pin_dir, interface=b.name, datapath="xdp", config=cfg,
                        netns=None)
             d.argv += ["--netns", ns.name]
@@ -290,8 +292,11 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
             with d.client() as c:
                 c.patch_real(K0, real_addr(2), {"weight": 3})
                 c.add_real(K0, {"address": real_addr(3), "weight": 2})
-                c.create_vip(vip_dict(1, [4, 5], protocol="udp", port=53))
-                before = {"vips": c.vips(), "config": c.config()}
+                c.create_vip(vip_dict(1, [4, 5], protocol="udp", port=53, flags=["quic", "src_routing"]))
+                c.add_routing("quic_servers", {"id": 0x20000, "real": real_addr(4)})
+                c.add_routing("source_routes", {"prefix": "198.18.96.0/19", "real": real_addr(5)})
+                before = {"vips": c.vips(), "config": c.config(), "quic": c.routing("quic_servers"),
+                          "routes": c.routing("source_routes")}
 
             flows = [_syn_and_ack(20000 + i) for i in range(40)]
             first = _exchange(ns.name, a.name, [syn for syn, _ in flows])
@@ -312,7 +317,8 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
                 assert st["datapath"] == "xdp" and st["pin_dir"] == pin_dir
                 # the pinned maps already held the desired state: adopted with zero writes
                 assert sum(st["last_reconcile"]["writes"].values()) == 0, st["last_reconcile"]
-                assert {"vips": c.vips(), "config": c.config()} == before
+                assert {"vips": c.vips(), "config": c.config(), "quic": c.routing("quic_servers"),
+                        "routes": c.routing("source_routes")} == before
                 ct = c.conntable(limit=1000)
                 assert {(e["sport"], e["real"]) for e in ct["sample"]} >= entries
                 # the adopted maps take changes: drain the real of flow 0

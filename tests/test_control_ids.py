@@ -27,7 +27,8 @@ def _alloc(cfg, prev=EMPTY):
 def assert_same_tables(a, b) -> None:
     for name in ("ring_size", "max_vips", "max_reals", "conn_table_size"):
         assert getattr(a, name) == getattr(b, name), name
-    for name in ("vip_keys", "vip_metas", "vip_addr_keys", "reals", "ctl"):
+    for name in ("vip_keys", "vip_metas", "vip_addr_keys", "reals", "ctl", "quic_servers", "src_routes_v4",
+                 "src_routes_v6"):
         assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
     assert np.array_equal(a.rings, b.rings)
     assert a.real_ids == b.real_ids

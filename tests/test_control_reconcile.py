@@ -48,11 +48,12 @@ def port_for(cfg):
 
 
 def contents(port: MemoryPort):
-    return (dict(port.vips), set(port.addrs), port.reals.tobytes(), port.ctl, port.rings.copy())
+    return (dict(port.vips), set(port.addrs), port.reals.tobytes(), port.ctl,
+            {t: dict(e) for t, e in port.routing.items()}, port.rings.copy())
 
 
 def same_contents(a, b) -> bool:
-    return a[:4] == b[:4] and np.array_equal(a[4], b[4])
+    return a[:5] == b[:5] and np.array_equal(a[5], b[5])
 
 
 # --- plan / apply -------------------------------------------------------------------------------
@@ -144,14 +145,29 @@ def test_ctl_and_local_flag_changes() -> None:
 
 
 def test_a_failed_write_undoes_the_others() -> None:
-    cfg = make_config([vip_dict(0, [0, 1])])
+    """Failing at every single write of a plan that touches every table (VIPs, reals,
+    rings, ctl: mtu, and every routing map: adds, changes, deletes) leaves the datapath
+    as it was."""
+    cfg = make_config([vip_dict(0, [0, 1]), vip_dict(3, [0, 1], v6=True)],
+                      quic_servers=[{"id": 7, "real": real_addr(0)}, {"id": 8, "real": real_addr(1)}],
+                      source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(0)},
+                                     {"prefix": "2001:db8:9::/48", "real": real_addr(0, True)}])
     desired, ids = tables_for(cfg)
     port = port_for(cfg)
     apply(plan(port, desired), port)
     before = contents(port)
-    cfg2 = make_config([vip_dict(0, [0, (1, 4), 2]), vip_dict(1, [3]), vip_dict(2, [4])])
+    cfg2 = make_config([vip_dict(0, [0, (1, 4), 2]), vip_dict(1, [3]), vip_dict(2, [4]), vip_dict(3, [1], v6=True)],
+                       mtu=1500,
+                       quic_servers=[{"id": 7, "real": real_addr(2)}, {"id": 9, "real": real_addr(3)}],
+                       source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(4)},
+                                      {"prefix": "198.18.0.0/15", "real": real_addr(1)},
+                                      {"prefix": "2001:db8:9::/48", "real": real_addr(1, True)}])
     d2, _ = tables_for(cfg2, ids)
     p = plan(port, d2)
+    kinds = {type(op).__name__ for op in p.ops}
+    assert {"PutEntry", "DeleteEntry", "WriteCtl", "PutVip", "WriteReal", "WriteRing"} <= kinds
+    assert p.summary()["quic_servers"] == 3 and p.summary()["src_routes_v4"] == 2
+    assert p.summary()["src_routes_v6"] == 1
     assert len(p.ops) > 8
     for k in range(len(p.ops)):
         port.fail = (lambda n: (lambda op, c=[0]: c.__setitem__(0, c[0] + 1) or c[0] == n))(k + 1)
@@ -332,14 +348,21 @@ def test_persist_failure_undoes_the_writes(tmp_path, monkeypatch) -> None:
 
 
 def test_restart_reconciles_with_minimal_writes(tmp_path) -> None:
-    cfg = make_config([vip_dict(0, [0, 1, 2]), vip_dict(1, [2, 3])], ring_size=1009)
+    cfg = make_config([vip_dict(0, [0, 1, 2]), vip_dict(1, [2, 3])], ring_size=1009, mtu=1400,
+                      quic_servers=[{"id": 1025, "real": real_addr(0)}],
+                      source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(3)}])
     port = port_for(cfg)
     c = controller(cfg, port, Store(tmp_path))
     c.update_real(K0, real_addr(1), {"weight": 3})
     c.update_real(K1, real_addr(2), {"drain": True})
+    c.add_routing("quic_servers", {"id": 0x30000, "real": real_addr(2)})
+    c.replace_routing("source_routes", [{"prefix": "198.18.64.0/24", "real": real_addr(1)},
+                                        {"prefix": "198.18.128.0/17", "real": real_addr(2)}])
+    assert [len(port.routing[t]) for t in ("quic_servers", "src_routes_v4", "src_routes_v6")] == [2, 2, 0]
     # the daemon dies; the datapath (pinned maps) stays. A new one adopts it: no writes.
     c2 = Controller.open(port, Store(tmp_path), cfg)
-    assert c2.generation == 3 and sum(c2.last_reconcile["writes"].values()) == 0
+    assert c2.generation == 5 and sum(c2.last_reconcile["writes"].values()) == 0
+    assert [q["id"] for q in c2.routing_view("quic_servers")] == [1025, 0x30000]
     assert c2.vip_view(K1)["reals"][0]["drained"]
     # drift while down (someone wrote two slots): exactly those are put back
     port.rings[0, :2] = 0
