@@ -168,6 +168,94 @@ def _ct_insert(tags, ent, b, tag, fk, real_id, now, stamp):
     ent[b, w, _E_STAMP] = stamp
 
 
+# --- QUIC connection ids and source routes (docs/datapath.md, real selection 0 and 2) ---
+
+
+@nb.njit(cache=True, inline="always")
+def _quic_server_id(p, pl, plen):
+    """Server id in the DCID of the UDP payload ``p[pl:pl+plen]``; 0 = no id (fallback)."""
+    if plen < 1:
+        return 0
+    b0 = np.int64(p[pl])
+    if b0 & C.QUIC_LONG_HEADER:
+        if (plen < C.QUIC_LONG_CID_OFFSET + C.QUIC_MIN_CONNID_LEN
+                or (b0 & C.QUIC_PACKET_TYPE_MASK) < C.QUIC_HANDSHAKE
+                or p[pl + C.QUIC_LONG_CID_OFFSET - 1] < C.QUIC_MIN_CONNID_LEN):
+            return 0
+        d = pl + C.QUIC_LONG_CID_OFFSET
+    else:
+        if plen < C.QUIC_SHORT_CID_OFFSET + C.QUIC_MIN_CONNID_LEN:
+            return 0
+        d = pl + C.QUIC_SHORT_CID_OFFSET
+    version = np.int64(p[d]) >> 6
+    if version == C.QUIC_CID_V1:
+        return ((np.int64(p[d]) & 0x3F) << 10) | (np.int64(p[d + 1]) << 2) | (np.int64(p[d + 2]) >> 6)
+    if version == C.QUIC_CID_V2:
+        return (np.int64(p[d + 1]) << 16) | (np.int64(p[d + 2]) << 8) | np.int64(p[d + 3])
+    if version == C.QUIC_CID_V3:
+        return ((np.int64(p[d + 1]) << 24) | (np.int64(p[d + 2]) << 16) | (np.int64(p[d + 3]) << 8)
+                | np.int64(p[d + 4]))
+    return 0
+
+
+@nb.njit(cache=True, inline="always")
+def _bsearch(keys, lo, hi, x):
+    """Index of ``x`` in the sorted ``keys[lo:hi]``, or -1."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < x:
+            lo = mid + 1
+        elif keys[mid] > x:
+            hi = mid
+        else:
+            return mid
+    return -1
+
+
+@nb.njit(cache=True, inline="always")
+def _bsearch2(khi, klo, lo, hi, xhi, xlo):
+    """As :func:`_bsearch` for keys that are (khi, klo) pairs sorted lexicographically."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if khi[mid] < xhi or (khi[mid] == xhi and klo[mid] < xlo):
+            lo = mid + 1
+        elif khi[mid] > xhi or klo[mid] > xlo:
+            hi = mid
+        else:
+            return mid
+    return -1
+
+
+@nb.njit(cache=True, inline="always")
+def _lpm4_real(lens, starts, keys, reals, p, off):
+    """Real id of the longest prefix holding the IPv4 address at ``p[off]``, 0 if none."""
+    a = (np.int64(p[off]) << 24) | (np.int64(p[off + 1]) << 16) | (np.int64(p[off + 2]) << 8) | np.int64(p[off + 3])
+    for k in range(lens.shape[0]):  # longest first
+        j = _bsearch(keys, starts[k], starts[k + 1], a & ((_M32 << (32 - lens[k])) & _M32))
+        if j >= 0:
+            return reals[j]
+    return 0
+
+
+@nb.njit(cache=True, inline="always")
+def _lpm6_real(lens, starts, khi, klo, reals, p, off):
+    """As :func:`_lpm4_real` for the IPv6 address at ``p[off]``."""
+    ahi = np.uint64(0)
+    alo = np.uint64(0)
+    for i in range(8):
+        ahi = (ahi << np.uint64(8)) | np.uint64(p[off + i])
+        alo = (alo << np.uint64(8)) | np.uint64(p[off + 8 + i])
+    for k in range(lens.shape[0]):
+        n = lens[k]
+        # mask of the top n bits of a 64-bit half (a shift by 64 is undefined: n = 0 apart)
+        mhi = np.uint64(0) if n == 0 else ~((np.uint64(1) << np.uint64(64 - min(n, 64))) - np.uint64(1))
+        mlo = np.uint64(0) if n <= 64 else ~((np.uint64(1) << np.uint64(128 - n)) - np.uint64(1))
+        j = _bsearch2(khi, klo, starts[k], starts[k + 1], ahi & mhi, alo & mlo)
+        if j >= 0:
+            return reals[j]
+    return 0
+
+
 # --- the datapath ----------------------------------------------------------------------
 
 
@@ -476,8 +564,21 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
         fk[2] = dlo
         fk[3] = dhi
         fk[4] = np.uint64(ports) | (np.uint64(proto) << np.uint64(32)) | (np.uint64(family) << np.uint64(40))
-        use_lru = (vflags & C.F_LRU_BYPASS) == 0
         real_id = 0
+        # 0. QUIC: the server id in the connection id names the real
+        if (vflags & C.F_QUIC) and proto == C.IPPROTO_UDP and not is_icmp_err:
+            qid = _quic_server_id(p, l4 + C.UDP_HLEN, pend - l4 - C.UDP_HLEN)
+            if qid == 0:
+                stats[C.STAT_QUIC_FALLBACK] += 1
+            else:
+                j = _bsearch(quic_ids, 0, quic_ids.shape[0], qid)
+                if j >= 0 and real_family[quic_reals[j]] != C.FAMILY_NONE:
+                    real_id = quic_reals[j]
+                    stats[C.STAT_QUIC_ROUTED] += 1
+                else:
+                    stats[C.STAT_QUIC_UNKNOWN] += 1
+        # a QUIC-routed packet neither reads nor writes the connection table
+        use_lru = (vflags & C.F_LRU_BYPASS) == 0 and real_id == 0
         bucket = 0
         tag = np.uint64(0)
         if use_lru:
@@ -501,22 +602,33 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             else:
                 stats[C.STAT_LRU_MISS] += 1
         if real_id == 0:
-            if vflags & C.F_DPORT_ONLY:
-                hports = ((dport >> 8) | ((dport & 0xFF) << 8)) * 0x10001
+            # 2. source routing, else the ring
+            if vflags & C.F_SRC_ROUTING:
                 if family == C.FAMILY_V4:
-                    h = jhash_2words(0, hports, ch_seed)
+                    real_id = _lpm4_real(lpm4_lens, lpm4_start, lpm4_keys, lpm4_reals, p, fsrc_off)
                 else:
-                    zero = np.zeros(16, dtype=np.uint8)
-                    h = jhash_2words(jhash16(zero, 0, v6_seed), hports, ch_seed)
-            elif family == C.FAMILY_V4:
-                h = jhash_2words(np.int64(slo), ports, ch_seed)
-            else:
-                h = jhash_2words(jhash16(p, fsrc_off, v6_seed), ports, ch_seed)
-            real_id = np.int64(rings[vip_num, h % ring_size])
-            if real_id == 0 or real_family[real_id] == C.FAMILY_NONE:
-                stats[C.STAT_DROP_NO_REAL] += 1
-                actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
-                continue
+                    real_id = _lpm6_real(lpm6_lens, lpm6_start, lpm6_hi, lpm6_lo, lpm6_reals, p, fsrc_off)
+                if real_id != 0 and real_family[real_id] == C.FAMILY_NONE:
+                    real_id = 0  # the longest match's real is gone: the ring
+                if real_id != 0:
+                    stats[C.STAT_SRC_ROUTED] += 1
+            if real_id == 0:
+                if vflags & C.F_DPORT_ONLY:
+                    hports = ((dport >> 8) | ((dport & 0xFF) << 8)) * 0x10001
+                    if family == C.FAMILY_V4:
+                        h = jhash_2words(0, hports, ch_seed)
+                    else:
+                        zero = np.zeros(16, dtype=np.uint8)
+                        h = jhash_2words(jhash16(zero, 0, v6_seed), hports, ch_seed)
+                elif family == C.FAMILY_V4:
+                    h = jhash_2words(np.int64(slo), ports, ch_seed)
+                else:
+                    h = jhash_2words(jhash16(p, fsrc_off, v6_seed), ports, ch_seed)
+                real_id = np.int64(rings[vip_num, h % ring_size])
+                if real_id == 0 or real_family[real_id] == C.FAMILY_NONE:
+                    stats[C.STAT_DROP_NO_REAL] += 1
+                    actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
+                    continue
             if use_lru and not is_icmp_err:
                 clock[0] += 1
                 _ct_insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])

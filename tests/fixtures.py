@@ -57,6 +57,52 @@ CLIENT4 = "198.18.0.10"
 CLIENT6 = "2001:db8:ffff::10"
 MAX_FRAME = 1514
 
+# --- QUIC connection-id routing and source routing (real selection steps 0 and 2) -------
+# Appended after the VIPs above so their real ids and rings stay as they were. Each routed
+# VIP has one real on its ring (the fallback), so a routed packet is told apart by its real.
+QUIC_VIP4 = "198.18.101.1"  # udp 443, quic
+QUIC_VIP4_BYPASS = "198.18.101.2"  # udp 443, quic + lru_bypass
+QUIC_VIP6 = "2001:db8:101::1"  # udp 443, quic
+SRC_VIP4 = "198.18.101.3"  # tcp 80, src_routing
+SRC_VIP4_BYPASS = "198.18.101.4"  # tcp 80, src_routing + lru_bypass
+SRC_VIP6 = "2001:db8:101::2"  # tcp 80, src_routing
+RING4, RING6 = "198.19.1.1", "2001:db8:2::1"  # the routed VIPs' rings
+# Reals taken out of the reals table by fixture_tables() (the control plane removed them,
+# the routing tables still name them): "real gone".
+GONE_REALS = ("198.19.1.99", "2001:db8:2::99")
+ROUTING_VIPS = [
+    {"address": QUIC_VIP4, "port": 443, "protocol": "udp", "flags": ["quic"], "reals": [{"address": RING4}]},
+    {"address": QUIC_VIP4_BYPASS, "port": 443, "protocol": "udp", "flags": ["quic", "lru_bypass"],
+     "reals": [{"address": RING4}]},
+    {"address": QUIC_VIP6, "port": 443, "protocol": "udp", "flags": ["quic"], "reals": [{"address": RING6}]},
+    {"address": SRC_VIP4, "port": 80, "protocol": "tcp", "flags": ["src_routing"], "reals": [{"address": RING4}]},
+    {"address": SRC_VIP4_BYPASS, "port": 80, "protocol": "tcp", "flags": ["src_routing", "lru_bypass"],
+     "reals": [{"address": RING4}]},
+    {"address": SRC_VIP6, "port": 80, "protocol": "tcp", "flags": ["src_routing"], "reals": [{"address": RING6}]},
+    # the routing tables' reals must be reals of some VIP
+    {"address": "198.18.101.9", "port": 80, "protocol": "tcp",
+     "reals": [{"address": a} for a in ("198.19.1.2", "198.19.1.3", "2001:db8:2::2", "2001:db8:2::3",
+                                         *GONE_REALS)]},
+]
+QUIC_ID_V1, QUIC_ID_V2, QUIC_ID_V3 = 1000, 0xABCDEF, 0xC0FFEE01  # fit 16 / 24 / 32 bits
+QUIC_ID_V6_V1 = 2000  # an IPv6 real for a 16-bit id
+QUIC_ID_GONE, QUIC_ID_UNKNOWN = 77, 4242
+QUIC_SERVERS = [
+    {"id": QUIC_ID_V1, "real": "198.19.1.2"},
+    {"id": QUIC_ID_V2, "real": "198.19.1.3"},
+    {"id": QUIC_ID_V3, "real": "2001:db8:2::2"},
+    {"id": QUIC_ID_V6_V1, "real": "2001:db8:2::3"},
+    {"id": QUIC_ID_GONE, "real": GONE_REALS[0]},
+]
+SOURCE_ROUTES = [  # nested prefixes: the longest match wins
+    {"prefix": "198.18.0.0/16", "real": "198.19.1.2"},
+    {"prefix": "198.18.0.0/24", "real": "198.19.1.3"},
+    {"prefix": "198.18.5.0/24", "real": GONE_REALS[0]},
+    {"prefix": "2001:db8:ffff::/48", "real": "2001:db8:2::2"},
+    {"prefix": "2001:db8:ffff::/64", "real": "2001:db8:2::3"},
+    {"prefix": "2001:db8:ffff:1::/64", "real": GONE_REALS[1]},
+]
+
 FIXTURE_CONFIG = {
     "settings": {
         "gateway_mac": GW_MAC,
@@ -84,7 +130,10 @@ FIXTURE_CONFIG = {
          "reals": [{"address": "198.19.0.1", "weight": 0}]},
         {"address": "2001:db8:100::1", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:1::2"}]},
         {"address": "2001:db8:100::1", "port": 443, "protocol": "udp", "reals": [{"address": "2001:db8:1::3"}]},
+        *ROUTING_VIPS,
     ],
+    "quic_servers": QUIC_SERVERS,
+    "source_routes": SOURCE_ROUTES,
 }
 # Not expressible in a valid config (the validator refuses an IPv4 real for an IPv6 VIP),
 # but the datapath must still handle such tables: added by :func:`fixture_tables`.
@@ -119,6 +168,8 @@ def fixture_tables() -> DatapathTables:
     t = compile_tables(parse_config(FIXTURE_CONFIG))
     _add_vip(t, *V6_VIP_WITH_V4_REAL)
     _add_vip(t, *V6_LOCAL_VIP_WITH_V4_LOCAL_REAL)
+    for gone in GONE_REALS:
+        t.reals[t.real_ids[ipaddress.ip_address(gone)]] = np.zeros((), dtype=layout.REAL)
     return t
 
 
@@ -399,13 +450,152 @@ def build_fixtures() -> list[Fixture]:
     return fx
 
 
+# --- QUIC and source-routing fixtures ----------------------------------------------------
+
+
+def quic_cid(version: int, server_id: int, length: int = 8) -> bytes:
+    """A destination connection id of ``length`` bytes carrying ``server_id`` in Katran's
+    layout ``version`` (docs/datapath.md, step 0); the bits around the id are filler."""
+    filler = 0x15
+    if version == 1:
+        head = [0x40 | (server_id >> 10), (server_id >> 2) & 0xFF, ((server_id & 3) << 6) | filler]
+    elif version == 2:
+        head = [0x80 | filler, server_id >> 16, (server_id >> 8) & 0xFF, server_id & 0xFF]
+    elif version == 3:
+        head = [0xC0 | filler, server_id >> 24, (server_id >> 16) & 0xFF, (server_id >> 8) & 0xFF,
+                server_id & 0xFF]
+    else:
+        head = [filler, 0x12, 0x34, 0x56, 0x78]
+    return (bytes(head) + bytes([0x5A] * 20))[:length]
+
+
+def quic_short(dcid: bytes) -> bytes:
+    """1-RTT (short header) packet: header form 0, fixed bit, then the DCID and payload."""
+    return bytes([0x41]) + dcid + b"\xa5" * 24
+
+
+QUIC_INITIAL, QUIC_0RTT, QUIC_HANDSHAKE, QUIC_RETRY = 0, 1, 2, 3
+
+
+def quic_long(ptype: int, dcid: bytes) -> bytes:
+    """Long header packet of type ``ptype``: flags, version 1, DCID length, DCID, SCID."""
+    return bytes([0xC0 | (ptype << 4)]) + b"\x00\x00\x00\x01" + bytes([len(dcid)]) + dcid + b"\x04scid" + b"\xa5" * 24
+
+
+def udp_frame(dst: str, payload: bytes, src: str | None = None, sport: int = 50000, dport: int = 443) -> bytes:
+    ip = IPv6(src=src or CLIENT6, dst=dst) if ":" in dst else IP(src=src or CLIENT4, dst=dst)
+    return raw(eth() / ip / UDP(sport=sport, dport=dport) / Raw(payload))
+
+
+def build_routing_fixtures() -> list[Fixture]:
+    """Real selection steps 0 (QUIC server ids) and 2 (source routing)."""
+    fx: list[Fixture] = []
+
+    def tx(desc: str, frame: bytes, real: str, client: str, sport: int, row: int = 18,
+           setup: tuple[bytes, ...] = (), **counters: int) -> None:
+        fx.append(Fixture(desc, row, frame, "TX", encap(frame, real, client, sport),
+                          C(tx_encap=1, **counters), real, setup))
+
+    # -- QUIC: routed by the server id (no connection table, no lru_* counter)
+    v1, v2, v3 = quic_cid(1, QUIC_ID_V1), quic_cid(2, QUIC_ID_V2), quic_cid(3, QUIC_ID_V3)
+    for desc, payload, real in [
+        ("QUIC short header, CID v1 -> its server's real", quic_short(v1), "198.19.1.2"),
+        ("QUIC short header, CID v2 -> its server's real", quic_short(v2), "198.19.1.3"),
+        ("QUIC short header, CID v3 -> its server's IPv6 real (IPv4-in-IPv6)", quic_short(v3), "2001:db8:2::2"),
+        ("QUIC long header Handshake -> routed", quic_long(QUIC_HANDSHAKE, v1), "198.19.1.2"),
+        ("QUIC long header Retry -> routed", quic_long(QUIC_RETRY, v2), "198.19.1.3"),
+        ("QUIC Handshake with a 20-byte DCID -> routed", quic_long(QUIC_HANDSHAKE, quic_cid(1, QUIC_ID_V1, 20)),
+         "198.19.1.2"),
+        ("QUIC short header, exactly 9 payload bytes -> routed", quic_short(v1)[:9], "198.19.1.2"),
+    ]:
+        tx(desc, udp_frame(QUIC_VIP4, payload), real, CLIENT4, 50000, quic_routed=1)
+    init = udp_frame(QUIC_VIP4, quic_long(QUIC_INITIAL, v1))
+    routed = udp_frame(QUIC_VIP4, quic_short(v1))
+    tx("QUIC routed wins over a connection-table entry", routed, "198.19.1.2", CLIENT4, 50000,
+       setup=(init,), quic_routed=1)
+    tx("QUIC routed packet wrote no connection-table entry", udp_frame(QUIC_VIP4, quic_short(quic_cid(1, 0))),
+       RING4, CLIENT4, 50000, setup=(routed,), quic_fallback=1, lru_miss=1)
+    tx("QUIC fallback uses the connection table", udp_frame(QUIC_VIP4, quic_long(QUIC_0RTT, v1)), RING4,
+       CLIENT4, 50000, setup=(init,), quic_fallback=1, lru_hit=1)
+
+    # -- QUIC: fallback (no id to route on) and unknown ids, then the ring
+    good_long = quic_long(QUIC_HANDSHAKE, v1)
+    for desc, payload in [
+        ("QUIC Initial (client-chosen DCID) -> fallback", quic_long(QUIC_INITIAL, v1)),
+        ("QUIC 0-RTT -> fallback", quic_long(QUIC_0RTT, v2)),
+        ("QUIC Handshake with a 7-byte DCID -> fallback", quic_long(QUIC_HANDSHAKE, quic_cid(1, QUIC_ID_V1, 7))),
+        ("QUIC short header, CID version 0 -> fallback", quic_short(quic_cid(0, 0))),
+        ("QUIC short header, server id 0 -> fallback", quic_short(quic_cid(2, 0))),
+        ("QUIC, empty UDP payload -> fallback", b""),
+        ("QUIC, 1-byte payload -> fallback", quic_short(v1)[:1]),
+        ("QUIC short header, 8 payload bytes -> fallback", quic_short(v1)[:8]),
+        ("QUIC long header, 13 payload bytes -> fallback", good_long[:13]),
+    ]:
+        tx(desc, udp_frame(QUIC_VIP4, payload), RING4, CLIENT4, 50000, quic_fallback=1, lru_miss=1)
+    # the DCID continues in the Ethernet padding: bytes outside the packet are not read
+    cut = udp_frame(QUIC_VIP4, quic_short(v1)[:8]) + quic_short(v1)[8:12]
+    tx("QUIC short header cut by the IP length (rest in the padding) -> fallback", cut, RING4, CLIENT4,
+       50000, quic_fallback=1, lru_miss=1)
+    tx("QUIC server id not in the table -> unknown", udp_frame(QUIC_VIP4, quic_short(quic_cid(1, QUIC_ID_UNKNOWN))),
+       RING4, CLIENT4, 50000, quic_unknown=1, lru_miss=1)
+    tx("QUIC server id whose real is gone -> unknown", udp_frame(QUIC_VIP4, quic_short(quic_cid(3, QUIC_ID_GONE))),
+       RING4, CLIENT4, 50000, quic_unknown=1, lru_miss=1)
+
+    # -- QUIC with lru_bypass, over IPv6, and ICMP errors (never parsed as QUIC)
+    byp = udp_frame(QUIC_VIP4_BYPASS, quic_short(v2))
+    tx("QUIC + lru_bypass -> routed", byp, "198.19.1.3", CLIENT4, 50000, setup=(byp,), quic_routed=1)
+    tx("QUIC + lru_bypass, Initial -> fallback, no lru_* counter",
+       udp_frame(QUIC_VIP4_BYPASS, quic_long(QUIC_INITIAL, v2)), RING4, CLIENT4, 50000, quic_fallback=1)
+    tx("IPv6 QUIC short header, CID v3 -> routed", udp_frame(QUIC_VIP6, quic_short(v3)), "2001:db8:2::2",
+       CLIENT6, 50000, quic_routed=1)
+    tx("IPv6 QUIC Handshake, CID v1 -> routed",
+       udp_frame(QUIC_VIP6, quic_long(QUIC_HANDSHAKE, quic_cid(1, QUIC_ID_V6_V1))), "2001:db8:2::3",
+       CLIENT6, 50000, quic_routed=1)
+    tx("IPv6 QUIC Initial -> fallback", udp_frame(QUIC_VIP6, quic_long(QUIC_INITIAL, v3)), RING6, CLIENT6,
+       50000, quic_fallback=1, lru_miss=1)
+    fx.append(Fixture("IPv6 QUIC routed to an IPv4 real: counted, then row 16", 16,
+                      udp_frame(QUIC_VIP6, quic_short(v1)), "DROP", None,
+                      C(drop_encap_failed=1, quic_routed=1)))
+    err = raw(eth() / IP(src="198.18.0.1", dst=QUIC_VIP4) / ICMP(type=3, code=4)
+              / IPerror(src=QUIC_VIP4, dst=CLIENT4) / UDPerror(sport=443, dport=50000) / Raw(quic_short(v1)))
+    tx("ICMP error about a QUIC VIP flow: not parsed as QUIC", err, RING4, CLIENT4, 50000, row=19,
+       lru_miss=1, icmp_error_forwarded=1)
+
+    # -- source routing: longest prefix, on a connection-table miss
+    for desc, vip, client, real, routed in [
+        ("src_routing: longest prefix (/24 inside a /16)", SRC_VIP4, CLIENT4, "198.19.1.3", 1),
+        ("src_routing: only the /16 matches", SRC_VIP4, "198.18.7.7", "198.19.1.2", 1),
+        ("src_routing: no prefix matches -> ring", SRC_VIP4, "198.19.77.1", RING4, 0),
+        ("src_routing: longest match's real is gone -> ring (not the /16)", SRC_VIP4, "198.18.5.7", RING4, 0),
+        ("IPv6 src_routing: longest prefix (/64 inside a /48)", SRC_VIP6, CLIENT6, "2001:db8:2::3", 1),
+        ("IPv6 src_routing: only the /48 matches", SRC_VIP6, "2001:db8:ffff:2::1", "2001:db8:2::2", 1),
+        ("IPv6 src_routing: no prefix matches -> ring", SRC_VIP6, "2001:db8:eeee::1", RING6, 0),
+        ("IPv6 src_routing: longest match's real is gone -> ring", SRC_VIP6, "2001:db8:ffff:1::5", RING6, 0),
+    ]:
+        f = tcp6(dst=vip, src=client) if ":" in vip else tcp4(dst=vip, src=client)
+        tx(desc, f, real, client, 31337, lru_miss=1, **({"src_routed": 1} if routed else {}))
+    syn, ack = tcp4(dst=SRC_VIP4), tcp4(dst=SRC_VIP4, tcp_flags="A")
+    tx("src_routing: a connection-table hit is used, no route lookup", ack, "198.19.1.3", CLIENT4, 31337,
+       setup=(syn,), lru_hit=1)
+    tx("src_routing: SYN re-hashed, then routed", syn, "198.19.1.3", CLIENT4, 31337, setup=(ack,),
+       lru_miss=1, src_routed=1)
+    bsyn = tcp4(dst=SRC_VIP4_BYPASS, tcp_flags="A")
+    tx("src_routing + lru_bypass: routed every time", bsyn, "198.19.1.3", CLIENT4, 31337, setup=(bsyn,),
+       src_routed=1)
+    serr = raw(eth() / IP(src="198.18.0.1", dst=SRC_VIP4) / ICMP(type=3, code=4)
+               / IPerror(src=SRC_VIP4, dst=CLIENT4) / TCPerror(sport=80, dport=31337))
+    tx("ICMP error about a src_routing VIP flow -> the client's route", serr, "198.19.1.3", CLIENT4, 31337,
+       row=19, lru_miss=1, src_routed=1, icmp_error_forwarded=1)
+    return fx
+
+
 # Ring position of Katran's vector in VIP 198.18.100.9 (maglev V1, reals .1,.2,.3 in that
 # id order): 0xc7e68632 % 65537. Which real sits there follows from the Maglev vectors
 # (tested in test_maglev.py); pinned here so a change in either shows up.
 KATRAN_VECTOR_POS = 0xC7E68632 % 65537
 KATRAN_VECTOR_REAL = "198.19.0.3"
 
-FIXTURES = build_fixtures()
+FIXTURES = build_fixtures() + build_routing_fixtures()
 
 
 # --- GUE and the MTU check (global settings: their own table sets) -------------------------

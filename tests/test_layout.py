@@ -30,7 +30,7 @@ SMALL = dict(ring_size=13, max_vips=8, max_reals=16, conn_table_size=64)
 
 # The balancer's C files (xdp/ also holds other programs).
 BALANCER_FILES = ("structs.h", "maps.h", "parsing.h", "csum.h", "jhash.h", "encap.h", "icmp.h",
-                  "balancer.c")
+                  "quic.h", "balancer.c")
 
 # Maps whose key/value types are layout structs: map -> (key dtype, value dtype).
 MAP_TYPES = {

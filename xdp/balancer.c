@@ -14,6 +14,7 @@
 #include "jhash.h"
 #include "encap.h"
 #include "icmp.h"
+#include "quic.h"
 
 /* ---- counters --------------------------------------------------------------------- */
 
@@ -110,6 +111,67 @@ static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_fl
 	return lb_jhash_2words(src.v4, ports, (__u32)CH_RINGS_SIZE);
 }
 
+/* Step 0, QUIC (VIP flag quic, UDP, not an ICMP error): the real named by the server id
+ * in the connection id, or NULL (then *real_id stays 0 and the connection table decides).
+ * Counts quic_routed / quic_unknown / quic_fallback. */
+static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt_desc *pkt,
+						  __u32 *real_id)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 off = pkt->l4_off + sizeof(struct udphdr);
+	__u32 id = 0, *rid;
+	struct real_def *r;
+
+	/* always true; bounds the variable offset for the verifier. The payload length is
+	 * not negative: the parsers checked the UDP header against the packet length. */
+	if (off <= LB_ETH_HLEN + LB_VLAN_HLEN + IPV6_HLEN + sizeof(struct udphdr))
+		id = quic_server_id(data + off, data_end, pkt->pkt_len + pkt->l3_off - off);
+	if (!id) {
+		stat_inc(STAT_QUIC_FALLBACK);
+		return NULL;
+	}
+	rid = quic_servers.lookup(&id);
+	if (rid) {
+		r = reals.lookup(rid);
+		if (r && r->family) {
+			*real_id = *rid;
+			stat_inc(STAT_QUIC_ROUTED);
+			return r;
+		}
+	}
+	stat_inc(STAT_QUIC_UNKNOWN);
+	return NULL;
+}
+
+/* Step 2, source routing: the real of the longest prefix of the client address in the
+ * family's source-route table, or NULL when there is no match or its real is gone (a
+ * shorter prefix is not tried: the ring decides). Counts src_routed. */
+static __always_inline struct real_def *src_route_real(const struct flow_key *flow, __u32 *real_id)
+{
+	struct real_def *r = NULL;
+	__u32 *rid;
+
+	if (flow->family == FAMILY_V6) {
+		struct lpm_v6_key k = { .prefixlen = 128 };
+
+		__builtin_memcpy(k.addr, flow->src.bytes, sizeof(k.addr));
+		rid = src_routes_v6.lookup(&k);
+	} else {
+		struct lpm_v4_key k = { .prefixlen = 32 };
+
+		__builtin_memcpy(k.addr, flow->src.bytes, sizeof(k.addr));
+		rid = src_routes_v4.lookup(&k);
+	}
+	if (rid)
+		r = reals.lookup(rid);
+	if (!r || !r->family)
+		return NULL;
+	*real_id = *rid;
+	stat_inc(STAT_SRC_ROUTED);
+	return r;
+}
+
 static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat)
 {
 	struct vip_key vk = {};
@@ -148,8 +210,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		pkt->flow.sport = 0;
 	vip_stat_add(vip_num, pkt->frame_len);
 
-	/* 1. connection table */
-	use_lru = !(flags & F_LRU_BYPASS);
+	/* 0. QUIC connection id */
+	if ((flags & F_QUIC) && pkt->flow.proto == LB_IPPROTO_UDP && !pkt->icmp_err)
+		real = quic_real(ctx, pkt, &real_id);
+
+	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
+	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
 	if (use_lru && !pkt->tcp_syn) {
 		cv = conn_lookup(&pkt->flow);
 		if (cv) {
@@ -176,24 +242,28 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		stat_inc(STAT_LRU_MISS); /* SYN: always re-hashed */
 	}
 
-	/* 2. Maglev ring */
+	/* 2. source routing, else the Maglev ring */
 	if (!real_id) {
 		__u32 pos, *slot;
 
-		if (vip_num >= MAX_VIPS) {
-			*stat = STAT_DROP_NO_REAL;
-			return XDP_DROP;
-		}
-		pos = vip_num * RING_SIZE + flow_hash(&pkt->flow, flags) % RING_SIZE;
-		slot = ch_rings.lookup(&pos);
-		if (slot)
-			real_id = *slot;
-		if (real_id)
-			real = reals.lookup(&real_id);
-		if (!real || !real->family) {
-			/* row 15 (also: the ring names a real id that has no entry) */
-			*stat = STAT_DROP_NO_REAL;
-			return XDP_DROP;
+		if (flags & F_SRC_ROUTING)
+			real = src_route_real(&pkt->flow, &real_id);
+		if (!real_id) {
+			if (vip_num >= MAX_VIPS) {
+				*stat = STAT_DROP_NO_REAL;
+				return XDP_DROP;
+			}
+			pos = vip_num * RING_SIZE + flow_hash(&pkt->flow, flags) % RING_SIZE;
+			slot = ch_rings.lookup(&pos);
+			if (slot)
+				real_id = *slot;
+			if (real_id)
+				real = reals.lookup(&real_id);
+			if (!real || !real->family) {
+				/* row 15 (also: the ring names a real id that has no entry) */
+				*stat = STAT_DROP_NO_REAL;
+				return XDP_DROP;
+			}
 		}
 		if (use_lru && !pkt->icmp_err) {
 			struct conn_value nv = {};
@@ -356,6 +426,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 
 	pkt->pkt_len = bpf_ntohs(iph->tot_len);
+	pkt->l4_off = pkt->l3_off + IPV4_HLEN;
 	pkt->tos = iph->tos;
 	pkt->df = (iph->frag_off & bpf_htons(LB_IP_DF)) != 0;
 	l4_room = pkt->pkt_len - IPV4_HLEN;
@@ -445,6 +516,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 
 	l4_room = bpf_ntohs(ip6h->payload_len);
 	pkt->pkt_len = l4_room + IPV6_HLEN;
+	pkt->l4_off = pkt->l3_off + IPV6_HLEN;
 	pkt->tos = ipv6_tclass(ip6h);
 	pkt->flow.family = FAMILY_V6;
 	pkt->flow.proto = ip6h->nexthdr;

@@ -56,6 +56,7 @@ struct pkt_desc {
 	__u32 frame_len;        /* whole input frame, L2 header and padding included */
 	__u32 l3_off;           /* ETH_HLEN or ETH_HLEN + VLAN_HLEN */
 	__u32 pkt_len;          /* IP packet length from its own header */
+	__u32 l4_off;           /* L4 header offset in the frame (l3_off + IP header) */
 	__be16 vlan_tci;        /* valid when has_vlan */
 	__u8 has_vlan;
 	__u8 tos;               /* IPv4 TOS / IPv6 traffic class of the packet */
