@@ -13,9 +13,13 @@ from fixtures import (
     LB_MAC,
     MTU_CONFIG,
     MTU_V6_VIP_WITH_V4_REAL,
+    QUIC_ID_GONE,
+    QUIC_ID_UNKNOWN,
+    QUIC_SERVERS,
     ROUTER_MAC,
     V6_LOCAL_VIP_WITH_V4_LOCAL_REAL,
     V6_VIP_WITH_V4_REAL,
+    quic_cid,
 )
 from hypothesis import strategies as st
 
@@ -33,6 +37,7 @@ MTU_VIPS = {
 }
 MTU_SEEDS = {name: [fx.frame for fx in FIXTURE_SETS[name][1]] + [s for fx in FIXTURE_SETS[name][1] for s in fx.setup]
              for name in MTU_VIPS}
+QUIC_VIPS = {(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"] if "quic" in v.get("flags", [])}
 _MACS = bytes.fromhex(LB_MAC.replace(":", "")) + bytes.fromhex(ROUTER_MAC.replace(":", ""))
 
 
@@ -43,6 +48,44 @@ def _addr(text: str) -> bytes:
 
 
 @st.composite
+def quic_payload(draw) -> bytes:
+    """A UDP payload for a QUIC VIP: short or long header (or any first byte), a DCID
+    carrying a configured, unknown, gone, zero or random server id in any CID layout, any
+    DCID length byte, cut anywhere."""
+    server_id = draw(st.sampled_from([q["id"] for q in QUIC_SERVERS] + [QUIC_ID_UNKNOWN, QUIC_ID_GONE, 0])
+                     | st.integers(0, 0xFFFFFFFF))
+    version = draw(st.integers(0, 3))
+    width = {0: 32, 1: 16, 2: 24, 3: 32}[version]
+    dcid = quic_cid(version, server_id & ((1 << width) - 1), 20)
+    kind = draw(st.sampled_from(["short", "long", "any"]))
+    if kind == "short":
+        b0 = draw(st.integers(0, 0x7F))
+    elif kind == "long":
+        b0 = 0x80 | draw(st.integers(0, 0x7F))
+    else:
+        b0 = draw(st.integers(0, 255))
+    if b0 & 0x80:
+        dcid_len = draw(st.sampled_from([7, 8, 20]) | st.integers(0, 255))
+        payload = bytes([b0]) + draw(st.binary(min_size=4, max_size=4)) + bytes([dcid_len]) + dcid
+    else:
+        payload = bytes([b0]) + dcid
+    payload += draw(st.binary(max_size=16))
+    if draw(st.booleans()):
+        payload = payload[: draw(st.integers(0, 16))]  # around the 9 / 14 byte minimums
+    return payload
+
+
+def _client(draw, v6: bool) -> bytes:
+    """A client address inside and outside the fixtures' source-route prefixes (nested
+    /16 and /24, /48 and /64, one whose real is gone)."""
+    if v6:
+        net = draw(st.sampled_from([b"\xff\xff\x00\x00", b"\xff\xff\x00\x01", b"\xff\xff", b"\xee\xee"]))
+        return b"\x20\x01\x0d\xb8" + net + draw(st.binary(min_size=12 - len(net), max_size=12 - len(net)))
+    net = draw(st.sampled_from([b"\xc6\x12\x00", b"\xc6\x12\x05", b"\xc6\x12", b"\xc6\x13"]))
+    return net + draw(st.binary(min_size=4 - len(net), max_size=4 - len(net)))
+
+
+@st.composite
 def valid_flow_frame(draw, vips=VIPS, big: bool = False) -> bytes:
     """A well-formed TCP/UDP/ICMP frame to a fixture VIP address (sometimes another port),
     IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding sometimes.
@@ -50,14 +93,14 @@ def valid_flow_frame(draw, vips=VIPS, big: bool = False) -> bytes:
     vip, port, proto = draw(st.sampled_from(vips))
     dst = _addr(vip)
     v6 = len(dst) == 16
-    if v6:
-        src = b"\x20\x01\x0d\xb8\xff\xff" + draw(st.binary(min_size=10, max_size=10))
-    else:
-        src = bytes([198, 18, draw(st.integers(0, 255)), draw(st.integers(0, 255))])
+    src = _client(draw, v6)
     l4kind = draw(st.sampled_from([proto, proto, proto, "udp", "tcp", "icmp"]))
     sport = draw(st.integers(0, 65535))
     dport = port if draw(st.booleans()) or port == 0 and draw(st.booleans()) else draw(st.integers(0, 65535))
-    payload = draw(st.binary(max_size=64))
+    if (vip, port, proto) in QUIC_VIPS and draw(st.integers(0, 3)):
+        payload = draw(quic_payload())
+    else:
+        payload = draw(st.binary(max_size=64))
     if big and draw(st.booleans()):
         payload += bytes(draw(st.integers(1150, 1480)))
     if l4kind == "tcp":
@@ -102,7 +145,8 @@ def mutated_frame(draw, seeds=SEEDS) -> bytes:
         return bytes(f)
     if kind == "field":
         # version/IHL, TOS, lengths, frag bits, protocol, ICMP type/code, inner headers
-        offs = [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 23, 34, 35, 42, 43, 54, 55, 62, 63]
+        offs = [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 23, 34, 35, 42, 43, 54, 55, 62, 63,
+                47, 48, 49, 67, 68]  # and QUIC: v4/v6 DCID length, DCID bytes
         for off in draw(st.lists(st.sampled_from(offs), min_size=1, max_size=4)):
             if off < len(f):
                 f[off] = draw(st.integers(0, 255))
