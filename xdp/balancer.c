@@ -133,9 +133,10 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 	}
 	rid = quic_servers.lookup(&id);
 	if (rid) {
-		r = reals.lookup(rid);
+		id = *rid; /* one read: the control plane may rewrite the entry */
+		r = reals.lookup(&id);
 		if (r && r->family) {
-			*real_id = *rid;
+			*real_id = id;
 			stat_inc(STAT_QUIC_ROUTED);
 			return r;
 		}
@@ -150,7 +151,7 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 static __always_inline struct real_def *src_route_real(const struct flow_key *flow, __u32 *real_id)
 {
 	struct real_def *r = NULL;
-	__u32 *rid;
+	__u32 *rid, id = 0;
 
 	if (flow->family == FAMILY_V6) {
 		struct lpm_v6_key k = { .prefixlen = 128 };
@@ -163,11 +164,13 @@ static __always_inline struct real_def *src_route_real(const struct flow_key *fl
 		__builtin_memcpy(k.addr, flow->src.bytes, sizeof(k.addr));
 		rid = src_routes_v4.lookup(&k);
 	}
-	if (rid)
-		r = reals.lookup(rid);
+	if (rid) {
+		id = *rid; /* one read: the control plane may rewrite the entry */
+		r = reals.lookup(&id);
+	}
 	if (!r || !r->family)
 		return NULL;
-	*real_id = *rid;
+	*real_id = id;
 	stat_inc(STAT_SRC_ROUTED);
 	return r;
 }
