@@ -12,9 +12,12 @@ test_datapath_fuzz.py.
 
 from __future__ import annotations
 
+import copy
+import ipaddress
+
 import numpy as np
 import pytest
-from fixtures import FIXTURE_SETS, Fixture
+from fixtures import FIXTURE_SETS, SRC_VIP4, Fixture, tcp4
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import MTU_VIPS, any_frame, mtu_frame
@@ -63,8 +66,9 @@ def _explain(frame: bytes, what: str, user, kern) -> str:
             f" frame: {frame.hex()}\n rebuild: Ether(bytes.fromhex('{frame.hex()}'))")
 
 
-def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]) -> None:
-    """Run ``frames`` in order through both; compare per frame and the counter deltas."""
+def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]):
+    """Run ``frames`` in order through both; compare per frame and the counter deltas.
+    Returns the userspace result."""
     from lb.bpf_testrun import test_run
 
     before = xdp.read_stats()
@@ -86,6 +90,7 @@ def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]) -> None:
     k_real = (after.real.astype(np.int64) - before.real.astype(np.int64))
     assert np.array_equal(k_vip, r.vip_stats), "per-VIP counters differ"
     assert np.array_equal(k_real, r.real_stats), "per-real counters differ"
+    return r
 
 
 # Frames under 14 bytes can't be test-run (see the module docstring).
@@ -115,6 +120,27 @@ def test_fixture_through_xdp(balancers, table_set: str, fx: Fixture) -> None:
     # and the same again, compared with the userspace datapath in lockstep
     xdp.clear_conn_table()
     _run_both(xdp, UserspaceDatapath(tables), list(fx.setup) + [fx.frame])
+
+
+def test_connection_table_wins_over_a_changed_source_route(xdp, tables) -> None:
+    """A src_routing flow keeps its real when its route moves (tables reloaded in place,
+    connection tables kept); a SYN re-hashes and takes the new route. Both datapaths."""
+    syn, ack = tcp4(dst=SRC_VIP4), tcp4(dst=SRC_VIP4, tcp_flags="A")
+    old, new = (tables.real_ids[ipaddress.ip_address(a)] for a in ("198.19.1.3", "198.19.1.2"))
+    moved = copy.copy(tables)
+    moved.src_routes_v4 = tables.src_routes_v4.copy()
+    moved.src_routes_v4["real_id"][moved.src_routes_v4["real_id"] == old] = new
+    xdp.clear_conn_table()
+    dp = UserspaceDatapath(tables)
+    try:
+        assert _run_both(xdp, dp, [syn]).real_ids.tolist() == [old]
+        xdp.load_tables(moved)
+        dp.load_tables(moved)
+        r = _run_both(xdp, dp, [ack, syn])
+        assert r.real_ids.tolist() == [old, new]
+        assert [int(r.stats[C.STAT_INDEX[n]]) for n in ("lru_hit", "lru_miss", "src_routed")] == [1, 1, 1]
+    finally:
+        xdp.load_tables(tables)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
