@@ -37,7 +37,7 @@ MTU_VIPS = {
 }
 MTU_SEEDS = {name: [fx.frame for fx in FIXTURE_SETS[name][1]] + [s for fx in FIXTURE_SETS[name][1] for s in fx.setup]
              for name in MTU_VIPS}
-QUIC_VIPS = {(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"] if "quic" in v.get("flags", [])}
+QUIC_VIPS = [(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"] if "quic" in v.get("flags", [])]
 _MACS = bytes.fromhex(LB_MAC.replace(":", "")) + bytes.fromhex(ROUTER_MAC.replace(":", ""))
 
 
@@ -52,8 +52,9 @@ def quic_payload(draw) -> bytes:
     """A UDP payload for a QUIC VIP: short or long header (or any first byte), a DCID
     carrying a configured, unknown, gone, zero or random server id in any CID layout, any
     DCID length byte, cut anywhere."""
-    server_id = draw(st.sampled_from([q["id"] for q in QUIC_SERVERS] + [QUIC_ID_UNKNOWN, QUIC_ID_GONE, 0])
-                     | st.integers(0, 0xFFFFFFFF))
+    known = [q["id"] for q in QUIC_SERVERS]
+    server_id = draw(st.sampled_from(known) | st.sampled_from([QUIC_ID_UNKNOWN, QUIC_ID_GONE, 0])
+                     | st.sampled_from(known) | st.integers(0, 0xFFFFFFFF))
     version = draw(st.integers(0, 3))
     width = {0: 32, 1: 16, 2: 24, 3: 32}[version]
     dcid = quic_cid(version, server_id & ((1 << width) - 1), 20)
@@ -70,7 +71,7 @@ def quic_payload(draw) -> bytes:
     else:
         payload = bytes([b0]) + dcid
     payload += draw(st.binary(max_size=16))
-    if draw(st.booleans()):
+    if draw(st.integers(0, 3)) == 0:
         payload = payload[: draw(st.integers(0, 16))]  # around the 9 / 14 byte minimums
     return payload
 
@@ -86,10 +87,11 @@ def _client(draw, v6: bool) -> bytes:
 
 
 @st.composite
-def valid_flow_frame(draw, vips=VIPS, big: bool = False) -> bytes:
-    """A well-formed TCP/UDP/ICMP frame to a fixture VIP address (sometimes another port),
-    IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding sometimes.
-    ``big``: often 1150-1480 bytes of payload more, around any MTU the fixtures set."""
+def valid_flow_frame(draw, vips: list[tuple[str, int, str]] = VIPS, big: bool = False) -> bytes:
+    """A well-formed TCP/UDP/ICMP frame to one of ``vips``' addresses (sometimes another
+    port), IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding
+    sometimes; QUIC VIPs get QUIC payloads. ``big``: often 1150-1480 bytes of payload
+    more, around any MTU the fixtures set."""
     vip, port, proto = draw(st.sampled_from(vips))
     dst = _addr(vip)
     v6 = len(dst) == 16
@@ -156,7 +158,7 @@ def mutated_frame(draw, seeds=SEEDS) -> bytes:
 
 any_frame = st.one_of(
     valid_flow_frame(), valid_flow_frame(), mutated_frame(), mutated_frame(),
-    st.binary(min_size=0, max_size=120),
+    st.binary(min_size=0, max_size=120), valid_flow_frame(QUIC_VIPS),
 )
 
 
