@@ -69,31 +69,45 @@ def _ports_that_move(lab: Lab, vip: str, client: str, first: int, n: int) -> lis
     return out
 
 
+def _starts_on_every_real(lab: Lab, vip: str, client: str, first: int) -> list[int]:
+    """One first source port per real: sessions that begin (are hashed) on each real, so
+    each CID layout (v1/v2/v3: one per real) carries real traffic."""
+    starts: dict[str, int] = {}
+    sport = first
+    while len(starts) < REALS:
+        starts.setdefault(lab.expected_real(vip, PORT, "udp", client, sport), sport)
+        sport += 1000
+    return [starts[name] for name in sorted(starts)]
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_connection_survives_source_port_changes(lab, family: int, capsys) -> None:
     vip = VIP4 if family == 4 else VIP6
     client = lab.client()
     client_addr = client.addr4 if family == 4 else client.addr6
-    sports = _ports_that_move(lab, vip, client_addr, 41000 + family * 100, 6)
-    before = lab.balancer_stats()
-    session = run_in_netns(client.ns, quic_session, vip, PORT, sports, PER_PORT)
-    after = lab.balancer_stats()
+    for start in _starts_on_every_real(lab, vip, client_addr, 20000 + family * 7):
+        sports = _ports_that_move(lab, vip, client_addr, start, 6)
+        before = lab.balancer_stats()
+        session = run_in_netns(client.ns, quic_session, vip, PORT, sports, PER_PORT)
+        after = lab.balancer_stats()
 
-    home = lab.expected_real(vip, PORT, "udp", client_addr, sports[0])
-    assert session.initial_real == home  # the Initial was hashed, as any new flow
-    assert set(session.by_port) == set(sports)
-    for sport, names in session.by_port.items():
-        assert names == [home] * PER_PORT, (
-            f"source port {sport} (hash: {lab.expected_real(vip, PORT, 'udp', client_addr, sport)})"
-            f" reached {names}, the connection lives on {home}")
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    routed = len(sports) * PER_PORT
-    assert delta["quic_routed"] == routed
-    assert delta["quic_fallback"] == 1  # the Initial
-    assert delta["quic_unknown"] == 0
-    with capsys.disabled():
-        print(f"\nMEASURED quic v{family} {lab.datapath}: {routed} packets from {len(sports)} source ports,"
-              f" all on {home} (hashing would have moved {len(sports) - 1} of the ports)")
+        home = lab.expected_real(vip, PORT, "udp", client_addr, sports[0])
+        assert session.initial_real == home  # the Initial was hashed, as any new flow
+        assert set(session.by_port) == set(sports)
+        for sport, names in session.by_port.items():
+            assert names == [home] * PER_PORT, (
+                f"source port {sport} (hash: {lab.expected_real(vip, PORT, 'udp', client_addr, sport)})"
+                f" reached {names}, the connection lives on {home}")
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        routed = len(sports) * PER_PORT
+        assert delta["quic_routed"] == routed
+        assert delta["quic_fallback"] == 1  # the Initial
+        assert delta["quic_unknown"] == 0
+        sid = (SERVER_IDS if family == 4 else SERVER_IDS6)[int(home[1:])]
+        with capsys.disabled():
+            print(f"\nMEASURED quic v{family} {lab.datapath}: server id {sid:#x}, {routed} packets from"
+                  f" {len(sports)} source ports, all on {home} (hashing would have moved"
+                  f" {len(sports) - 1} of the ports)")
 
 
 def test_unknown_server_id_is_hashed(lab) -> None:
