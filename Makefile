@@ -18,6 +18,7 @@ bench: setup
 	@$(PY) -m bench.bench_datapath
 	@$(PY) -m bench.bench_pktgen
 	@$(PY) -m bench.bench_xdp
+	@$(PY) -m bench.bench_features
 	@$(PY) -m bench.bench_userspace_io
 	@$(PY) -m bench.bench_control
 
