@@ -263,13 +263,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
         try:
             encap = TunnelEncap(sizes.max_reals, args.probe_mark_base)
-            encap.attach(args.interface, args.netns)
+            with controller.lock:  # the probes encapsulate as the datapath does, from now on
+                encap.set_settings(controller.state.config.settings)
+                encap.attach(args.interface, args.netns)
+                controller.on_settings.append(encap.set_settings)
         except (TunnelEncapError, OSError, ValueError) as e:
             if encap is not None:
                 encap.close()
             raise StartupError(f"probes through the tunnel: {e}") from None
-        log.info("health probes through the tunnel (tc egress on %s, SO_MARK %#x + real id)",
-                 args.interface, args.probe_mark_base)
+        log.info("health probes through the tunnel (tc egress on %s, SO_MARK %#x + real id, encap %s)",
+                 args.interface, args.probe_mark_base, controller.state.config.settings.encap)
         prober: Any = TunnelProber(encap, factory)
     else:
         prober = DirectProber(factory)

@@ -250,6 +250,10 @@ class Controller:
         self.counters: dict[str, int] = {"changes": 0, "changes_failed": 0, "health_transitions": 0,
                                          "ring_slots_written": 0, "rollbacks": 0}
         self.on_health: list[Callable[[TargetKey, bool, str], None]] = []
+        # called with the settings whenever the datapath was written with settings other
+        # than the last ones announced (the tunnel prober follows settings.encap / gue)
+        self.on_settings: list[Callable[[Any], None]] = []
+        self._announced: Any = None
         self._targets_cache: tuple[DesiredState, dict[TargetKey, Target]] | None = None
         self._sim_cache: tuple[tuple[int, int], Any] | None = None
 
@@ -301,6 +305,7 @@ class Controller:
                 raise DatapathFailure(f"reconciling the datapath failed: {e}") from e
             self.tables = tables
             self.dirty = False
+            self._announce_settings()
             self.counters["ring_slots_written"] += done.summary["ring_slots"]
             self.last_reconcile = {"generation": self.state.generation, "writes": done.summary,
                                    "rings_checked": p.rings_checked,
@@ -372,12 +377,26 @@ class Controller:
                     raise PersistFailure(f"saving the state failed, change undone: {e}") from e
             prev_tables = self.tables
             self.state, self.tables = new, tables
+            self._announce_settings()
             self.counters["changes"] += 1
             self._log_all_down(prev_tables, tables)
             seconds = time.perf_counter() - t0
             log.info("generation %d: %s (%s; %.1f ms)", new.generation, what,
                      ", ".join(f"{k} {v}" for k, v in summary.items() if v) or "no writes", seconds * 1e3)
             return ChangeResult(new.generation, summary, seconds)
+
+    def _announce_settings(self) -> None:
+        """Tell ``on_settings`` about the settings now in the datapath, if they differ from
+        the last ones told. A failing callback is logged: the change itself stands."""
+        settings = self.state.config.settings
+        if settings is self._announced or settings == self._announced:
+            return
+        self._announced = settings
+        for cb in self.on_settings:
+            try:
+                cb(settings)
+            except Exception as e:  # noqa: BLE001 - a listener's failure is not the change's
+                log.error("applying the new settings to %s failed: %s", getattr(cb, "__qualname__", cb), e)
 
     def _undo_to(self, tables: DesiredTables | None) -> None:
         if tables is None:

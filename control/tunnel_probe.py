@@ -3,8 +3,13 @@
 :class:`TunnelEncap` loads ``xdp/hc_encap.c`` (a tc egress program, clsact,
 direct-action) on the balancer's interface; it encapsulates every packet whose
 ``skb->mark`` is ``mark_base + real id`` towards that real exactly as the XDP datapath
-would (IPIP / IPv4-in-IPv6 / IP6IP6, Katran's outer source, TTL 64). Its map
-``hc_reals`` holds mark -> real address (family), written by the prober.
+would, with the encapsulation the balancer is configured for
+(:meth:`TunnelEncap.set_settings`, from ``settings.encap`` / ``settings.gue``): IPIP /
+IPv4-in-IPv6 / IP6IP6 with Katran's outer source, or GUE (outer IP from
+``gue.source_v4/v6``, UDP to ``gue.port``; an IPv6 VIP may then have IPv4 reals), TTL 64.
+Its map ``hc_reals`` holds mark -> real address (family), written by the prober; ``hc_ctl``
+holds the settings as the balancer's own ctl entry (layout.CTL). Until the settings are
+set, probes use IPIP.
 
 :class:`TunnelProber` is a :class:`control.health.Prober`: for each probe it makes sure
 the real's entry is in ``hc_reals``, opens the socket (in the datapath's namespace) with
@@ -36,6 +41,8 @@ from typing import Self
 
 from control.health import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
+from lb.config import Settings
+from lb.state import ctl_array
 
 __all__ = ["DEFAULT_MARK_BASE", "HC_STATS", "TC_PRIORITY", "TunnelEncap", "TunnelProber"]
 
@@ -51,9 +58,9 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # Counter slots of hc_stats; each packet the program sees bumps exactly one.
 HC_STATS = (
     "passed",  # no mark of ours (or not IP): untouched
-    "encap_v4",  # encapsulated in IPv4 (IPIP)
-    "encap_v6",  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6)
-    "drop_no_real",  # a mark of ours without a real (or an IPv6 packet for an IPv4 real)
+    "encap_v4",  # encapsulated in IPv4 (IPIP, or GUE in IPv4)
+    "encap_v6",  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6, or GUE in IPv6)
+    "drop_no_real",  # a mark of ours without a real (or an IPv6 packet for an IPv4 real, IPIP)
     "drop_malformed",  # headers unreadable
     "drop_failed",  # a helper failed (no room, ...)
 )
@@ -90,7 +97,9 @@ class TunnelEncap:
             raise TunnelEncapError(f"could not compile/load {SOURCE.name}: {e}") from e
         self._reals = self._bpf[b"hc_reals"]
         self._stats = self._bpf[b"hc_stats"]
+        self._ctl = self._bpf[b"hc_ctl"]
         self._known: dict[int, str] = {}
+        self._settings: tuple[object, bytes] | None = None  # (Settings, its ctl record) last written
         self._attached: tuple[str, str | None, int] | None = None
 
     @property
@@ -102,7 +111,24 @@ class TunnelEncap:
             raise ValueError(f"real id {real_id} out of 0..{self.max_reals - 1}")
         return self.mark_base + real_id
 
-    # ---- the map ----------------------------------------------------------------------
+    # ---- the maps ---------------------------------------------------------------------
+
+    def set_settings(self, settings: Settings) -> bool:
+        """Encapsulate as the balancer does under ``settings`` (its ``encap`` and ``gue``):
+        hc_ctl[0] = the balancer's ctl entry for them. Cheap when unchanged; True if the
+        map was written."""
+        last = self._settings
+        if last is not None and last[0] is settings:
+            return False
+        record = ctl_array(settings).tobytes()
+        if last is not None and last[1] == record:
+            self._settings = (settings, record)
+            return False
+        leaf = self._ctl.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), record, len(record))
+        self._ctl[self._ctl.Key(0)] = leaf
+        self._settings = (settings, record)
+        return True
 
     def set_real(self, real_id: int, address: str) -> int:
         """hc_reals[mark(real_id)] = address; returns the mark. Cheap when unchanged."""

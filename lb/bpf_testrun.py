@@ -98,6 +98,17 @@ class XdpMd(ctypes.Structure):
     ]
 
 
+class SkBuffHead(ctypes.Structure):
+    """The first fields of struct __sk_buff as ctx_in for tc programs: the kernel zero-fills
+    the rest and refuses anything but zeros before ``mark``."""
+
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+    ]
+
+
 class TestRunResult(NamedTuple):
     """What one BPF_PROG_TEST_RUN did."""
 
@@ -109,7 +120,7 @@ class TestRunResult(NamedTuple):
 
 
 def test_run(prog_fd: int, frame: bytes, repeat: int = 1, *, ifindex: int = 0, rx_queue: int = 0,
-             out_size: int | None = None) -> TestRunResult:
+             out_size: int | None = None, mark: int = 0) -> TestRunResult:
     """Run a program on ``frame`` with BPF_PROG_TEST_RUN (ordinary, not live, mode).
 
     With ``repeat > 1`` the kernel runs the program again on the same buffer without
@@ -117,7 +128,8 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1, *, ifindex: int = 0, r
     the returned bytes are those of the last run. Use ``repeat=1`` for correctness and
     larger values for timing only. The kernel refuses XDP frames shorter than 14 bytes
     (EINVAL) and frames that do not fit one page with headroom and tailroom.
-    ``ifindex`` (XDP only) sets the receiving interface in the context.
+    ``ifindex`` (XDP only) sets the receiving interface in the context; ``mark`` (tc
+    only) sets ``skb->mark``.
     """
     if repeat < 1:
         raise ValueError("repeat must be >= 1")
@@ -132,6 +144,12 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1, *, ifindex: int = 0, r
         md = XdpMd(data=0, data_end=n, ingress_ifindex=ifindex, rx_queue_index=rx_queue)
         attr.ctx_in = ctypes.addressof(md)
         attr.ctx_size_in = ctypes.sizeof(md)
+    if mark:
+        if ifindex:
+            raise ValueError("ifindex is for XDP programs, mark for tc programs")
+        skb = SkBuffHead(mark=mark)
+        attr.ctx_in = ctypes.addressof(skb)
+        attr.ctx_size_in = ctypes.sizeof(skb)
     bpf_syscall(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return TestRunResult(attr.retval, data_out.raw[: min(attr.data_size_out, size)], attr.duration)
 

@@ -216,6 +216,41 @@ def test_runner_takes_a_failing_real_out_and_back(caplog) -> None:
     assert any(not e.result.ok for e in seen) and any(e.result.ok for e in seen)
 
 
+def test_settings_listeners_hear_of_changed_settings_only(caplog) -> None:
+    """Controller.on_settings (the tunnel prober follows settings.encap / gue through it):
+    called once per change of the settings, not for other changes nor a full reconcile,
+    and a failing listener does not undo the change."""
+    from lb.config import config_to_dict
+
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = MemoryPort(Sizes.of(cfg.settings))
+    ctl = Controller.open(port, None, cfg)
+    heard: list = []
+    ctl.on_settings.append(heard.append)
+    data = config_to_dict(cfg)
+    data["vips"][0]["reals"].pop()
+    ctl.replace_config(data)  # VIPs only
+    ctl.reconcile()
+    assert heard == []
+    data["settings"].update(encap="gue", gue={"port": 7000, "source_v4": "198.18.0.254"})
+    ctl.replace_config(data)
+    assert [(s.encap, s.gue.port) for s in heard] == [("gue", 7000)]
+    assert heard[0] is ctl.state.config.settings
+    ctl.add_real(K0, {"address": real_addr(1)})
+    ctl.reconcile()
+    assert len(heard) == 1
+
+    def broken(_settings) -> None:
+        raise OSError("map update failed")
+
+    ctl.on_settings.insert(0, broken)
+    data["settings"]["encap"] = "ipip"
+    gen = ctl.replace_config(data).generation
+    assert ctl.generation == gen and ctl.state.config.settings.encap == "ipip"
+    assert [s.encap for s in heard] == ["gue", "ipip"]
+    assert "map update failed" in caplog.text
+
+
 def test_all_down_with_drop_empties_the_ring() -> None:
     hc = {"type": "tcp", "on_all_down": "drop"}
     cfg = make_config([vip_dict(0, [0, 1], healthcheck=hc)])

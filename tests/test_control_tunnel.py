@@ -1,7 +1,12 @@
 """Health probes through the tunnel (control/tunnel_probe.py, xdp/hc_encap.c) in the
 network-namespace lab (netns/lab.py).
 
-The probe socket lives in the balancer's namespace with SO_MARK = base + real id and
+Part 1, BPF_PROG_TEST_RUN: hc_encap_tc on scapy-built probe packets (``skb->mark`` set in
+the context) writes the exact GUE (and IPIP) headers of docs/datapath.md "Outputs" for
+every family pair, follows :meth:`TunnelEncap.set_settings`, and the reals' decap program
+(lb/decap_loader.py) restores the probe byte for byte.
+
+Part 2, the lab. The probe socket lives in the balancer's namespace with SO_MARK = base + real id and
 connects to the VIP; the tc egress program encapsulates it towards that real as the XDP
 datapath would; the real decapsulates, answers from the VIP straight back to the
 balancer's address (DSR), and the balancer's XDP program passes the reply (not a VIP
@@ -15,12 +20,16 @@ datapath), so each test gives it a default route via the router, as a balancer h
   tests/test_control_lab.py): a real's server stopped -> out of the ring within
   interval x fall (+ timeout), new connections only to the others after that; the VIP
   removed from a real's loopback -> out of the ring although its own address answers;
-  restored -> back after ``rise`` successes. Every figure is measured and printed.
+  restored -> back after ``rise`` successes. Every figure is measured and printed;
+* the same daemon with ``encap: gue``: reals up through GUE probes (the reals' decap
+  ``gue`` counter grows, ``v4_in_v4`` does not), a stopped server marked down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ipaddress
 import os
 import signal
 import socket
@@ -30,11 +39,16 @@ import time
 from collections import Counter
 
 import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 from test_control_daemon import Daemon
 
-from lb.config import config_to_dict
+from lb.bpf_testrun import test_run
+from lb.config import config_to_dict, parse_config
 
-pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.4, 2, 3
 
@@ -83,6 +97,123 @@ def _listener(ns: str, addr: str, port: int) -> socket.socket:
     return run_in_netns(ns, make)
 
 
+# ---- part 1: BPF_PROG_TEST_RUN ----------------------------------------------------------
+
+MAC_LB, MAC_GW = "02:00:00:00:00:01", "02:00:00:00:00:fe"
+CLIENT = {4: "198.18.0.7", 6: "2001:db8::a:b0c"}  # the balancer's address: the probe's source
+VIP = {4: "198.18.110.1", 6: "2001:db8:110::1"}
+REAL = {4: "198.19.1.3", 6: "2001:db8:2::3"}
+REAL_ID = {4: 3, 6: 4}
+GUE_SRC = {4: "198.18.0.254", 6: "2001:db8:fffe::254"}
+GUE_PORT = 7000
+SPORT, TOS = 40001, 0x28
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+
+
+def _settings(encap: str, port: int = GUE_PORT):
+    return parse_config({"settings": {"gateway_mac": "00:00:5e:00:53:01", "encap": encap,
+                                      "gue": {"port": port, "source_v4": GUE_SRC[4], "source_v6": GUE_SRC[6]}},
+                         "vips": []}).settings
+
+
+def _probe(client_v: int) -> tuple[bytes, bytes]:
+    """(frame, its IP packet): a TCP SYN of a probe socket, as the stack hands it to tc."""
+    l3 = IP(src=CLIENT[4], dst=VIP[4], tos=TOS) if client_v == 4 else IPv6(src=CLIENT[6], dst=VIP[6], tc=TOS)
+    inner = bytes(l3 / TCP(sport=SPORT, dport=80, flags="S", seq=12345))
+    return bytes(Ether(src=MAC_LB, dst=MAC_GW, type=0x800 if client_v == 4 else 0x86DD)) + inner, inner
+
+
+def _expected_gue(client_v: int, real_v: int, inner: bytes) -> bytes:
+    """docs/datapath.md "Outputs", GUE, rebuilt with scapy: the L2 header kept (ethertype of
+    the outer family), outer IP from the configured source, UDP source port from the
+    client address's last two bytes and the source port, checksum 0."""
+    a = ipaddress.ip_address(CLIENT[client_v]).packed
+    sport = 0xC000 | (((a[-2] << 8) | a[-1]) ^ SPORT) & 0x3FFF
+    udp = UDP(sport=sport, dport=GUE_PORT, len=len(inner) + 8, chksum=0)
+    if real_v == 4:
+        outer = IP(src=GUE_SRC[4], dst=REAL[4], tos=TOS, id=0, flags=0, ttl=64, proto=17)
+    else:
+        outer = IPv6(src=GUE_SRC[6], dst=REAL[6], tc=TOS, fl=0, hlim=64, nh=17)
+    return bytes(Ether(src=MAC_LB, dst=MAC_GW) / outer / udp / Raw(inner))
+
+
+@pytest.fixture(scope="module")
+def hc_encap():
+    from control.tunnel_probe import TunnelEncap
+
+    with TunnelEncap(max_reals=64) as enc:
+        for v in (4, 6):
+            enc.set_real(REAL_ID[v], REAL[v])
+        yield enc
+
+
+@pytest.fixture(scope="module")
+def decaps():
+    """The reals' decap program, tc and XDP entries, listening on GUE_PORT."""
+    from lb.decap_loader import DecapProgram
+
+    progs = [DecapProgram(mode, gue_port=GUE_PORT) for mode in ("tc", "xdp")]
+    try:
+        yield progs
+    finally:
+        for p in progs:
+            p.close()
+
+
+def _run(enc, frame: bytes, real_v: int) -> tuple[int, bytes]:
+    r = test_run(enc.prog_fd, frame, mark=enc.mark(REAL_ID[real_v]))
+    return r.action, r.output
+
+
+@pytest.mark.parametrize("client_v,real_v", [(4, 4), (4, 6), (6, 6), (6, 4)])
+def test_gue_probe_bytes_and_decap(hc_encap, decaps, client_v, real_v) -> None:
+    from lb import layout
+
+    assert ctypes.sizeof(hc_encap._ctl.Leaf) == layout.CTL.itemsize  # hc_ctl holds a ctl entry
+    hc_encap.set_settings(_settings("gue"))
+    frame, inner = _probe(client_v)
+    before = hc_encap.read_stats()
+    action, out = _run(hc_encap, frame, real_v)
+    assert action == TC_ACT_OK
+    assert out == _expected_gue(client_v, real_v, inner), Ether(out).show2(dump=True)
+    after = hc_encap.read_stats()
+    assert after[f"encap_v{real_v}"] == before[f"encap_v{real_v}"] + 1
+    # the real's decap program (tc and XDP entries) hands the probe back unchanged
+    for dec in decaps:
+        dec.reset_stats()
+        r = test_run(dec.prog_fd, out, out_size=len(out) + 64)
+        assert r.output == frame, (dec.mode, Ether(r.output).show2(dump=True))
+        assert dec.read_stats()["gue"] == 1
+
+
+def test_settings_switch_the_probe_encapsulation(hc_encap) -> None:
+    """IPIP <-> GUE follows set_settings (a write only when something changed); with IPIP an
+    IPv6 probe for an IPv4 real is dropped, as the datapath cannot send it."""
+    assert hc_encap.set_settings(_settings("ipip")) is True  # never set, or GUE before
+    same = _settings("ipip")
+    assert hc_encap.set_settings(same) is False  # equal content: no write
+    assert hc_encap.set_settings(same) is False  # same object: not even compared
+    frame, inner = _probe(4)
+    action, out = _run(hc_encap, frame, 4)
+    assert action == TC_ACT_OK
+    assert out[12:14] == b"\x08\x00" and out[14 + 9] == 4 and out[34:] == inner  # IPIP
+    before = hc_encap.read_stats()["drop_no_real"]
+    assert _run(hc_encap, _probe(6)[0], 4)[0] == TC_ACT_SHOT
+    assert hc_encap.read_stats()["drop_no_real"] == before + 1
+
+    assert hc_encap.set_settings(_settings("gue")) is True
+    assert _run(hc_encap, frame, 4)[1] == _expected_gue(4, 4, inner)
+    assert hc_encap.set_settings(_settings("gue", port=GUE_PORT + 1)) is True
+    out = _run(hc_encap, frame, 4)[1]
+    assert UDP(out[34:42]).dport == GUE_PORT + 1
+    assert hc_encap.set_settings(_settings("ipip")) is True
+    assert _run(hc_encap, frame, 4)[1][14 + 9] == 4
+
+
+# ---- part 2: the lab ----------------------------------------------------------------------
+
+@pytest.mark.netns
+@pytest.mark.slow
 def test_prober_through_the_tunnel() -> None:
     from control.health import DirectProber
     from control.tunnel_probe import TunnelEncap, TunnelProber
@@ -171,6 +302,8 @@ def _wait_ring(c, addr: str, want: bool, since: float, limit: float) -> float:
     raise AssertionError(f"{addr} {'not back in' if want else 'still in'} the ring after {limit} s")
 
 
+@pytest.mark.netns
+@pytest.mark.slow
 def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
     from control.health import DirectProber
     from netns.lab import VIP4, Lab, _wait_ready
@@ -282,3 +415,67 @@ def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
         outside = [r for (st, e, res) in batches for r in res if r.real is None
                    and not (e > t_stop and st <= t_out) and not (e > t_del and st <= t_out2)]
         assert not outside, outside[:3]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_daemon_probes_through_gue(tmp_path) -> None:
+    """``encap: gue``: the daemon's probes are GUE from the start (the reals' decap program
+    counts them as ``gue``, no IPIP at all) and bring the reals up; a stopped server goes
+    down; switching the running daemon to ``ipip`` switches the probes too."""
+    from netns.lab import Lab
+
+    with Lab(reals=2, datapath="xdp") as lab:
+        lb = lab.balancers()[0]
+        _default_routes(lb)
+        cfg = _hc_config(lab)
+        cfg["settings"].update(encap="gue", gue={"source_v4": GUE_SRC[4], "source_v6": GUE_SRC[6]})
+        d = Daemon(tmp_path, "--pin-dir", lab.state["pin_dirs"][lb.name], "--netns", lb.ns,
+                   interface=lb.ifname, datapath="xdp", config=cfg)
+        d0 = lab.decap_stats()
+        try:
+            t_start = time.monotonic()
+            d.start()
+            assert "encap gue" in d.log.read_text()
+            with d.client() as c:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    h = c.health()
+                    if len(h) == 2 and all(x["state"] == "up" and x["totals"]["success"] >= 2 for x in h):
+                        break
+                    time.sleep(0.1)
+                assert all(x["state"] == "up" for x in c.health()), c.health()
+                t_up = time.monotonic() - t_start
+                d1 = lab.decap_stats()
+                assert d1["gue"] > d0["gue"]
+                assert d1["v4_in_v4"] == d0["v4_in_v4"] and d1["v6_in_v4"] == d0["v6_in_v4"]
+
+                victim = lab.reals()[1]
+                proc = lab._procs[f"server-{victim.name}"]
+                t_stop = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+                stop_to_out = _wait_ring(c, victim.real4, False, t_stop, 10)
+                row = next(x for x in c.health() if x["real"] == victim.real4)
+                assert row["state"] == "down" and not row["last_result"]["ok"]
+                assert _in_ring(c, lab.reals()[0].real4)
+                d2 = lab.decap_stats()
+                assert d2["gue"] > d1["gue"] and d2["v4_in_v4"] == d0["v4_in_v4"]
+
+                # settings changed at run time: the probes follow (and the live real stays up)
+                cfg["settings"]["encap"] = "ipip"
+                c.put_config(cfg)
+                time.sleep(INTERVAL * 2 + TIMEOUT)  # probes under way at the switch finish
+                d3 = lab.decap_stats()
+                time.sleep(INTERVAL * 3)
+                d4 = lab.decap_stats()
+                assert d4["v4_in_v4"] > d3["v4_in_v4"] and d4["gue"] == d3["gue"], (d3, d4)
+                assert _in_ring(c, lab.reals()[0].real4)
+        finally:
+            d.stop()
+        print(f"MEASURED tunnel health with GUE: up after {t_up:.2f} s from start "
+              f"({d1['gue'] - d0['gue']} GUE probe packets decapsulated, 0 IPIP); server stopped -> "
+              f"out of the ring {stop_to_out:.2f} s (bound {INTERVAL * FALL + TIMEOUT:.2f} s); after "
+              f"the switch to ipip {d4['v4_in_v4'] - d3['v4_in_v4']} IPIP and 0 GUE probe packets "
+              f"in {INTERVAL * 3:.1f} s")
+        assert stop_to_out <= INTERVAL * FALL + TIMEOUT + 0.5

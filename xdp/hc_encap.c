@@ -5,21 +5,25 @@
  * + real id and connects to the VIP address/port. Every packet of that socket leaves with
  * that mark; this program looks the mark up in hc_reals (mark -> struct real_def, written
  * by the prober) and encapsulates the packet towards that real exactly as balancer_xdp
- * would (xdp/encap.h): IPv4-in-IPv4, IPv4-in-IPv6 or IPv6-in-IPv6, Katran's outer source
- * derived from the packet's source address and port, outer TTL / hop limit DEFAULT_TTL,
- * inner TOS copied. The real decapsulates it and answers from the VIP straight to the
- * balancer's address (DSR): an ordinary reply for the connected socket, and the balancer's
- * own XDP program passes it (its destination is not a VIP address).
+ * would (xdp/encap.h), following the balancer's settings in hc_ctl (written by the prober
+ * from settings.encap / settings.gue): IPIP (IPv4-in-IPv4, IPv4-in-IPv6, IPv6-in-IPv6) with
+ * Katran's outer source derived from the packet's source address and port, or GUE (outer
+ * IP from gue.source_v4/v6 + UDP to gue.port, source port from the client address and
+ * port; then also IPv6-in-IPv4), outer TTL / hop limit DEFAULT_TTL, inner TOS copied.
+ * The real decapsulates it and answers from the VIP straight to the balancer's address
+ * (DSR): an ordinary reply for the connected socket, and the balancer's own XDP program
+ * passes it (its destination is not a VIP address).
  *
  * L2: the stack has already resolved the next hop of the route to the VIP (the gateway,
  * on a one-armed balancer) and written its MAC as the destination; the outer packet goes
  * to the same gateway, which routes it to the real, so the Ethernet header is kept and
- * only its ethertype changes when the outer family differs (IPv4-in-IPv6). This is the
- * datapath's gateway_mac without reading the balancer's ctl map.
+ * only its ethertype changes when the outer family differs (IPv4-in-IPv6, IPv6-in-IPv4).
+ * This is the datapath's gateway_mac without reading the balancer's ctl map.
  *
  * Unmarked packets and marks that are not ours pass untouched; a mark in our range
  * without an entry is dropped (it would otherwise reach the VIP unencapsulated and be
- * load-balanced to any real: a probe must never test the wrong real).
+ * load-balanced to any real: a probe must never test the wrong real), and so is an IPv6
+ * probe for an IPv4 real with IPIP (the datapath cannot send it either).
  * Constants come from lb/constants.py (lb.bpf_loader.c_flags), plus HC_MARK_BASE,
  * HC_MAX_REALS and HC_STAT_* from control/tunnel_probe.py.
  */
@@ -32,6 +36,9 @@
 #include "encap.h"
 
 BPF_HASH(hc_reals, __u32, struct real_def, HC_MAX_REALS);
+/* [0]: the balancer's settings as its own ctl entry (layout.CTL); only encap, gue_port and
+ * gue_src_v4/v6 are read. All zero (never written) = IPIP. */
+BPF_ARRAY(hc_ctl, struct ctl_value, 1);
 BPF_PERCPU_ARRAY(hc_stats, __u64, HC_N_STATS);
 
 static __always_inline void hc_stat(__u32 idx)
@@ -42,8 +49,16 @@ static __always_inline void hc_stat(__u32 idx)
 		*v += 1;
 }
 
+/* The outer headers as written after the Ethernet header: IP, then UDP with GUE (IPIP
+ * stores only the IP part). */
+struct outer_v4 {
+	struct iphdr ip;
+	struct udphdr udp;
+};
+
 struct outer_v6 {
 	struct ipv6hdr ip6;
+	struct udphdr udp;
 };
 
 int hc_encap_tc(struct __sk_buff *skb)
@@ -51,7 +66,13 @@ int hc_encap_tc(struct __sk_buff *skb)
 	__u32 mark = skb->mark;
 	struct real_def *r;
 	struct real_def real;
+	struct ctl_value cfg;
+	struct ctl_value *c;
 	struct pkt_desc pkt = {};
+	__u32 zero = 0;
+	__be16 outer_proto;
+	__u32 udp_len;
+	int gue;
 	struct ethhdr eth;
 	__be16 proto;
 	__u64 flags;
@@ -67,6 +88,10 @@ int hc_encap_tc(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	__builtin_memcpy(&real, r, sizeof(real));
+	c = hc_ctl.lookup(&zero);
+	if (!c)
+		goto failed;
+	__builtin_memcpy(&cfg, c, sizeof(cfg));
 
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
 		goto malformed;
@@ -96,11 +121,6 @@ int hc_encap_tc(struct __sk_buff *skb)
 
 		if (bpf_skb_load_bytes(skb, LB_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6)
 			goto malformed;
-		if (real.family != FAMILY_V6) {
-			/* IPv6 in IPv4 is not something the datapath sends (docs/datapath.md) */
-			hc_stat(HC_STAT_DROP_NO_REAL);
-			return TC_ACT_SHOT;
-		}
 		if (ip6h.nexthdr == LB_IPPROTO_TCP || ip6h.nexthdr == LB_IPPROTO_UDP)
 			if (bpf_skb_load_bytes(skb, LB_ETH_HLEN + IPV6_HLEN, &ports, sizeof(ports)) < 0)
 				goto malformed;
@@ -117,35 +137,50 @@ int hc_encap_tc(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	flags = BPF_F_ADJ_ROOM_FIXED_GSO;
+	gue = cfg.encap == LB_ENCAP_GUE;
+	if (real.family == FAMILY_V4 && pkt.flow.family == FAMILY_V6 && !gue) {
+		/* IPv6 in IPv4 only with GUE, as in the datapath (docs/datapath.md row 16) */
+		hc_stat(HC_STAT_DROP_NO_REAL);
+		return TC_ACT_SHOT;
+	}
+	udp_len = gue ? LB_UDP_HLEN : 0;
+	flags = BPF_F_ADJ_ROOM_FIXED_GSO | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0);
 	if (real.family == FAMILY_V4) {
-		struct iphdr outer = {};
+		struct outer_v4 outer = {};
+		__be32 saddr = encap_v4_src(&pkt.flow);
 
-		olen = LB_ENCAP_IPV4_OVERHEAD;
-		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
-		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
+		if (gue)
+			__builtin_memcpy(&saddr, cfg.gue_src_v4, sizeof(saddr));
+		olen = LB_ENCAP_IPV4_OVERHEAD + udp_len;
+		outer_proto = bpf_htons(LB_ETH_P_IP);
+		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
 			goto failed;
-		if (encap_write_ipv4(&outer, (void *)(&outer + 1), &pkt, real.addr.v4,
-				     encap_v4_src(&pkt.flow), LB_IPPROTO_IPIP, 0))
+		if (encap_write_ipv4(&outer.ip, (void *)(&outer + 1), &pkt, real.addr.v4, saddr,
+				     gue ? LB_IPPROTO_UDP : LB_IPPROTO_IPIP, udp_len))
 			goto failed;
-		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
+		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
+			goto failed;
+		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	} else {
 		struct outer_v6 outer = {};
-		__be16 v6 = bpf_htons(LB_ETH_P_IPV6);
 
-		olen = LB_ENCAP_IPV6_OVERHEAD;
-		flags |= BPF_F_ADJ_ROOM_ENCAP_L3_IPV6;
-		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags))
+		olen = LB_ENCAP_IPV6_OVERHEAD + udp_len;
+		outer_proto = bpf_htons(LB_ETH_P_IPV6);
+		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6))
 			goto failed;
-		if (encap_write_ipv6(&outer, (void *)(&outer + 1), &pkt, &real.addr, 0, NULL))
+		if (encap_write_ipv6(&outer.ip6, (void *)(&outer + 1), &pkt, &real.addr, gue,
+				     cfg.gue_src_v6))
 			goto failed;
-		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, sizeof(outer), BPF_F_INVALIDATE_HASH))
+		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
 			goto failed;
-		if (proto != v6 &&
-		    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &v6, sizeof(v6), 0))
+		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	}
+	/* adjust_room changed skb->protocol; the Ethernet header is ours to fix */
+	if (proto != outer_proto &&
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &outer_proto, sizeof(outer_proto), 0))
+		goto failed;
 	hc_stat(real.family == FAMILY_V4 ? HC_STAT_ENCAP_V4 : HC_STAT_ENCAP_V6);
 	return TC_ACT_OK;
 
