@@ -256,11 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bed is not None:
             bed.close()
+    affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {args.other_cpu})
+    try:
+        for res, (case, family) in zip(results, [(c, f) for c in CASES for f in (4, 6)]):
+            res["userspace"] = measure_user(case, family, repeat=args.user_repeat)
+    finally:
+        os.sched_setaffinity(0, affinity)
     for res, (case, family) in zip(results, [(c, f) for c in CASES for f in (4, 6)]):
-        res["userspace"] = measure_user(case, family, repeat=args.user_repeat)
-        x = res.get("xdp")
-        u = res["userspace"]
+        x, u = res.get("xdp"), res["userspace"]
         rows.append([case.feature, f"v{family}",
                      f"{x['baseline_ns']:.1f}" if x else "-", f"{x['feature_ns']:.1f}" if x else "-",
                      f"{x['added_ns']:+.1f}" if x else "-",

@@ -5,6 +5,7 @@ otherwise), and the JSON holds a figure for every case. Not a speed test."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
 def test_every_feature_measured(tmp_path) -> None:
     out = tmp_path / "features.json"
+    affinity = os.sched_getaffinity(0)
     assert bf.main(["--frames", "20000", "--reps", "1", "--user-repeat", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     cases = {(r["feature"], r["family"]) for r in data["results"]}
@@ -24,6 +26,7 @@ def test_every_feature_measured(tmp_path) -> None:
         for side in ("xdp", "userspace"):
             assert r[side]["feature_ns"] > 0 and r[side]["baseline_ns"] > 0, r
     assert not [n for n in list_netns() if n.startswith(("lbfg", "lbfs"))]
+    assert os.sched_getaffinity(0) == affinity  # the userspace part's pinning undone
 
 
 def test_quic_frames_carry_the_server_id() -> None:
