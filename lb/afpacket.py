@@ -62,7 +62,7 @@ import numpy as np
 from numba.core import types
 from numba.extending import intrinsic
 
-from lb.constants import XDP_TX
+from lb.constants import ENCAP_MAX_OVERHEAD, XDP_TX
 
 # --- kernel ABI (linux/if_packet.h, linux/if_ether.h) -------------------------------------
 SOL_PACKET = 263
@@ -553,7 +553,7 @@ class PacketSocket:
                               self.block_size // 2048 * self.block_count, retire_ms, 0, 0)
             s.setsockopt(SOL_PACKET, PACKET_RX_RING, bytes(req))
             rx_bytes = self.block_size * self.block_count
-        self.tx_frame_size = tx_frame_size or 1 << (TX_DATA_OFF + self.stride + 40 - 1).bit_length()
+        self.tx_frame_size = tx_frame_size or 1 << (TX_DATA_OFF + self.stride + ENCAP_MAX_OVERHEAD - 1).bit_length()
         self.tx_frame_count = tx_frames
         tx_bytes = 0
         if self.tx_mode == "ring":
