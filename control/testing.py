@@ -22,7 +22,7 @@ import numpy as np
 from lb.config import Config, parse_config
 
 __all__ = ["GW", "small_settings", "make_config", "vip_dict", "real_addr", "ApiClient",
-           "check_live_consistency"]
+           "check_live_consistency", "problems"]
 
 GW = "00:00:5e:00:53:01"
 SMALL = {"ring_size": 13, "max_vips": 8, "max_reals": 32, "conn_table_size": 64}
@@ -110,6 +110,15 @@ class ApiClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def problems(response: httpx.Response) -> dict[str, str]:
+    """An API error body (control.api.ErrorBody, validated) as {path: message}."""
+    from control.api import ErrorBody
+
+    body = response.json()
+    ErrorBody.model_validate(body)
+    return {p["path"]: p["message"] for p in body["problems"]}
 
 
 def check_live_consistency(port: Any) -> list[str]:

@@ -7,7 +7,6 @@ import pytest
 from control.api import (
     ConfigView,
     ConnTableView,
-    ErrorBody,
     HealthView,
     RealOfVip,
     RealStats,
@@ -22,7 +21,7 @@ from control.flows import FlowQuery, flow_frame
 from control.reconcile import PutVip, plan
 from control.service import Controller
 from control.tables import Sizes
-from control.testing import ApiClient, make_config, real_addr, vip_dict
+from control.testing import ApiClient, make_config, problems, real_addr, vip_dict
 from lb.config import load_config, parse_config
 
 V0 = "/v1/vips/198.18.100.1/80/tcp"
@@ -36,11 +35,6 @@ def env():
     ctl = Controller.open(port, None, cfg)
     with ApiClient(create_app(ctl)) as api:
         yield api, ctl, port
-
-
-def problems(r) -> dict[str, str]:
-    ErrorBody.model_validate(r.json())
-    return {p["path"]: p["message"] for p in r.json()["problems"]}
 
 
 def test_vip_crud(env) -> None:

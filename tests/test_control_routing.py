@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control.api import ErrorBody, QuicServerView, SourceRouteView, create_app
+from control.api import QuicServerView, SourceRouteView, create_app
 from control.datapaths import MemoryPort, Stats, UserspacePort
 from control.errors import Conflict, Invalid, NotFound, PreconditionFailed
 from control.ids import EMPTY, allocate
@@ -27,6 +27,7 @@ from control.testing import (
     ApiClient,
     check_live_consistency,
     make_config,
+    problems,
     real_addr,
     vip_dict,
 )
@@ -406,11 +407,6 @@ def env():
     ctl = Controller.open(port, None, cfg)
     with ApiClient(create_app(ctl)) as api:
         yield api, ctl, port
-
-
-def problems(r) -> dict[str, str]:
-    ErrorBody.model_validate(r.json())
-    return {p["path"]: p["message"] for p in r.json()["problems"]}
 
 
 def test_api_quic_servers(env) -> None:

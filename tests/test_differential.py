@@ -146,7 +146,12 @@ def test_connection_table_wins_over_a_changed_source_route(xdp, tables) -> None:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 @given(st.lists(any_frame, min_size=FRAMES_PER_EXAMPLE - 20, max_size=FRAMES_PER_EXAMPLE))
 def test_random_frames_agree(xdp_and_tables, frames: list[bytes]) -> None:
-    xdp, tables = xdp_and_tables
+    _compare_fresh(*xdp_and_tables, frames)
+
+
+def _compare_fresh(xdp, tables, frames: list[bytes]) -> None:
+    """``frames`` (the test-runnable ones) through both datapaths from empty connection
+    tables; counted in FRAMES_COMPARED."""
     frames = [f for f in frames if len(f) >= C.ETH_HLEN]
     if not frames:
         return
@@ -169,12 +174,7 @@ def test_random_frames_around_the_mtu_agree(balancers, table_set: str) -> None:
     @settings(max_examples=MTU_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(mtu_frame(table_set), min_size=FRAMES_PER_EXAMPLE - 20, max_size=FRAMES_PER_EXAMPLE))
     def run(frames: list[bytes]) -> None:
-        frames = [f for f in frames if len(f) >= C.ETH_HLEN]
-        if not frames:
-            return
-        xdp.clear_conn_table()
-        _run_both(xdp, UserspaceDatapath(tables), frames)
-        FRAMES_COMPARED[0] += len(frames)
+        _compare_fresh(xdp, tables, frames)
 
     before = xdp.read_stats().counters
     run()
