@@ -177,7 +177,27 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     bpf_syscall(BPF_MAP_UPDATE_ELEM, attr, "map update")
 
 
+_PERCPU_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
+
+
+def _check_buffer_sizes(fd: int, key_size: int, value_size: int) -> None:
+    """Raise ValueError unless the map's key size and its value size as lookups return it
+    (per-CPU maps: 8-byte-rounded value x possible CPUs) are these: the kernel writes
+    whole keys and values, so a short buffer would be overrun."""
+    info = map_info(fd)
+    size = info.value_size
+    if info.type in _PERCPU_TYPES:
+        size = (size + 7) // 8 * 8 * possible_cpus()
+    if value_size != size or key_size != info.key_size:
+        raise ValueError(f"map {info.name.decode()!r}: {info.key_size}-byte keys and {size}-byte values"
+                         f" (as looked up), not {key_size} and {value_size}")
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value under ``key``, or None. ``value_size`` must be what the kernel writes
+    (per-CPU maps: 8-byte-rounded value x possible CPUs); it is checked against the map,
+    because a buffer shorter than that would be overrun by the kernel."""
+    _check_buffer_sizes(fd, len(key), value_size)
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
     attr = _ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v))
@@ -204,6 +224,8 @@ def map_delete(fd: int, key: bytes) -> bool:
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
     """All keys of a hash map (get_next_key walk; for small maps)."""
+    if key_size != map_info(fd).key_size:
+        raise ValueError(f"map has {map_info(fd).key_size}-byte keys, not {key_size}")
     keys = []
     cur = None
     nxt = ctypes.create_string_buffer(key_size)
@@ -241,6 +263,7 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 65536
                      ) -> tuple[bytes, bytes, int]:
     """BPF_MAP_LOOKUP_BATCH over the whole map: (keys, values, count). value_size is the
     size of one value as the syscall returns it (per-CPU maps: all CPUs)."""
+    _check_buffer_sizes(fd, key_size, value_size)
     keys_out = []
     values_out = []
     total = 0

@@ -24,6 +24,7 @@ from collections import Counter
 
 import pytest
 
+from lb import layout
 from lb.bpf_loader import map_lookup
 from netns.lab import (
     EDGE_MTU,
@@ -93,7 +94,7 @@ def test_lab_builds_what_it_says_and_leaves_nothing_after_an_exception_mid_test(
         # The balancer writes the router's MAC on its link as the next hop.
         lb = lab.host("lb1")
         bal = lab.backend("lb1").bal
-        ctl = map_lookup(bal.map_fd("ctl"), (0).to_bytes(4, "little"), 8)
+        ctl = map_lookup(bal.map_fd("ctl"), (0).to_bytes(4, "little"), layout.CTL.itemsize)
         assert ctl[:6] == bytes.fromhex(lb.gw_mac.replace(":", ""))
         # Pinned maps, servers and programs exist.
         assert os.path.isdir(os.path.join(lab.pin_root, "lb1"))

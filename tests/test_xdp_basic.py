@@ -719,3 +719,19 @@ def test_attach_native_tx_replace_detach(netns_veth) -> None:
         lb.detach()
     _setns_call(ns, BPF.remove_xdp, a, 1 << 2)
     passer.cleanup()
+
+
+def test_map_lookup_refuses_a_buffer_the_kernel_would_overrun(bal) -> None:
+    """A value size other than the map's is refused before the syscall: the kernel
+    writes the whole value, and a short buffer would corrupt the caller's memory."""
+    from lb import layout
+    from lb.bpf_loader import map_lookup
+
+    fd = bal.map_fd("ctl")
+    with pytest.raises(ValueError, match="36-byte values"):
+        map_lookup(fd, bytes(4), 8)
+    assert len(map_lookup(fd, bytes(4), layout.CTL.itemsize)) == layout.CTL.itemsize
+    stats = bal.map_fd("stats")  # per CPU: 8 bytes x possible CPUs
+    with pytest.raises(ValueError):
+        map_lookup(stats, bytes(4), 8)
+    assert len(map_lookup(stats, bytes(4), 8 * bal.ncpus)) == 8 * bal.ncpus
