@@ -375,22 +375,14 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        problems = _limits(self) + _encap(self) + _routing_tables(self)
+        problems = _limits(self) + _encap(self) + _routing_tables(self) + _mtu(self)
         first: dict[tuple[str, int, str], int] = {}
-        seen_mtu: set[tuple[str, int]] = set()
         for i, vip in enumerate(self.vips):
             if vip.key in first:
                 addr, port, proto = vip.key
                 what = f"duplicate of vips[{first[vip.key]}] ({addr} port {port} {proto})"
                 problems.append((f"vips[{i}]", what))
             first.setdefault(vip.key, i)
-            if self.settings.mtu and vip.ip.version == 6:
-                # IPv6 hosts never go below 1280: the inner packet must fit that
-                need = C.MIN_MTU + C.ENCAP_IPV6_OVERHEAD + (C.UDP_HLEN if self.settings.encap == "gue" else 0)
-                if self.settings.mtu < need and ("settings.mtu", need) not in seen_mtu:
-                    seen_mtu.add(("settings.mtu", need))
-                    problems.append(("settings.mtu", f"must be >= {need} with IPv6 VIPs (vips[{i}]):"
-                                     f" IPv6 clients need 1280 bytes inside the tunnel (got {self.settings.mtu})"))
             if "quic" in vip.flags and vip.protocol != "udp":
                 where = f"vips[{i}].flags[{vip.flags.index('quic')}]"
                 problems.append((where, f"'quic' needs protocol udp (got {vip.protocol})"))
@@ -441,6 +433,17 @@ def _encap(cfg: Config) -> list[tuple[str, str]]:
             what = f"required with encap gue: {needs_source[version]} is an IPv{version} real"
             out.append((f"settings.gue.{key}", what))
     return out
+
+
+def _mtu(cfg: Config) -> list[tuple[str, str]]:
+    """IPv6 hosts never go below 1280: with IPv6 VIPs the inner packet must fit that."""
+    s = cfg.settings
+    first_v6 = next((i for i, v in enumerate(cfg.vips) if v.ip.version == 6), None)
+    need = C.MIN_MTU + C.ENCAP_IPV6_OVERHEAD + (C.UDP_HLEN if s.encap == "gue" else 0)
+    if not s.mtu or first_v6 is None or s.mtu >= need:
+        return []
+    return [("settings.mtu", f"must be >= {need} with IPv6 VIPs (vips[{first_v6}]):"
+             f" IPv6 clients need 1280 bytes inside the tunnel (got {s.mtu})")]
 
 
 def _routing_tables(cfg: Config) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ import asyncio
 import os
 import socket
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lb import constants as C
@@ -184,9 +184,6 @@ class QuicSession:
     server_cid: bytes
     by_port: dict[int, list[str | None]] = field(default_factory=dict)
 
-    def reals(self) -> set[str | None]:
-        return {r for names in self.by_port.values() for r in names}
-
 
 def _real_of(payload: bytes) -> str | None:
     words = payload.split()
@@ -240,8 +237,3 @@ def quic_session(host: str, port: int, sports: Sequence[int], per_port: int = 3,
     finally:
         for s in socks:
             s.close()
-
-
-def server_ids_for(quic_ids: Mapping[str, int], addr4: str | None, addr6: str | None) -> tuple[int, int]:
-    """This real's server ids for IPv4 and IPv6 VIPs (0: none)."""
-    return quic_ids.get(addr4 or "", 0), quic_ids.get(addr6 or "", 0)
