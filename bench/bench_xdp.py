@@ -51,9 +51,11 @@ each flow mix, then filled by one pass over all flows: measured frames are hits.
     per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS (-DLB_CONN_PERCPU_MAPS), LRU VIP,
     1k / 100k / 1M flows, harness (a) with the sink in softirq.
 
-(p) where the time goes: the cost of one BPF helper call on this machine, and
-    cpu-clock profiles (perf, this process's samples) of the generating CPU running
-    harness (a) with the balancer and with the stub, IPv4 LRU VIP, 1k and 100k flows.
+(p) where the time goes: the cost of one BPF helper call on this machine, what one
+    dependent read through an array map costs a BPF program by working-set size (0.5 to
+    64 MB: the price of per-flow state once it outgrows the caches), and cpu-clock
+    profiles (perf, this process's samples) of the generating CPU running harness (a)
+    with the balancer and with the stub, IPv4 LRU VIP, 1k and 100k flows.
 
 Mpps in (a) and (d) is frames / the kernel's own BPF_PROG_TEST_RUN run time on the
 generating CPU, which leaves out time other tasks had that CPU (this machine is shared);
@@ -860,6 +862,81 @@ def helper_call_ns(cpu: int, repeat: int = 200_000) -> dict[str, float]:
     return {"empty_program_ns": t["none"], "ns_per_helper_call": (t["calls"] - t["none"]) / 100}
 
 
+READ_LATENCY_MB = (0.5, 1, 2, 3, 4, 8, 16, 64)
+
+
+def map_read_latency_ns(cpu: int, sizes_mb: Sequence[float] = READ_LATENCY_MB,
+                        steps: int = 256, repeat: int = 2_000, seed: int = 1) -> dict[str, float]:
+    """What one access to per-flow state costs a BPF program on this machine, by
+    working-set size: a program follows a random cycle through an array map of
+    64-byte cells (one cache line each, the first ``size`` MB of the map), each read's
+    address depending on the previous read, ``steps`` reads per run, the position kept
+    across runs. Returns {"<MB>": ns per read} (run time minus an empty program's,
+    divided by ``steps``). A connection-table lookup is such a dependent read (its
+    entry's address comes from the packet); once the flows' entries outgrow the
+    caches, each packet pays this."""
+    import mmap
+
+    from bcc import BPF
+
+    from lb.bpf_testrun import test_run
+
+    cell = 64
+    entries = int(max(sizes_mb) * 2**20) // cell
+    src = f"""
+    #include <uapi/linux/bpf.h>
+    struct cell {{ __u32 next; __u32 pad[15]; }};
+    BPF_F_TABLE("array", __u32, struct cell, cells, {entries}, BPF_F_MMAPABLE);
+    BPF_ARRAY(cursor, __u32, 1);
+    int none(struct xdp_md *ctx) {{ return XDP_DROP; }}
+    int chase(struct xdp_md *ctx) {{
+        __u32 zero = 0, i, *at = cursor.lookup(&zero);
+        struct cell *c;
+
+        if (!at)
+            return XDP_ABORTED;
+        i = *at;
+        for (int s = 0; s < {steps}; s++) {{
+            c = cells.lookup(&i);
+            if (!c)
+                return XDP_ABORTED;
+            i = c->next;
+        }}
+        *at = i;
+        return XDP_DROP;
+    }}
+    """.encode()
+    b = BPF(text=src)
+    try:
+        fds = {n: b.load_func(n.encode(), BPF.XDP).fd for n in ("none", "chase")}
+        mm = mmap.mmap(b["cells"].map_fd, entries * cell, mmap.MAP_SHARED,
+                       mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            nxt = np.frombuffer(mm, dtype=np.uint32).reshape(entries, cell // 4)
+            rng = np.random.default_rng(seed)
+            out: dict[str, float] = {}
+            for mb in sizes_mb:
+                n = int(mb * 2**20) // cell
+                order = rng.permutation(n).astype(np.uint32)  # one cycle through all n
+                nxt[order, 0] = np.roll(order, -1)
+                b["cursor"][ctypes.c_uint(0)] = ctypes.c_uint(int(order[0]))
+
+                def best() -> float:
+                    test_run(fds["chase"], bytes(64), repeat=max(1, n // steps))  # warm
+                    return min(test_run(fds["chase"], bytes(64), repeat=repeat)[2]
+                               for _ in range(3))
+
+                empty = run_in_netns(None, lambda: min(
+                    test_run(fds["none"], bytes(64), repeat=repeat)[2] for _ in range(3)), cpu=cpu)
+                out[f"{mb:g}"] = (run_in_netns(None, best, cpu=cpu) - empty) / steps
+            del nxt
+        finally:
+            mm.close()
+    finally:
+        b.cleanup()
+    return out
+
+
 def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | None:
     """Run ``seconds_fn()`` under ``perf record -e cpu-clock -C cpu`` (sampling, no
     hardware counters in this VM) and return the top symbols of this process's samples
@@ -896,9 +973,12 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
     """(p) where the balancer's time goes: the cost of a helper call on this machine,
     and cpu-clock profiles of the generating CPU in harness (a) (IPv4, LRU VIP, sink in
     softirq), balancer and stub."""
-    out: dict[str, Any] = {"helper_call": helper_call_ns(xb.gen_cpu), "profiles": []}
+    out: dict[str, Any] = {"helper_call": helper_call_ns(xb.gen_cpu), "profiles": [],
+                           "map_read_ns": map_read_latency_ns(xb.gen_cpu)}
     xb.console.print(f"  (p) helper call: {out['helper_call']['ns_per_helper_call']:.1f} ns "
                      f"(empty program {out['helper_call']['empty_program_ns']:.0f} ns per run)")
+    xb.console.print("  (p) dependent map read by working set: " + ", ".join(
+        f"{mb} MB {ns:.0f} ns" for mb, ns in out["map_read_ns"].items()))
     with Bed(xb.gen, False, xb.gen_cpu, xb.other_cpu) as bed:
         xb.set_gateway(bed.gateway_mac)
         stub_fd = xb.gen.configure_tx_stub(bed.b.mac_bytes)

@@ -169,6 +169,11 @@ def test_part_d_conn_table_layouts(xb) -> None:
 def test_part_p_profile(xb) -> None:
     prof = bx.part_p(xb, [1000], seconds=0.3)
     assert 0 < prof["helper_call"]["ns_per_helper_call"] < 1000
+    reads = prof["map_read_ns"]
+    assert list(reads) == [f"{mb:g}" for mb in bx.READ_LATENCY_MB]
+    assert all(ns > 0 for ns in reads.values())
+    # a 64 MB working set misses every cache a 0.5 MB one fits in
+    assert reads["64"] > 2 * reads["0.5"], reads
     assert [p["program"] for p in prof["profiles"]] == ["stub", "lru"]
     for p in prof["profiles"]:
         assert p["kernel_mpps_under_perf"] > 0
