@@ -77,7 +77,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -921,7 +921,7 @@ def map_read_latency_ns(cpu: int, sizes_mb: Sequence[float] = READ_LATENCY_MB,
                 nxt[order, 0] = np.roll(order, -1)
                 b["cursor"][ctypes.c_uint(0)] = ctypes.c_uint(int(order[0]))
 
-                def best() -> float:
+                def best(n: int = n) -> float:
                     test_run(fds["chase"], bytes(64), repeat=max(1, n // steps))  # warm
                     return min(test_run(fds["chase"], bytes(64), repeat=repeat)[2]
                                for _ in range(3))
