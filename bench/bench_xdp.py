@@ -971,8 +971,9 @@ def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | N
 
 def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> dict[str, Any]:
     """(p) where the balancer's time goes: the cost of a helper call on this machine,
-    and cpu-clock profiles of the generating CPU in harness (a) (IPv4, LRU VIP, sink in
-    softirq), balancer and stub."""
+    a dependent map read by working-set size (map_read_latency_ns), and cpu-clock
+    profiles of the generating CPU in harness (a) (IPv4, LRU VIP, sink in softirq),
+    balancer and stub."""
     out: dict[str, Any] = {"helper_call": helper_call_ns(xb.gen_cpu), "profiles": [],
                            "map_read_ns": map_read_latency_ns(xb.gen_cpu)}
     xb.console.print(f"  (p) helper call: {out['helper_call']['ns_per_helper_call']:.1f} ns "
