@@ -21,8 +21,8 @@ import numpy as np
 
 from lb.config import Config, parse_config
 
-__all__ = ["GW", "small_settings", "make_config", "vip_dict", "real_addr", "ApiClient",
-           "check_live_consistency", "problems"]
+__all__ = ["GW", "small_settings", "make_config", "vip_dict", "real_addr", "tables_for",
+           "ApiClient", "check_live_consistency", "problems"]
 
 GW = "00:00:5e:00:53:01"
 SMALL = {"ring_size": 13, "max_vips": 8, "max_reals": 32, "conn_table_size": 64}
@@ -37,6 +37,18 @@ def real_addr(i: int, v6: bool = False) -> str:
     if v6:
         return str(ipaddress.IPv6Address("2001:db8:1::") + i + 1)
     return str(ipaddress.IPv4Address("198.19.0.0") + i + 1)
+
+
+def tables_for(cfg: Config, ids: Any = None, **kw: Any) -> tuple[Any, Any]:
+    """(desired tables, ids) for ``cfg``: ids allocated on top of ``ids`` (None: fresh),
+    then control.tables.build_tables(cfg, ids, **kw) (e.g. ``prev=``)."""
+    from control.ids import EMPTY, allocate
+    from control.tables import build_tables
+
+    s = cfg.settings
+    ids = allocate(ids or EMPTY, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
+                   s.max_vips, s.max_reals)
+    return build_tables(cfg, ids, **kw), ids
 
 
 def vip_dict(i: int, reals: Iterable[int | tuple[int, int]] = (), port: int = 80, protocol: str = "tcp",

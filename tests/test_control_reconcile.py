@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from control.datapaths import MemoryPort, UserspacePort
 from control.errors import Conflict, DatapathFailure, Invalid, NotFound, PersistFailure, PreconditionFailed
-from control.ids import EMPTY, allocate
+from control.ids import EMPTY
 from control.reconcile import (
     ApplyError,
     DeleteVip,
@@ -27,20 +27,13 @@ from control.reconcile import (
 )
 from control.service import Controller
 from control.state import Store
-from control.tables import EMPTY_REAL, Sizes, build_tables
-from control.testing import check_live_consistency, make_config, real_addr, vip_dict
+from control.tables import EMPTY_REAL, Sizes
+from control.testing import check_live_consistency, make_config, real_addr, tables_for, vip_dict
 from lb.config import ConfigError, parse_config
 from lb.state import compile_tables
 
 K0 = ("198.18.100.1", 80, "tcp")
 K1 = ("198.18.100.2", 80, "tcp")
-
-
-def tables_for(cfg, ids=None, **kw):
-    s = cfg.settings
-    ids = allocate(ids or EMPTY, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
-                   s.max_vips, s.max_reals)
-    return build_tables(cfg, ids, **kw), ids
 
 
 def port_for(cfg):

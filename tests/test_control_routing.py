@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 from control.api import QuicServerView, SourceRouteView, create_app
 from control.datapaths import MemoryPort, Stats, UserspacePort
 from control.errors import Conflict, Invalid, NotFound, PreconditionFailed
-from control.ids import EMPTY, allocate
+from control.ids import EMPTY
 from control.reconcile import DeleteEntry, PutEntry, WriteCtl, apply, plan
 from control.service import Controller
 from control.state import Store
 from control.tables import (
     Sizes,
-    build_tables,
     id_record,
     quic_key_record,
     src_route_key_record,
@@ -29,6 +28,7 @@ from control.testing import (
     make_config,
     problems,
     real_addr,
+    tables_for,
     vip_dict,
 )
 from lb import constants as C
@@ -40,13 +40,6 @@ K0 = ("198.18.100.1", 80, "tcp")
 K1 = ("198.18.100.2", 53, "udp")
 HC = {"type": "tcp", "port": 8080}
 R0, R1, R2, R3 = (real_addr(i) for i in range(4))
-
-
-def tables_for(cfg, ids=EMPTY, **kw):
-    s = cfg.settings
-    ids = allocate(ids, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
-                   s.max_vips, s.max_reals)
-    return build_tables(cfg, ids, **kw), ids
 
 
 def base_config(**over):

@@ -294,6 +294,18 @@ def _in_ring(c, addr: str) -> bool:
     raise AssertionError("VIP not found")
 
 
+def _wait_all_up(c, n: int, limit: float = 10) -> None:
+    """Until the n health-checked reals are up with two successes each (at most limit s);
+    then asserts they are all up."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        h = c.health()
+        if len(h) == n and all(x["state"] == "up" and x["totals"]["success"] >= 2 for x in h):
+            break
+        time.sleep(0.1)
+    assert all(x["state"] == "up" for x in c.health()), c.health()
+
+
 def _wait_ring(c, addr: str, want: bool, since: float, limit: float) -> float:
     while time.monotonic() - since < limit:
         if _in_ring(c, addr) == want:
@@ -324,13 +336,7 @@ def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
             d.start()
             assert "health probes through the tunnel" in d.log.read_text()
             with d.client() as c:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    h = c.health()
-                    if len(h) == 3 and all(x["state"] == "up" and x["totals"]["success"] >= 2 for x in h):
-                        break
-                    time.sleep(0.1)
-                assert all(x["state"] == "up" for x in c.health()), c.health()
+                _wait_all_up(c, 3)
 
                 def traffic() -> None:
                     while not stop.is_set():
@@ -438,13 +444,7 @@ def test_daemon_probes_through_gue(tmp_path) -> None:
             d.start()
             assert "encap gue" in d.log.read_text()
             with d.client() as c:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    h = c.health()
-                    if len(h) == 2 and all(x["state"] == "up" and x["totals"]["success"] >= 2 for x in h):
-                        break
-                    time.sleep(0.1)
-                assert all(x["state"] == "up" for x in c.health()), c.health()
+                _wait_all_up(c, 2)
                 t_up = time.monotonic() - t_start
                 d1 = lab.decap_stats()
                 assert d1["gue"] > d0["gue"]

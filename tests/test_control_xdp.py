@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.datapaths import MemoryPort, XdpPort
-from control.ids import EMPTY, allocate
+from control.ids import EMPTY
 from control.reconcile import ApplyError, PutVip, apply, plan
-from control.tables import Sizes, build_tables
-from control.testing import make_config, real_addr, vip_dict
+from control.tables import Sizes
+from control.testing import make_config, real_addr, tables_for, vip_dict
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
@@ -37,13 +37,6 @@ def bal():
 def contents(port) -> tuple:
     rings = np.stack([port.ring(n) for n in range(SIZES.max_vips)])
     return (port.vip_entries(), port.vip_addr_entries(), port.real_entries(), port.ctl_entry(), rings.tobytes())
-
-
-def tables_for(cfg, ids, prev=None):
-    s = cfg.settings
-    ids = allocate(ids, [v.key for v in cfg.vips], [r.address for v in cfg.vips for r in v.reals],
-                   s.max_vips, s.max_reals)
-    return build_tables(cfg, ids, prev=prev), ids
 
 
 def _reset(bal) -> XdpPort:
@@ -87,7 +80,7 @@ def test_same_plans_same_maps(bal, configs) -> None:
     mem = MemoryPort(SIZES)
     ids, prev = EMPTY, None
     for cfg in configs:
-        desired, ids = tables_for(cfg, ids, prev)
+        desired, ids = tables_for(cfg, ids, prev=prev)
         p_mem, p_xdp = plan(mem, desired), plan(xdp, desired)
         assert p_mem.summary() == p_xdp.summary()
         apply(p_mem, mem)
@@ -135,7 +128,7 @@ def test_a_frame_follows_the_tables(bal) -> None:
     assert seen == {real_addr(0), real_addr(1), real_addr(2)}
     # drain real 1 through the tables: new flows avoid it, the VIP's counters kept
     cfg2 = make_config([vip_dict(0, [0, (1, 0), 2])])
-    d2, _ = tables_for(cfg2, ids, desired)
+    d2, _ = tables_for(cfg2, ids, prev=desired)
     p = plan(xdp, d2, ring_nums=[0])
     assert [type(op).__name__ for op in p.ops] == ["WriteRing"]
     apply(p, xdp)
