@@ -36,8 +36,9 @@ from scapy.packet import Raw, raw
 from scapy.utils6 import in6_getnsma, in6_getnsmac
 
 from lb import constants as C
+from lb.kernel.netns import run_in_netns
 from netns.lab import HTTP_PORT, UDP_PORT, VIP4, VIP6, Lab, leftovers
-from netns.ns import Iface, Netns, run_in_netns
+from netns.ns import Iface, Netns
 from netns.servers import KeepAliveClient, http_requests, ping, udp_flows
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]

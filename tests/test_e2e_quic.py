@@ -14,7 +14,7 @@ import pytest
 
 from lb.config import parse_config
 from netns.lab import VIP4, VIP6, Lab, leftovers, seg4, seg6
-from netns.ns import run_in_netns
+from lb.kernel.netns import run_in_netns
 from netns.quic import quic_session
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]

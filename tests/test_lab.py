@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 
 from lb import layout
-from lb.bpf_loader import map_lookup
+from lb.kernel.maps import map_lookup
 from netns.lab import (
     EDGE_MTU,
     HTTP_PORT,
