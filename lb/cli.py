@@ -24,8 +24,8 @@ def load_config_or_exit(path: str):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from lb.datapath_tables import compile_tables
     from lb.simulate import FrameFileError, make_simulator, read_hex_frames, read_pcap_frames, simulate, summarize
-    from lb.state import compile_tables
 
     cfg = load_config_or_exit(args.config)
     try:
@@ -77,7 +77,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_ring(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     cfg = load_config_or_exit(args.config)
     tables = compile_tables(cfg)
