@@ -25,7 +25,6 @@ from collections import Counter
 import pytest
 
 from lb import layout
-from lb.addresses import ALLOWED_NETS
 from lb.kernel.maps import map_lookup
 from netns.lab import (
     EDGE_MTU,
@@ -43,7 +42,7 @@ from netns.lab import (
     prog_exists,
     teardown,
 )
-from netns.ns import list_netns
+from netns.ns import ALLOWED_NETS, list_netns
 from netns.servers import http_requests, udp_flows
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
