@@ -47,7 +47,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as _prns
 
-from lb.addresses import ALLOWED_NETS, check_address  # noqa: F401 (ALLOWED_NETS: tests/test_lab.py)
+from lb.addresses import ALLOWED_NETS, check_address
 from lb.kernel.netns import NETNS_RUN_DIR, run_in_netns
 
 IFNAMSIZ = 16  # interface names are at most 15 characters
