@@ -126,7 +126,7 @@ class ApiClient:
 
 def problems(response: httpx.Response) -> dict[str, str]:
     """An API error body (control.api.ErrorBody, validated) as {path: message}."""
-    from control.api import ErrorBody
+    from control.api.models import ErrorBody
 
     body = response.json()
     ErrorBody.model_validate(body)
