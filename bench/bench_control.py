@@ -6,7 +6,7 @@ Run: .venv/bin/python -m bench.bench_control [--vips 500] [--reals 100] [--datap
 Cold start (seconds), from nothing to a datapath holding the whole config, in stages:
   parse     the YAML-equivalent dict through lb.config.parse_config (every field checked)
   load      the XDP program compiled and loaded (bcc; xdp only) / the userspace datapath made
-  open      Controller.open: allocate numbers, build every Maglev ring (65,537 slots),
+  open      open_plane: allocate numbers, build every Maglev ring (65,537 slots),
             plan against the empty maps, write them, save the state file (fsync)
 Weight change (milliseconds), one real of one VIP, repeated:
   ring      from the call to the moment the changed slots are written to the memory the
@@ -167,7 +167,7 @@ def main() -> None:
     rows = [
         ["cold start: parse config", f"{t_parse:.2f} s", ""],
         [f"cold start: load {args.datapath} datapath", f"{t_load:.2f} s", ""],
-        ["cold start: Controller.open (rings, writes, save)", f"{t_open:.2f} s",
+        ["cold start: open_plane (rings, writes, save)", f"{t_open:.2f} s",
          f"{rec['writes']['ring_slots']:,} slots, {rec['writes']['reals']} reals, {state_mb:.1f} MB state"],
         ["cold start total", f"{t_parse + t_load + t_open:.2f} s", ""],
         ["restart onto populated maps (adopt)", f"{t_adopt:.2f} s", "0 writes"],

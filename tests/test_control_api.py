@@ -292,6 +292,32 @@ def test_openapi_document(env) -> None:
         "/v1/source-routes/{address}/{length}": {"get", "delete"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == want
+    # operation ids and tags are what generated clients name things by: the per-resource
+    # routers must keep them (the function names and tags of the routes)
+    ids = {(m, p): (o["operationId"].rsplit("_v1_", 1)[0].removesuffix("_metrics_get"), o["tags"])
+           for p, ops in paths.items() for m, o in ops.items()}
+    assert ids == {
+        ("get", "/v1/status"): ("status", ["status"]),
+        ("get", "/v1/vips"): ("list_vips", ["vips"]), ("post", "/v1/vips"): ("create_vip", ["vips"]),
+        **{(m, "/v1/vips/{address}/{port}/{protocol}"): (f"{n}_vip", ["vips"])
+           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        ("get", "/v1/vips/{address}/{port}/{protocol}/reals"): ("list_reals", ["reals"]),
+        ("post", "/v1/vips/{address}/{port}/{protocol}/reals"): ("add_real", ["reals"]),
+        **{(m, "/v1/vips/{address}/{port}/{protocol}/reals/{real}"): (f"{n}_real", ["reals"])
+           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        **{(m, f"/v1/{t}"): (n, [t]) for t in ("quic-servers", "source-routes")
+           for m, n in (("get", "list_all"), ("put", "replace"), ("post", "add"))},
+        ("get", "/v1/quic-servers/{id}"): ("get_quic_server", ["quic-servers"]),
+        ("delete", "/v1/quic-servers/{id}"): ("delete_quic_server", ["quic-servers"]),
+        ("get", "/v1/source-routes/{address}/{length}"): ("get_source_route", ["source-routes"]),
+        ("delete", "/v1/source-routes/{address}/{length}"): ("delete_source_route", ["source-routes"]),
+        ("get", "/v1/stats"): ("stats", ["stats"]), ("get", "/v1/stats/global"): ("stats_global", ["stats"]),
+        ("get", "/v1/stats/vips"): ("stats_vips", ["stats"]), ("get", "/v1/stats/reals"): ("stats_reals", ["stats"]),
+        ("get", "/v1/stats/conntable"): ("conntable", ["stats"]), ("get", "/v1/health"): ("health", ["health"]),
+        ("post", "/v1/simulate"): ("simulate", ["simulate"]),
+        ("get", "/v1/config"): ("export_config", ["config"]), ("put", "/v1/config"): ("put_config", ["config"]),
+        ("get", "/metrics"): ("prometheus", ["metrics"]),
+    }
     body = paths["/v1/vips"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/Vip"}
     schemas = doc["components"]["schemas"]
@@ -300,6 +326,11 @@ def test_openapi_document(env) -> None:
     for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody",
                  "QuicServer", "SourceRoute"):
         assert name in schemas
+    assert set(schemas) == {
+        "Config", "ConfigView", "ConnEntryView", "ConnTableView", "ErrorBody", "FlowQuery", "GueSettings",
+        "HTTPValidationError", "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
+        "Real", "RealOfVip", "RealPatch", "RealStats", "RealView", "Settings", "SimulateView", "SourceRoute",
+        "SourceRouteView", "StatsView", "UdpCheck", "ValidationError", "Vip", "VipPatch", "VipStats", "VipView"}
     # every referenced schema exists
     import json
     import re

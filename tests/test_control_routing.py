@@ -408,7 +408,8 @@ def test_api_quic_servers(env) -> None:
     r = api.get("/v1/quic-servers")
     assert r.status_code == 200 and r.headers["etag"] == '"1"'
     views = [QuicServerView.model_validate(x) for x in r.json()]
-    assert (views[0].id, views[0].real, views[0].real_id, views[0].active) == (1025, R0, ctl.core.state.ids.reals[R0], True)
+    assert (views[0].id, views[0].real, views[0].real_id, views[0].active) == \
+        (1025, R0, ctl.core.state.ids.reals[R0], True)
     r = api.post("/v1/quic-servers", json={"id": 4096, "real": R2})
     assert r.status_code == 201 and r.headers["location"] == "/v1/quic-servers/4096" and r.headers["etag"] == '"2"'
     assert QuicServerView.model_validate(r.json()).real_id == ctl.core.state.ids.reals[R2]
