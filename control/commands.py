@@ -30,7 +30,7 @@ from control.core import Core
 from control.errors import Conflict, Invalid, NotFound, PersistFailure, PreconditionFailed
 from control.ids import AllocationError, VipKey, allocate
 from control.keys import ROUTING_SECTIONS, routing_key
-from control.state import DesiredState
+from control.store import DesiredState
 from control.tables import vip_label
 from control.validation import (
     check_limits,

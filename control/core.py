@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from control.errors import DatapathFailure, Invalid
-from control.health import Target, TargetKey
+from control.health_probing import Target, TargetKey
 from control.reconcile import ApplyError, DatapathPort, RollbackError, apply, plan
-from control.state import DesiredState, StateError, Store
+from control.store import DesiredState, StateError, Store
 from control.tables import DesiredTables, Sizes, build_tables, vip_label
 
 __all__ = ["Core"]

@@ -11,7 +11,7 @@ from control.commands import Commands
 from control.core import Core
 from control.reconcile import DatapathPort
 from control.runtime import Runtime
-from control.state import DesiredState, Store
+from control.store import DesiredState, Store
 from control.views import Views
 from lb.config import Config
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from control.core import Core
 from control.errors import DatapathFailure
-from control.health import Target, TargetKey, target_label
+from control.health_probing import Target, TargetKey, target_label
 from control.ids import EMPTY, allocate
 from control.reconcile import ApplyError, DatapathPort, apply, plan
-from control.state import DesiredState, StateError, Store, config_digest
+from control.store import DesiredState, StateError, Store, config_digest
 from control.validation import extra_checks
 from lb.config import Config, ConfigError
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from control.errors import Conflict, Invalid, NotFound
 from control.ids import VipKey
-from control.state import DesiredState
+from control.store import DesiredState
 from control.tables import vip_label
 from lb.config import Config, ConfigError, parse_config
 

@@ -13,7 +13,7 @@ from control.errors import NotFound
 from control.flows import FlowQuery
 from control.ids import VipKey
 from control.keys import routing_key
-from control.state import DesiredState
+from control.store import DesiredState
 from control.tables import DesiredTables, vip_label
 from control.validation import find_vip
 from lb import constants as C

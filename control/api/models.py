@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from control.healthcheck import HealthCheck
+from lb.healthcheck_config import HealthCheck
 
 __all__ = ["Problem", "ErrorBody", "VipPatch", "RealPatch", "RealView", "RealOfVip", "VipView", "VipStats",
            "RealStats", "StatsView", "ConnEntryView", "ConnTableView", "HealthView", "SimulateView",
