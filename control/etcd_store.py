@@ -11,7 +11,7 @@ the same key:
   and nothing changes) before it is acknowledged; if etcd is unreachable the change is
   undone and refused (HTTP 503 through the daemon's PersistFailure);
 * **watches**: a thread polls the key (every ``interval`` s, default 0.2) and, when
-  another balancer has written a newer generation, makes it this controller's desired
+  another balancer has written a newer generation, makes it this balancer's desired
   state and reconciles the datapath: every balancer converges to the same rings;
 * **etcd down**: the balancer keeps forwarding with the last state it has; ``GET
   /v1/status`` says ``store.reachable: false`` (and since when); when etcd returns the

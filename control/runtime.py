@@ -1,5 +1,6 @@
-"""The runtime: start-up, full reconciles and health verdicts; the one part of the control
-plane that reads the clock.
+"""The runtime: start-up, full reconciles and health verdicts; with the health runner
+(:mod:`control.health_probing`) that feeds it, the only part of the control plane that
+reads the clock (commands and views get none of their own).
 
 :meth:`Runtime.open` brings up a :class:`~control.core.Core` from the saved state (or the
 config file) and reconciles the datapath onto it with the fewest writes;

@@ -322,6 +322,36 @@ def test_datapath_failure_changes_nothing() -> None:
     assert c.core.generation == 2
 
 
+def test_keep_reconciled_repairs_a_dirty_datapath() -> None:
+    """The daemon's loop (Runtime.keep_reconciled): a datapath left dirty (a rollback that
+    failed) is reconciled fully at the next tick; a failing reconcile is retried."""
+    import asyncio
+
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = port_for(cfg)
+    c = controller(cfg, port)
+    want = contents(port)
+    port.fail = lambda op: isinstance(op, PutVip)
+    with pytest.raises(DatapathFailure):
+        c.commands.create_vip(vip_dict(1, [2]))
+    c.core.dirty = True  # as after a rollback that could not be completed
+    port.vips.clear()  # and the datapath lost its VIP entries meanwhile
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(c.runtime.keep_reconciled(stop, period=0.01))
+        await asyncio.sleep(0.1)
+        assert c.core.dirty  # every reconcile fails while the port does
+        port.fail = None
+        while c.core.dirty:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    assert same_contents(contents(port), want) and c.core.generation == 1
+
+
 def test_persist_failure_undoes_the_writes(tmp_path, monkeypatch) -> None:
     cfg = make_config([vip_dict(0, [0, 1])])
     port = port_for(cfg)
