@@ -42,7 +42,8 @@ INSTANCE_DEFAULTS: dict[str, int] = {
 }
 
 # Names the kernel headers included below define already (macros or enum members): the
-# header checks their values instead of defining them a second time.
+# header checks their values instead of defining them a second time. uapi headers only,
+# plus linux/jhash.h, whose JHASH_INITVAL the balancer's kernel includes pull in anyway.
 KERNEL_HEADERS = ("uapi/linux/bpf.h", "uapi/linux/if_ether.h", "uapi/linux/in.h",
                   "uapi/linux/in6.h", "uapi/linux/icmp.h", "uapi/linux/icmpv6.h", "linux/jhash.h")
 KERNEL_NAMES = frozenset({
