@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -113,47 +114,66 @@ def _dtype_names() -> dict[int, str]:
     return {id(v): k for k, v in vars(layout).items() if isinstance(v, np.dtype)}
 
 
-def struct_fields(cname: str, dtype: np.dtype) -> list[tuple[str, str, int, int]]:
-    """(C declaration, field name, offset, size) of every member of ``struct cname``, with
-    ``pad`` members for the gaps numpy leaves between fields and at the end."""
-    addr_fields = layout.C_ADDR_FIELDS.get(cname, ())
-    members: list[tuple[str, str, int, int]] = []
+class Member(NamedTuple):
+    """One member of a generated struct."""
+
+    decl: str  # the C declaration, without its semicolon
+    name: str
+    offset: int
+    size: int
+
+
+def _c_decl(cname: str, name: str, fdt: np.dtype, offset: int) -> str:
+    if name in layout.C_ADDR_FIELDS.get(cname, ()):
+        if fdt.itemsize != 16:
+            raise ValueError(f"{cname}.{name}: an address field must be 16 bytes")
+        decl, align = f"union lb_addr {name}", 4
+    elif fdt.subdtype is not None:
+        base, shape = fdt.subdtype
+        decl, align = f"{_C_TYPES[base.str]} {name}[{shape[0]}]", base.itemsize
+    else:
+        decl, align = f"{_C_TYPES[fdt.str]} {name}", fdt.itemsize
+    # C lays members out at their natural alignment: the dtype's offset must be one.
+    if offset % align:
+        raise ValueError(f"{cname}.{name} at offset {offset} is not {align}-byte aligned")
+    return decl
+
+
+def struct_fields(cname: str, dtype: np.dtype) -> list[Member]:
+    """Every member of ``struct cname``: the dtype's fields in offset order, and byte-array
+    ``pad`` members (``pad1``, ``pad2``, ... if several) for the gaps between them and at
+    the end, so that every byte of a key is named and can be zeroed."""
+    fields = sorted(dtype.fields.items(), key=lambda kv: kv[1][1])
+    spans: list[tuple[int, int, str | None]] = []  # (offset, size, field or None = gap)
     pos = 0
-    for name, (fdt, off) in sorted(dtype.fields.items(), key=lambda kv: kv[1][1]):
+    for name, (fdt, off) in fields:
         if off > pos:
-            members.append(("__u8 {pad}[%d]" % (off - pos), "", pos, off - pos))
-        if name in addr_fields:
-            if fdt.itemsize != 16:
-                raise ValueError(f"{cname}.{name}: an address field must be 16 bytes")
-            decl, align = f"union lb_addr {name}", 4
-        elif fdt.subdtype is not None:
-            base, shape = fdt.subdtype
-            decl, align = f"{_C_TYPES[base.str]} {name}[{shape[0]}]", base.itemsize
-        else:
-            decl, align = f"{_C_TYPES[fdt.str]} {name}", fdt.itemsize
-        if off % align:
-            raise ValueError(f"{cname}.{name} at offset {off} is not {align}-byte aligned")
-        members.append((decl, name, off, fdt.itemsize))
+            spans.append((pos, off - pos, None))
+        spans.append((off, fdt.itemsize, name))
         pos = off + fdt.itemsize
     if dtype.itemsize > pos:
-        members.append(("__u8 {pad}[%d]" % (dtype.itemsize - pos), "", pos, dtype.itemsize - pos))
-    pads = [i for i, m in enumerate(members) if not m[1]]
-    for n, i in enumerate(pads):
-        pad = "pad" if len(pads) == 1 else f"pad{n + 1}"
-        decl, _, off, size = members[i]
-        members[i] = (decl.format(pad=pad), pad, off, size)
+        spans.append((pos, dtype.itemsize - pos, None))
+    n_gaps = sum(name is None for *_, name in spans)
+    members, gap = [], 0
+    for off, size, name in spans:
+        if name is None:
+            gap += 1
+            pad = "pad" if n_gaps == 1 else f"pad{gap}"
+            members.append(Member(f"__u8 {pad}[{size}]", pad, off, size))
+        else:
+            members.append(Member(_c_decl(cname, name, dtype.fields[name][0], off), name, off, size))
     return members
 
 
 def _struct_lines(cname: str, dtype: np.dtype, pyname: str) -> list[str]:
     members = struct_fields(cname, dtype)
     lines = [f"/* lb.layout.{pyname}: {dtype.itemsize} bytes. */", f"struct {cname} {{"]
-    lines += [f"\t{decl};" for decl, *_ in members]
+    lines += [f"\t{m.decl};" for m in members]
     lines += ["};", f"_Static_assert(sizeof(struct {cname}) == {dtype.itemsize}, "
                     f'"sizeof(struct {cname})");']
-    for _, name, off, size in members:
-        lines.append(f"_Static_assert(__builtin_offsetof(struct {cname}, {name}) == {off} && "
-                     f"sizeof(((struct {cname} *)0)->{name}) == {size}, \"{cname}.{name}\");")
+    for m in members:
+        lines.append(f"_Static_assert(__builtin_offsetof(struct {cname}, {m.name}) == {m.offset} && "
+                     f"sizeof(((struct {cname} *)0)->{m.name}) == {m.size}, \"{cname}.{m.name}\");")
     return lines
 
 

@@ -136,6 +136,17 @@ def test_checked_in_header_is_generated() -> None:
         f"{c_header.HEADER} is stale: run {c_header.COMMAND}")
 
 
+def test_flags_carry_only_per_instance_values() -> None:
+    """-D flags hand over sizes and other per-instance values, never a shared constant
+    (those come from the header), and each per-instance size the header defaults."""
+    flags = c_flags(**SMALL, nr_cpus=2, pin_dir="/sys/fs/bpf/x", gue_port=6081,
+                    hc_mark_base=0x4C420000, sink_max_keys=8)
+    names = {f[2:].split("=", 1)[0] for f in flags if f.startswith("-D")}
+    assert not names & set(c_header.shared_constants())
+    assert set(c_header.INSTANCE_DEFAULTS) <= names
+    assert f"-DCH_RINGS_SIZE={constants.ch_rings_size(SMALL['max_vips'], SMALL['ring_size'])}" in flags
+
+
 def _includes(path) -> set[str]:
     """The quoted includes of path, followed through xdp/."""
     seen: set[str] = set()
