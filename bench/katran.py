@@ -155,12 +155,16 @@ class KatranBalancer:
 
     # --- filling --------------------------------------------------------------------------
 
+    def set_gateway(self, mac: str) -> None:
+        """ctl_array[0]: the MAC encapsulated frames are sent to."""
+        map_update(self.map_fd("ctl_array"), _u32(0), bytes.fromhex(mac.replace(":", "")) + bytes(2))
+
     def fill(self, tables: Any, gateway_mac: str) -> None:
         """Gateway MAC, VIPs, reals, rings of ``tables`` (ring size must be Katran's),
         fresh LRUs."""
         if tables.ring_size != RING_SIZE or len(tables.vip_keys) > MAX_VIPS:
             raise ValueError(f"Katran's ring has {RING_SIZE} slots and {MAX_VIPS} VIPs at most")
-        map_update(self.map_fd("ctl_array"), _u32(0), bytes.fromhex(gateway_mac.replace(":", "")) + bytes(2))
+        self.set_gateway(gateway_mac)
         vips = self.map_fd("vip_map")
         for key, meta in zip(tables.vip_keys, tables.vip_metas):
             # struct vip_definition: address, port (network order), proto, padding
