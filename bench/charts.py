@@ -113,7 +113,7 @@ def stage_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     stub = ", ".join(f"IPv{r['family']} {_flows_label(r['flows'])} {r['stub_ns']:.0f}" for r in rows)
     ax.set_title("Balancer cost by stage: variants stopping after each stage, paired rounds\n"
                  f"(harness without balancer, ns/packet: {stub})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
