@@ -26,8 +26,10 @@ STAGE_NAMES = {"parse": "parse", "vip_lookup": "VIP lookup", "conn_table": "conn
                "ring": "ring", "encap": "encap"}
 PATHS = {"LRU VIP (hit)": ("parse", "vip_lookup", "conn_table", "encap"),
          "lru_bypass VIP": ("parse", "vip_lookup", "ring", "encap")}
-STYLES = {"stub": ("black", "--"), "katran": ("#d62728", "-"), "katran_lru_bypass": ("#d62728", ":"),
-          "lru": ("#1f77b4", "-"), "lru_bypass": ("#1f77b4", ":"), "percpu_maps": ("#2ca02c", "-.")}
+# program -> (colour, line style, marker)
+STYLES = {"stub": ("black", "--", "o"), "katran": ("#d62728", "-", "s"),
+          "katran_lru_bypass": ("#ff7f0e", ":", "D"), "lru": ("#1f77b4", "-", "^"),
+          "lru_bypass": ("#17becf", ":", "v"), "percpu_maps": ("#2ca02c", "-.", "P")}
 
 
 def _pyplot():
@@ -53,36 +55,43 @@ def mpps_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, family in zip(axes[0], families):
         fam_rows = sorted((r for r in rows if r["family"] == family), key=lambda r: r["flows"])
         labels = list(dict.fromkeys(lbl for r in fam_rows for lbl in r["programs"]))
-        for label in labels:
+        for i, label in enumerate(labels):
+            # programs side by side around each flow count, so equal values stay visible
+            shift = 1 + 0.04 * (i - (len(labels) - 1) / 2)
             xs, med, lo, hi, name = [], [], [], [], label
             for r in fam_rows:
                 p = r["programs"].get(label)
                 if p is None:
                     continue
                 q1, q2, q3 = quartiles([x["kernel_mpps"] for x in p["runs"]])
-                xs.append(r["flows"])
+                xs.append(r["flows"] * shift)
                 med.append(q2)
                 lo.append(q2 - q1)
                 hi.append(q3 - q2)
                 name = p["name"]
-            colour, style = STYLES.get(label, (None, "-"))
+            colour, style, marker = STYLES.get(label, (None, "-", "o"))
             ax.errorbar(xs, med, yerr=[lo, hi], label=name, color=colour, linestyle=style,
-                        marker="o", capsize=3)
+                        marker=marker, capsize=3)
         flows = [r["flows"] for r in fam_rows]
         ax.set_xscale("log")
         ax.set_xticks(flows, [_flows_label(f) for f in flows])
         ax.minorticks_off()
+        ax.set_xlim(min(flows) / 1.6, max(flows) * 1.6)
         ax.set_xlabel("flows")
         ax.set_title(f"IPv{family}, {fam_rows[0]['frame_bytes']}-byte TCP frames")
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
     axes[0][0].set_ylabel("Mpps (median of rounds, IQR bars)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lbl, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
     r0 = rows[0]
     fig.suptitle(f"XDP, one CPU (generator, program, sink): {r0['rounds']} interleaved rounds "
                  f"of {r0['frames_per_round']:,}+ frames; Mpps = frames / kernel run time",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -94,17 +103,14 @@ def stage_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     bars = [(r, name, stages) for r in sorted(rows, key=lambda r: (r["family"], r["flows"]))
             for name, stages in PATHS.items()]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(bars)), 5.0))
-    seen: set[str] = set()
     for i, (r, name, stages) in enumerate(bars):
         bottom = 0.0
         for s in stages:
             ns = max(0.0, r["stages"][s]["median"])  # a stage within noise can come out < 0
-            ax.bar(i, ns, bottom=bottom, color=STAGE_COLOURS[s], edgecolor="white",
-                   label=None if s in seen else STAGE_NAMES[s])
+            ax.bar(i, ns, bottom=bottom, color=STAGE_COLOURS[s], edgecolor="white")
             if ns >= 8:
                 ax.text(i, bottom + ns / 2, f"{ns:.0f}", ha="center", va="center", fontsize=7,
                         color="white")
-            seen.add(s)
             bottom += ns
         ax.text(i, bottom + 1, f"{bottom:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(bars)), [f"IPv{r['family']} {_flows_label(r['flows'])}\n{name}"
@@ -113,7 +119,10 @@ def stage_chart(rows: list[dict[str, Any]], path: Path) -> Path:
     stub = ", ".join(f"IPv{r['family']} {_flows_label(r['flows'])} {r['stub_ns']:.0f}" for r in rows)
     ax.set_title("Balancer cost by stage: variants stopping after each stage, paired rounds\n"
                  f"(harness without balancer, ns/packet: {stub})", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=STAGE_COLOURS[s], label=STAGE_NAMES[s]) for s in STAGE_COLOURS],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

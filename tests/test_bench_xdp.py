@@ -269,13 +269,13 @@ KATRAN_ENV = "LB_BENCH_KATRAN"
 @pytest.mark.bpf
 @pytest.mark.netns
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(KATRAN_ENV),
+                    reason=f"no Katran source tree: set {KATRAN_ENV} to a Katran checkout or git "
+                           "dir to build and measure Katran's balancer")
 def test_katran_side_by_side(xb) -> None:
     """Katran's balancer (a tree or git dir named by $LB_BENCH_KATRAN) built, loaded and
     measured beside ours; its pin directory is gone afterwards."""
-    src = os.environ.get(KATRAN_ENV)
-    if not src:
-        pytest.skip(f"no Katran source tree: set {KATRAN_ENV} to a Katran checkout or git dir "
-                    "to build and measure Katran's balancer")
+    src = os.environ[KATRAN_ENV]
     from bench import xdp_compare as xc
     from bench.katran import load_katran
     from lb.state import compile_tables
