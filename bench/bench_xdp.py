@@ -1167,40 +1167,6 @@ def run_bpf_parts(xb: XdpBench, parts: set[str], flow_counts: Sequence[int], kin
     return rows_a, rows_b, rows_d
 
 
-def run_compare_parts(xb: XdpBench, parts: set[str], flow_counts: Sequence[int], rounds: int,
-                      round_frames: int, katran_src: Path | None,
-                      data: dict[str, Any]) -> tuple[list, list]:
-    """Parts (s) (with Katran's balancer loaded from ``katran_src`` when given; its
-    build facts go into ``data["katran"]``) and (t)."""
-    from bench import xdp_compare as xc
-    from bench.katran import load_katran
-
-    rows_s: list[dict[str, Any]] = []
-    rows_t: list[dict[str, Any]] = []
-    if "s" in parts:
-        katran = None
-        if katran_src is not None:
-            tables = compile_tables(bench_config("02:00:00:00:00:01", xb.conn_table_size))
-            katran, info = load_katran(katran_src, tables, "02:00:00:00:00:01", xb.conn_table_size)
-            data["katran"] = {**info, "prog": katran.prog_info(), "pin_dir": katran.pin_dir,
-                              "lru_entries_per_cpu": xb.conn_table_size}
-            xb.console.print(f"Katran {info['revision']} from {info['source']}: "
-                             f"{data['katran']['prog']}, maps pinned in {katran.pin_dir}")
-        try:
-            rows_s = xc.part_s(xb, FAMILIES, flow_counts, rounds, round_frames, katran)
-        finally:
-            if katran is not None:
-                katran.close()
-        xb.console.print(xc.table_s(rows_s, xb.gen_cpu))
-    if "t" in parts:
-        if rows_s:
-            xb.fresh_balancers()
-        stage_flows = [f for f in flow_counts if f in xc.STAGE_FLOWS] or list(flow_counts[:1])
-        rows_t = xc.part_t(xb, FAMILIES, stage_flows, rounds, round_frames)
-        xb.console.print(xc.table_t(rows_t, xb.gen_cpu))
-    return rows_s, rows_t
-
-
 def main(argv: list[str] | None = None) -> int:
     from bench import xdp_compare as xc  # parts s and t; it imports this module
     from bench.charts import write_charts
@@ -1238,12 +1204,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--katran {args.katran}: no such directory")
         parts.add("s")
     flow_counts = [int(x) for x in args.flows.split(",")] if args.flows else list(FLOW_COUNTS)
-    side_flows = [int(x) for x in args.flows.split(",")] if args.flows else list(xc.SIDE_FLOWS)
     rounds = args.rounds or (3 if args.quick else xc.ROUNDS)
     kinds, modes_a, reps, frames = list(VIP_KINDS), list(MODES), args.reps, args.frames
     if args.quick:
         flow_counts = [int(x) for x in args.flows.split(",")] if args.flows else [1_000, 100_000]
         kinds, modes_a, reps, frames = ["lru"], ["softirq"], 1, min(frames, 1_000_000)
+    side_flows = flow_counts if args.flows or args.quick else list(xc.SIDE_FLOWS)
 
     console = Console(width=max(200, shutil.get_terminal_size().columns))
     load_start = loadavg()
@@ -1279,8 +1245,8 @@ def main(argv: list[str] | None = None) -> int:
             if parts & {"s", "t"}:
                 if parts & {"a", "b", "d", "p"}:
                     xb.fresh_balancers()
-                rows_s, rows_t = run_compare_parts(xb, parts, side_flows, rounds, args.round_frames,
-                                                   args.katran, data)
+                rows_s, rows_t = xc.run_compare_parts(xb, parts, side_flows, rounds, args.round_frames,
+                                                      args.katran, data)
     if "c" in parts:
         rows_c = part_c(None, FAMILIES, flow_counts, kinds, other_cpu, console=console)
         console.print(table_c(rows_c, rows_a))

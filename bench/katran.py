@@ -22,7 +22,6 @@ user, and libbpf would give a SEC("xdp") program BPF_XDP (37).
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import secrets
 import shutil

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from bench import bench_xdp as bx
-from bench.katran import KatranBalancer
+from bench.katran import KatranBalancer, load_katran
 from bench.ratios import paired_differences, paired_ratios
 from lb.state import compile_tables
 
@@ -276,4 +277,35 @@ def table_t(rows: list[dict[str, Any]], gen_cpu: int) -> Table:
     return t
 
 
-__all__ = ["part_s", "part_t", "table_s", "table_t", "placement", "side_row"]
+def run_compare_parts(xb: bx.XdpBench, parts: set[str], flow_counts: Sequence[int], rounds: int,
+                      round_frames: int, katran_src: Path | None,
+                      data: dict[str, Any]) -> tuple[list, list]:
+    """Parts (s) (with Katran's balancer loaded from ``katran_src`` when given; its
+    build facts go into ``data["katran"]``) and (t)."""
+    rows_s: list[dict[str, Any]] = []
+    rows_t: list[dict[str, Any]] = []
+    if "s" in parts:
+        katran = None
+        if katran_src is not None:
+            tables = compile_tables(bx.bench_config("02:00:00:00:00:01", xb.conn_table_size))
+            katran, info = load_katran(katran_src, tables, "02:00:00:00:00:01", xb.conn_table_size)
+            data["katran"] = {**info, "prog": katran.prog_info(), "pin_dir": katran.pin_dir,
+                              "lru_entries_per_cpu": xb.conn_table_size}
+            xb.console.print(f"Katran {info['revision']} from {info['source']}: "
+                             f"{data['katran']['prog']}, maps pinned in {katran.pin_dir}")
+        try:
+            rows_s = part_s(xb, bx.FAMILIES, flow_counts, rounds, round_frames, katran)
+        finally:
+            if katran is not None:
+                katran.close()
+        xb.console.print(table_s(rows_s, xb.gen_cpu))
+    if "t" in parts:
+        if rows_s:
+            xb.fresh_balancers()
+        stage_flows = [f for f in flow_counts if f in STAGE_FLOWS] or list(flow_counts[:1])
+        rows_t = part_t(xb, bx.FAMILIES, stage_flows, rounds, round_frames)
+        xb.console.print(table_t(rows_t, xb.gen_cpu))
+    return rows_s, rows_t
+
+
+__all__ = ["run_compare_parts", "part_s", "part_t", "table_s", "table_t", "placement", "side_row"]
