@@ -262,6 +262,29 @@ def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
     assert not _left_behind()
 
 
+@pytest.mark.root
+@pytest.mark.bpf
+def test_stage_variants_stop_after_their_stage(xb) -> None:
+    """-DLB_STOP_AFTER_STAGE=n (part t) sends the frame back unchanged after stage n;
+    the shipped program encapsulates it. Counters show how far each variant got."""
+    from bench import xdp_compare as xc
+    from lb.bpf_testrun import test_run
+
+    variants = xc.stage_variants(xb)
+    try:
+        frame = bx.template(4, bx.SRC[4], bx.VIPS[(4, "lru")], bx.STUB_SRC_MAC, bytes(6))
+        for n, bal in variants.items():
+            r = test_run(bal.prog_fd, frame)
+            assert r.action == 3 and r.output == frame, n  # XDP_TX, not encapsulated
+            c = bal.read_stats().counters
+            assert c["tx_encap"] == 1  # the outcome the variants count
+            assert c["lru_miss"] == (1 if n >= 3 else 0), n  # stage 3 looked the flow up
+        assert len(test_run(xb.bal.prog_fd, frame).output) == len(frame) + 20  # IPIP
+    finally:
+        for bal in variants.values():
+            bal.close()
+
+
 KATRAN_ENV = "LB_BENCH_KATRAN"
 
 
