@@ -8,7 +8,7 @@ source prefixes moved into the benchmarking ranges (198.18/16, 2001:db8::/96: th
 encapsulated frames never leave the benchmark's namespaces, but every address stays in
 198.18.0.0/15 and 2001:db8::/32). :class:`KatranBalancer` loads the object with libbpf,
 pins its maps in a directory of its own under /sys/fs/bpf (removed on close, also after
-a failure) and fills them for the VIPs and reals of a :class:`lb.state.DatapathTables`:
+a failure) and fills them for the VIPs and reals of a :class:`lb.datapath_tables.DatapathTables`:
 gateway MAC, vip_map, reals, ch_rings (the project's own Maglev rings, so both
 balancers send a flow to the same real) and one LRU_HASH per possible CPU in
 lru_mapping.

@@ -34,7 +34,7 @@ from rich.table import Table
 from bench import bench_xdp as bx
 from bench.katran import KatranBalancer, load_katran
 from bench.ratios import paired_differences, paired_ratios
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 SIDE_FLOWS = (1_000, 10_000, 100_000, 1_000_000)
 STAGE_FLOWS = (1_000, 100_000)

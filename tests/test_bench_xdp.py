@@ -301,7 +301,7 @@ def test_katran_side_by_side(xb) -> None:
     src = os.environ[KATRAN_ENV]
     from bench import xdp_compare as xc
     from bench.katran import load_katran
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     tables = compile_tables(bx.bench_config("02:00:00:00:00:01", xb.conn_table_size))
     katran, info = load_katran(src, tables, "02:00:00:00:00:01", xb.conn_table_size)
