@@ -44,7 +44,7 @@ each flow mix, then filled by one pass over all flows: measured frames are hits.
     where B's XDP_TX scheduled it). The CPUs are read back from per-CPU counters.
     Reported: frames counted back by the sink per second (Mpps), ratio as in (a).
 
-(c) the userspace datapath (lb/datapath.py) on the same flow mixes: ns/packet with
+(c) the userspace datapath (lb/datapath/) on the same flow mixes: ns/packet with
     bench.bench_datapath.time_batches (batches of 65,536 frames), pinned to --other-cpu.
 
 (d) connection-table layout: one LRU_HASH with BPF_F_NO_COMMON_LRU (default) against
