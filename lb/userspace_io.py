@@ -177,7 +177,7 @@ def _last_queued(tx32, frame_size, frame_count, head):
 def _run(  # the loop's whole state, passed once per start/reload
     ring, ring32, block_size, block_count, rx_state, complete_csum, io_counters,
     tx_mode, tx, tx32, tx_frame_size, tx_frame_count, tx_head, msgs, iovs, fd, pollfds,
-    frames, lengths, outs, out_lens, actions, real_ids, dp_maps,
+    frames, lengths, outs, out_lens, actions, real_ids, dp_state,
     stats, vip_stats, real_stats, ctl, loop, ts,
 ):
     """Until ctl[CTL_STOP] or ctl[CTL_RELOAD] is set: drain a batch, process it, send the
@@ -218,7 +218,7 @@ def _run(  # the loop's whole state, passed once per start/reload
         now = ts[0] * 1_000_000_000 + ts[1]
         process_batch(
             frames[:n], lengths[:n], outs[:n], out_lens[:n], actions[:n], real_ids[:n],
-            dp_maps, now, stats, vip_stats, real_stats,
+            dp_state, now, stats, vip_stats, real_stats,
         )
         loop[L_BATCHES] += 1
         if tx_mode == TX_RING:
@@ -536,7 +536,7 @@ class UserspaceBalancer:
             TX_RING if s.tx_mode == "ring" else TX_SENDMMSG, s.tx_ring, s.tx_ring32,
             s.tx_frame_size, s.tx_frame_count, s.tx_head, msgs, iovs, s.fileno(), self.pollfds,
             self.frames, self.lengths, self.outs, self.out_lens, self.actions, self.real_ids,
-            dp.maps, dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
+            dp.state, dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
         )
 
     def _thread_main(self, ready: threading.Event) -> None:

@@ -34,19 +34,22 @@ def new_conn_table(entries: int, ways: int) -> ConnTable:
                      np.zeros(1, dtype=np.uint64))
 
 
+# The helpers take the table's arrays, not the ConnTable: a tuple of arrays passed into
+# inlined code costs a reference-count update per array at every pass (~30x slower loop).
+
+
 @nb.njit(inline="always")
-def slot(ct, fk):
-    """(bucket, tag) of the flow key ``fk`` (5 words)."""
+def slot(mask, fk):
+    """(bucket, tag) of the flow key ``fk`` (5 words) in a table of ``mask + 1`` buckets."""
     h = np.uint64(0)
     for i in range(5):
         h = mix(h, fk[i])
-    return np.int64(h & np.uint64(ct.mask)), (h >> np.uint64(32)) | np.uint64(1)
+    return np.int64(h & np.uint64(mask)), (h >> np.uint64(32)) | np.uint64(1)
 
 
 @nb.njit(inline="always")
-def find(ct, b, tag, fk):
+def find(tags, ent, b, tag, fk):
     """The way of bucket ``b`` holding ``fk``, or -1."""
-    tags, ent = ct.tags, ct.ent
     for w in range(tags.shape[1]):
         if tags[b, w] == tag:
             if (ent[b, w, 0] == fk[0] and ent[b, w, 1] == fk[1] and ent[b, w, 2] == fk[2]
@@ -56,12 +59,11 @@ def find(ct, b, tag, fk):
 
 
 @nb.njit(inline="always")
-def insert(ct, b, tag, fk, real_id, now):
+def insert(tags, ent, clock, b, tag, fk, real_id, now):
     """Write ``fk -> (real_id, atime = now)`` into bucket ``b``: over its own entry, else
     a free way, else the least recently used one."""
-    tags, ent = ct.tags, ct.ent
-    ct.clock[0] += 1
-    w = find(ct, b, tag, fk)
+    clock[0] += 1
+    w = find(tags, ent, b, tag, fk)
     if w < 0:
         oldest = np.uint64(_M64)
         for j in range(tags.shape[1]):
@@ -76,11 +78,11 @@ def insert(ct, b, tag, fk, real_id, now):
     tags[b, w] = tag
     ent[b, w, E_REAL] = np.uint64(real_id)
     ent[b, w, E_ATIME] = np.uint64(now)
-    ent[b, w, E_STAMP] = ct.clock[0]
+    ent[b, w, E_STAMP] = clock[0]
 
 
 @nb.njit(inline="always")
-def touch(ct, b, w):
+def touch(ent, clock, b, w):
     """Mark entry (b, w) as just used."""
-    ct.clock[0] += 1
-    ct.ent[b, w, E_STAMP] = ct.clock[0]
+    clock[0] += 1
+    ent[b, w, E_STAMP] = clock[0]

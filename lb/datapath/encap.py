@@ -12,13 +12,14 @@ from lb.datapath.parsing import be16, copy, zero
 
 
 @nb.njit(inline="always")
-def encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, fsrc_off, sport, rfam, raddr, real_id, ctl):
-    """Rows 18 and 19: write ``out`` = L2 to the gateway + outer IP (+ UDP) to the real
-    ``raddr[real_id]`` of family ``rfam`` + the input from its IP header on; return its
-    length. ``fsrc_off``: the client address in ``p``; ``sport``: the flow's source port."""
-    gue = ctl.encap == C.ENCAP_GUE
+def encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, fsrc_off, sport, rfam, raddr, real_id,
+                gw_mac, gue, gue_port, gue_src_v4, gue_src_v6):
+    """Rows 18 and 19: write ``out`` = L2 to ``gw_mac`` + outer IP (+ UDP with ``gue``)
+    to the real ``raddr[real_id]`` of family ``rfam`` + the input from its IP header on;
+    return its length. ``fsrc_off``: the client address in ``p``; ``sport``: the flow's
+    source port; the rest is maps.Ctl."""
     ulen = C.UDP_HLEN if gue else 0
-    copy(out, 0, ctl.gw_mac, 0, 6)
+    copy(out, 0, gw_mac, 0, 6)
     copy(out, 6, p, 0, 6)
     if vlan:
         copy(out, 12, p, 12, 4)
@@ -35,7 +36,7 @@ def encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, fsrc_off, sport, rfam
         out[o + 8] = C.DEFAULT_TTL
         if gue:
             out[o + 9] = C.IPPROTO_UDP
-            copy(out, o + 12, ctl.gue_src_v4, 0, 4)
+            copy(out, o + 12, gue_src_v4, 0, 4)
         else:
             # Katran's outer source 172.16.(c2 ^ (sport & 0xff)).(c3 ^ (sport >> 8))
             out[o + 9] = C.IPPROTO_IPIP
@@ -62,7 +63,7 @@ def encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, fsrc_off, sport, rfam
         out[o + 7] = C.DEFAULT_TTL
         if gue:
             out[o + 6] = C.IPPROTO_UDP
-            copy(out, o + 8, ctl.gue_src_v6, 0, 16)
+            copy(out, o + 8, gue_src_v6, 0, 16)
         else:
             # Katran's outer source 0100::s0^(sport>>8) s1^(sport&0xff) s2 s3
             out[o + 6] = C.IPPROTO_IPIP if family == C.FAMILY_V4 else C.IPPROTO_IPV6
@@ -84,8 +85,8 @@ def encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, fsrc_off, sport, rfam
         ulen_field = pkt_len + C.UDP_HLEN
         out[o] = gsport >> 8
         out[o + 1] = gsport & 0xFF
-        out[o + 2] = ctl.gue_port >> 8
-        out[o + 3] = ctl.gue_port & 0xFF
+        out[o + 2] = gue_port >> 8
+        out[o + 3] = gue_port & 0xFF
         out[o + 4] = ulen_field >> 8
         out[o + 5] = ulen_field & 0xFF
         out[o + 6] = 0

@@ -2,9 +2,9 @@
 from :class:`lb.state.DatapathTables`: :class:`Maps` is the one argument that carries it
 into the batch loop.
 
-Named tuples of arrays and ints: numba unpacks a tuple argument into its members, so
-one Maps costs the loop what its ~40 members did as separate arguments, and a helper
-takes the one map it reads (``m.conn``, ``m.src_v4``) as C passes a map.
+Named tuples of arrays and ints, for people; the loop takes :func:`plain` of them (the
+same nesting as plain tuples, which numba types in C: ~18 us a call instead of ~110 us
+for the named ones) and unpacks it once per batch.
 """
 
 from __future__ import annotations
@@ -90,6 +90,11 @@ class Maps(NamedTuple):
     src_v4: SrcRoutesV4
     src_v6: SrcRoutesV6
     conn: ConnTable
+
+
+def plain(maps: tuple) -> tuple:
+    """``maps`` with every named tuple in it turned into a plain one, recursively."""
+    return tuple(plain(v) if isinstance(v, tuple) else v for v in maps)
 
 
 def pow2_at_least(n: int) -> int:

@@ -30,9 +30,8 @@ def mix(h, w):
 
 
 @nb.njit(inline="always")
-def key_lookup(t, lo, hi, tail):
-    """Index of the key (lo, hi, tail) in the hash table ``t``, or -1."""
-    keys, used, mask = t.keys, t.used, t.mask
+def key_lookup(keys, used, mask, lo, hi, tail):
+    """Index of the key (lo, hi, tail) in a hash table (maps.KeyTable), or -1."""
     h = mix(mix(mix(np.uint64(0), lo), hi), tail)
     i = np.int64(h & np.uint64(mask))
     for _ in range(mask + 1):
@@ -93,56 +92,56 @@ def _bsearch2(khi, klo, lo, hi, xhi, xlo):
 
 
 @nb.njit(inline="always")
-def quic_real(q, server_id):
-    """Step 0: the real of ``server_id`` in the server-id table ``q``, or -1."""
-    j = bsearch(q.ids, 0, q.ids.shape[0], server_id)
-    return q.reals[j] if j >= 0 else -1
+def quic_real(ids, reals, server_id):
+    """Step 0: the real of ``server_id`` in the server-id table (maps.QuicServers), or -1."""
+    j = bsearch(ids, 0, ids.shape[0], server_id)
+    return reals[j] if j >= 0 else -1
 
 
 @nb.njit(inline="always")
-def src_route_v4(t, p, off):
+def src_route_v4(lens, starts, keys, reals, p, off):
     """Step 2: real id of the longest prefix holding the IPv4 address at ``p[off]``, 0 if
-    none (groups of one prefix length, longest first, each sorted by masked address)."""
+    none (maps.SrcRoutesV4: groups of one prefix length, longest first)."""
     a = (np.int64(p[off]) << 24) | (np.int64(p[off + 1]) << 16) | (np.int64(p[off + 2]) << 8) | np.int64(p[off + 3])
-    for k in range(t.lens.shape[0]):
-        j = bsearch(t.keys, t.starts[k], t.starts[k + 1], a & ((_M32 << (32 - t.lens[k])) & _M32))
+    for k in range(lens.shape[0]):
+        j = bsearch(keys, starts[k], starts[k + 1], a & ((_M32 << (32 - lens[k])) & _M32))
         if j >= 0:
-            return t.reals[j]
+            return reals[j]
     return 0
 
 
 @nb.njit(inline="always")
-def src_route_v6(t, p, off):
+def src_route_v6(lens, starts, khi, klo, reals, p, off):
     """As :func:`src_route_v4` for the IPv6 address at ``p[off]``."""
     ahi = np.uint64(0)
     alo = np.uint64(0)
     for i in range(8):
         ahi = (ahi << np.uint64(8)) | np.uint64(p[off + i])
         alo = (alo << np.uint64(8)) | np.uint64(p[off + 8 + i])
-    for k in range(t.lens.shape[0]):
-        n = t.lens[k]
+    for k in range(lens.shape[0]):
+        n = lens[k]
         # mask of the top n bits of a 64-bit half (a shift by 64 is undefined: n = 0 apart)
         mhi = np.uint64(0) if n == 0 else ~((np.uint64(1) << np.uint64(64 - min(n, 64))) - np.uint64(1))
         mlo = np.uint64(0) if n <= 64 else ~((np.uint64(1) << np.uint64(128 - n)) - np.uint64(1))
-        j = _bsearch2(t.hi, t.lo, t.starts[k], t.starts[k + 1], ahi & mhi, alo & mlo)
+        j = _bsearch2(khi, klo, starts[k], starts[k + 1], ahi & mhi, alo & mlo)
         if j >= 0:
-            return t.reals[j]
+            return reals[j]
     return 0
 
 
 @nb.njit(inline="always")
-def ring_real(r, vip_num, p, family, fsrc_off, slo, ports, dport, dport_only):
-    """The ring slot's real id for the flow: Katran's flow hash (with ``dport_only``:
-    source 0 and sport = dport), ``ring[vip_num][hash % ring_size]``."""
+def ring_real(slots, size, ch_seed, v6_seed, vip_num, p, family, fsrc_off, slo, ports, dport, dport_only):
+    """The ring slot's real id for the flow (maps.Rings): Katran's flow hash (with
+    ``dport_only``: source 0 and sport = dport), ``slots[vip_num][hash % size]``."""
     if dport_only:
         hports = ((dport >> 8) | ((dport & 0xFF) << 8)) * 0x10001
         if family == C.FAMILY_V4:
-            h = jhash_2words(0, hports, r.ch_seed)
+            h = jhash_2words(0, hports, ch_seed)
         else:
             zero = np.zeros(16, dtype=np.uint8)
-            h = jhash_2words(jhash16(zero, 0, r.v6_seed), hports, r.ch_seed)
+            h = jhash_2words(jhash16(zero, 0, v6_seed), hports, ch_seed)
     elif family == C.FAMILY_V4:
-        h = jhash_2words(np.int64(slo), ports, r.ch_seed)
+        h = jhash_2words(np.int64(slo), ports, ch_seed)
     else:
-        h = jhash_2words(jhash16(p, fsrc_off, r.v6_seed), ports, r.ch_seed)
-    return np.int64(r.slots[vip_num, h % r.size])
+        h = jhash_2words(jhash16(p, fsrc_off, v6_seed), ports, ch_seed)
+    return np.int64(slots[vip_num, h % size])

@@ -10,7 +10,7 @@ import numpy as np
 from lb import constants as C
 from lb.datapath.balancer import process_batch
 from lb.datapath.conntable import new_conn_table
-from lb.datapath.maps import Maps, build_maps
+from lb.datapath.maps import Maps, build_maps, plain
 from lb.state import DatapathTables
 
 
@@ -34,8 +34,9 @@ class BatchResult:
 class UserspaceDatapath:
     """One instance = one CPU's datapath: its own connection table, shared-nothing.
 
-    ``maps`` (:class:`lb.datapath.maps.Maps`) is the state :func:`process_batch` takes,
-    rebuilt by :meth:`load_tables`; lb/userspace_io.py passes it to its own loop.
+    ``maps`` (:class:`lb.datapath.maps.Maps`) is its state, rebuilt by :meth:`load_tables`;
+    ``state`` is the same as :func:`process_batch` takes it (lb/userspace_io.py passes it
+    to its own loop).
     """
 
     def __init__(self, tables: DatapathTables):
@@ -48,6 +49,7 @@ class UserspaceDatapath:
         """Replace VIPs, reals, rings and control values; the connection table stays."""
         self.tables = tables
         self.maps: Maps = build_maps(tables, self.conn)
+        self.state = plain(self.maps)
         if not hasattr(self, "vip_stats") or self.vip_stats.shape[0] != tables.max_vips:
             self.vip_stats = np.zeros((tables.max_vips, 2), dtype=np.int64)
             self.real_stats = np.zeros((tables.max_reals, 2), dtype=np.int64)
@@ -70,7 +72,7 @@ class UserspaceDatapath:
         stats = np.zeros(C.N_STATS, dtype=np.int64)
         vip_stats = np.zeros_like(self.vip_stats) if deltas else self.vip_stats
         real_stats = np.zeros_like(self.real_stats) if deltas else self.real_stats
-        process_batch(frames, lengths, out, out_lens, actions, real_ids, self.maps, int(now),
+        process_batch(frames, lengths, out, out_lens, actions, real_ids, self.state, int(now),
                       stats, vip_stats, real_stats)
         self.stats += stats
         if deltas:
