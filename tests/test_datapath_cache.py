@@ -18,7 +18,7 @@ LB = Path(lb.__file__).parent
 
 def test_the_loop_depends_on_every_module_it_inlines():
     deps = {str(p.relative_to(LB.parent)) for p in dependency_files(Path(balancer.__file__))}
-    for name in ("balancer", "parsing", "csum", "icmp", "encap", "quic", "conntable", "routing"):
+    for name in ("balancer", "parsing", "csum", "icmp", "quic", "conntable", "routing"):
         assert f"lb/datapath/{name}.py" in deps
     assert {"lb/jhash.py", "lb/constants.py"} <= deps
     # the Python face and the table compiler are not compiled into the loop

@@ -5,8 +5,8 @@ state it keeps between calls is the connection table (as the XDP program's LRU m
 the only clock is the ``now`` argument.
 
 One module per C file it mirrors: :mod:`.balancer` (xdp/balancer.c: the batch loop, row
-by row), :mod:`.parsing`, :mod:`.csum`, :mod:`.icmp`, :mod:`.encap`, :mod:`.quic` (the
-headers of the same names), :mod:`.conntable` and :mod:`.routing` (the connection table,
+by row, with xdp/encap.h's encapsulation inline), :mod:`.parsing`, :mod:`.csum`,
+:mod:`.icmp`, :mod:`.quic` (the headers of the same names), :mod:`.conntable` and :mod:`.routing` (the connection table,
 the VIP tables and real selection), :mod:`.maps` (xdp/maps.h: the state, built from the
 tables); :mod:`.userspace` is the Python face and :mod:`.jitcache` keeps the compiled
 loop on disk.

@@ -15,12 +15,12 @@ import numpy as np
 
 from lb import constants as C
 from lb.datapath import conntable
-from lb.datapath.encap import encapsulate
+from lb.datapath.csum import ipv4_csum
 from lb.datapath.icmp import echo_reply, too_big
 from lb.datapath.jitcache import cached_njit
-from lb.datapath.parsing import addr_words, be16, copy, icmp_inner
+from lb.datapath.parsing import addr_words, be16, copy, icmp_inner, zero
 from lb.datapath.quic import quic_server_id
-from lb.datapath.routing import key_lookup, quic_real, ring_real, src_route_v4, src_route_v6, vip_tail
+from lb.datapath.routing import flow_hash, key_lookup, quic_real, src_route_v4, src_route_v6, vip_tail
 
 
 @cached_njit
@@ -240,7 +240,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                     fresh = proto != C.IPPROTO_UDP or age <= C.LRU_UDP_TIMEOUT_NS
                     if real_family[cand] != C.FAMILY_NONE and fresh:
                         real_id = cand
-                        conntable.touch(ct_ent, clock, bucket, w)
+                        clock[0] += 1
+                        ct_ent[bucket, w, conntable.E_STAMP] = clock[0]
                         if proto == C.IPPROTO_UDP:
                             ct_ent[bucket, w, conntable.E_ATIME] = np.uint64(now)
             if real_id != 0:
@@ -259,14 +260,16 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                 if real_id != 0:
                     stats[C.STAT_SRC_ROUTED] += 1
             if real_id == 0:
-                real_id = ring_real(rings, ring_size, ch_seed, v6_seed, vip_num, p, family, src_off, slo,
-                                    ports, dport, (vflags & C.F_DPORT_ONLY) != 0)
+                h = flow_hash(p, family, src_off, slo, ports, dport, (vflags & C.F_DPORT_ONLY) != 0,
+                              ch_seed, v6_seed)
+                real_id = np.int64(rings[vip_num, h % ring_size])
                 if real_id == 0 or real_family[real_id] == C.FAMILY_NONE:
                     stats[C.STAT_DROP_NO_REAL] += 1  # row 15
                     actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
                     continue
             if use_lru and not is_icmp_err:
-                conntable.insert(ct_tags, ct_ent, clock, bucket, tag, fk, real_id, now)
+                clock[0] += 1
+                conntable.insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])
 
         # ---- forwarding; local delivery needs no encapsulation, so it is decided first
         rfam = real_family[real_id]
@@ -293,11 +296,86 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             stats[C.STAT_TX_ICMP_TOO_BIG] += 1  # row 20
             actions[i], out_lens[i], real_ids[i] = C.XDP_TX, too_big(p, out, l3, family, overhead, mtu), 0
             continue
-        olen = encapsulate(p, n, out, l3, vlan, family, pkt_len, tos, src_off, sport, rfam, real_addr, real_id,
-                           gw_mac, gue, gue_port, gue_src_v4, gue_src_v6)
+        # ---- encapsulation (xdp/encap.h): L2 to the gateway, outer IP (+ UDP), the packet
+        ulen = C.UDP_HLEN if gue else 0
+        copy(out, 0, gw_mac, 0, 6)
+        copy(out, 6, p, 0, 6)
+        if vlan:
+            copy(out, 12, p, 12, 4)
+        o = l3
+        if rfam == C.FAMILY_V4:
+            out[l3 - 2] = C.ETH_P_IP >> 8
+            out[l3 - 1] = C.ETH_P_IP & 0xFF
+            tot = pkt_len + C.ENCAP_IPV4_OVERHEAD + ulen
+            out[o] = 0x45
+            out[o + 1] = tos
+            out[o + 2] = tot >> 8
+            out[o + 3] = tot & 0xFF
+            zero(out, o + 4, 4)
+            out[o + 8] = C.DEFAULT_TTL
+            if gue:
+                out[o + 9] = C.IPPROTO_UDP
+                copy(out, o + 12, gue_src_v4, 0, 4)
+            else:
+                # Katran's outer source 172.16.(c2 ^ (sport & 0xff)).(c3 ^ (sport >> 8))
+                out[o + 9] = C.IPPROTO_IPIP
+                out[o + 12] = C.IPIP_V4_PREFIX0
+                out[o + 13] = C.IPIP_V4_PREFIX1
+                out[o + 14] = p[src_off + 2] ^ (sport & 0xFF)
+                out[o + 15] = p[src_off + 3] ^ (sport >> 8)
+            for k in range(4):
+                out[o + 16 + k] = real_addr[real_id, k]
+            c = ipv4_csum(out, o)
+            out[o + 10] = c >> 8
+            out[o + 11] = c & 0xFF
+            o += C.ENCAP_IPV4_OVERHEAD
+        else:
+            out[l3 - 2] = C.ETH_P_IPV6 >> 8
+            out[l3 - 1] = C.ETH_P_IPV6 & 0xFF
+            out[o] = 0x60 | (tos >> 4)
+            out[o + 1] = (tos & 0xF) << 4
+            out[o + 2] = 0
+            out[o + 3] = 0
+            plen = pkt_len + ulen
+            out[o + 4] = plen >> 8
+            out[o + 5] = plen & 0xFF
+            out[o + 7] = C.DEFAULT_TTL
+            if gue:
+                out[o + 6] = C.IPPROTO_UDP
+                copy(out, o + 8, gue_src_v6, 0, 16)
+            else:
+                # Katran's outer source 0100::s0^(sport>>8) s1^(sport&0xff) s2 s3
+                out[o + 6] = C.IPPROTO_IPIP if family == C.FAMILY_V4 else C.IPPROTO_IPV6
+                out[o + 8] = C.IPIP_V6_PREFIX0
+                out[o + 9] = C.IPIP_V6_PREFIX1
+                zero(out, o + 10, 10)
+                last4 = src_off if family == C.FAMILY_V4 else src_off + 12
+                out[o + 20] = p[last4] ^ (sport >> 8)
+                out[o + 21] = p[last4 + 1] ^ (sport & 0xFF)
+                out[o + 22] = p[last4 + 2]
+                out[o + 23] = p[last4 + 3]
+            for k in range(16):
+                out[o + 24 + k] = real_addr[real_id, k]
+            o += C.ENCAP_IPV6_OVERHEAD
+        if gue:
+            # UDP: source port varies with the client, checksum 0 (RFC 6935)
+            a = src_off + (2 if family == C.FAMILY_V4 else 14)
+            gsport = C.GUE_SPORT_BASE | ((be16(p, a) ^ sport) & C.GUE_SPORT_MASK)
+            ulen_field = pkt_len + C.UDP_HLEN
+            out[o] = gsport >> 8
+            out[o + 1] = gsport & 0xFF
+            out[o + 2] = gue_port >> 8
+            out[o + 3] = gue_port & 0xFF
+            out[o + 4] = ulen_field >> 8
+            out[o + 5] = ulen_field & 0xFF
+            out[o + 6] = 0
+            out[o + 7] = 0
+            o += C.UDP_HLEN
+        rest = n - l3
+        copy(out, o, p, l3, rest)
         real_stats[real_id, C.VIP_STAT_PACKETS] += 1
         real_stats[real_id, C.VIP_STAT_BYTES] += n
         stats[C.STAT_TX_ENCAP] += 1  # row 18
         if is_icmp_err:
             stats[C.STAT_ICMP_ERROR_FORWARDED] += 1  # row 19
-        actions[i], out_lens[i], real_ids[i] = C.XDP_TX, olen, real_id
+        actions[i], out_lens[i], real_ids[i] = C.XDP_TX, o + rest, real_id

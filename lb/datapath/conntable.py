@@ -35,7 +35,8 @@ def new_conn_table(entries: int, ways: int) -> ConnTable:
 
 
 # The helpers take the table's arrays, not the ConnTable: a tuple of arrays passed into
-# inlined code costs a reference-count update per array at every pass (~30x slower loop).
+# inlined code costs reference-count updates per array at every pass (a several times
+# slower loop), and so does every array argument that numba cannot prove is released.
 
 
 @nb.njit(inline="always")
@@ -59,10 +60,9 @@ def find(tags, ent, b, tag, fk):
 
 
 @nb.njit(inline="always")
-def insert(tags, ent, clock, b, tag, fk, real_id, now):
-    """Write ``fk -> (real_id, atime = now)`` into bucket ``b``: over its own entry, else
-    a free way, else the least recently used one."""
-    clock[0] += 1
+def insert(tags, ent, b, tag, fk, real_id, now, stamp):
+    """Write ``fk -> (real_id, atime = now)``, LRU ``stamp``, into bucket ``b``: over its
+    own entry, else a free way, else the least recently used one."""
     w = find(tags, ent, b, tag, fk)
     if w < 0:
         oldest = np.uint64(_M64)
@@ -78,11 +78,4 @@ def insert(tags, ent, clock, b, tag, fk, real_id, now):
     tags[b, w] = tag
     ent[b, w, E_REAL] = np.uint64(real_id)
     ent[b, w, E_ATIME] = np.uint64(now)
-    ent[b, w, E_STAMP] = clock[0]
-
-
-@nb.njit(inline="always")
-def touch(ent, clock, b, w):
-    """Mark entry (b, w) as just used."""
-    clock[0] += 1
-    ent[b, w, E_STAMP] = clock[0]
+    ent[b, w, E_STAMP] = stamp

@@ -130,18 +130,15 @@ def src_route_v6(lens, starts, khi, klo, reals, p, off):
 
 
 @nb.njit(inline="always")
-def ring_real(slots, size, ch_seed, v6_seed, vip_num, p, family, fsrc_off, slo, ports, dport, dport_only):
-    """The ring slot's real id for the flow (maps.Rings): Katran's flow hash (with
-    ``dport_only``: source 0 and sport = dport), ``slots[vip_num][hash % size]``."""
+def flow_hash(p, family, fsrc_off, slo, ports, dport, dport_only, ch_seed, v6_seed):
+    """Katran's flow hash (maps.Rings seeds; with ``dport_only``: source 0 and sport =
+    dport), for the ring slot ``hash % ring_size``."""
     if dport_only:
         hports = ((dport >> 8) | ((dport & 0xFF) << 8)) * 0x10001
         if family == C.FAMILY_V4:
-            h = jhash_2words(0, hports, ch_seed)
-        else:
-            zero = np.zeros(16, dtype=np.uint8)
-            h = jhash_2words(jhash16(zero, 0, v6_seed), hports, ch_seed)
-    elif family == C.FAMILY_V4:
-        h = jhash_2words(np.int64(slo), ports, ch_seed)
-    else:
-        h = jhash_2words(jhash16(p, fsrc_off, v6_seed), ports, ch_seed)
-    return np.int64(slots[vip_num, h % size])
+            return jhash_2words(0, hports, ch_seed)
+        zero = np.zeros(16, dtype=np.uint8)
+        return jhash_2words(jhash16(zero, 0, v6_seed), hports, ch_seed)
+    if family == C.FAMILY_V4:
+        return jhash_2words(np.int64(slo), ports, ch_seed)
+    return jhash_2words(jhash16(p, fsrc_off, v6_seed), ports, ch_seed)
