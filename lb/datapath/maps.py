@@ -1,5 +1,5 @@
 """The datapath's state, one value per XDP map (xdp/maps.h), built once per table load
-from :class:`lb.state.DatapathTables`: :class:`Maps` is the one argument that carries it
+from :class:`lb.datapath_tables.DatapathTables`: :class:`Maps` is the one argument that carries it
 into the batch loop.
 
 Named tuples of arrays and ints, for people; the loop takes :func:`plain` of them (the
@@ -16,7 +16,7 @@ import numpy as np
 from lb import constants as C
 from lb.datapath.conntable import ConnTable
 from lb.datapath.routing import key_insert
-from lb.state import DatapathTables, routing_tables
+from lb.datapath_tables import DatapathTables, routing_tables
 
 
 class KeyTable(NamedTuple):

@@ -11,7 +11,7 @@ from lb import constants as C
 from lb.datapath.balancer import process_batch
 from lb.datapath.conntable import new_conn_table
 from lb.datapath.maps import Maps, build_maps, plain
-from lb.state import DatapathTables
+from lb.datapath_tables import DatapathTables
 
 
 @dataclass
