@@ -14,6 +14,8 @@ MAX_VIPS = 512  # Katran; configurable
 MAX_REALS = 4096  # Katran; configurable
 CONN_TABLE_SIZE = 1 << 20  # connection-table entries per CPU; configurable
 CONN_TABLE_WAYS = 8  # userspace table: entries per bucket (set-associative LRU)
+CONN_WAYS = 4  # XDP connection table: entries per set (one set = 4 cache lines)
+VIP_PROBES = 8  # XDP VIP index: a key lies at most this many slots from its home slot
 MAX_FRAME_SIZE = 1514  # largest frame accepted for a VIP, L2 header included; configurable
 
 # --- time ----------------------------------------------------------------------------
@@ -23,6 +25,21 @@ LRU_UDP_TIMEOUT_NS = 30 * 1_000_000_000  # Katran: a UDP entry idle this long is
 JHASH_INITVAL = 0xDEADBEEF
 # The flow-hash seeds are derived from the sizes: jhash_2words(..., ch_rings_size(...))
 # and, for IPv6 sources, jhash(src, 16, max_vips).
+
+
+def vip_slots(max_vips: int) -> int:
+    """Slots in one half of the XDP VIP index: a power of two >= 2 * max_vips (the
+    table is at most half full, so probe chains stay short)."""
+    n = 1
+    while n < 2 * max_vips:
+        n <<= 1
+    return n
+
+
+def conn_sets(conn_table_size: int) -> int:
+    """Sets per CPU in the XDP connection table (conn_table_size entries, CONN_WAYS
+    per set; conn_table_size is a power of two >= CONN_TABLE_WAYS)."""
+    return max(1, conn_table_size // CONN_WAYS)
 
 
 def ch_rings_size(max_vips: int, ring_size: int) -> int:
@@ -177,6 +194,10 @@ def c_defines(
         "MAX_REALS": max_reals,
         "CONN_TABLE_SIZE": conn_table_size,
         "CH_RINGS_SIZE": ch_rings_size(max_vips, ring_size),
+        "VIP_SLOTS": vip_slots(max_vips),
+        "VIP_PROBES": VIP_PROBES,
+        "CONN_WAYS": CONN_WAYS,
+        "CONN_SETS": conn_sets(conn_table_size),
         "LRU_UDP_TIMEOUT_NS": LRU_UDP_TIMEOUT_NS,
         "DEFAULT_TTL": DEFAULT_TTL,
         "N_STATS": N_STATS,

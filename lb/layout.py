@@ -52,11 +52,6 @@ FLOW_KEY = np.dtype(
     }
 )
 
-# Connection-table value. 16 bytes. ``atime`` in ns of the datapath clock.
-CONN_VALUE = np.dtype(
-    {"names": ["real_id", "atime"], "formats": ["<u4", "<u8"], "offsets": [0, 8], "itemsize": 16}
-)
-
 # Control values (single entry). 36 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
 # network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses.
 CTL = np.dtype(
@@ -87,6 +82,39 @@ QUIC_SERVER = np.dtype(
     {"names": ["server_id", "real_id"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
 )
 
+# VIP index slot (the XDP program's VIP lookup, lb/vip_index.py): a VIP_KEY and its
+# VIP_META, open addressing in an array map. family 0 = empty slot. 32 bytes.
+VIP_SLOT = np.dtype(
+    {
+        "names": ["key", "meta"],
+        "formats": [VIP_KEY, VIP_META],
+        "offsets": [0, 20],
+        "itemsize": 32,
+    }
+)
+
+# Runtime words the datapath reads beside ctl (one entry, mmap-able). ``vip_index``: bit 0
+# = the live half of vip_slots, bits 32-63 = its hash seed (lb/vip_index.py); one aligned
+# u64, so the control plane switches half and seed in one store. ``conn_seed``: the
+# connection table's set-hash seed (random, chosen when the map is new). 16 bytes.
+RUNTIME = np.dtype(
+    {"names": ["vip_index", "conn_seed"], "formats": ["<u8", "<u8"], "offsets": [0, 8],
+     "itemsize": 16}
+)
+
+# Connection-table entry of the XDP program (one cache line): the flow key, the real id,
+# the last access (ns) and ``check`` = mix(set hash of the key, real_id), which a reader
+# verifies so that an entry half-written by another CPU counts as a miss, never as a
+# wrong real (lb/vip_index.py). family 0 (key.family) = empty way. 64 bytes.
+CONN_ENTRY = np.dtype(
+    {
+        "names": ["key", "real_id", "atime", "check"],
+        "formats": [FLOW_KEY, "<u4", "<u8", "<u8"],
+        "offsets": [0, 40, 48, 56],
+        "itemsize": 64,
+    }
+)
+
 # name in C (xdp/structs.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {
     "vip_key": VIP_KEY,
@@ -94,8 +122,10 @@ C_STRUCTS: dict[str, np.dtype] = {
     "vip_addr_key": VIP_ADDR_KEY,
     "real_def": REAL,
     "flow_key": FLOW_KEY,
-    "conn_value": CONN_VALUE,
     "ctl_value": CTL,
     "lpm_v4_key": LPM_V4_KEY,
     "lpm_v6_key": LPM_V6_KEY,
+    "vip_slot": VIP_SLOT,
+    "lb_runtime": RUNTIME,
+    "conn_entry": CONN_ENTRY,
 }

@@ -30,14 +30,15 @@ SMALL = dict(ring_size=13, max_vips=8, max_reals=16, conn_table_size=64)
 
 # The balancer's C files (xdp/ also holds other programs).
 BALANCER_FILES = ("structs.h", "maps.h", "parsing.h", "csum.h", "jhash.h", "encap.h", "icmp.h",
-                  "quic.h", "balancer.c")
+                  "quic.h", "lookup.h", "balancer.c")
 
 # Maps whose key/value types are layout structs: map -> (key dtype, value dtype).
 MAP_TYPES = {
     "vip_map": (layout.VIP_KEY, layout.VIP_META),
     "vip_addrs": (layout.VIP_ADDR_KEY, None),
     "reals": (None, layout.REAL),
-    "conn_table": (layout.FLOW_KEY, layout.CONN_VALUE),
+    "vip_slots": (None, layout.VIP_SLOT),
+    "lb_runtime": (None, layout.RUNTIME),
     "ctl": (None, layout.CTL),
 }
 

@@ -56,13 +56,29 @@ struct flow_key {
 	__u8 proto;
 	__u8 family;
 	__u8 pad[2];
+} __attribute__((aligned(8)));  /* read as five u64 words (xdp/lookup.h) */
+
+/* vip_slots entry (layout.VIP_SLOT): open-addressing VIP index, lb/vip_index.py.
+ * key.family 0 = empty. 32 bytes. */
+struct vip_slot {
+	struct vip_key key;
+	struct vip_meta meta;
+	__u32 pad;
 };
 
-/* conn_table value (layout.CONN_VALUE). 16 bytes. */
-struct conn_value {
+/* lb_runtime[0] (layout.RUNTIME). 16 bytes. */
+struct lb_runtime {
+	__u64 vip_index;   /* bit 0: live half of vip_slots; bits 32-63: its hash seed */
+	__u64 conn_seed;   /* connection-table set hash seed */
+};
+
+/* conn_sets way (layout.CONN_ENTRY): one cache line. key.family 0 = empty. 64 bytes. */
+struct conn_entry {
+	struct flow_key key;
 	__u32 real_id;
 	__u32 pad;
 	__u64 atime;       /* ns, bpf_ktime_get_ns() clock */
+	__u64 check;       /* lb_mix(set hash of key, real_id): a torn entry fails it */
 };
 
 /* ctl[0] (layout.CTL). 36 bytes. */

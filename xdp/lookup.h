@@ -1,0 +1,61 @@
+/* Hashes of the helper-free lookups (lb/vip_index.py builds and mirrors them): the VIP
+ * index and the connection table's sets. Keys are read as little-endian 64-bit words,
+ * mixed with one multiply-xorshift step each (lb_mix). Internal, seeded, never on the
+ * wire. The probing itself is in balancer.c, where the maps are.
+ */
+#pragma once
+
+#include "structs.h"
+
+#define LB_MIX_K 0x9E3779B97F4A7C15ULL
+
+static __always_inline __u64 lb_mix(__u64 h, __u64 w)
+{
+	h = (h ^ w) * LB_MIX_K;
+	return h ^ (h >> 29);
+}
+
+/* A VIP key as the three words the index compares: address bytes 0-7 and 8-15, then
+ * (port, proto, family) as a little-endian u32. */
+struct vip_words {
+	__u64 w0;
+	__u64 w1;
+	__u32 w2;
+};
+
+static __always_inline __u32 vip_tail(__be16 port, __u8 proto, __u8 family)
+{
+	return (__u32)port | ((__u32)proto << 16) | ((__u32)family << 24);
+}
+
+static __always_inline __u64 vip_words_hash(const struct vip_words *k, __u64 seed)
+{
+	return lb_mix(lb_mix(lb_mix(seed, k->w0), k->w1), k->w2);
+}
+
+static __always_inline int vip_slot_matches(const struct vip_slot *s, const struct vip_words *k)
+{
+	const __u64 *w = (const __u64 *)s;
+
+	return w[0] == k->w0 && w[1] == k->w1 && *(const __u32 *)&w[2] == k->w2;
+}
+
+/* The flow key as five 64-bit words: src, dst, (ports, proto, family, pad). */
+static __always_inline __u64 conn_set_hash(const struct flow_key *f, __u64 seed)
+{
+	const __u64 *w = (const __u64 *)f;
+	__u64 h = seed;
+
+	h = lb_mix(h, w[0]);
+	h = lb_mix(h, w[1]);
+	h = lb_mix(h, w[2]);
+	h = lb_mix(h, w[3]);
+	return lb_mix(h, w[4]);
+}
+
+static __always_inline int conn_key_equal(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
