@@ -30,6 +30,7 @@ import numpy as np
 
 from lb import constants, layout
 from lb.state import routing_tables
+from lb.vip_index import conn_set_index
 from lb.xdp_maps import ConnSets, VipIndex
 from lb.bpf_testrun import (
     BPF_ANY,
@@ -743,6 +744,10 @@ class XdpBalancer:
         """Every connection-table entry: (keys as layout.FLOW_KEY, entries as
         layout.CONN_ENTRY with real_id and atime), index-aligned."""
         return self._conn.entries()
+
+    def conn_set_index(self, flow_key: bytes) -> int:
+        """The connection-table set the program uses for a FLOW_KEY (40 bytes)."""
+        return conn_set_index(flow_key, self._vip_index.conn_seed, self._conn.sets)
 
     def conn_table_count(self) -> int:
         """Entries in the connection table (all CPUs)."""

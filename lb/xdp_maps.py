@@ -49,6 +49,10 @@ class VipIndex:
             self._rt[1] = np.uint64(secrets.randbits(64) | 1)
 
     @property
+    def conn_seed(self) -> int:
+        return int(self._rt[1])
+
+    @property
     def live_half(self) -> int:
         return int(self._rt[0]) & 1
 
