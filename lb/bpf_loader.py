@@ -359,6 +359,9 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "ch_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, max_vips * ring_size, BPF_F_MMAPABLE),
         "conn_sets": (BPF_MAP_TYPE_ARRAY, 4, conn_set,
                       ncpus * constants.conn_sets(conn_table_size), BPF_F_MMAPABLE),
+        "conn_keys": (BPF_MAP_TYPE_ARRAY, 4, layout.FLOW_KEY.itemsize,
+                      ncpus * constants.conn_sets(conn_table_size) * constants.CONN_WAYS,
+                      BPF_F_MMAPABLE),
         "ctl": (BPF_MAP_TYPE_ARRAY, 4, layout.CTL.itemsize, 1, 0),
         "quic_servers": (BPF_MAP_TYPE_HASH, 4, 4, constants.MAX_QUIC_SERVER_IDS, 0),
         "src_routes_v4": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V4_KEY.itemsize, 4,
@@ -463,7 +466,8 @@ class XdpBalancer:
         self._map_rings()
         self._vip_index = VipIndex(self.map_fd("vip_slots"), self.map_fd("lb_runtime"),
                                    constants.vip_slots(max_vips), map_update_batch)
-        self._conn = ConnSets(self.map_fd("conn_sets"), self.ncpus, conn_table_size)
+        self._conn = ConnSets(self.map_fd("conn_sets"), self.map_fd("conn_keys"), self.ncpus,
+                              conn_table_size)
 
     @classmethod
     def from_tables(cls, tables: Any, **kwargs: Any) -> "XdpBalancer":
@@ -741,8 +745,8 @@ class XdpBalancer:
         self._vip_index.publish([k for k, _ in present], [m for _, m in present])
 
     def conn_table_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every connection-table entry: (keys as layout.FLOW_KEY, entries as
-        layout.CONN_ENTRY with real_id and atime), index-aligned."""
+        """Every connection-table entry: (keys as layout.FLOW_KEY, values as
+        layout.CONN_VALUE), index-aligned."""
         return self._conn.entries()
 
     def conn_set_index(self, flow_key: bytes) -> int:

@@ -20,6 +20,10 @@ MAX_FRAME_SIZE = 1514  # largest frame accepted for a VIP, L2 header included; c
 
 # --- time ----------------------------------------------------------------------------
 LRU_UDP_TIMEOUT_NS = 30 * 1_000_000_000  # Katran: a UDP entry idle this long is a miss
+# The XDP connection table keeps atime as a u32 in units of 2**CONN_TIME_SHIFT ns
+# (~1.05 ms; wraps after ~52 days, compared modulo 2**32), so an entry is 16 bytes.
+CONN_TIME_SHIFT = 20
+CONN_UDP_TIMEOUT = LRU_UDP_TIMEOUT_NS >> CONN_TIME_SHIFT  # 28610 units = 29.9998 s
 
 # --- hashing (Katran) ----------------------------------------------------------------
 JHASH_INITVAL = 0xDEADBEEF

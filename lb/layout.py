@@ -102,18 +102,18 @@ RUNTIME = np.dtype(
      "itemsize": 16}
 )
 
-# Connection-table entry of the XDP program (one cache line): the flow key, the real id,
-# the last access (ns) and ``check`` = mix(set hash of the key, real_id), which a reader
-# verifies so that an entry half-written by another CPU counts as a miss, never as a
-# wrong real (lb/vip_index.py). family 0 (key.family) = empty way. 64 bytes.
+# Connection-table entry of the XDP program (xdp/structs.h): tag = the flow's 64-bit set
+# hash ^ real_id * MIX_K (lb/vip_index.py), real_id (0 = empty), atime in units of
+# 2**constants.CONN_TIME_SHIFT ns. Four make a set, one cache line. 16 bytes.
 CONN_ENTRY = np.dtype(
-    {
-        "names": ["key", "real_id", "atime", "check"],
-        "formats": [FLOW_KEY, "<u4", "<u8", "<u8"],
-        "offsets": [0, 40, 48, 56],
-        "itemsize": 64,
-    }
+    {"names": ["tag", "real_id", "atime"], "formats": ["<u8", "<u4", "<u4"],
+     "offsets": [0, 8, 12], "itemsize": 16}
 )
+
+# A connection-table entry as the control plane reports it (XdpBalancer.conn_table_entries):
+# real id and last access in ns.
+CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],
+                       "offsets": [0, 8], "itemsize": 16})
 
 # name in C (xdp/structs.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {

@@ -61,6 +61,11 @@ def conn_set_index(flow_key: bytes, seed: int, nsets: int) -> int:
     return ((conn_set_hash(flow_key, seed) >> 32) * nsets) >> 32
 
 
+def conn_tag(h: int, real_id: int) -> int:
+    """The tag of a connection-table entry (xdp/lookup.h conn_tag)."""
+    return (h ^ (real_id * MIX_K)) & _M64
+
+
 def build_vip_slots(keys: list[bytes], metas: list[bytes], nslots: int,
                     max_seeds: int = 256) -> tuple[np.ndarray, int]:
     """The index of ``keys`` -> ``metas`` in ``nslots`` slots: (VIP_SLOT array, seed).

@@ -74,24 +74,33 @@ class VipIndex:
 
 
 class ConnSets:
-    """The set-associative connection table (all CPUs'), through its mapping."""
+    """The set-associative connection table (all CPUs'), through its mappings: entries
+    (conn_sets) and the flow keys beside them (conn_keys)."""
 
-    def __init__(self, fd: int, ncpus: int, conn_table_size: int) -> None:
+    def __init__(self, sets_fd: int, keys_fd: int, ncpus: int, conn_table_size: int) -> None:
         self.sets = ncpus * constants.conn_sets(conn_table_size)
-        entries = self.sets
-        self._mm, raw = map_array(fd, layout.CONN_ENTRY.itemsize * constants.CONN_WAYS,
-                                  entries)
-        self._ways = raw.reshape(entries * constants.CONN_WAYS, layout.CONN_ENTRY.itemsize)
-        self._family = layout.CONN_ENTRY.fields["key"][1] + layout.FLOW_KEY.fields["family"][1]
+        ways = self.sets * constants.CONN_WAYS
+        self._mm, raw = map_array(sets_fd, layout.CONN_ENTRY.itemsize * constants.CONN_WAYS,
+                                  self.sets)
+        self._ways = raw.reshape(ways, layout.CONN_ENTRY.itemsize)
+        self._kmm, self._keys = map_array(keys_fd, layout.FLOW_KEY.itemsize, ways)
+        self._real = layout.CONN_ENTRY.fields["real_id"][1]
 
     def _used(self) -> np.ndarray:
-        return np.flatnonzero(self._ways[:, self._family])
+        ids = self._ways[:, self._real:self._real + 4]
+        return np.flatnonzero(np.ascontiguousarray(ids).view("<u4").ravel())
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every entry: (keys as layout.FLOW_KEY, the whole entries as
-        layout.CONN_ENTRY: real_id, atime, ...), index-aligned."""
-        rows = np.ascontiguousarray(self._ways[self._used()]).view(layout.CONN_ENTRY).ravel()
-        return rows["key"].copy(), rows
+        """Every entry: (keys as layout.FLOW_KEY, values as layout.CONN_VALUE, atime in
+        ns), index-aligned."""
+        used = self._used()
+        rows = np.ascontiguousarray(self._ways[used]).view(layout.CONN_ENTRY).ravel()
+        values = np.zeros(len(rows), dtype=layout.CONN_VALUE)
+        values["real_id"] = rows["real_id"]
+        values["atime"] = rows["atime"].astype(np.uint64) << np.uint64(constants.CONN_TIME_SHIFT)
+        # copied as bytes, then viewed: a structured copy would leave the padding undefined
+        keys = np.array(self._keys[used], dtype=np.uint8).view(layout.FLOW_KEY).ravel()
+        return keys, values
 
     def count(self) -> int:
         return int(self._used().size)
@@ -100,8 +109,10 @@ class ConnSets:
         """Empty every way; returns how many entries there were."""
         n = self.count()
         self._ways[:] = 0
+        self._keys[:] = 0
         return n
 
     def close(self) -> None:
-        self._ways = None
+        self._ways = self._keys = None
         self._mm.close()
+        self._kmm.close()

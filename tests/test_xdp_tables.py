@@ -122,9 +122,9 @@ def test_torn_entry_is_a_miss_not_a_wrong_real(bal) -> None:
     real = _send(bal, p, "S")[1]
     keys, entries = bal.conn_table_entries()
     assert len(keys) == 1 and keys[0].tobytes() == _flow_key(p)
-    ways = bal._conn._ways  # the mapping: corrupt the entry's real id, not its check
-    row = int(np.flatnonzero(ways[:, 37])[0])
-    ways[row, 40] ^= 0x3  # real id 1 <-> 2, 3 <-> 0
+    ways = bal._conn._ways  # the mapping: change the entry's real id, not its tag
+    row = int(bal._conn._used()[0])
+    ways[row, layout.CONN_ENTRY.fields["real_id"][1]] ^= 0x3  # real id 1 <-> 2, 3 <-> 0
     assert _send(bal, p, "A") == ("miss", real)  # the ring decides again
     assert _send(bal, p, "A") == ("hit", real)  # and the entry was rewritten whole
 

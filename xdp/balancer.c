@@ -88,24 +88,22 @@ static __always_inline struct vip_meta *vip_find(const struct vip_words *k)
 	return NULL;
 }
 
-/* flow's set in the connection table and its hash (*h), or NULL. The set is the hash's
- * high 32 bits scaled to the number of sets (any count, not only powers of two). */
-static __always_inline struct conn_set *conn_set_of(const struct flow_key *flow, __u64 *h)
+/* flow's set in the connection table, its index (*idx) and the flow's hash (*h), or
+ * NULL. The set is the hash's high 32 bits scaled to the number of sets (any count). */
+static __always_inline struct conn_set *conn_set_of(const struct flow_key *flow, __u64 *h,
+						    __u32 *idx)
 {
 	struct lb_runtime *rt = runtime();
-	__u32 idx;
 
 	if (!rt)
 		return NULL;
 	*h = conn_set_hash(flow, rt->conn_seed);
-	idx = ((*h >> 32) * LB_CONN_SETS_ALL) >> 32;
-	return conn_sets.lookup(&idx);
+	*idx = ((*h >> 32) * LB_CONN_SETS_ALL) >> 32;
+	return conn_sets.lookup(idx);
 }
 
-/* The way holding a whole (untorn) entry for flow, or -1. An empty way (family 0) never
- * equals a flow. */
-static __always_inline int conn_find(const struct conn_set *set, const struct flow_key *flow,
-				     __u64 h)
+/* The way holding a whole (untorn) entry for the flow of hash h, or -1. */
+static __always_inline int conn_find(const struct conn_set *set, __u64 h)
 {
 	int w;
 
@@ -113,16 +111,20 @@ static __always_inline int conn_find(const struct conn_set *set, const struct fl
 	for (w = 0; w < CONN_WAYS; w++) {
 		const struct conn_entry *e = &set->way[w];
 
-		if (conn_key_equal(&e->key, flow) && e->check == lb_mix(h, e->real_id))
+		if (e->real_id && e->tag == conn_tag(h, e->real_id))
 			return w;
 	}
 	return -1;
 }
 
-/* Move way w to the front, shifting the ways before it back by one (recency order). */
-static __always_inline void conn_promote(struct conn_set *set, int w)
+/* Move way w to the front, shifting the ways before it back by one (recency order);
+ * conn_keys follows. */
+static __always_inline void conn_promote(struct conn_set *set, __u32 idx, int w)
 {
 	struct conn_entry e = {};
+	struct flow_key k = {};
+	struct flow_key *kd, *ks;
+	__u32 ki;
 	int j;
 
 	if (w <= 0)
@@ -136,20 +138,44 @@ static __always_inline void conn_promote(struct conn_set *set, int w)
 		if (j <= w)
 			set->way[j] = set->way[j - 1];
 	set->way[0] = e;
+	ki = idx * CONN_WAYS + w;
+	ks = conn_keys.lookup(&ki);
+	if (ks)
+		k = *ks;
+#pragma unroll
+	for (j = CONN_WAYS - 1; j > 0; j--) {
+		if (j > w)
+			continue;
+		ki = idx * CONN_WAYS + j;
+		kd = conn_keys.lookup(&ki);
+		ki -= 1;
+		ks = conn_keys.lookup(&ki);
+		if (kd && ks)
+			*kd = *ks;
+	}
+	ki = idx * CONN_WAYS;
+	kd = conn_keys.lookup(&ki);
+	if (kd)
+		*kd = k;
 }
 
 /* Record flow -> real_id as the set's most recent entry: in place if the flow is there
  * (way w >= 0), else over the least recently used way. */
-static __always_inline void conn_store(struct conn_set *set, int w, const struct flow_key *flow,
-				       __u64 h, __u32 real_id, __u64 now)
+static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
+				       const struct flow_key *flow, __u64 h, __u32 real_id,
+				       __u64 now)
 {
 	struct conn_entry *e = &set->way[0];
+	struct flow_key *k;
+	__u32 ki = idx * CONN_WAYS;
 
-	conn_promote(set, w >= 0 ? w : CONN_WAYS - 1);
-	e->key = *flow;
+	conn_promote(set, idx, w >= 0 ? w : CONN_WAYS - 1);
+	e->tag = conn_tag(h, real_id);
+	e->atime = now >> LB_CONN_TIME_SHIFT;
 	e->real_id = real_id;
-	e->atime = now;
-	e->check = lb_mix(h, real_id);
+	k = conn_keys.lookup(&ki);
+	if (k)
+		*k = *flow;
 }
 
 /* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
@@ -247,6 +273,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	__u32 flags, vip_num, real_id = 0, zero = 0;
 	int use_lru, way = -1;
 	__u64 fh = 0;
+	__u32 set_idx = 0;
 
 	if (pkt->vip_found) {
 		/* found by vip_fast_lookup() with the packet's own port */
@@ -284,9 +311,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
 	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
 	if (use_lru)
-		set = conn_set_of(&pkt->flow, &fh);
+		set = conn_set_of(&pkt->flow, &fh, &set_idx);
 	if (set && !pkt->tcp_syn) {
-		way = conn_find(set, &pkt->flow, fh);
+		way = conn_find(set, fh);
 		if (way >= 0 && way < CONN_WAYS) {
 			struct conn_entry *e = &set->way[way];
 			__u32 id = e->real_id;
@@ -296,16 +323,16 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				if (pkt->flow.proto != LB_IPPROTO_UDP) {
 					real_id = id;
 				} else {
-					__u64 now = bpf_ktime_get_ns();
+					__u32 now = bpf_ktime_get_ns() >> LB_CONN_TIME_SHIFT;
 
-					if (now - e->atime <= LRU_UDP_TIMEOUT_NS) {
+					if (now - e->atime <= LB_CONN_UDP_TIMEOUT) {
 						e->atime = now;
 						real_id = id;
 					}
 				}
 				if (real_id) {
 					real = r;
-					conn_promote(set, way);
+					conn_promote(set, set_idx, way);
 				}
 			}
 		}
@@ -339,8 +366,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		}
 		if (set && !pkt->icmp_err) {
 			if (pkt->tcp_syn)
-				way = conn_find(set, &pkt->flow, fh);
-			conn_store(set, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
+				way = conn_find(set, fh);
+			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
 		}
 	}
 	if (!real) {

@@ -53,9 +53,8 @@ static __always_inline __u64 conn_set_hash(const struct flow_key *f, __u64 seed)
 	return lb_mix(h, w[4]);
 }
 
-static __always_inline int conn_key_equal(const struct flow_key *a, const struct flow_key *b)
+/* The tag an entry for a flow with set hash h and real real_id carries. */
+static __always_inline __u64 conn_tag(__u64 h, __u32 real_id)
 {
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+	return h ^ ((__u64)real_id * LB_MIX_K);
 }

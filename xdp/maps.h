@@ -47,17 +47,17 @@ LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);
 
 /* Connection table: CONN_SETS * LB_NR_CPUS sets (CONN_TABLE_SIZE entries per CPU, as
- * capacity) of CONN_WAYS entries, one cache line each, shared by every CPU like the LRU
- * hash it replaces. Ways are kept in recency order (way 0 the most recently used), so a
- * set is LRU and a flow's packets usually hit way 0: one cache line per lookup, no helper
- * call. Each entry carries a check word, so an entry torn by two CPUs writing one set is a
- * miss (the ring decides again), not a wrong real. mmap-able so the control plane reads
- * and clears it directly. */
+ * capacity) of CONN_WAYS 16-byte entries, one cache line per set, shared by every CPU like
+ * the LRU hash it replaces. Ways are kept in recency order (way 0 the most recently used):
+ * a set is LRU, and a lookup reads one cache line and calls no helper. mmap-able so the
+ * control plane reads and clears it directly. conn_keys[set * CONN_WAYS + way] holds each
+ * entry's flow key; the program writes it with the entry and never reads it. */
 struct conn_set {
 	struct conn_entry way[CONN_WAYS];
 };
 #define LB_CONN_SETS_ALL ((__u64)CONN_SETS * LB_NR_CPUS)
 LB_MAP("array", __u32, struct conn_set, conn_sets, LB_CONN_SETS_ALL, BPF_F_MMAPABLE);
+LB_MAP("array", __u32, struct flow_key, conn_keys, LB_CONN_SETS_ALL * CONN_WAYS, BPF_F_MMAPABLE);
 
 /* QUIC server id (from the connection id) -> real id. */
 LB_MAP("hash", __u32, __u32, quic_servers, LB_MAX_QUIC_SERVER_IDS, 0);

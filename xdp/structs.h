@@ -72,13 +72,15 @@ struct lb_runtime {
 	__u64 conn_seed;   /* connection-table set hash seed */
 };
 
-/* conn_sets way (layout.CONN_ENTRY): one cache line. key.family 0 = empty. 64 bytes. */
+/* conn_sets way (layout.CONN_ENTRY). A set of CONN_WAYS (4) is one cache line. The flow
+ * is known by its 64-bit set hash h: tag = h ^ real_id * LB_MIX_K, so an entry half-
+ * written by another CPU (tag of one write, real of another) fails the comparison and is
+ * a miss, never a wrong real. real_id 0 = empty. The flow key itself is kept beside it in
+ * conn_keys (same index), for the control plane only. 16 bytes. */
 struct conn_entry {
-	struct flow_key key;
+	__u64 tag;
 	__u32 real_id;
-	__u32 pad;
-	__u64 atime;       /* ns, bpf_ktime_get_ns() clock */
-	__u64 check;       /* lb_mix(set hash of key, real_id): a torn entry fails it */
+	__u32 atime;       /* bpf_ktime_get_ns() >> LB_CONN_TIME_SHIFT (~1 ms units) */
 };
 
 /* ctl[0] (layout.CTL). 36 bytes. */
