@@ -103,7 +103,8 @@ RUNTIME = np.dtype(
 )
 
 # Connection-table entry of the XDP program (xdp/structs.h): tag = the flow's 64-bit set
-# hash ^ real_id * MIX_K (lb/vip_index.py), real_id (0 = empty), atime in units of
+# hash ^ real_id * MIX_K (lb/vip_index.py) with its low 2 bits the entry's slot in the
+# set's conn_keys, real_id (0 = empty), atime in units of
 # 2**constants.CONN_TIME_SHIFT ns. Four make a set, one cache line. 16 bytes.
 CONN_ENTRY = np.dtype(
     {"names": ["tag", "real_id", "atime"], "formats": ["<u8", "<u4", "<u4"],

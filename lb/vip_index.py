@@ -62,8 +62,8 @@ def conn_set_index(flow_key: bytes, seed: int, nsets: int) -> int:
 
 
 def conn_tag(h: int, real_id: int) -> int:
-    """The tag of a connection-table entry (xdp/lookup.h conn_tag)."""
-    return (h ^ (real_id * MIX_K)) & _M64
+    """The tag of a connection-table entry without its key slot (xdp/lookup.h conn_tag)."""
+    return (h ^ (real_id * MIX_K)) & _M64 & ~3
 
 
 def build_vip_slots(keys: list[bytes], metas: list[bytes], nslots: int,

@@ -16,7 +16,7 @@ from lb import constants as C
 from lb import layout
 from lb.bpf_loader import XdpBalancer
 from lb.bpf_testrun import test_run as bpf_test_run
-from lb.vip_index import VipIndexError, build_vip_slots, vip_hash
+from lb.vip_index import VipIndexError, build_vip_slots, conn_set_hash, conn_tag, vip_hash
 
 from test_xdp_basic import CLIENT4, LB_MAC, ROUTER_MAC, VIP4, build_tables
 
@@ -105,6 +105,8 @@ def test_conn_set_is_lru_within_a_set(bal) -> None:
     assert _send(bal, f[0], "A") == ("hit", first[f[0]])  # f[0] becomes most recent
     _send(bal, f[-1], "S")  # a fifth flow evicts the least recently used: f[1]
     assert bal.conn_table_count() == C.CONN_WAYS
+    keys, _ = bal.conn_table_entries()  # every key still beside its entry after the moves
+    assert {k.tobytes() for k in keys} == {_flow_key(p) for p in (f[0], *f[2:])}
     ring0 = bal.ring(0)
     try:
         _move_ring(bal)
@@ -120,10 +122,13 @@ def test_torn_entry_is_a_miss_not_a_wrong_real(bal) -> None:
     bal.clear_conn_table()
     (p,) = _same_set(bal, 1)
     real = _send(bal, p, "S")[1]
-    keys, entries = bal.conn_table_entries()
+    keys, values = bal.conn_table_entries()
     assert len(keys) == 1 and keys[0].tobytes() == _flow_key(p)
-    ways = bal._conn._ways  # the mapping: change the entry's real id, not its tag
     row = int(bal._conn._used()[0])
+    entry = bal._conn._ways[row].copy().view(layout.CONN_ENTRY)[0]
+    h = conn_set_hash(_flow_key(p), bal._vip_index.conn_seed)
+    assert int(entry["tag"]) & ~3 == conn_tag(h, int(values[0]["real_id"]))  # C == mirror
+    ways = bal._conn._ways  # the mapping: change the entry's real id, not its tag
     ways[row, layout.CONN_ENTRY.fields["real_id"][1]] ^= 0x3  # real id 1 <-> 2, 3 <-> 0
     assert _send(bal, p, "A") == ("miss", real)  # the ring decides again
     assert _send(bal, p, "A") == ("hit", real)  # and the entry was rewritten whole

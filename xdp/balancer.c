@@ -111,20 +111,17 @@ static __always_inline int conn_find(const struct conn_set *set, __u64 h)
 	for (w = 0; w < CONN_WAYS; w++) {
 		const struct conn_entry *e = &set->way[w];
 
-		if (e->real_id && e->tag == conn_tag(h, e->real_id))
+		if (e->real_id && (e->tag & ~LB_CONN_KEY_SLOT) == conn_tag(h, e->real_id))
 			return w;
 	}
 	return -1;
 }
 
-/* Move way w to the front, shifting the ways before it back by one (recency order);
- * conn_keys follows. */
-static __always_inline void conn_promote(struct conn_set *set, __u32 idx, int w)
+/* Move way w to the front, shifting the ways before it back by one (recency order). All
+ * in the set's one cache line. */
+static __always_inline void conn_promote(struct conn_set *set, int w)
 {
 	struct conn_entry e = {};
-	struct flow_key k = {};
-	struct flow_key *kd, *ks;
-	__u32 ki;
 	int j;
 
 	if (w <= 0)
@@ -138,41 +135,36 @@ static __always_inline void conn_promote(struct conn_set *set, __u32 idx, int w)
 		if (j <= w)
 			set->way[j] = set->way[j - 1];
 	set->way[0] = e;
-	ki = idx * CONN_WAYS + w;
-	ks = conn_keys.lookup(&ki);
-	if (ks)
-		k = *ks;
-#pragma unroll
-	for (j = CONN_WAYS - 1; j > 0; j--) {
-		if (j > w)
-			continue;
-		ki = idx * CONN_WAYS + j;
-		kd = conn_keys.lookup(&ki);
-		ki -= 1;
-		ks = conn_keys.lookup(&ki);
-		if (kd && ks)
-			*kd = *ks;
-	}
-	ki = idx * CONN_WAYS;
-	kd = conn_keys.lookup(&ki);
-	if (kd)
-		*kd = k;
 }
 
 /* Record flow -> real_id as the set's most recent entry: in place if the flow is there
- * (way w >= 0), else over the least recently used way. */
+ * (way w >= 0), else over the least recently used way; its key goes to the conn_keys slot
+ * of the entry it replaces, or to a free one. */
 static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
 				       const struct flow_key *flow, __u64 h, __u32 real_id,
 				       __u64 now)
 {
 	struct conn_entry *e = &set->way[0];
+	__u32 used = 0, slot, ki;
 	struct flow_key *k;
-	__u32 ki = idx * CONN_WAYS;
+	int j;
 
-	conn_promote(set, idx, w >= 0 ? w : CONN_WAYS - 1);
-	e->tag = conn_tag(h, real_id);
+	if (w < 0)
+		w = CONN_WAYS - 1;
+	if (set->way[w].real_id) {
+		slot = set->way[w].tag & LB_CONN_KEY_SLOT;
+	} else {
+#pragma unroll
+		for (j = 0; j < CONN_WAYS; j++)
+			if (set->way[j].real_id)
+				used |= 1u << (set->way[j].tag & LB_CONN_KEY_SLOT);
+		slot = !(used & 1) ? 0 : !(used & 2) ? 1 : !(used & 4) ? 2 : 3;
+	}
+	conn_promote(set, w);
+	e->tag = conn_tag(h, real_id) | slot;
 	e->atime = now >> LB_CONN_TIME_SHIFT;
 	e->real_id = real_id;
+	ki = idx * CONN_WAYS + slot;
 	k = conn_keys.lookup(&ki);
 	if (k)
 		*k = *flow;
@@ -332,7 +324,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				}
 				if (real_id) {
 					real = r;
-					conn_promote(set, set_idx, way);
+					conn_promote(set, way);
 				}
 			}
 		}

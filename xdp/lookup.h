@@ -53,8 +53,11 @@ static __always_inline __u64 conn_set_hash(const struct flow_key *f, __u64 seed)
 	return lb_mix(h, w[4]);
 }
 
-/* The tag an entry for a flow with set hash h and real real_id carries. */
+/* The tag an entry for a flow with set hash h and real real_id carries: its high 62 bits;
+ * the low 2 bits (LB_CONN_KEY_SLOT) say where in the set's conn_keys the flow key is. */
+#define LB_CONN_KEY_SLOT 3ULL
+
 static __always_inline __u64 conn_tag(__u64 h, __u32 real_id)
 {
-	return h ^ ((__u64)real_id * LB_MIX_K);
+	return (h ^ ((__u64)real_id * LB_MIX_K)) & ~LB_CONN_KEY_SLOT;
 }

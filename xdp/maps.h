@@ -50,8 +50,12 @@ LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);
  * capacity) of CONN_WAYS 16-byte entries, one cache line per set, shared by every CPU like
  * the LRU hash it replaces. Ways are kept in recency order (way 0 the most recently used):
  * a set is LRU, and a lookup reads one cache line and calls no helper. mmap-able so the
- * control plane reads and clears it directly. conn_keys[set * CONN_WAYS + way] holds each
- * entry's flow key; the program writes it with the entry and never reads it. */
+ * control plane reads and clears it directly. conn_keys[set * CONN_WAYS + slot] holds each
+ * entry's flow key (slot: the low bits of its tag); the program writes it with the entry
+ * and never reads it. */
+#if CONN_WAYS > 4
+#error "conn_entry.tag has 2 bits of key slot: CONN_WAYS <= 4"
+#endif
 struct conn_set {
 	struct conn_entry way[CONN_WAYS];
 };

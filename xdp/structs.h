@@ -73,10 +73,11 @@ struct lb_runtime {
 };
 
 /* conn_sets way (layout.CONN_ENTRY). A set of CONN_WAYS (4) is one cache line. The flow
- * is known by its 64-bit set hash h: tag = h ^ real_id * LB_MIX_K, so an entry half-
- * written by another CPU (tag of one write, real of another) fails the comparison and is
- * a miss, never a wrong real. real_id 0 = empty. The flow key itself is kept beside it in
- * conn_keys (same index), for the control plane only. 16 bytes. */
+ * is known by its 64-bit set hash h: tag = (h ^ real_id * LB_MIX_K) with the low 2 bits
+ * replaced by the entry's slot in conn_keys (the flow key, for the control plane only, so
+ * moving an entry inside its set never moves a key). An entry half-written by another CPU
+ * (tag of one write, real of another) fails the comparison and is a miss, never a wrong
+ * real. real_id 0 = empty. 16 bytes. */
 struct conn_entry {
 	__u64 tag;
 	__u32 real_id;
