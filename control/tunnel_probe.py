@@ -11,7 +11,7 @@ Its map ``hc_reals`` holds mark -> real address (family), written by the prober;
 holds the settings as the balancer's own ctl entry (layout.CTL). Until the settings are
 set, probes use IPIP.
 
-:class:`TunnelProber` is a :class:`control.health.Prober`: for each probe it makes sure
+:class:`TunnelProber` is a :class:`control.health_probing.Prober`: for each probe it makes sure
 the real's entry is in ``hc_reals``, opens the socket (in the datapath's namespace) with
 ``SO_MARK`` = ``mark_base + real id`` and connects to the **VIP** address on the probed
 port (the check's ``port``, default the VIP's) — TCP connect, HTTP GET (``Host``: the
@@ -39,10 +39,12 @@ import sys
 from pathlib import Path
 from typing import Self
 
-from control.health import DirectProber, SocketFactory, Target, plain_socket
+from control.health_probing import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
+from lb.c_header import c_flags
 from lb.config import Settings
-from lb.state import ctl_array
+from lb.constants import HC_STATS
+from lb.datapath_tables import ctl_array
 
 __all__ = ["DEFAULT_MARK_BASE", "HC_STATS", "TC_PRIORITY", "TunnelEncap", "TunnelProber"]
 
@@ -55,29 +57,9 @@ TC_HANDLE = 1
 TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress ("ffff:fff3")
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
-# Counter slots of hc_stats; each packet the program sees bumps exactly one.
-HC_STATS = (
-    "passed",  # no mark of ours (or not IP): untouched
-    "encap_v4",  # encapsulated in IPv4 (IPIP, or GUE in IPv4)
-    "encap_v6",  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6, or GUE in IPv6)
-    "drop_no_real",  # a mark of ours without a real (or an IPv6 packet for an IPv4 real, IPIP)
-    "drop_malformed",  # headers unreadable
-    "drop_failed",  # a helper failed (no room, ...)
-)
-
 
 class TunnelEncapError(RuntimeError):
     """Compiling, loading or attaching xdp/hc_encap.c failed."""
-
-
-def c_flags(mark_base: int, max_reals: int) -> list[str]:
-    from lb.bpf_loader import c_flags as lb_c_flags
-
-    flags = lb_c_flags(max_reals=max_reals)
-    flags += [f"-DHC_MARK_BASE={mark_base}U", f"-DHC_MAX_REALS={max_reals}",
-              f"-DHC_N_STATS={len(HC_STATS)}"]
-    flags += [f"-DHC_STAT_{name.upper()}={i}" for i, name in enumerate(HC_STATS)]
-    return flags
 
 
 class TunnelEncap:
@@ -91,7 +73,8 @@ class TunnelEncap:
         from bcc import BPF
 
         try:
-            self._bpf = BPF(text=SOURCE.read_bytes(), cflags=c_flags(mark_base, max_reals))
+            self._bpf = BPF(text=SOURCE.read_bytes(),
+                            cflags=c_flags(max_reals=max_reals, hc_mark_base=mark_base))
             self._fn = self._bpf.load_func(PROG_NAME, BPF.SCHED_CLS)
         except Exception as e:  # bcc raises bare Exception
             raise TunnelEncapError(f"could not compile/load {SOURCE.name}: {e}") from e

@@ -3,12 +3,12 @@
 ``XdpBalancer`` owns one loaded program and its maps:
 
 * sizes (ring size, max VIPs/reals, connection-table size) are compile-time ``-D`` flags
-  from :func:`lb.constants.c_defines`; every other constant the C side uses comes from
-  :mod:`lb.constants` as an ``LB_<NAME>`` flag (:func:`c_flags`);
+  from :func:`lb.c_header.c_flags`; every other constant and every struct the C side uses
+  comes from the generated ``xdp/generated/lb_shared.h``;
 * maps can be pinned under a per-instance bpffs directory (``pin_dir``): a restarted
   control plane that loads with the same ``pin_dir`` gets the same maps, counters and
   connection table included;
-* tables from :func:`lb.state.compile_tables` are written with raw bpf() calls
+* tables from :func:`lb.datapath_tables.compile_tables` are written with raw bpf() calls
   (batch updates, and an mmap of the Maglev rings), never element by element from
   Python for the large ones.
 """
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from lb import constants, layout
-from lb.state import routing_tables
+from lb.c_header import c_flags
+from lb.datapath_tables import routing_tables
 from lb.vip_index import conn_set_index
 from lb.xdp_maps import ConnSets, VipIndex
 from lb.bpf_testrun import (
@@ -70,10 +71,6 @@ BPF_F_MMAPABLE = 1 << 10
 BPF_MAP_CREATE = 0
 BPF_MAP_GET_FD_BY_ID = 14
 
-# Sizes fixed at compile time; the others in lb/constants.py are wire/protocol facts.
-_CONFIGURABLE = {"RING_SIZE", "MAX_VIPS", "MAX_REALS", "CONN_TABLE_SIZE", "CONN_TABLE_WAYS",
-                 "MAX_FRAME_SIZE"}
-
 
 class XdpError(RuntimeError):
     """The XDP program could not be compiled, loaded, attached or fed."""
@@ -95,39 +92,6 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += (int(hi) if hi else int(lo)) - int(lo) + 1
     return n
-
-
-def _wire_defines() -> list[str]:
-    """Every other integer constant of lb.constants as -DLB_<NAME>: wire and protocol
-    facts the C side needs and c_defines() does not hand over. Names c_defines() emits
-    keep its spelling (no LB_ twin), so each value reaches C once."""
-    emitted = {flag[2:].split("=", 1)[0] for flag in constants.c_defines()}
-    out = []
-    for name, value in sorted(vars(constants).items()):
-        if (not name.isupper() or name.startswith("_") or name in _CONFIGURABLE
-                or name in emitted or isinstance(value, bool) or not isinstance(value, int)):
-            continue
-        out.append(f"-DLB_{name}={value}{'ULL' if value > 0x7FFFFFFF else ''}")
-    columns = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
-    out.append(f"-DLB_STAT_COLUMNS={columns}")
-    return out
-
-
-def c_flags(
-    ring_size: int = constants.RING_SIZE,
-    max_vips: int = constants.MAX_VIPS,
-    max_reals: int = constants.MAX_REALS,
-    conn_table_size: int = constants.CONN_TABLE_SIZE,
-    pin_dir: str | None = None,
-) -> list[str]:
-    """All cflags for xdp/: include path, sizes, constants, CPU count, pin directory."""
-    flags = [f"-I{XDP_DIR}"]
-    flags += constants.c_defines(ring_size, max_vips, max_reals, conn_table_size)
-    flags += _wire_defines()
-    flags.append(f"-DLB_NR_CPUS={possible_cpus()}")
-    if pin_dir is not None:
-        flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
-    return flags
 
 
 # ---- raw bpf() map and object commands ----------------------------------------------
@@ -480,8 +444,9 @@ class XdpBalancer:
     # ---- compile / load ------------------------------------------------------------
 
     def cflags(self, pin_dir: str | None) -> list[str]:
-        return c_flags(self.ring_size, self.max_vips, self.max_reals, self.conn_table_size,
-                       pin_dir) + self.extra_cflags
+        return c_flags(ring_size=self.ring_size, max_vips=self.max_vips,
+                       max_reals=self.max_reals, conn_table_size=self.conn_table_size,
+                       nr_cpus=possible_cpus(), pin_dir=pin_dir) + self.extra_cflags
 
     def _compile(self, pin_dir: str | None):
         from bcc import BPF  # Debian's python3-bpfcc; imported late so lb imports without it
@@ -641,7 +606,7 @@ class XdpBalancer:
             raise ValueError("vip_keys and vip_metas differ in length")
 
     def load_tables(self, tables: Any) -> None:
-        """Write a compiled configuration (lb.state.DatapathTables) into the maps.
+        """Write a compiled configuration (lb.datapath_tables.DatapathTables) into the maps.
 
         Order keeps a live datapath consistent: reals, rings and ctl first, then the
         VIP address set and VIPs (new VIPs appear only once their rings are in place),

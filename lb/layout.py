@@ -1,7 +1,8 @@
 """Byte layouts of the datapath's tables, shared by the userspace datapath and the BPF maps.
 
-Each layout is a numpy structured dtype with explicit offsets; ``xdp/structs.h`` declares
-the same structs and ``tests/test_layout.py`` compares sizes and offsets with what bcc
+Each layout is a numpy structured dtype with explicit offsets; ``python -m lb.c_header``
+writes the C structs from them (``xdp/generated/lb_shared.h``, explicit padding, static
+asserts on every size and offset) and ``tests/test_layout.py`` compares them with what bcc
 sees. Addresses are always 16 bytes: IPv4 uses the first 4, the rest is zero, and a
 ``family`` byte (4 or 6) keeps 10.0.0.1 and 0a00:1:: apart. Ports are in network order.
 """
@@ -102,7 +103,7 @@ RUNTIME = np.dtype(
      "itemsize": 16}
 )
 
-# Connection-table entry of the XDP program (xdp/structs.h): tag = the flow's 64-bit set
+# Connection-table entry of the XDP program (xdp/generated/lb_shared.h): tag = the flow's 64-bit set
 # hash ^ real_id * MIX_K (lb/vip_index.py) with its low 2 bits the entry's slot in the
 # set's conn_keys, real_id (0 = empty), atime in units of
 # 2**constants.CONN_TIME_SHIFT ns. Four make a set, one cache line. 16 bytes.
@@ -116,7 +117,7 @@ CONN_ENTRY = np.dtype(
 CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],
                        "offsets": [0, 8], "itemsize": 16})
 
-# name in C (xdp/structs.h) -> dtype
+# name in C (struct <name> in xdp/generated/lb_shared.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {
     "vip_key": VIP_KEY,
     "vip_meta": VIP_META,
@@ -129,4 +130,19 @@ C_STRUCTS: dict[str, np.dtype] = {
     "vip_slot": VIP_SLOT,
     "lb_runtime": RUNTIME,
     "conn_entry": CONN_ENTRY,
+}
+
+# 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or
+# bytes); every other array field is a plain byte array.
+C_ADDR_FIELDS: dict[str, tuple[str, ...]] = {
+    "vip_key": ("addr",),
+    "vip_addr_key": ("addr",),
+    "real_def": ("addr",),
+    "flow_key": ("src", "dst"),
+}
+
+# Structs the C side reads as 64-bit words on the stack (where the verifier wants aligned
+# access): C alignment beyond the members' own.
+C_ALIGN: dict[str, int] = {
+    "flow_key": 8,  # xdp/lookup.h hashes it as five u64 words
 }

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lb import bpf_testrun
+from lb.c_header import c_flags
 from lb.constants import (
     ETH_HLEN,
     ETH_P_IP,
@@ -40,7 +41,20 @@ from lb.constants import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     MAX_FRAME_SIZE,
-    c_defines,
+    PKTGEN_ACT_DROP,
+    PKTGEN_ACT_TAIL,
+    PKTGEN_ACT_TX,
+    PKTGEN_MIN_FRAME,
+    PKTGEN_N_STATS,
+    PKTGEN_STAT_SEQ,
+    PKTGEN_STAT_TAIL_MISSED,
+    PKTGEN_TMPL_MAX,
+    PKTGEN_VARY_ADDR,
+    PKTGEN_VARY_PORT,
+    SINK_KEY_DST,
+    SINK_KEY_FLOW,
+    SINK_KEY_NONE,
+    SINK_MAX_KEYS,
 )
 from netns.ns import ALLOWED_NETS, Iface, Netns, run_in_netns
 
@@ -48,14 +62,15 @@ XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PKTGEN_C = XDP_DIR / "pktgen.c"
 SINK_C = XDP_DIR / "sink.c"
 
-MIN_FRAME = 64
+MIN_FRAME = PKTGEN_MIN_FRAME
 MAX_FRAME = MAX_FRAME_SIZE  # 1514: a 1500-byte IP packet plus Ethernet
-TMPL_MAX = 128
+TMPL_MAX = PKTGEN_TMPL_MAX
 DEFAULT_CHUNK = 1 << 22  # frames per BPF_PROG_TEST_RUN call (a signal ends a call early)
 
-VARY = {"src_port": 1, "src_addr": 2, "both": 3}
-ACTIONS = {"tx": 0, "tail": 1, "drop": 2}
-SINK_KEY_MODES = {"none": 0, "dst": 1, "flow": 2}
+VARY = {"src_port": PKTGEN_VARY_PORT, "src_addr": PKTGEN_VARY_ADDR,
+        "both": PKTGEN_VARY_PORT | PKTGEN_VARY_ADDR}
+ACTIONS = {"tx": PKTGEN_ACT_TX, "tail": PKTGEN_ACT_TAIL, "drop": PKTGEN_ACT_DROP}
+SINK_KEY_MODES = {"none": SINK_KEY_NONE, "dst": SINK_KEY_DST, "flow": SINK_KEY_FLOW}
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 
@@ -271,7 +286,7 @@ class PacketGenerator:
 
     def __init__(self, cflags: Sequence[str] = ()):
         BPF = _bcc()
-        self.bpf = BPF(src_file=str(PKTGEN_C).encode(), cflags=[*c_defines(), *cflags])
+        self.bpf = BPF(src_file=str(PKTGEN_C).encode(), cflags=[*c_flags(), *cflags])
         self.fn = self.bpf.load_func(b"pktgen_xdp", BPF.XDP)
         self.tx_stub = self.bpf.load_func(b"pktgen_tx_stub", BPF.XDP)
         self._tmpl = self.bpf[b"pktgen_tmpl"]
@@ -360,12 +375,12 @@ class PacketGenerator:
 
     # --- counters ---------------------------------------------------------------------------
 
-    def counters_per_cpu(self, index: int = 0) -> list[int]:
+    def counters_per_cpu(self, index: int = PKTGEN_STAT_SEQ) -> list[int]:
         return [int(v) for v in self._seq.getvalue(ctypes.c_int(index))]
 
     def reset_counters(self) -> None:
         """Zero the per-CPU frame and tail-miss counters (flow numbering restarts at 0)."""
-        for i in range(2):
+        for i in range(PKTGEN_N_STATS):
             self._seq[ctypes.c_int(i)] = self._seq.Leaf()
 
     # --- running ----------------------------------------------------------------------------
@@ -443,7 +458,7 @@ class PacketGenerator:
             rec.update(start=start, end=time.perf_counter(), done=done, kns=kns)
 
         before = self.counters_per_cpu()
-        missed_before = sum(self.counters_per_cpu(1))
+        missed_before = sum(self.counters_per_cpu(PKTGEN_STAT_TAIL_MISSED))
         ths = [threading.Thread(target=worker, args=(i,), name=f"pktgen-{i}", daemon=True)
                for i in range(threads)]
         for t in ths:
@@ -472,7 +487,7 @@ class PacketGenerator:
             threads=threads,
             thread_cpus=cpus,
             setup_seconds=max(r["setup"] for r in out),
-            tail_missed=sum(self.counters_per_cpu(1)) - missed_before,
+            tail_missed=sum(self.counters_per_cpu(PKTGEN_STAT_TAIL_MISSED)) - missed_before,
             frame_len=len(frame),
         )
 
@@ -517,14 +532,14 @@ class Sink:
     :class:`netns.ns.Iface`, or a name in ``netns``. Counts and drops everything."""
 
     def __init__(self, iface: Iface | str, netns: Netns | str | None = None, *, key: str = "none",
-                 max_keys: int = 1024, xdp_mode: str = "native", cflags: Sequence[str] = ()):
+                 max_keys: int = SINK_MAX_KEYS, xdp_mode: str = "native", cflags: Sequence[str] = ()):
         BPF = _bcc()
         if isinstance(iface, Iface):
             self.ifname, self.netns = iface.name, iface.ns
         else:
             self.ifname, self.netns = iface, netns
         self.flags = {"native": XDP_FLAGS_DRV_MODE, "skb": XDP_FLAGS_SKB_MODE, "any": 0}[xdp_mode]
-        self.bpf = BPF(src_file=str(SINK_C).encode(), cflags=[f"-DSINK_MAX_KEYS={max_keys}", *cflags])
+        self.bpf = BPF(src_file=str(SINK_C).encode(), cflags=[*c_flags(sink_max_keys=max_keys), *cflags])
         self.fn = self.bpf.load_func(b"sink_xdp", BPF.XDP)
         self._stats = self.bpf[b"sink_stats"]
         self._keys = self.bpf[b"sink_keys"]

@@ -20,7 +20,7 @@ from lb import constants as C
 from lb import layout
 
 _M64 = (1 << 64) - 1
-MIX_K = 0x9E3779B97F4A7C15
+MIX_K = C.MIX_K
 
 
 class VipIndexError(ValueError):
@@ -63,7 +63,7 @@ def conn_set_index(flow_key: bytes, seed: int, nsets: int) -> int:
 
 def conn_tag(h: int, real_id: int) -> int:
     """The tag of a connection-table entry without its key slot (xdp/lookup.h conn_tag)."""
-    return (h ^ (real_id * MIX_K)) & _M64 & ~3
+    return (h ^ (real_id * MIX_K)) & _M64 & ~C.CONN_KEY_SLOT_MASK
 
 
 def build_vip_slots(keys: list[bytes], metas: list[bytes], nslots: int,

@@ -100,7 +100,7 @@ class ConnSets:
         values["atime"] = rows["atime"].astype(np.uint64) << np.uint64(constants.CONN_TIME_SHIFT)
         # each entry's key is in its set's conn_keys at the slot in the tag's low 2 bits;
         # copied as bytes, then viewed: a structured copy would leave the padding undefined
-        slots = (used // constants.CONN_WAYS) * constants.CONN_WAYS + (rows["tag"] & 3).astype(np.int64)
+        slots = (used // constants.CONN_WAYS) * constants.CONN_WAYS + (rows["tag"] & constants.CONN_KEY_SLOT_MASK).astype(np.int64)
         keys = np.array(self._keys[slots], dtype=np.uint8).view(layout.FLOW_KEY).ravel()
         return keys, values
 

@@ -426,7 +426,7 @@ DEFAULT_VIPS = (VipSpec(VIP4, HTTP_PORT, "tcp"), VipSpec(VIP4, UDP_PORT, "udp"),
 
 
 def remap_real_ids(tables: Any, ids: dict[str, int], max_reals: int) -> Any:
-    """Give every real of ``tables`` (lb.state.DatapathTables) the id recorded in ``ids``
+    """Give every real of ``tables`` (lb.datapath_tables.DatapathTables) the id recorded in ``ids``
     (address -> id; new addresses get the next unused id, recorded in ``ids``). Ids of
     removed reals are never reused. Returns the same tables object, rewritten."""
     import numpy as np
@@ -694,7 +694,7 @@ class Lab:
         }
         self.real_ids: dict[str, int] = self.state["real_ids"]
         self.config = None  # the lb.config.Config in force
-        self.tables = None  # its lb.state.DatapathTables (lab real ids)
+        self.tables = None  # its lb.datapath_tables.DatapathTables (lab real ids)
         self._backends: dict[str, Any] = {}
         self._decap = None
         self._procs: dict[str, subprocess.Popen] = {}
@@ -1089,7 +1089,7 @@ class Lab:
         return parse_config({"settings": settings, "vips": vips})
 
     def _compile(self, cfg: Any) -> Any:
-        from lb.state import compile_tables
+        from lb.datapath_tables import compile_tables
 
         return remap_real_ids(compile_tables(cfg), self.real_ids, cfg.settings.max_reals)
 
@@ -1401,7 +1401,7 @@ def run_userspace(state_path: str, balancer: str) -> int:
     """Run lb.userspace_io.UserspaceBalancer for ``balancer`` of the lab in
     ``state_path`` until SIGTERM/SIGINT; counters go to <log_dir>/<balancer>.stats.json."""
     from lb.config import parse_config
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     with open(state_path) as f:
         state = json.load(f)

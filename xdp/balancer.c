@@ -3,11 +3,12 @@
  * This file orchestrates: parsing, checksums, hashing, encapsulation and ICMP live in
  * their headers; every map access is here because bcc rewrites map method calls only
  * in the main file. Every frame ends in exactly one outcome counter (single exit in
- * balancer_xdp). Constants and sizes come from lb/constants.py as -D flags.
+ * balancer_xdp). Constants, struct layouts and default sizes come from lb/constants.py
+ * and lb/layout.py through xdp/generated/lb_shared.h; per-instance sizes are -D flags.
  */
 #include <uapi/linux/bpf.h>
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
@@ -29,12 +30,12 @@ static __always_inline void stat_inc(__u32 idx)
 
 static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 {
-	__u32 k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u32 k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
 	__u64 *v = vip_stats.lookup(&k);
 
 	if (v)
 		*v += 1;
-	k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
 	v = vip_stats.lookup(&k);
 	if (v)
 		*v += bytes;
@@ -42,12 +43,12 @@ static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 
 static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 {
-	__u32 k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u32 k = real_id * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
 	__u64 *v = real_stats.lookup(&k);
 
 	if (v)
 		*v += 1;
-	k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	k = real_id * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
 	v = real_stats.lookup(&k);
 	if (v)
 		*v += bytes;
@@ -111,7 +112,7 @@ static __always_inline int conn_find(const struct conn_set *set, __u64 h)
 	for (w = 0; w < CONN_WAYS; w++) {
 		const struct conn_entry *e = &set->way[w];
 
-		if (e->real_id && (e->tag & ~LB_CONN_KEY_SLOT) == conn_tag(h, e->real_id))
+		if (e->real_id && (e->tag & ~(__u64)CONN_KEY_SLOT_MASK) == conn_tag(h, e->real_id))
 			return w;
 	}
 	return -1;
@@ -152,17 +153,17 @@ static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
 	if (w < 0)
 		w = CONN_WAYS - 1;
 	if (set->way[w].real_id) {
-		slot = set->way[w].tag & LB_CONN_KEY_SLOT;
+		slot = set->way[w].tag & CONN_KEY_SLOT_MASK;
 	} else {
 #pragma unroll
 		for (j = 0; j < CONN_WAYS; j++)
 			if (set->way[j].real_id)
-				used |= 1u << (set->way[j].tag & LB_CONN_KEY_SLOT);
+				used |= 1u << (set->way[j].tag & CONN_KEY_SLOT_MASK);
 		slot = !(used & 1) ? 0 : !(used & 2) ? 1 : !(used & 4) ? 2 : 3;
 	}
 	conn_promote(set, w);
 	e->tag = conn_tag(h, real_id) | slot;
-	e->atime = now >> LB_CONN_TIME_SHIFT;
+	e->atime = now >> CONN_TIME_SHIFT;
 	e->real_id = real_id;
 	ki = idx * CONN_WAYS + slot;
 	k = conn_keys.lookup(&ki);
@@ -205,7 +206,7 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 
 	/* always true; bounds the variable offset for the verifier. The payload length is
 	 * not negative: the parsers checked the UDP header against the packet length. */
-	if (off <= LB_ETH_HLEN + LB_VLAN_HLEN + IPV6_HLEN + sizeof(struct udphdr))
+	if (off <= ETH_HLEN + VLAN_HLEN + IPV6_HLEN + sizeof(struct udphdr))
 		id = quic_server_id(data + off, data_end, pkt->pkt_len + pkt->l3_off - off);
 	if (!id) {
 		stat_inc(STAT_QUIC_FALLBACK);
@@ -297,7 +298,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	vip_stat_add(vip_num, pkt->frame_len);
 
 	/* 0. QUIC connection id */
-	if ((flags & F_QUIC) && pkt->flow.proto == LB_IPPROTO_UDP && !pkt->icmp_err)
+	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err)
 		real = quic_real(ctx, pkt, &real_id);
 
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
@@ -312,12 +313,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			struct real_def *r = reals.lookup(&id);
 
 			if (r && r->family) {
-				if (pkt->flow.proto != LB_IPPROTO_UDP) {
+				if (pkt->flow.proto != IPPROTO_UDP) {
 					real_id = id;
 				} else {
-					__u32 now = bpf_ktime_get_ns() >> LB_CONN_TIME_SHIFT;
+					__u32 now = bpf_ktime_get_ns() >> CONN_TIME_SHIFT;
 
-					if (now - e->atime <= LB_CONN_UDP_TIMEOUT) {
+					if (now - e->atime <= CONN_UDP_TIMEOUT) {
 						e->atime = now;
 						real_id = id;
 					}
@@ -380,18 +381,18 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	}
 	c = *cfg; /* a copy: no map value is read after the packet moved */
 	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4 &&
-	    c.encap != LB_ENCAP_GUE) {
+	    c.encap != ENCAP_GUE) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
 		return XDP_DROP;
 	}
 	if (c.mtu) {
-		__u32 overhead = (real->family == FAMILY_V4 ? LB_ENCAP_IPV4_OVERHEAD
-							    : LB_ENCAP_IPV6_OVERHEAD) +
-				 (c.encap == LB_ENCAP_GUE ? LB_UDP_HLEN : 0);
+		__u32 overhead = (real->family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD
+							    : ENCAP_IPV6_OVERHEAD) +
+				 (c.encap == ENCAP_GUE ? UDP_HLEN : 0);
 
 		if (pkt->pkt_len + overhead > c.mtu) {
-			__u32 quote = pkt->flow.family == FAMILY_V4 ? LB_ICMP_TOO_BIG_QUOTE_V4
-								    : LB_ICMP_TOO_BIG_QUOTE_V6;
+			__u32 quote = pkt->flow.family == FAMILY_V4 ? ICMP_TOO_BIG_QUOTE_V4
+								    : ICMP_TOO_BIG_QUOTE_V6;
 
 			if (pkt->icmp_err || pkt->pkt_len < quote ||
 			    (pkt->flow.family == FAMILY_V4 && !pkt->df)) {
@@ -427,7 +428,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 /* The common packet's shortcut through row 5: TCP or UDP, no IPv4 options, not a
  * fragment, the whole L4 header inside the packet (rows 7-9 let it through), and
  * (dst, dport, proto) is a VIP. Its destination is then a VIP address by construction
- * (lb.state puts every VIP's address in vip_addrs; XdpBalancer.load_tables adds
+ * (lb.datapath_tables puts every VIP's address in vip_addrs; XdpBalancer.load_tables adds
  * addresses before VIPs and removes them after), so vip_addr_checks() skips the
  * vip_addrs lookup and forward() uses this VIP: one hash lookup per packet instead of
  * two. Anything else, a miss included, takes the full path, which reaches the same row.
@@ -441,9 +442,9 @@ static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_wor
 	struct vip_meta *meta;
 	__u32 hlen;
 
-	if (proto == LB_IPPROTO_TCP)
+	if (proto == IPPROTO_TCP)
 		hlen = sizeof(struct tcphdr);
-	else if (proto == LB_IPPROTO_UDP)
+	else if (proto == IPPROTO_UDP)
 		hlen = sizeof(struct udphdr);
 	else
 		return;
@@ -515,14 +516,14 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	pkt->pkt_len = bpf_ntohs(iph->tot_len);
 	pkt->l4_off = pkt->l3_off + IPV4_HLEN;
 	pkt->tos = iph->tos;
-	pkt->df = (iph->frag_off & bpf_htons(LB_IP_DF)) != 0;
+	pkt->df = (iph->frag_off & bpf_htons(IP_DF)) != 0;
 	l4_room = pkt->pkt_len - IPV4_HLEN;
 	pkt->flow.family = FAMILY_V4;
 	pkt->flow.proto = iph->protocol;
 	pkt->flow.src.v4 = iph->saddr;
 	pkt->flow.dst.v4 = iph->daddr;
 
-	if (iph->protocol == LB_IPPROTO_TCP) {
+	if (iph->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
@@ -533,7 +534,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 		pkt->tcp_syn = tcp->syn;
 		return LB_FORWARD;
 	}
-	if (iph->protocol == LB_IPPROTO_UDP) {
+	if (iph->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
@@ -543,19 +544,19 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
 		return LB_FORWARD;
 	}
-	if (iph->protocol == LB_IPPROTO_ICMP) {
+	if (iph->protocol == IPPROTO_ICMP) {
 		struct icmphdr *icmp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
 			*stat = STAT_DROP_MALFORMED; /* row 9 */
 			return XDP_DROP;
 		}
-		if (icmp->type == LB_ICMP_ECHO_REQUEST) {
+		if (icmp->type == ICMP_ECHO_REQUEST) {
 			icmp4_echo_reply(data, iph, icmp);
 			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
 			return XDP_TX;
 		}
-		if (icmp->type == LB_ICMP_DEST_UNREACH) {
+		if (icmp->type == ICMP_DEST_UNREACH) {
 			if (parse_icmp_inner_v4(icmp, data_end, l4_room, &pkt->flow) < 0) {
 				*stat = STAT_DROP_MALFORMED; /* row 12 */
 				return XDP_DROP;
@@ -595,7 +596,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;
-	if (ip6h->nexthdr == LB_IPPROTO_FRAGMENT) {
+	if (ip6h->nexthdr == IPPROTO_FRAGMENT) {
 		*stat = STAT_DROP_FRAGMENT; /* row 8 */
 		return XDP_DROP;
 	}
@@ -609,7 +610,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
 	__builtin_memcpy(&pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 
-	if (ip6h->nexthdr == LB_IPPROTO_TCP) {
+	if (ip6h->nexthdr == IPPROTO_TCP) {
 		struct tcphdr *tcp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
@@ -620,7 +621,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 		pkt->tcp_syn = tcp->syn;
 		return LB_FORWARD;
 	}
-	if (ip6h->nexthdr == LB_IPPROTO_UDP) {
+	if (ip6h->nexthdr == IPPROTO_UDP) {
 		struct udphdr *udp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
@@ -630,20 +631,20 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
 		return LB_FORWARD;
 	}
-	if (ip6h->nexthdr == LB_IPPROTO_ICMPV6) {
+	if (ip6h->nexthdr == IPPROTO_ICMPV6) {
 		struct icmp6hdr *icmp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
 			*stat = STAT_DROP_MALFORMED; /* row 9 */
 			return XDP_DROP;
 		}
-		if (icmp->icmp6_type == LB_ICMPV6_ECHO_REQUEST) {
+		if (icmp->icmp6_type == ICMPV6_ECHO_REQUEST) {
 			icmp6_echo_reply(data, ip6h, icmp);
 			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
 			return XDP_TX;
 		}
-		if (icmp->icmp6_type == LB_ICMPV6_DEST_UNREACH ||
-		    icmp->icmp6_type == LB_ICMPV6_PKT_TOOBIG) {
+		if (icmp->icmp6_type == ICMPV6_DEST_UNREACH ||
+		    icmp->icmp6_type == ICMPV6_PKT_TOOBIG) {
 			if (parse_icmp_inner_v6(icmp, data_end, l4_room, &pkt->flow) < 0) {
 				*stat = STAT_DROP_MALFORMED; /* row 12 */
 				return XDP_DROP;
@@ -674,9 +675,9 @@ static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
 		*stat = STAT_DROP_MALFORMED; /* row 1 */
 		return XDP_DROP;
 	}
-	if (eth_type == bpf_htons(LB_ETH_P_IP)) {
+	if (eth_type == bpf_htons(ETH_P_IP)) {
 		action = process_ipv4(ctx, &nh, &pkt, stat);
-	} else if (eth_type == bpf_htons(LB_ETH_P_IPV6)) {
+	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
 		action = process_ipv6(ctx, &nh, &pkt, stat);
 	} else {
 		*stat = STAT_PASS_NOT_IP; /* row 2 */

@@ -5,13 +5,11 @@
  */
 #pragma once
 
-#include "structs.h"
-
-#define LB_MIX_K 0x9E3779B97F4A7C15ULL
+#include "generated/lb_shared.h"
 
 static __always_inline __u64 lb_mix(__u64 h, __u64 w)
 {
-	h = (h ^ w) * LB_MIX_K;
+	h = (h ^ w) * MIX_K;
 	return h ^ (h >> 29);
 }
 
@@ -54,10 +52,8 @@ static __always_inline __u64 conn_set_hash(const struct flow_key *f, __u64 seed)
 }
 
 /* The tag an entry for a flow with set hash h and real real_id carries: its high 62 bits;
- * the low 2 bits (LB_CONN_KEY_SLOT) say where in the set's conn_keys the flow key is. */
-#define LB_CONN_KEY_SLOT 3ULL
-
+ * the low 2 bits (CONN_KEY_SLOT_MASK) say where in the set's conn_keys the flow key is. */
 static __always_inline __u64 conn_tag(__u64 h, __u32 real_id)
 {
-	return (h ^ ((__u64)real_id * LB_MIX_K)) & ~LB_CONN_KEY_SLOT;
+	return (h ^ ((__u64)real_id * MIX_K)) & ~(__u64)CONN_KEY_SLOT_MASK;
 }
