@@ -96,7 +96,7 @@ def main() -> None:
         read = lambda n, s: int(reader.rings[n, s])  # noqa: E731
     else:
         port = UserspacePort(sizes)
-        read = lambda n, s: int(port.dp.rings[n, s])  # noqa: E731
+        read = lambda n, s: int(port.dp.maps.rings.slots[n, s])  # noqa: E731
     t_load = time.perf_counter() - t0
 
     state_dir = tempfile.mkdtemp(prefix="lbc-bench-")

@@ -29,7 +29,7 @@ on the generating CPU, so the table shows each side's best (lowest) run and "add
 the median over reps of (feature run - the baseline run just after it): pairing cancels
 slow drifts, the median the outliers. Expect +-15 ns between runs of this script: a
 feature within that costs nothing measurable here.
-Userspace: lb/datapath.py on the same frames, batches of 65,536, best of 15 passes, pinned
+Userspace: lb/datapath/ on the same frames, batches of 65,536, best of 15 passes, pinned
 to --other-cpu.
 
 Every namespace and veth is named ``lbf<random hex>`` and torn down on exit; traffic

@@ -44,12 +44,8 @@ each flow mix, then filled by one pass over all flows: measured frames are hits.
     where B's XDP_TX scheduled it). The CPUs are read back from per-CPU counters.
     Reported: frames counted back by the sink per second (Mpps), ratio as in (a).
 
-(c) the userspace datapath (lb/datapath.py) on the same flow mixes: ns/packet with
+(c) the userspace datapath (lb/datapath/) on the same flow mixes: ns/packet with
     bench.bench_datapath.time_batches (batches of 65,536 frames), pinned to --other-cpu.
-
-(d) connection-table layout: one LRU_HASH with BPF_F_NO_COMMON_LRU (default) against
-    per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS (-DLB_CONN_PERCPU_MAPS), LRU VIP,
-    1k / 100k / 1M flows, harness (a) with the sink in softirq.
 
 (p) where the time goes: the cost of one BPF helper call on this machine, what one
     dependent read through an array map costs a BPF program by working-set size (0.5 to
@@ -103,7 +99,7 @@ from bench.common import report
 from lb import constants as C
 from lb.config import parse_config
 from lb.datapath_tables import compile_tables
-from lb.kernel.maps import map_delete_batch, map_drain, map_lookup
+from lb.kernel.maps import map_lookup
 from lb.kernel.netns import netns_path, run_in_netns
 from lb.kernel.testrun import test_run
 from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach, xdp_detach
@@ -211,56 +207,8 @@ def mix_frames(family: int, flows: int, dst: str) -> np.ndarray:
     return out
 
 
-def flow_keys(family: int, flows: int, dst: str) -> np.ndarray:
-    """The connection-table keys (lb.layout.FLOW_KEY) of a mix's flows, in flow order."""
-    from lb import layout
-
-    keys = np.zeros(flows, dtype=layout.FLOW_KEY)
-    alen = 4 if family == 4 else 16
-    src = np.zeros((flows, 16), dtype=np.uint8)
-    frames = mix_frames(family, flows, dst)
-    s_off = 26 if family == 4 else 22
-    src[:, :alen] = frames[:, s_off:s_off + alen]
-    keys["src"] = src
-    d = np.zeros(16, dtype=np.uint8)
-    d[:alen] = np.frombuffer(ipaddress.ip_address(dst).packed, dtype=np.uint8)
-    keys["dst"] = d
-    p_off = 34 if family == 4 else 54
-    keys["sport"] = frames[:, p_off].astype(np.uint16) << 8 | frames[:, p_off + 1]
-    keys["dport"] = DPORT
-    keys["proto"] = C.IPPROTO_TCP
-    keys["family"] = C.FAMILY_V4 if family == 4 else C.FAMILY_V6
-    return keys
-
-
 # ---------------------------------------------------------------------------------------
 # small kernel helpers
-
-
-def drain_conn_tables(bal: Any) -> int:
-    from lb import layout
-
-    return sum(map_drain(fd, layout.FLOW_KEY.itemsize, layout.CONN_VALUE.itemsize)
-               for fd in bal.conn_table_fds())
-
-
-def reset_conn_table(bal: Any, keys: np.ndarray, cpu: int) -> int:
-    """Empty the connection table so that the next inserts get the same elements, in the
-    same order, as in a fresh map: the keys of the flows a cell inserted are deleted
-    newest first (an LRU map's free list is last-in first-out), then anything else is
-    drained. Deleting in hash order instead scatters the elements of later inserts over
-    the whole preallocated area, which makes lookups at 100k+ flows markedly slower
-    (more cache and TLB misses); a long-running balancer's table ends up like that."""
-    from lb import layout
-
-    fds = bal.conn_table_fds()
-    fd = fds[cpu] if len(fds) > 1 else fds[0]  # per-CPU layout: the generating CPU's table
-    size = layout.FLOW_KEY.itemsize
-    # reversed as raw rows: numpy's copy of a structured array with gaps (FLOW_KEY has 2
-    # padding bytes) leaves the gaps uninitialised, and map keys compare every byte
-    rows = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint8).reshape(-1, size)
-    n = map_delete_batch(fd, rows[::-1].tobytes(), size)
-    return n + drain_conn_tables(bal)
 
 
 def balancer_rx_per_cpu(bal: Any) -> np.ndarray:
@@ -418,9 +366,9 @@ class XdpBench:
 
     def __init__(self, *, gen_cpu: int = 0, other_cpu: int = 1, frames: int = 2_000_000,
                  reps: int = 3, conn_table_size: int = C.CONN_TABLE_SIZE,
-                 percpu_maps: bool = True, load_high: float = 2.5, max_reruns: int = 1,
+                 load_high: float = 2.5, max_reruns: int = 1,
                  warm_frames: int = 100_000, console: Console | None = None):
-        from lb.bpf_loader import CONN_PERCPU_MAPS_CFLAG, XdpBalancer
+        from lb.bpf_loader import XdpBalancer
 
         self.gen_cpu, self.other_cpu = gen_cpu, other_cpu
         self.frames, self.reps = frames, reps
@@ -429,21 +377,18 @@ class XdpBench:
         self.warm_frames = warm_frames
         self.console = console or Console()
         self.gen = PacketGenerator()
-        self.bal = self.bal_pcm = None
+        self.bal = None
         try:
             tables = compile_tables(bench_config("02:00:00:00:00:01", conn_table_size))
             self.bal = XdpBalancer.from_tables(tables)
-            if percpu_maps:
-                self.bal_pcm = XdpBalancer.from_tables(tables, extra_cflags=[CONN_PERCPU_MAPS_CFLAG])
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        for b in (self.bal, self.bal_pcm):
-            if b is not None:
-                b.close()
-        self.bal = self.bal_pcm = None
+        if self.bal is not None:
+            self.bal.close()
+        self.bal = None
         if self.gen is not None:
             self.gen.close()
             self.gen = None
@@ -455,25 +400,17 @@ class XdpBench:
         self.close()
 
     def fresh_balancers(self) -> None:
-        """Load the balancer(s) again: new maps, so a part starts with connection tables
-        whose element order is a fresh map's, whatever earlier parts did to them."""
-        from lb.bpf_loader import CONN_PERCPU_MAPS_CFLAG, XdpBalancer
+        """Load the balancer again: new maps, whatever earlier parts did to them."""
+        from lb.bpf_loader import XdpBalancer
 
         tables = compile_tables(bench_config("02:00:00:00:00:01", self.conn_table_size))
-        had_pcm = self.bal_pcm is not None
-        for b in (self.bal, self.bal_pcm):
-            if b is not None:
-                b.close()
-        self.bal = self.bal_pcm = None
+        if self.bal is not None:
+            self.bal.close()
+        self.bal = None
         self.bal = XdpBalancer.from_tables(tables)
-        if had_pcm:
-            self.bal_pcm = XdpBalancer.from_tables(tables, extra_cflags=[CONN_PERCPU_MAPS_CFLAG])
 
     def set_gateway(self, mac: str) -> None:
-        tables = compile_tables(bench_config(mac, self.conn_table_size))
-        for b in (self.bal, self.bal_pcm):
-            if b is not None:
-                b.load_tables(tables)
+        self.bal.load_tables(compile_tables(bench_config(mac, self.conn_table_size)))
 
     # --- one run ---------------------------------------------------------------------
 
@@ -541,14 +478,13 @@ class XdpBench:
     # --- one cell: programs side by side ---------------------------------------------
 
     def warm(self, bed: Bed, progs: Sequence[Program], family: int, flows: int) -> None:
-        """One pass over all flows through every program (fills the connection tables, in
-        flow order; measured frames are hits), warm_frames at least. The tables are
-        empty: :meth:`cell` resets them after each cell."""
+        """One pass over all flows through every program (fills the connection tables;
+        measured frames are hits), warm_frames at least. The tables are empty:
+        :meth:`cell` clears them after each cell."""
         mode = bed.mode
         if bed.topology and mode != "softirq":
             # (b) threaded: frames are lost before the balancer, so the warm-up would
-            # insert flows out of order (and the reset could not restore a fresh map's
-            # element order); warm with everything on one CPU, lossless, then measure
+            # miss flows; warm with everything on one CPU, lossless, then measure
             bed.set_mode("softirq")
         try:
             self._warm(bed, progs, family, flows)
@@ -559,7 +495,7 @@ class XdpBench:
     def _warm(self, bed: Bed, progs: Sequence[Program], family: int, flows: int) -> None:
         for p in progs:
             if p.uses_lru:
-                drain_conn_tables(p.bal)  # normally empty already (a few ms to check)
+                p.bal.clear_conn_table()  # normally empty already
         for p in progs:
             if p.uses_lru:
                 self.gen.reset_counters()  # flow numbering from 0: inserts in flow order
@@ -593,7 +529,7 @@ class XdpBench:
                                f"{self.load_high}: measuring again[/yellow]")
         for p in progs:
             if p.uses_lru:
-                reset_conn_table(p.bal, flow_keys(family, flows, p.dst), self.gen_cpu)
+                p.bal.clear_conn_table()
         best = min(attempts, key=lambda a: max(a["load_before"][0], a["load_after"][0]))
         return {"runs": best["runs"], "load_before": best["load_before"],
                 "load_after": best["load_after"], "load_high": best["load_high"],
@@ -949,7 +885,7 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
 
                 top = perf_top(xb.gen_cpu, go)
                 if p.uses_lru:
-                    reset_conn_table(p.bal, flow_keys(4, flows, vip), xb.gen_cpu)
+                    p.bal.clear_conn_table()
                 packets, kseconds = res["r"]
                 out["profiles"].append({"flows": flows, "program": p.label, "top": top,
                                         "kernel_mpps_under_perf": packets / kseconds / 1e6})
@@ -958,46 +894,6 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
                         f"{sym.split()[-1]} {pct:.1f}%" for pct, sym in top[:8]))
         xb.gen.detach_tail_call()
     return out
-
-
-def part_d(xb: XdpBench, families: Sequence[int], flow_counts: Sequence[int]) -> list[dict[str, Any]]:
-    """(d) connection-table layouts side by side, LRU VIP, harness (a), sink in softirq."""
-    if xb.bal_pcm is None:
-        raise RuntimeError("part d needs the per-CPU-maps balancer (percpu_maps=True)")
-    rows = []
-    with Bed(xb.gen, False, xb.gen_cpu, xb.other_cpu) as bed:
-        xb.set_gateway(bed.gateway_mac)
-        stub_fd = xb.gen.configure_tx_stub(bed.b.mac_bytes)
-        bed.set_mode("softirq")
-        for family in families:
-            for flows in flow_counts:
-                vip = VIPS[(family, "lru")]
-                progs = [Program("stub", stub_fd, vip),
-                         Program("no_common_lru", xb.bal.prog_fd, vip, xb.bal, True),
-                         Program("percpu_maps", xb.bal_pcm.prog_fd, vip, xb.bal_pcm, True)]
-                cell = xb.cell(bed, progs, family, flows)
-                a, b = summarize(cell, "no_common_lru"), summarize(cell, "percpu_maps")
-                pair = [y.kernel_mpps / x.kernel_mpps for x, y in zip(cell["runs"]["no_common_lru"],
-                                                                      cell["runs"]["percpu_maps"])]
-                row = {"part": "d", "family": family, "flows": flows,
-                       "frame_bytes": frame_size(family), "stub_mpps": a["base_mpps"],
-                       "no_common_lru": a, "percpu_maps": b,
-                       "percpu_over_no_common": _median(pair), "percpu_over_no_common_runs": pair,
-                       "load_before": cell["load_before"], "load_after": cell["load_after"],
-                       "load_high": cell["load_high"], "reruns": cell["reruns"],
-                       "runs": {p: [r.as_dict() for r in v] for p, v in cell["runs"].items()}}
-                rows.append(row)
-                xb.console.print(
-                    f"  (d) v{family} {flows:>9,} flows stub {a['base_mpps']:.2f} "
-                    f"no_common_lru {a['mpps']:.2f} (hit {a['lru_hit_ratio']}) "
-                    f"percpu_maps {b['mpps']:.2f} (hit {b['lru_hit_ratio']}) "
-                    f"percpu/no_common {row['percpu_over_no_common']:.3f} load {_load(a)}")
-        xb.gen.detach_tail_call()
-    return rows
-
-
-# ---------------------------------------------------------------------------------------
-# tables
 
 
 def _f(x: Any, fmt: str = "{:.2f}") -> str:
@@ -1063,30 +959,10 @@ def table_c(rows: list[dict[str, Any]], a_rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def table_d(rows: list[dict[str, Any]], gen_cpu: int) -> Table:
-    t = Table(title="(d) connection table: LRU_HASH + BPF_F_NO_COMMON_LRU (default) vs "
-                    f"per-CPU inner LRU_HASH maps (ARRAY_OF_MAPS); LRU VIP, harness (a), CPU {gen_cpu}")
-    for col in ("fam", "flows", "no-bal Mpps", "NO_COMMON_LRU Mpps", "ratio", "hit",
-                "per-CPU maps Mpps", "ratio", "hit", "per-CPU / NO_COMMON", "load 1m"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
-        a, b = r["no_common_lru"], r["percpu_maps"]
-        t.add_row(f"v{r['family']}", f"{r['flows']:,}", _f(r["stub_mpps"]), _f(a["mpps"]),
-                  _f(a["ratio"], "{:.3f}"), _f(a["lru_hit_ratio"], "{:.4f}"), _f(b["mpps"]),
-                  _f(b["ratio"], "{:.3f}"), _f(b["lru_hit_ratio"], "{:.4f}"),
-                  _f(r["percpu_over_no_common"], "{:.3f}"), _load(a))
-    return t
-
-
-# ---------------------------------------------------------------------------------------
-# main
-
-
 def run_bpf_parts(xb: XdpBench, parts: set[str], flow_counts: Sequence[int], kinds: Sequence[str],
-                  modes_a: Sequence[str]) -> tuple[list, list, list]:
+                  modes_a: Sequence[str]) -> tuple[list, list]:
     rows_a: list[dict[str, Any]] = []
     rows_b: list[dict[str, Any]] = []
-    rows_d: list[dict[str, Any]] = []
     if "a" in parts:
         rows_a = part_a(xb, FAMILIES, flow_counts, kinds, modes_a)
         xb.console.print(table_a(rows_a, xb.gen_cpu, xb.other_cpu))
@@ -1095,12 +971,7 @@ def run_bpf_parts(xb: XdpBench, parts: set[str], flow_counts: Sequence[int], kin
             xb.fresh_balancers()
         rows_b = part_b(xb, FAMILIES, flow_counts, kinds, list(MODES))
         xb.console.print(table_b(rows_b, xb.other_cpu))
-    if "d" in parts:
-        if rows_a or rows_b:  # both layouts from fresh maps, or the comparison is skewed
-            xb.fresh_balancers()
-        rows_d = part_d(xb, FAMILIES, [f for f in flow_counts if f >= 1_000])
-        xb.console.print(table_d(rows_d, xb.gen_cpu))
-    return rows_a, rows_b, rows_d
+    return rows_a, rows_b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1111,8 +982,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help=f"where to write results (default {DEFAULT_JSON})")
     ap.add_argument("--quick", action="store_true",
                     help="1 rep of 1M frames, 1k and 100k flows, LRU VIP only, sink in softirq for (a)")
-    ap.add_argument("--parts", default="a,b,c,d,p,s,t",
-                    help="comma-separated subset of a,b,c,d,p,s,t (p: profile, where the time "
+    ap.add_argument("--parts", default="a,b,c,p,s,t",
+                    help="comma-separated subset of a,b,c,p,s,t (p: profile, where the time "
                          "goes; s: side by side with Katran; t: stage costs)")
     ap.add_argument("--katran", type=Path, default=None,
                     help="a Katran source tree (checkout or git dir): its balancer joins part s")
@@ -1149,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=max(200, shutil.get_terminal_size().columns))
     load_start = loadavg()
-    console.print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; generator (+ program in (a)/(d)/(s)/(t)) on "
+    console.print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; generator (+ program in (a)/(s)/(t)) on "
                   f"CPU {gen_cpu}; threaded NAPI kthreads and the userspace datapath on CPU "
                   f"{other_cpu}; load average {load_start}")
     data: dict[str, Any] = {
@@ -1164,22 +1035,21 @@ def main(argv: list[str] | None = None) -> int:
     rows_a: list[dict[str, Any]] = []
     rows_b: list[dict[str, Any]] = []
     rows_c: list[dict[str, Any]] = []
-    rows_d: list[dict[str, Any]] = []
     profile: dict[str, Any] = {}
     rows_s: list[dict[str, Any]] = []
     rows_t: list[dict[str, Any]] = []
-    if parts & {"a", "b", "d", "p", "s", "t"}:
+    if parts & {"a", "b", "p", "s", "t"}:
         with XdpBench(gen_cpu=gen_cpu, other_cpu=other_cpu, frames=frames, reps=reps,
-                      percpu_maps=bool(parts & {"d", "s"}), load_high=args.load_high,
+                      load_high=args.load_high,
                       max_reruns=args.max_reruns, console=console) as xb:
             data["balancer_prog"] = xb.bal.prog_info()
-            rows_a, rows_b, rows_d = run_bpf_parts(xb, parts, flow_counts, kinds, modes_a)
+            rows_a, rows_b = run_bpf_parts(xb, parts, flow_counts, kinds, modes_a)
             if "p" in parts:
-                if parts & {"a", "b", "d"}:
+                if parts & {"a", "b"}:
                     xb.fresh_balancers()
                 profile = part_p(xb, [f for f in flow_counts if f in (1_000, 100_000)] or flow_counts[:1])
             if parts & {"s", "t"}:
-                if parts & {"a", "b", "d", "p"}:
+                if parts & {"a", "b", "p"}:
                     xb.fresh_balancers()
                 rows_s, rows_t = xc.run_compare_parts(xb, parts, side_flows, rounds, args.round_frames,
                                                       args.katran, data)
@@ -1187,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
         rows_c = part_c(None, FAMILIES, flow_counts, kinds, other_cpu, console=console)
         console.print(table_c(rows_c, rows_a))
 
-    data.update(part_a=rows_a, part_b=rows_b, part_c=rows_c, part_d=rows_d, profile=profile,
+    data.update(part_a=rows_a, part_b=rows_b, part_c=rows_c, profile=profile,
                 part_s=rows_s, part_t=rows_t, load_end=loadavg())
     summary = []
     for r in rows_a:

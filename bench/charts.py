@@ -29,7 +29,7 @@ PATHS = {"LRU VIP (hit)": ("parse", "vip_lookup", "conn_table", "encap"),
 # program -> (colour, line style, marker)
 STYLES = {"stub": ("black", "--", "o"), "katran": ("#d62728", "-", "s"),
           "katran_lru_bypass": ("#ff7f0e", ":", "D"), "lru": ("#1f77b4", "-", "^"),
-          "lru_bypass": ("#17becf", ":", "v"), "percpu_maps": ("#2ca02c", "-.", "P")}
+          "lru_bypass": ("#17becf", ":", "v")}
 
 
 def _pyplot():

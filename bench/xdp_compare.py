@@ -41,7 +41,7 @@ STAGE_FLOWS = (1_000, 100_000)
 ROUNDS = 15
 ROUND_FRAMES = 300_000
 LABELS = {"stub": "no balancer", "katran": "Katran", "katran_lru_bypass": "Katran lru_bypass",
-          "lru": "ours (default)", "lru_bypass": "ours lru_bypass", "percpu_maps": "ours percpu_maps"}
+          "lru": "ours (default)", "lru_bypass": "ours lru_bypass"}
 STAGES = ("parse", "vip_lookup", "conn_table", "ring", "encap")
 # stage -> (program, base program) of part t
 STAGE_PAIRS = {"parse": ("s1", "stub"), "vip_lookup": ("s2", "s1"), "conn_table": ("s3", "s2"),
@@ -91,8 +91,6 @@ def side_programs(xb: bx.XdpBench, stub_fd: int, family: int,
                   bx.Program("katran_lru_bypass", katran.prog_fd, bypass)]
     progs += [bx.Program("lru", xb.bal.prog_fd, lru, xb.bal, True),
               bx.Program("lru_bypass", xb.bal.prog_fd, bypass, xb.bal)]
-    if xb.bal_pcm is not None:
-        progs.append(bx.Program("percpu_maps", xb.bal_pcm.prog_fd, lru, xb.bal_pcm, True))
     return progs
 
 

@@ -265,6 +265,15 @@ class XdpPort:
         self.sizes = Sizes.of(bal)
         self._one = (1).to_bytes(4, "little")
         self._zeros = bytes(8 * bal.ncpus)
+        # vip_map writes not yet in the program's VIP index: a run of Put/DeleteVip is
+        # published in one switch, before the next other write (so the reconciler's
+        # order still holds) or at commit
+        self._vips_unpublished = False
+
+    def _publish_vips(self) -> None:
+        if self._vips_unpublished:
+            self.bal.publish_vips()
+            self._vips_unpublished = False
 
     def _fd(self, name: str) -> int:
         return self.bal.map_fd(name)
@@ -312,6 +321,15 @@ class XdpPort:
     # writes
     def apply(self, op: Op) -> None:
         B = self._B
+        if isinstance(op, PutVip):
+            B.map_update(self._fd("vip_map"), op.key, op.new)
+            self._vips_unpublished = True
+            return
+        if isinstance(op, DeleteVip):
+            B.map_delete(self._fd("vip_map"), op.key)
+            self._vips_unpublished = True
+            return
+        self._publish_vips()
         if isinstance(op, WriteReal):
             B.map_update(self._fd("reals"), op.real_id.to_bytes(4, "little"), op.new)
         elif isinstance(op, WriteCtl):
@@ -324,10 +342,6 @@ class XdpPort:
             B.map_update(self._fd("vip_addrs"), op.key, self._one)
         elif isinstance(op, DeleteVipAddr):
             B.map_delete(self._fd("vip_addrs"), op.key)
-        elif isinstance(op, PutVip):
-            B.map_update(self._fd("vip_map"), op.key, op.new)
-        elif isinstance(op, DeleteVip):
-            B.map_delete(self._fd("vip_map"), op.key)
         elif isinstance(op, PutEntry):
             B.map_update(self._fd(op.table), op.key, op.new)
         elif isinstance(op, DeleteEntry):
@@ -340,7 +354,7 @@ class XdpPort:
             raise TypeError(f"unknown op {op!r}")
 
     def commit(self) -> None:
-        pass
+        self._publish_vips()
 
     # stats
     def read_stats(self) -> Stats:
@@ -348,8 +362,7 @@ class XdpPort:
         return Stats(dict(s.counters), s.vip.astype(np.int64), s.real.astype(np.int64))
 
     def conn_count(self) -> int:
-        keys, _ = self.bal.conn_table_entries()
-        return int(len(keys))
+        return self.bal.conn_table_count()
 
     def conn_entries(self, limit: int) -> list[ConnEntry]:
         keys, values = self.bal.conn_table_entries()

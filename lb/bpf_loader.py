@@ -29,20 +29,17 @@ import numpy as np
 from lb import constants, layout
 from lb.c_header import c_flags
 from lb.datapath_tables import routing_tables
+from lb.vip_index import conn_set_index
+from lb.xdp_maps import ConnSets, VipIndex
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
-    BPF_F_NO_COMMON_LRU,
     BPF_F_NO_PREALLOC,
     BPF_MAP_TYPE_ARRAY,
-    BPF_MAP_TYPE_ARRAY_OF_MAPS,
     BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_LPM_TRIE,
-    BPF_MAP_TYPE_LRU_HASH,
     BPF_MAP_TYPE_PERCPU_ARRAY,
-    map_create,
     map_delete,
-    map_fd_by_id,
     map_info,
     map_keys,
     map_lookup,
@@ -58,11 +55,6 @@ from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, xdp_attach, xd
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PROG_NAME = "balancer_xdp"
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-
-# Compile-time flag (extra_cflags) selecting the connection-table layout of xdp/maps.h:
-# per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS indexed by CPU (Katran's layout)
-# instead of one LRU_HASH with BPF_F_NO_COMMON_LRU. bench/bench_xdp.py measures both.
-CONN_PERCPU_MAPS_CFLAG = "-DLB_CONN_PERCPU_MAPS"
 
 
 class XdpError(RuntimeError):
@@ -93,20 +85,25 @@ class BalancerStats:
     real: np.ndarray
 
 
-# Map name -> (type, key size, value size, flags); max_entries from the sizes.
+# Map name -> (type, key size, value size, max_entries, flags).
 def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: int,
-               ncpus: int, conn_percpu_maps: bool = False
-               ) -> dict[str, tuple[int, int, int, int, int]]:
+               ncpus: int) -> dict[str, tuple[int, int, int, int, int]]:
     cols = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
-    conn_entries = conn_table_size * ncpus
-    specs = {
+    conn_set = layout.CONN_ENTRY.itemsize * constants.CONN_WAYS
+    return {
         "vip_map": (BPF_MAP_TYPE_HASH, layout.VIP_KEY.itemsize, layout.VIP_META.itemsize,
                     max_vips, 0),
+        "vip_slots": (BPF_MAP_TYPE_ARRAY, 4, layout.VIP_SLOT.itemsize,
+                      2 * constants.vip_slots(max_vips), 0),
+        "lb_runtime": (BPF_MAP_TYPE_ARRAY, 4, layout.RUNTIME.itemsize, 1, BPF_F_MMAPABLE),
         "vip_addrs": (BPF_MAP_TYPE_HASH, layout.VIP_ADDR_KEY.itemsize, 4, max_vips, 0),
         "reals": (BPF_MAP_TYPE_ARRAY, 4, layout.REAL.itemsize, max_reals, 0),
         "ch_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, max_vips * ring_size, BPF_F_MMAPABLE),
-        "conn_table": (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
-                       layout.CONN_VALUE.itemsize, conn_entries, BPF_F_NO_COMMON_LRU),
+        "conn_sets": (BPF_MAP_TYPE_ARRAY, 4, conn_set,
+                      ncpus * constants.conn_sets(conn_table_size), BPF_F_MMAPABLE),
+        "conn_keys": (BPF_MAP_TYPE_ARRAY, 4, layout.FLOW_KEY.itemsize,
+                      ncpus * constants.conn_sets(conn_table_size) * constants.CONN_WAYS,
+                      BPF_F_MMAPABLE),
         "ctl": (BPF_MAP_TYPE_ARRAY, 4, layout.CTL.itemsize, 1, 0),
         "quic_servers": (BPF_MAP_TYPE_HASH, 4, 4, constants.MAX_QUIC_SERVER_IDS, 0),
         "src_routes_v4": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V4_KEY.itemsize, 4,
@@ -117,12 +114,6 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
         "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * cols, 0),
     }
-    if conn_percpu_maps:
-        # conn_table[cpu] -> that CPU's LRU_HASH (conn_inner is the template and CPU 0's)
-        specs["conn_table"] = (BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, ncpus, 0)
-        specs["conn_inner"] = (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
-                               layout.CONN_VALUE.itemsize, conn_table_size, 0)
-    return specs
 
 
 class XdpBalancer:
@@ -151,10 +142,7 @@ class XdpBalancer:
         self.ncpus = possible_cpus()
         self.pin_dir = str(pin_dir) if pin_dir is not None else None
         self.extra_cflags = list(extra_cflags)
-        self.conn_percpu_maps = CONN_PERCPU_MAPS_CFLAG in self.extra_cflags
-        self._specs = _map_specs(ring_size, max_vips, max_reals, conn_table_size, self.ncpus,
-                                 self.conn_percpu_maps)
-        self._conn_fds: list[int] = []  # per-CPU inner tables (conn_percpu_maps only)
+        self._specs = _map_specs(ring_size, max_vips, max_reals, conn_table_size, self.ncpus)
         self._attached: tuple[str, int, str | None] | None = None  # (ifname, flags, netns)
         self._rings_mm: mmap.mmap | None = None
         self._rings: np.ndarray | None = None
@@ -165,8 +153,10 @@ class XdpBalancer:
         self._bpf, self._fn = self._compile(self.pin_dir)
         self.load_seconds = time.monotonic() - t0
         self._map_rings()
-        if self.conn_percpu_maps:
-            self._fill_conn_tables()
+        self._vip_index = VipIndex(self.map_fd("vip_slots"), self.map_fd("lb_runtime"),
+                                   constants.vip_slots(max_vips), map_update_batch)
+        self._conn = ConnSets(self.map_fd("conn_sets"), self.map_fd("conn_keys"), self.ncpus,
+                              conn_table_size)
 
     @classmethod
     def from_tables(cls, tables: Any, **kwargs: Any) -> "XdpBalancer":
@@ -287,9 +277,6 @@ class XdpBalancer:
         pointer in one step, no frame sees "no program". Without pin_dir the maps are
         pinned in a temporary bpffs directory just for the reload."""
         if extra_cflags is not None:
-            if (CONN_PERCPU_MAPS_CFLAG in extra_cflags) != self.conn_percpu_maps:
-                raise XdpError("replace_program cannot change the connection-table layout "
-                               f"({CONN_PERCPU_MAPS_CFLAG}): load a new XdpBalancer")
             self.extra_cflags = list(extra_cflags)
         old_ids = self.map_ids()
         tmp = None
@@ -360,6 +347,7 @@ class XdpBalancer:
         vip_fd = self.map_fd("vip_map")
         keys = _records(tables.vip_keys, layout.VIP_KEY)
         metas = _records(tables.vip_metas, layout.VIP_META)
+        self._vip_index.publish(keys, metas)
         new_vips = set()
         for k, m in zip(keys, metas):
             map_update(vip_fd, k, m)
@@ -430,50 +418,31 @@ class XdpBalancer:
             real=self._percpu_sum("real_stats").reshape(self.max_reals, cols),
         )
 
-    def _fill_conn_tables(self) -> None:
-        """conn_percpu_maps: make sure conn_table[cpu] holds a table for every CPU (CPU 0:
-        the template conn_inner; others created here, or found again in pinned maps) and
-        keep an fd of each."""
-        outer = self.map_fd("conn_table")
-        mtype, ksz, vsz, entries, flags = self._specs["conn_inner"]
-        fds = []
-        for cpu in range(self.ncpus):
-            key = cpu.to_bytes(4, "little")
-            inner_id = map_lookup(outer, key, 4)
-            if inner_id is not None:
-                fds.append(map_fd_by_id(int.from_bytes(inner_id, "little")))
-                continue
-            if cpu == 0:
-                fd = os.dup(self.map_fd("conn_inner"))
-            else:
-                fd = map_create(mtype, ksz, vsz, entries, flags, f"conn_cpu{cpu}")
-            map_update(outer, key, fd.to_bytes(4, "little"))
-            fds.append(fd)
-        self._conn_fds = fds
-
-    def conn_table_fds(self) -> list[int]:
-        """fds of the connection table(s): one LRU_HASH, or one per CPU with
-        conn_percpu_maps (owned by this object: do not close)."""
-        if self.conn_percpu_maps:
-            return list(self._conn_fds)
-        return [self.map_fd("conn_table")]
+    def publish_vips(self) -> None:
+        """Rebuild the program's VIP index from vip_map (after writing vip_map directly,
+        as the control plane's reconciler does)."""
+        fd = self.map_fd("vip_map")
+        keys = map_keys(fd, layout.VIP_KEY.itemsize)
+        metas = [map_lookup(fd, k, layout.VIP_META.itemsize) for k in keys]
+        present = [(k, m) for k, m in zip(keys, metas) if m is not None]
+        self._vip_index.publish([k for k, _ in present], [m for _, m in present])
 
     def conn_table_entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Every connection-table entry: (keys as layout.FLOW_KEY, values as
-        layout.CONN_VALUE), index-aligned (all CPUs' tables)."""
-        keys, values, n = b"", b"", 0
-        for fd in self.conn_table_fds():
-            k, v, c = map_lookup_batch(fd, layout.FLOW_KEY.itemsize, layout.CONN_VALUE.itemsize)
-            keys, values, n = keys + k, values + v, n + c
-        return (np.frombuffer(keys, dtype=layout.FLOW_KEY, count=n).copy(),
-                np.frombuffer(values, dtype=layout.CONN_VALUE, count=n).copy())
+        layout.CONN_VALUE), index-aligned."""
+        return self._conn.entries()
+
+    def conn_set_index(self, flow_key: bytes) -> int:
+        """The connection-table set the program uses for a FLOW_KEY (40 bytes)."""
+        return conn_set_index(flow_key, self._vip_index.conn_seed, self._conn.sets)
+
+    def conn_table_count(self) -> int:
+        """Entries in the connection table (all CPUs)."""
+        return self._conn.count()
 
     def clear_conn_table(self) -> int:
-        n = 0
-        for fd in self.conn_table_fds():
-            keys = map_keys(fd, layout.FLOW_KEY.itemsize)
-            n += sum(map_delete(fd, k) for k in keys)
-        return n
+        """Empty the connection table; returns how many entries it had."""
+        return self._conn.clear()
 
     # ---- lifetime -------------------------------------------------------------------------
 
@@ -495,12 +464,13 @@ class XdpBalancer:
         if self._rings_mm is not None:
             self._rings_mm.close()
             self._rings_mm = None
+        for view in ("_vip_index", "_conn"):
+            if getattr(self, view, None) is not None:
+                getattr(self, view).close()
+                setattr(self, view, None)
         if getattr(self, "_bpf", None) is not None:
             self._bpf.cleanup()
             self._bpf = None
-        for fd in self._conn_fds:
-            os.close(fd)
-        self._conn_fds = []
         if unpin and self.pin_dir is not None:
             self.unpin_dir(self.pin_dir)
 

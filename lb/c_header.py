@@ -38,6 +38,8 @@ INSTANCE_DEFAULTS: dict[str, int] = {
     "MAX_REALS": constants.MAX_REALS,
     "CONN_TABLE_SIZE": constants.CONN_TABLE_SIZE,
     "CH_RINGS_SIZE": constants.ch_rings_size(constants.MAX_VIPS, constants.RING_SIZE),
+    "VIP_SLOTS": constants.vip_slots(constants.MAX_VIPS),
+    "CONN_SETS": constants.conn_sets(constants.CONN_TABLE_SIZE),
     "GUE_PORT": constants.GUE_DEFAULT_PORT,  # the port xdp/decap.c decapsulates
     "SINK_MAX_KEYS": constants.SINK_MAX_KEYS,
 }
@@ -128,6 +130,11 @@ def _c_decl(cname: str, name: str, fdt: np.dtype, offset: int) -> str:
         if fdt.itemsize != 16:
             raise ValueError(f"{cname}.{name}: an address field must be 16 bytes")
         decl, align = f"union lb_addr {name}", 4
+    elif fdt.names is not None:  # a nested layout struct
+        inner = [k for k, v in layout.C_STRUCTS.items() if v == fdt]
+        if not inner:
+            raise ValueError(f"{cname}.{name}: nested dtype is not one of layout.C_STRUCTS")
+        decl, align = f"struct {inner[0]} {name}", 4
     elif fdt.subdtype is not None:
         base, shape = fdt.subdtype
         decl, align = f"{_C_TYPES[base.str]} {name}[{shape[0]}]", base.itemsize
@@ -169,7 +176,9 @@ def _struct_lines(cname: str, dtype: np.dtype, pyname: str) -> list[str]:
     members = struct_fields(cname, dtype)
     lines = [f"/* lb.layout.{pyname}: {dtype.itemsize} bytes. */", f"struct {cname} {{"]
     lines += [f"\t{m.decl};" for m in members]
-    lines += ["};", f"_Static_assert(sizeof(struct {cname}) == {dtype.itemsize}, "
+    align = layout.C_ALIGN.get(cname)
+    lines += [f"}} __attribute__((aligned({align})));" if align else "};",
+              f"_Static_assert(sizeof(struct {cname}) == {dtype.itemsize}, "
                     f'"sizeof(struct {cname})");']
     for m in members:
         lines.append(f"_Static_assert(__builtin_offsetof(struct {cname}, {m.name}) == {m.offset} && "
@@ -223,6 +232,8 @@ def c_flags(
         "MAX_REALS": max_reals,
         "CONN_TABLE_SIZE": conn_table_size,
         "CH_RINGS_SIZE": constants.ch_rings_size(max_vips, ring_size),
+        "VIP_SLOTS": constants.vip_slots(max_vips),
+        "CONN_SETS": constants.conn_sets(conn_table_size),
         "LB_NR_CPUS": nr_cpus,
         "LB_PIN_DIR": None if pin_dir is None else f'"{pin_dir}"',
         "GUE_PORT": gue_port,

@@ -16,15 +16,40 @@ MAX_VIPS = 512  # Katran; configurable
 MAX_REALS = 4096  # Katran; configurable
 CONN_TABLE_SIZE = 1 << 20  # connection-table entries per CPU; configurable
 CONN_TABLE_WAYS = 8  # userspace table: entries per bucket (set-associative LRU)
+CONN_WAYS = 4  # XDP connection table: 16-byte entries per set (a set = one cache line)
+CONN_KEY_SLOT_MASK = 3  # low bits of an XDP connection-table tag: the entry's key slot
+VIP_PROBES = 8  # XDP VIP index: a key lies at most this many slots from its home slot
 MAX_FRAME_SIZE = 1514  # largest frame accepted for a VIP, L2 header included; configurable
 
 # --- time ----------------------------------------------------------------------------
 LRU_UDP_TIMEOUT_NS = 30 * 1_000_000_000  # Katran: a UDP entry idle this long is a miss
+# The XDP connection table keeps atime as a u32 in units of 2**CONN_TIME_SHIFT ns
+# (~1.05 ms; wraps after ~52 days, compared modulo 2**32), so an entry is 16 bytes.
+CONN_TIME_SHIFT = 20
+CONN_UDP_TIMEOUT = LRU_UDP_TIMEOUT_NS >> CONN_TIME_SHIFT  # 28610 units = 29.9998 s
 
 # --- hashing (Katran) ----------------------------------------------------------------
 JHASH_INITVAL = 0xDEADBEEF
+# Multiply-xorshift constant of the XDP program's internal table hashes (VIP index,
+# connection-table sets; lb/vip_index.py). Not Katran's, never on the wire.
+MIX_K = 0x9E3779B97F4A7C15
 # The flow-hash seeds are derived from the sizes: jhash_2words(..., ch_rings_size(...))
 # and, for IPv6 sources, jhash(src, 16, max_vips).
+
+
+def vip_slots(max_vips: int) -> int:
+    """Slots in one half of the XDP VIP index: a power of two >= 2 * max_vips (the
+    table is at most half full, so probe chains stay short)."""
+    n = 1
+    while n < 2 * max_vips:
+        n <<= 1
+    return n
+
+
+def conn_sets(conn_table_size: int) -> int:
+    """Sets per CPU in the XDP connection table (conn_table_size entries, CONN_WAYS
+    per set; conn_table_size is a power of two >= CONN_TABLE_WAYS)."""
+    return max(1, conn_table_size // CONN_WAYS)
 
 
 def ch_rings_size(max_vips: int, ring_size: int) -> int:

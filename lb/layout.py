@@ -53,11 +53,6 @@ FLOW_KEY = np.dtype(
     }
 )
 
-# Connection-table value. 16 bytes. ``atime`` in ns of the datapath clock.
-CONN_VALUE = np.dtype(
-    {"names": ["real_id", "atime"], "formats": ["<u4", "<u8"], "offsets": [0, 8], "itemsize": 16}
-)
-
 # Control values (single entry). 36 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
 # network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses.
 CTL = np.dtype(
@@ -88,6 +83,40 @@ QUIC_SERVER = np.dtype(
     {"names": ["server_id", "real_id"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
 )
 
+# VIP index slot (the XDP program's VIP lookup, lb/vip_index.py): a VIP_KEY and its
+# VIP_META, open addressing in an array map. family 0 = empty slot. 32 bytes.
+VIP_SLOT = np.dtype(
+    {
+        "names": ["key", "meta"],
+        "formats": [VIP_KEY, VIP_META],
+        "offsets": [0, 20],
+        "itemsize": 32,
+    }
+)
+
+# Runtime words the datapath reads beside ctl (one entry, mmap-able). ``vip_index``: bit 0
+# = the live half of vip_slots, bits 32-63 = its hash seed (lb/vip_index.py); one aligned
+# u64, so the control plane switches half and seed in one store. ``conn_seed``: the
+# connection table's set-hash seed (random, chosen when the map is new). 16 bytes.
+RUNTIME = np.dtype(
+    {"names": ["vip_index", "conn_seed"], "formats": ["<u8", "<u8"], "offsets": [0, 8],
+     "itemsize": 16}
+)
+
+# Connection-table entry of the XDP program (xdp/generated/lb_shared.h): tag = the flow's 64-bit set
+# hash ^ real_id * MIX_K (lb/vip_index.py) with its low 2 bits the entry's slot in the
+# set's conn_keys, real_id (0 = empty), atime in units of
+# 2**constants.CONN_TIME_SHIFT ns. Four make a set, one cache line. 16 bytes.
+CONN_ENTRY = np.dtype(
+    {"names": ["tag", "real_id", "atime"], "formats": ["<u8", "<u4", "<u4"],
+     "offsets": [0, 8, 12], "itemsize": 16}
+)
+
+# A connection-table entry as the control plane reports it (XdpBalancer.conn_table_entries):
+# real id and last access in ns.
+CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],
+                       "offsets": [0, 8], "itemsize": 16})
+
 # name in C (struct <name> in xdp/generated/lb_shared.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {
     "vip_key": VIP_KEY,
@@ -95,10 +124,12 @@ C_STRUCTS: dict[str, np.dtype] = {
     "vip_addr_key": VIP_ADDR_KEY,
     "real_def": REAL,
     "flow_key": FLOW_KEY,
-    "conn_value": CONN_VALUE,
     "ctl_value": CTL,
     "lpm_v4_key": LPM_V4_KEY,
     "lpm_v6_key": LPM_V6_KEY,
+    "vip_slot": VIP_SLOT,
+    "lb_runtime": RUNTIME,
+    "conn_entry": CONN_ENTRY,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or
@@ -108,4 +139,10 @@ C_ADDR_FIELDS: dict[str, tuple[str, ...]] = {
     "vip_addr_key": ("addr",),
     "real_def": ("addr",),
     "flow_key": ("src", "dst"),
+}
+
+# Structs the C side reads as 64-bit words on the stack (where the verifier wants aligned
+# access): C alignment beyond the members' own.
+C_ALIGN: dict[str, int] = {
+    "flow_key": 8,  # xdp/lookup.h hashes it as five u64 words
 }

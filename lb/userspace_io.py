@@ -219,7 +219,7 @@ def _run(  # the loop's whole state, passed once per start/reload
         now = ts[0] * 1_000_000_000 + ts[1]
         process_batch(
             frames[:n], lengths[:n], outs[:n], out_lens[:n], actions[:n], real_ids[:n],
-            *dp_state, now, stats, vip_stats, real_stats,
+            dp_state, now, stats, vip_stats, real_stats,
         )
         loop[L_BATCHES] += 1
         if tx_mode == TX_RING:
@@ -529,7 +529,7 @@ class UserspaceBalancer:
             TX_RING if s.tx_mode == "ring" else TX_SENDMMSG, s.tx_ring, s.tx_ring32,
             s.tx_frame_size, s.tx_frame_count, s.tx_head, msgs, iovs, s.fileno(), self.pollfds,
             self.frames, self.lengths, self.outs, self.out_lens, self.actions, self.real_ids,
-            dp.state_args(), dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
+            dp.state, dp.stats, dp.vip_stats, dp.real_stats, self.ctl, self.loop_counters, self.ts,
         )
 
     def _thread_main(self, ready: threading.Event) -> None:

@@ -83,7 +83,7 @@ def _left_behind() -> set[str]:
 @pytest.fixture(scope="module")
 def xb():
     bench = bx.XdpBench(gen_cpu=GEN_CPU, other_cpu=OTHER_CPU, frames=20_000, reps=1,
-                        conn_table_size=1 << 18, percpu_maps=True, max_reruns=0,
+                        conn_table_size=1 << 18, max_reruns=0,
                         load_high=1e9, warm_frames=5_000)
     yield bench
     bench.close()
@@ -147,20 +147,6 @@ def test_part_b_topology(xb) -> None:
         elif OTHER_CPU != GEN_CPU:  # the balancer runs in B's NAPI kthread
             assert r["bal_cpus"] == [OTHER_CPU]
     assert bx.table_b(rows, OTHER_CPU).row_count == 2
-
-
-@pytest.mark.root
-@pytest.mark.bpf
-@pytest.mark.netns
-def test_part_d_conn_table_layouts(xb) -> None:
-    (r,) = bx.part_d(xb, [6], [1000])
-    for k in ("no_common_lru", "percpu_maps"):
-        assert r[k]["lru_hit_ratio"] == 1.0 and r[k]["mpps"] > 0
-    assert r["percpu_over_no_common"] > 0
-    # the per-CPU layout really is one LRU_HASH per CPU; each cell leaves the tables empty
-    assert len(xb.bal_pcm.conn_table_fds()) == xb.bal_pcm.ncpus
-    for bal in (xb.bal, xb.bal_pcm):
-        assert len(bal.conn_table_entries()[0]) == 0
 
 
 @pytest.mark.root
@@ -240,7 +226,7 @@ def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
     assert data["placement_s_t"]["generator"].startswith(f"CPU {GEN_CPU}")
     assert [(r["family"], r["flows"]) for r in data["part_s"]] == [(4, 1000), (6, 1000)]
     for r in data["part_s"]:
-        assert set(r["programs"]) == {"stub", "lru", "lru_bypass", "percpu_maps"}
+        assert set(r["programs"]) == {"stub", "lru", "lru_bypass"}
         assert "to_katran" not in r["ratios"]
         for label, ratio in r["ratios"]["to_stub"].items():
             assert ratio["n"] == 2 and ratio["q1"] <= ratio["median"] <= ratio["q3"]
@@ -315,8 +301,7 @@ def test_katran_side_by_side(xb) -> None:
         k = r["programs"]["katran"]
         assert k["lru_hit_ratio"] == 1.0 and k["bal_cpus"] == [GEN_CPU] and k["delivered_all"]
         assert r["programs"]["katran_lru_bypass"]["lru_hit_ratio"] is None
-        assert set(r["ratios"]["to_katran"]) == {"stub", "katran_lru_bypass", "lru", "lru_bypass",
-                                                 "percpu_maps"}
+        assert set(r["ratios"]["to_katran"]) == {"stub", "katran_lru_bypass", "lru", "lru_bypass"}
 
 
 # --- the TRex profile ------------------------------------------------------------------------

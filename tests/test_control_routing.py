@@ -338,10 +338,10 @@ def test_userspace_port_reloads_the_routing_tables() -> None:
     cfg = base_config()
     port = UserspacePort(Sizes.of(cfg.settings))
     c = controller(cfg, port)
-    assert sorted(port.dp.quic_ids.tolist()) == [7, 1025, 2049]
+    assert sorted(port.dp.maps.quic.ids.tolist()) == [7, 1025, 2049]
     c.commands.add_routing("quic_servers", {"id": 99, "real": R2})
-    assert sorted(port.dp.quic_ids.tolist()) == [7, 99, 1025, 2049]
-    assert dict(zip(port.dp.quic_ids.tolist(), port.dp.quic_reals.tolist()))[99] == c.core.state.ids.reals[R2]
+    assert sorted(port.dp.maps.quic.ids.tolist()) == [7, 99, 1025, 2049]
+    assert dict(zip(port.dp.maps.quic.ids.tolist(), port.dp.maps.quic.reals.tolist()))[99] == c.core.state.ids.reals[R2]
 
 
 # --- metrics and stats: every counter ----------------------------------------------------------------
@@ -407,7 +407,7 @@ def test_api_quic_servers(env) -> None:
     assert r.status_code == 201 and r.headers["location"] == "/v1/quic-servers/4096" and r.headers["etag"] == '"2"'
     assert QuicServerView.model_validate(r.json()).real_id == ctl.core.state.ids.reals[R2]
     assert api.get("/v1/quic-servers/4096").json()["real"] == R2
-    assert 4096 in port.dp.quic_ids.tolist()
+    assert 4096 in port.dp.maps.quic.ids.tolist()
     r = api.put("/v1/quic-servers", json=[{"id": 1, "real": R1}, {"id": 2, "real": R1}], headers={"If-Match": '"2"'})
     assert r.status_code == 200 and [x["id"] for x in r.json()] == [1, 2] and r.headers["etag"] == '"3"'
     assert quic_map(port) == {1: ctl.core.state.ids.reals[R1], 2: ctl.core.state.ids.reals[R1]}
@@ -487,7 +487,7 @@ def test_api_config_carries_the_routing_tables_and_mtu(env) -> None:
     assert r.status_code == 200, r.text
     got = r.json()["config"]
     assert got["settings"]["mtu"] == 1500 and got["quic_servers"] == [{"id": 77, "real": R2}]
-    assert quic_map(port) == {77: ctl.core.state.ids.reals[R2]} and port.dp.mtu == 1500
+    assert quic_map(port) == {77: ctl.core.state.ids.reals[R2]} and port.dp.maps.ctl.mtu == 1500
     cfg["quic_servers"] = [{"id": 77, "real": "198.19.9.9"}]
     r = api.put("/v1/config", json=cfg)
     assert r.status_code == 422 and "quic_servers[0].real" in problems(r)

@@ -40,7 +40,8 @@ MAP_TYPES = {
     "vip_map": (layout.VIP_KEY, layout.VIP_META),
     "vip_addrs": (layout.VIP_ADDR_KEY, None),
     "reals": (None, layout.REAL),
-    "conn_table": (layout.FLOW_KEY, layout.CONN_VALUE),
+    "vip_slots": (None, layout.VIP_SLOT),
+    "lb_runtime": (None, layout.RUNTIME),
     "ctl": (None, layout.CTL),
 }
 

@@ -16,6 +16,7 @@
 #include "encap.h"
 #include "icmp.h"
 #include "quic.h"
+#include "lookup.h"
 
 /* Benchmark only (bench/xdp_compare.py, part t): -DLB_STOP_AFTER_STAGE=n ends every frame
  * that gets that far with XDP_TX right after stage n (1 parsing, without the VIP lookups;
@@ -71,43 +72,122 @@ static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 		*v += bytes;
 }
 
-/* ---- connection table --------------------------------------------------------------- */
+/* ---- helper-free lookups: the VIP index and the connection table -------------------- */
 
-#ifndef LB_CONN_PERCPU_MAPS
-static __always_inline struct conn_value *conn_lookup(struct flow_key *flow)
+static __always_inline struct lb_runtime *runtime(void)
 {
-	return conn_table.lookup(flow);
+	__u32 zero = 0;
+
+	return lb_runtime.lookup(&zero);
 }
 
-static __always_inline void conn_update(struct flow_key *flow, struct conn_value *val)
+/* The VIP of k in the live half of the index (lb/vip_index.py), or NULL. */
+static __always_inline struct vip_meta *vip_find(const struct vip_words *k)
 {
-	conn_table.update(flow, val);
+	struct lb_runtime *rt = runtime();
+	struct vip_slot *s;
+	__u32 base, home, idx;
+	__u64 sel;
+	int i;
+
+	if (!rt)
+		return NULL;
+	sel = rt->vip_index; /* one load: half and seed belong together */
+	base = (sel & 1) * VIP_SLOTS;
+	home = vip_words_hash(k, sel >> 32);
+#pragma unroll
+	for (i = 0; i < VIP_PROBES; i++) {
+		idx = base + ((home + i) & (VIP_SLOTS - 1));
+		s = vip_slots.lookup(&idx);
+		if (!s || !s->key.family)
+			return NULL;
+		if (vip_slot_matches(s, k))
+			return &s->meta;
+	}
+	return NULL;
 }
-#else
-/* This CPU's table (xdp/maps.h); NULL only if the loader has not filled the slot, which
- * then behaves as an empty table that cannot be written. */
-static __always_inline void *conn_table_this_cpu(void)
+
+/* flow's set in the connection table, its index (*idx) and the flow's hash (*h), or
+ * NULL. The set is the hash's high 32 bits scaled to the number of sets (any count). */
+static __always_inline struct conn_set *conn_set_of(const struct flow_key *flow, __u64 *h,
+						    __u32 *idx)
 {
-	__u32 cpu = bpf_get_smp_processor_id();
+	struct lb_runtime *rt = runtime();
 
-	return conn_table.lookup(&cpu);
+	if (!rt)
+		return NULL;
+	*h = conn_set_hash(flow, rt->conn_seed);
+	*idx = ((*h >> 32) * LB_CONN_SETS_ALL) >> 32;
+	return conn_sets.lookup(idx);
 }
 
-static __always_inline struct conn_value *conn_lookup(struct flow_key *flow)
+/* The way holding a whole (untorn) entry for the flow of hash h, or -1. */
+static __always_inline int conn_find(const struct conn_set *set, __u64 h)
 {
-	void *t = conn_table_this_cpu();
+	int w;
 
-	return t ? bpf_map_lookup_elem(t, flow) : NULL;
+#pragma unroll
+	for (w = 0; w < CONN_WAYS; w++) {
+		const struct conn_entry *e = &set->way[w];
+
+		if (e->real_id && (e->tag & ~(__u64)CONN_KEY_SLOT_MASK) == conn_tag(h, e->real_id))
+			return w;
+	}
+	return -1;
 }
 
-static __always_inline void conn_update(struct flow_key *flow, struct conn_value *val)
+/* Move way w to the front, shifting the ways before it back by one (recency order). All
+ * in the set's one cache line. */
+static __always_inline void conn_promote(struct conn_set *set, int w)
 {
-	void *t = conn_table_this_cpu();
+	struct conn_entry e = {};
+	int j;
 
-	if (t)
-		bpf_map_update_elem(t, flow, val, BPF_ANY);
+	if (w <= 0)
+		return;
+#pragma unroll
+	for (j = 1; j < CONN_WAYS; j++)
+		if (j == w)
+			e = set->way[j];
+#pragma unroll
+	for (j = CONN_WAYS - 1; j > 0; j--)
+		if (j <= w)
+			set->way[j] = set->way[j - 1];
+	set->way[0] = e;
 }
-#endif
+
+/* Record flow -> real_id as the set's most recent entry: in place if the flow is there
+ * (way w >= 0), else over the least recently used way; its key goes to the conn_keys slot
+ * of the entry it replaces, or to a free one. */
+static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
+				       const struct flow_key *flow, __u64 h, __u32 real_id,
+				       __u64 now)
+{
+	struct conn_entry *e = &set->way[0];
+	__u32 used = 0, slot, ki;
+	struct flow_key *k;
+	int j;
+
+	if (w < 0)
+		w = CONN_WAYS - 1;
+	if (set->way[w].real_id) {
+		slot = set->way[w].tag & CONN_KEY_SLOT_MASK;
+	} else {
+#pragma unroll
+		for (j = 0; j < CONN_WAYS; j++)
+			if (set->way[j].real_id)
+				used |= 1u << (set->way[j].tag & CONN_KEY_SLOT_MASK);
+		slot = !(used & 1) ? 0 : !(used & 2) ? 1 : !(used & 4) ? 2 : 3;
+	}
+	conn_promote(set, w);
+	e->tag = conn_tag(h, real_id) | slot;
+	e->atime = now >> CONN_TIME_SHIFT;
+	e->real_id = real_id;
+	ki = idx * CONN_WAYS + slot;
+	k = conn_keys.lookup(&ki);
+	if (k)
+		*k = *flow;
+}
 
 /* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
 
@@ -196,27 +276,30 @@ static __always_inline struct real_def *src_route_real(const struct flow_key *fl
 
 static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat)
 {
-	struct vip_key vk = {};
+	struct vip_words vk = {};
 	struct vip_meta *meta;
-	struct conn_value *cv;
+	struct conn_set *set = NULL;
 	struct real_def *real = NULL;
 	struct ctl_value *cfg, c;
 	__u32 flags, vip_num, real_id = 0, zero = 0;
-	int use_lru;
+	int use_lru, way = -1;
+	__u64 fh = 0;
+	__u32 set_idx = 0;
 
 	if (pkt->vip_found) {
 		/* found by vip_fast_lookup() with the packet's own port */
 		flags = pkt->vip.flags;
 		vip_num = pkt->vip.vip_num;
 	} else {
-		vk.addr = pkt->flow.dst;
-		vk.port = pkt->flow.dport;
-		vk.proto = pkt->flow.proto;
-		vk.family = pkt->flow.family;
-		meta = vip_map.lookup(&vk);
+		const __u64 *dst = (const __u64 *)&pkt->flow.dst;
+
+		vk.w0 = dst[0];
+		vk.w1 = dst[1];
+		vk.w2 = vip_tail(pkt->flow.dport, pkt->flow.proto, pkt->flow.family);
+		meta = vip_find(&vk);
 		if (!meta) {
-			vk.port = 0;
-			meta = vip_map.lookup(&vk);
+			vk.w2 = vip_tail(0, pkt->flow.proto, pkt->flow.family);
+			meta = vip_find(&vk);
 			if (!meta) {
 				*stat = STAT_PASS_NOT_VIP; /* row 14 */
 				return XDP_PASS;
@@ -239,25 +322,30 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
 	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
-	if (use_lru && !pkt->tcp_syn) {
-		cv = conn_lookup(&pkt->flow);
-		if (cv) {
-			__u32 id = cv->real_id;
+	if (use_lru)
+		set = conn_set_of(&pkt->flow, &fh, &set_idx);
+	if (set && !pkt->tcp_syn) {
+		way = conn_find(set, fh);
+		if (way >= 0 && way < CONN_WAYS) {
+			struct conn_entry *e = &set->way[way];
+			__u32 id = e->real_id;
 			struct real_def *r = reals.lookup(&id);
 
 			if (r && r->family) {
 				if (pkt->flow.proto != IPPROTO_UDP) {
 					real_id = id;
 				} else {
-					__u64 now = bpf_ktime_get_ns();
+					__u32 now = bpf_ktime_get_ns() >> CONN_TIME_SHIFT;
 
-					if (now - cv->atime <= LRU_UDP_TIMEOUT_NS) {
-						cv->atime = now;
+					if (now - e->atime <= CONN_UDP_TIMEOUT) {
+						e->atime = now;
 						real_id = id;
 					}
 				}
-				if (real_id)
+				if (real_id) {
 					real = r;
+					conn_promote(set, way);
+				}
 			}
 		}
 		stat_inc(real_id ? STAT_LRU_HIT : STAT_LRU_MISS);
@@ -289,12 +377,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				return XDP_DROP;
 			}
 		}
-		if (use_lru && !pkt->icmp_err) {
-			struct conn_value nv = {};
-
-			nv.real_id = real_id;
-			nv.atime = bpf_ktime_get_ns();
-			conn_update(&pkt->flow, &nv);
+		if (set && !pkt->icmp_err) {
+			if (pkt->tcp_syn)
+				way = conn_find(set, fh);
+			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
 		}
 	}
 	LB_STOP_AFTER(4);
@@ -369,8 +455,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
  * two. Anything else, a miss included, takes the full path, which reaches the same row.
  * l4 points at the L4 header, l4_room = packet bytes from there on; vk has the address
  * and family filled in. */
-static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_key *vk,
-					    void *l4, void *data_end, __u32 l4_room, __u8 proto)
+static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_words *vk,
+					    void *l4, void *data_end, __u32 l4_room, __u8 proto,
+					    __u8 family)
 {
 	struct l4_ports *ports = l4;
 	struct vip_meta *meta;
@@ -386,9 +473,8 @@ static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_key
 		return;
 	if (l4_room < hlen || l4 + hlen > data_end || (void *)(ports + 1) > data_end)
 		return;
-	vk->port = ports->dest;
-	vk->proto = proto;
-	meta = vip_map.lookup(vk);
+	vk->w2 = vip_tail(ports->dest, proto, family);
+	meta = vip_find(vk);
 	if (!meta)
 		return;
 	pkt->vip = *meta;
@@ -436,12 +522,10 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	ak.addr.v4 = iph->daddr;
 	ak.family = FAMILY_V4;
 	if (iph->ihl == IPV4_HLEN / 4 && !ipv4_is_fragment(iph)) {
-		struct vip_key vk = {};
+		struct vip_words vk = { .w0 = iph->daddr };
 
-		vk.addr.v4 = iph->daddr;
-		vk.family = FAMILY_V4;
 		vip_fast_lookup(pkt, &vk, nh->pos, data_end,
-				bpf_ntohs(iph->tot_len) - IPV4_HLEN, iph->protocol);
+				bpf_ntohs(iph->tot_len) - IPV4_HLEN, iph->protocol, FAMILY_V4);
 	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;
@@ -529,12 +613,11 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	__builtin_memcpy(&ak.addr, &ip6h->daddr, sizeof(ak.addr));
 	ak.family = FAMILY_V6;
 	{
-		struct vip_key vk = {};
+		struct vip_words vk = {};
 
-		vk.addr = ak.addr;
-		vk.family = FAMILY_V6;
+		__builtin_memcpy(&vk, &ak.addr, sizeof(ak.addr));
 		vip_fast_lookup(pkt, &vk, nh->pos, data_end, bpf_ntohs(ip6h->payload_len),
-				ip6h->nexthdr);
+				ip6h->nexthdr, FAMILY_V6);
 	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;

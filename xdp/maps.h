@@ -24,8 +24,17 @@
 	BPF_F_TABLE(_type, _key, _value, _name, _entries, _flags)
 #endif
 
-/* (VIP address, port, proto, family) -> flags and ring number. */
+/* (VIP address, port, proto, family) -> flags and ring number: the canonical VIP set,
+ * written and read back by the control plane. The program reads vip_slots. */
 LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
+
+/* The VIP index the program reads (lb/vip_index.py): two halves of VIP_SLOTS slots,
+ * lb_runtime.vip_index says which one is live. */
+LB_MAP("array", __u32, struct vip_slot, vip_slots, 2 * VIP_SLOTS, 0);
+
+/* Runtime words (layout.RUNTIME), one entry; mmap-able so the control plane switches the
+ * VIP index with one aligned store. */
+LB_MAP("array", __u32, struct lb_runtime, lb_runtime, 1, BPF_F_MMAPABLE);
 
 /* Every address that carries a VIP -> 1. Decides "is this packet for us" before any
  * port is looked at (ICMP echo, options, fragments, oversize). */
@@ -38,23 +47,22 @@ LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
  * mmap-able so the control plane writes slots directly. */
 LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);
 
-#ifndef LB_CONN_PERCPU_MAPS
-/* Connection table: flow -> (real id, last access). One LRU list per CPU
- * (BPF_F_NO_COMMON_LRU); the kernel gives each CPU max_entries / nr_cpus entries,
- * so CONN_TABLE_SIZE is the per-CPU capacity. */
-LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_table,
-       CONN_TABLE_SIZE * LB_NR_CPUS, BPF_F_NO_COMMON_LRU);
-#else
-/* -DLB_CONN_PERCPU_MAPS: Katran's layout instead. conn_table[cpu] is that CPU's own
- * LRU_HASH of CONN_TABLE_SIZE entries (one common LRU each, used by one CPU only).
- * conn_inner is the inner-map template bcc needs in the program; the loader
- * (lb/bpf_loader.py) uses it as CPU 0's table and creates the others. A flow's entry is
- * then seen only by the CPU that wrote it (a flow that moves to another CPU is hashed
- * again), where the default's single table is looked up by every CPU. Not the default:
- * no faster in bench/bench_xdp.py (part d), and that difference in behaviour. */
-LB_MAP("lru_hash", struct flow_key, struct conn_value, conn_inner, CONN_TABLE_SIZE, 0);
-LB_MAP("array_of_maps$conn_inner", int, int, conn_table, LB_NR_CPUS, 0);
+/* Connection table: CONN_SETS * LB_NR_CPUS sets (CONN_TABLE_SIZE entries per CPU, as
+ * capacity) of CONN_WAYS 16-byte entries, one cache line per set, shared by every CPU like
+ * the LRU hash it replaces. Ways are kept in recency order (way 0 the most recently used):
+ * a set is LRU, and a lookup reads one cache line and calls no helper. mmap-able so the
+ * control plane reads and clears it directly. conn_keys[set * CONN_WAYS + slot] holds each
+ * entry's flow key (slot: the low bits of its tag); the program writes it with the entry
+ * and never reads it. */
+#if CONN_WAYS > 4
+#error "conn_entry.tag has 2 bits of key slot: CONN_WAYS <= 4"
 #endif
+struct conn_set {
+	struct conn_entry way[CONN_WAYS];
+};
+#define LB_CONN_SETS_ALL ((__u64)CONN_SETS * LB_NR_CPUS)
+LB_MAP("array", __u32, struct conn_set, conn_sets, LB_CONN_SETS_ALL, BPF_F_MMAPABLE);
+LB_MAP("array", __u32, struct flow_key, conn_keys, LB_CONN_SETS_ALL * CONN_WAYS, BPF_F_MMAPABLE);
 
 /* QUIC server id (from the connection id) -> real id. */
 LB_MAP("hash", __u32, __u32, quic_servers, MAX_QUIC_SERVER_IDS, 0);

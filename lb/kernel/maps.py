@@ -17,11 +17,9 @@ from lb.kernel.bpf_attr import address_of as _ptr
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.syscall import (
     BPF_MAP_CREATE,
-    BPF_MAP_DELETE_BATCH,
     BPF_MAP_DELETE_ELEM,
     BPF_MAP_GET_FD_BY_ID,
     BPF_MAP_GET_NEXT_KEY,
-    BPF_MAP_LOOKUP_AND_DELETE_BATCH,
     BPF_MAP_LOOKUP_BATCH,
     BPF_MAP_LOOKUP_ELEM,
     BPF_MAP_UPDATE_BATCH,
@@ -189,45 +187,3 @@ def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 65536
             return b"".join(keys_out), b"".join(values_out), total
         in_batch = ctypes.create_string_buffer(out_batch.raw, len(out_batch.raw))
 
-
-def map_drain(fd: int, key_size: int, value_size: int, chunk: int = 65536) -> int:
-    """Delete every entry of a hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH (a few
-    syscalls for a million entries); returns how many were deleted."""
-    check_buffer_sizes(fd, key_size, value_size)
-    keys = ctypes.create_string_buffer(key_size * chunk)
-    values = ctypes.create_string_buffer(value_size * chunk)
-    token_in = ctypes.create_string_buffer(8)
-    token_out = ctypes.create_string_buffer(8)
-    total, first = 0, True
-    while True:
-        attr = BatchAttr(in_batch=0 if first else _ptr(token_in), out_batch=_ptr(token_out),
-                         keys=_ptr(keys), values=_ptr(values), count=chunk, map_fd=fd)
-        try:
-            bpf_syscall(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr, "map lookup-and-delete batch")
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return total + attr.count
-            raise
-        total += attr.count
-        ctypes.memmove(token_in, token_out, 8)
-        first = False
-
-
-def map_delete_batch(fd: int, keys: bytes, key_size: int) -> int:
-    """BPF_MAP_DELETE_BATCH of ``keys`` (concatenated, ``key_size`` bytes each) in their
-    order, keys not in the map skipped; returns how many were deleted."""
-    buf = ctypes.create_string_buffer(keys, len(keys))
-    n, done, deleted = len(keys) // key_size, 0, 0
-    while done < n:
-        attr = BatchAttr(keys=_ptr(buf) + done * key_size, count=n - done, map_fd=fd)
-        try:
-            bpf_syscall(BPF_MAP_DELETE_BATCH, attr, "map delete batch")
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            deleted += attr.count
-            done += attr.count + 1  # skip the missing key
-            continue
-        deleted += attr.count
-        done += attr.count
-    return deleted

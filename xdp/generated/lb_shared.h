@@ -28,6 +28,12 @@
 #ifndef CH_RINGS_SIZE
 #define CH_RINGS_SIZE 33554944
 #endif
+#ifndef VIP_SLOTS
+#define VIP_SLOTS 1024
+#endif
+#ifndef CONN_SETS
+#define CONN_SETS 262144
+#endif
 #ifndef GUE_PORT
 #define GUE_PORT 6080
 #endif
@@ -36,8 +42,14 @@
 #endif
 
 /* lb.constants, same names (the kernel's own names: values checked). */
+#define CONN_WAYS 4
+#define CONN_KEY_SLOT_MASK 3
+#define VIP_PROBES 8
 #define LRU_UDP_TIMEOUT_NS 30000000000ULL
+#define CONN_TIME_SHIFT 20
+#define CONN_UDP_TIMEOUT 28610
 _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.constants");
+#define MIX_K 11400714819323198485ULL
 #define DEFAULT_TTL 64
 #define IPIP_V4_PREFIX0 172
 #define IPIP_V4_PREFIX1 16
@@ -227,7 +239,7 @@ struct flow_key {
 	__u8 proto;
 	__u8 family;
 	__u8 pad[2];
-};
+} __attribute__((aligned(8)));
 _Static_assert(sizeof(struct flow_key) == 40, "sizeof(struct flow_key)");
 _Static_assert(__builtin_offsetof(struct flow_key, src) == 0 && sizeof(((struct flow_key *)0)->src) == 16, "flow_key.src");
 _Static_assert(__builtin_offsetof(struct flow_key, dst) == 16 && sizeof(((struct flow_key *)0)->dst) == 16, "flow_key.dst");
@@ -236,17 +248,6 @@ _Static_assert(__builtin_offsetof(struct flow_key, dport) == 34 && sizeof(((stru
 _Static_assert(__builtin_offsetof(struct flow_key, proto) == 36 && sizeof(((struct flow_key *)0)->proto) == 1, "flow_key.proto");
 _Static_assert(__builtin_offsetof(struct flow_key, family) == 37 && sizeof(((struct flow_key *)0)->family) == 1, "flow_key.family");
 _Static_assert(__builtin_offsetof(struct flow_key, pad) == 38 && sizeof(((struct flow_key *)0)->pad) == 2, "flow_key.pad");
-
-/* lb.layout.CONN_VALUE: 16 bytes. */
-struct conn_value {
-	__u32 real_id;
-	__u8 pad[4];
-	__u64 atime;
-};
-_Static_assert(sizeof(struct conn_value) == 16, "sizeof(struct conn_value)");
-_Static_assert(__builtin_offsetof(struct conn_value, real_id) == 0 && sizeof(((struct conn_value *)0)->real_id) == 4, "conn_value.real_id");
-_Static_assert(__builtin_offsetof(struct conn_value, pad) == 4 && sizeof(((struct conn_value *)0)->pad) == 4, "conn_value.pad");
-_Static_assert(__builtin_offsetof(struct conn_value, atime) == 8 && sizeof(((struct conn_value *)0)->atime) == 8, "conn_value.atime");
 
 /* lb.layout.CTL: 36 bytes. */
 struct ctl_value {
@@ -286,3 +287,34 @@ struct lpm_v6_key {
 _Static_assert(sizeof(struct lpm_v6_key) == 20, "sizeof(struct lpm_v6_key)");
 _Static_assert(__builtin_offsetof(struct lpm_v6_key, prefixlen) == 0 && sizeof(((struct lpm_v6_key *)0)->prefixlen) == 4, "lpm_v6_key.prefixlen");
 _Static_assert(__builtin_offsetof(struct lpm_v6_key, addr) == 4 && sizeof(((struct lpm_v6_key *)0)->addr) == 16, "lpm_v6_key.addr");
+
+/* lb.layout.VIP_SLOT: 32 bytes. */
+struct vip_slot {
+	struct vip_key key;
+	struct vip_meta meta;
+	__u8 pad[4];
+};
+_Static_assert(sizeof(struct vip_slot) == 32, "sizeof(struct vip_slot)");
+_Static_assert(__builtin_offsetof(struct vip_slot, key) == 0 && sizeof(((struct vip_slot *)0)->key) == 20, "vip_slot.key");
+_Static_assert(__builtin_offsetof(struct vip_slot, meta) == 20 && sizeof(((struct vip_slot *)0)->meta) == 8, "vip_slot.meta");
+_Static_assert(__builtin_offsetof(struct vip_slot, pad) == 28 && sizeof(((struct vip_slot *)0)->pad) == 4, "vip_slot.pad");
+
+/* lb.layout.RUNTIME: 16 bytes. */
+struct lb_runtime {
+	__u64 vip_index;
+	__u64 conn_seed;
+};
+_Static_assert(sizeof(struct lb_runtime) == 16, "sizeof(struct lb_runtime)");
+_Static_assert(__builtin_offsetof(struct lb_runtime, vip_index) == 0 && sizeof(((struct lb_runtime *)0)->vip_index) == 8, "lb_runtime.vip_index");
+_Static_assert(__builtin_offsetof(struct lb_runtime, conn_seed) == 8 && sizeof(((struct lb_runtime *)0)->conn_seed) == 8, "lb_runtime.conn_seed");
+
+/* lb.layout.CONN_ENTRY: 16 bytes. */
+struct conn_entry {
+	__u64 tag;
+	__u32 real_id;
+	__u32 atime;
+};
+_Static_assert(sizeof(struct conn_entry) == 16, "sizeof(struct conn_entry)");
+_Static_assert(__builtin_offsetof(struct conn_entry, tag) == 0 && sizeof(((struct conn_entry *)0)->tag) == 8, "conn_entry.tag");
+_Static_assert(__builtin_offsetof(struct conn_entry, real_id) == 8 && sizeof(((struct conn_entry *)0)->real_id) == 4, "conn_entry.real_id");
+_Static_assert(__builtin_offsetof(struct conn_entry, atime) == 12 && sizeof(((struct conn_entry *)0)->atime) == 4, "conn_entry.atime");
