@@ -33,16 +33,10 @@ from typing import Any
 import numpy as np
 
 from lb import constants as C
-from lb.bpf_loader import (
-    BPF_MAP_TYPE_LRU_HASH,
-    BPFFS,
-    map_create,
-    map_lookup,
-    map_update,
-    map_update_batch,
-    possible_cpus,
-    prog_info,
-)
+from lb.kernel.cpus import possible_cpus
+from lb.kernel.maps import BPF_MAP_TYPE_LRU_HASH, map_create, map_lookup, map_update, map_update_batch
+from lb.kernel.objects import BPFFS
+from lb.kernel.progs import prog_info
 
 BALANCER_SRC = "katran/lib/bpf/balancer.bpf.c"
 PROG_NAME = "balancer_ingress"
