@@ -29,9 +29,12 @@ from typing import Any
 
 import yaml
 
+from lb.constants import XDP_DROP
+from lb.kernel.progs import prog_info
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach, xdp_detach
 from netns.errors import LabError
 from netns.lab import Lab
-from netns.lab_bpf import XDP_DROP, attach_xdp_fd, load_xdp_action, prog_id
+from netns.lab_bpf import load_xdp_action
 from netns.netconfig import ip_batch, link_macs
 
 FLEET_PREFIX = "lbf"
@@ -227,17 +230,16 @@ class FleetLab(Lab):
         h = self.host(name)
         fd = load_xdp_action(XDP_DROP, "fleet_xdp_drop")
         try:
-            self.state["prog_ids"].append(prog_id(fd))
+            self.state["prog_ids"].append(int(prog_info(fd)["id"]))
             self._save()
-            attach_xdp_fd(self.router_ns, h.gw_ifname, fd)
+            xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
         finally:
             os.close(fd)
         for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
             proc = self._procs.get(role)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-        subprocess.run(["ip", "-n", h.ns, "link", "set", "dev", h.ifname, "xdp", "off"], check=True,
-                       capture_output=True, timeout=10)
+        xdp_detach(h.ifname, netns=h.ns)
         for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
             proc = self._procs.get(role)
             if proc is not None:

@@ -48,6 +48,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Self
 
+from lb.constants import XDP_PASS
+from lb.kernel.objects import BPFFS
+from lb.kernel.progs import prog_info
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach
 from netns.datapaths import (
     Backend,
     UserspaceBackend,
@@ -57,8 +61,8 @@ from netns.datapaths import (
     run_userspace,
 )
 from netns.errors import LabError
-from netns.lab_bpf import XDP_PASS, attach_xdp_fd, load_xdp_action, pin_prog_map, prog_id
-from netns.lab_state import STATE_DIR, write_state
+from netns.lab_bpf import load_xdp_action, pin_prog_map
+from netns.lab_state import STATE_DIR, state_path_for, write_state
 from netns.lab_tables import remap_real_ids, with_gateway
 from netns.netconfig import ip_batch, link_macs, tx_checksum_off, write_sysctls
 from netns.processes import proc_start_time, signals_blocked, spawn, wait_ready
@@ -78,7 +82,6 @@ from netns.topology import (
     vips_and_reals,
 )
 
-BPFFS = "/sys/fs/bpf"
 NAME_PREFIX = "lbl"
 LAB_CONN_TABLE_SIZE = 65536  # per CPU; Katran's 1M per CPU would take seconds to allocate
 
@@ -140,7 +143,7 @@ class Lab:
             if weights is not None:
                 raise ValueError("give weights or a config, not both")
             self.weights = None
-        self.state_path = os.path.join(state_dir, f"{self.name}.json")
+        self.state_path = state_path_for(self.name, state_dir)
         self.pin_root = os.path.join(BPFFS, self.name)
         self.log_dir = os.path.join(state_dir, self.name)
         self.state: dict[str, Any] = {
@@ -160,7 +163,7 @@ class Lab:
         self._closed = False
         self.timings: dict[str, float] = {}
 
-    # ---- naming and checks --------------------------------------------------------------
+    # ---- naming --------------------------------------------------------------------------
 
     def _new_name(self) -> str:
         from netns.ns import list_netns, unique_name
@@ -169,7 +172,7 @@ class Lab:
         for _ in range(20):
             name = unique_name(self.name_prefix, maxlen=9)
             if (not any(n.startswith(name) for n in taken)
-                    and not os.path.exists(os.path.join(self.state_dir, f"{name}.json"))
+                    and not os.path.exists(state_path_for(name, self.state_dir))
                     and not os.path.exists(os.path.join(BPFFS, name))):
                 return name
         raise LabError("could not find an unused lab name")
@@ -315,7 +318,7 @@ class Lab:
         # One program for every real (compiling takes seconds); its counters are the sum
         # over reals. Per-real figures come from the balancer and the servers.
         self._decap = DecapProgram("xdp", xdp_mode=self.xdp_mode)
-        self.state["prog_ids"].append(prog_id(self._decap.prog_fd))
+        self.state["prog_ids"].append(int(prog_info(self._decap.prog_fd)["id"]))
         self._save()
         for h in self.reals():
             self._decap.attach(h.ifname, netns=h.ns)
@@ -368,14 +371,14 @@ class Lab:
         # frames only to a peer whose NAPI is on.
         fd = load_xdp_action(XDP_PASS, "lab_xdp_pass")
         try:
-            self.state["prog_ids"].append(prog_id(fd))
+            self.state["prog_ids"].append(int(prog_info(fd)["id"]))
             self._save()
             for h in self.balancers():
-                attach_xdp_fd(self.router_ns, h.gw_ifname, fd)
+                xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
                 if self.datapath == "userspace":
                     # XDP on the balancer's end makes the router's end segment GSO packets
                     # in software: the AF_PACKET datapath then sees wire-size frames.
-                    attach_xdp_fd(h.ns, h.ifname, fd)
+                    xdp_attach(h.ifname, fd, XDP_FLAGS_DRV_MODE, netns=h.ns)
         finally:
             os.close(fd)  # the attachments hold the program
         cfg = self._initial_config()

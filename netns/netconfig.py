@@ -7,6 +7,7 @@ import json
 import subprocess
 from collections.abc import Mapping, Sequence
 
+from lb.kernel.netns import run_in_netns
 from netns.errors import LabError
 
 
@@ -35,8 +36,6 @@ def link_macs(ns: str) -> dict[str, str]:
 def write_sysctls(ns: str, values: Mapping[str, str | int]) -> None:
     """Write net.* sysctls inside ``ns`` (a thread that has entered it opens the files:
     /proc/sys/net follows the opener's namespace)."""
-    from netns.ns import run_in_netns
-
     def write() -> None:
         for key, value in values.items():
             path = "/proc/sys/" + key.replace(".", "/")
@@ -55,8 +54,6 @@ def tx_checksum_off(ns: str, ifname: str) -> None:
     the offload the kernel completes the checksum before the frame leaves the router,
     as a real NIC would on the wire. (TSO goes off with it.)"""
     from pyroute2.ethtool import Ethtool
-
-    from netns.ns import run_in_netns
 
     def run() -> None:
         et = Ethtool()

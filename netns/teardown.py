@@ -12,8 +12,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from lb.kernel.progs import prog_exists
 from netns.errors import LabError
-from netns.lab_bpf import prog_exists
 from netns.lab_state import STATE_DIR, load_state, state_path_for, write_state
 from netns.processes import kill, netns_pids, proc_start_time, process_alive, signals_blocked
 

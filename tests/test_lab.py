@@ -26,10 +26,10 @@ import pytest
 
 from lb import layout
 from lb.bpf_loader import map_lookup
+from lb.kernel.progs import prog_exists
 from netns.datapaths import DatapathUnavailable
 from netns.errors import LabError
 from netns.lab import Lab
-from netns.lab_bpf import prog_exists
 from netns.lab_state import list_labs, load_state
 from netns.ns import ALLOWED_NETS, list_netns
 from netns.processes import process_alive
