@@ -161,7 +161,7 @@ class XdpBed:
             self.gen_ns = self.lab.netns("lbfg")
             sink_ns = self.lab.netns("lbfs")
             self.a, self.b = self.lab.veth(self.gen_ns, sink_ns, "lf", queues=1, mtu=1600)
-            self.sink = Sink(self.b)
+            self.sink = Sink(self.b.name, self.b.ns)
             self.lab.on_teardown(self.sink.close)
             self.gen = PacketGenerator()
             for name, extra in SETTINGS.items():

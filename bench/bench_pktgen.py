@@ -77,7 +77,7 @@ class Testbed:
             self.sink_ns: Netns = self.lab.netns("pgs")
             # 1 queue: the sink device has exactly one NAPI instance (one kthread if threaded)
             self.a, self.b = self.lab.veth(self.gen_ns, self.sink_ns, "pg", queues=1)
-            self.sink = Sink(self.b, key=self.sink_key)
+            self.sink = Sink(self.b.name, self.b.ns, key=self.sink_key)
             self.lab.on_teardown(self.sink.close)
         except BaseException:
             self.lab.close()
@@ -167,7 +167,7 @@ def task_cpu_seconds(pid: int) -> float:
 def netns_entry_overhead(ns: Netns, reps: int = 5) -> dict[str, float]:
     """What entering the generator's namespace costs: a thread + setns (what
     PacketGenerator.run does) against a subprocess through ``ip netns exec``."""
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     def t(fn) -> float:
         xs = []

@@ -57,10 +57,11 @@ from lb.afpacket import set_offload
 from lb.bpf_loader import XdpBalancer
 from lb.config import parse_config
 from lb.datapath import UserspaceDatapath
+from lb.kernel.netns import run_in_netns
 from lb.pktgen import PacketGenerator, Sink, build_frame
 from lb.state import compile_tables
 from lb.userspace_io import UserspaceBalancer
-from netns.ns import Lab, napi_thread_cpu, run_in_netns
+from netns.ns import Lab, napi_thread_cpu
 
 VIP = "198.18.100.1"
 FRAME = 64
@@ -94,7 +95,7 @@ class Bed:
         self.a, self.b = lab.veth(self.gen_ns, self.bal_ns, "lb", queues=1)
         # NAPI on B (live frames reach a veth peer only through its NAPI)
         run_in_netns(self.bal_ns, set_offload, self.b.name, "gro", True)
-        self.sink = Sink(self.a)
+        self.sink = Sink(self.a.name, self.a.ns)
         lab.on_teardown(self.sink.close)
         self.tables = make_tables(self.a.mac)
         frame = build_frame(4, "tcp", FRAME, dst=VIP, dport=80, src_mac=bytes.fromhex("02000000c1e7"),

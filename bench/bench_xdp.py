@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import ipaddress
 import os
 import shutil
@@ -90,9 +89,13 @@ from bench.bench_pktgen import cpu_model, loadavg, task_cpu_seconds
 from bench.common import report
 from lb import constants as C
 from lb.config import parse_config
+from lb.kernel.maps import map_delete_batch, map_drain, map_lookup
+from lb.kernel.netns import netns_path, run_in_netns
+from lb.kernel.testrun import test_run
+from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach, xdp_detach
 from lb.pktgen import PacketGenerator, Sink, build_frame
 from lb.state import compile_tables
-from netns.ns import Iface, Lab, Netns, run_in_netns
+from netns.ns import Iface, Lab, Netns
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "xdp.json"
 
@@ -117,10 +120,8 @@ V4_ADDR_FLOWS_MAX = 120_000  # 198.18.0.1 + 120k stays below the VIPs in 198.19.
 STUB_SRC_MAC = bytes.fromhex("02000000c1e7")  # the "client side" MAC in harness (a)
 ACK = 0x10
 
-BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 # names of every namespace this process's test beds made (tests check they are gone)
 NETNS_MADE: list[str] = []
-BPF_MAP_DELETE_BATCH = 27
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,62 +224,11 @@ def flow_keys(family: int, flows: int, dst: str) -> np.ndarray:
 # small kernel helpers
 
 
-class _BatchAttr(ctypes.Structure):
-    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
-                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
-                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
-                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-def drain_map(fd: int, key_size: int, value_size: int, chunk: int = 65536) -> int:
-    """Delete every entry of a hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH (a few
-    syscalls for a million entries); returns how many were deleted."""
-    from lb.bpf_testrun import bpf_syscall
-
-    keys = ctypes.create_string_buffer(key_size * chunk)
-    values = ctypes.create_string_buffer(value_size * chunk)
-    token_in = ctypes.create_string_buffer(8)
-    token_out = ctypes.create_string_buffer(8)
-    total, first = 0, True
-    while True:
-        attr = _BatchAttr(in_batch=0 if first else ctypes.addressof(token_in),
-                          out_batch=ctypes.addressof(token_out), keys=ctypes.addressof(keys),
-                          values=ctypes.addressof(values), count=chunk, map_fd=fd)
-        try:
-            bpf_syscall(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr, "map lookup-and-delete batch")
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return total + attr.count
-            raise
-        total += attr.count
-        ctypes.memmove(token_in, token_out, 8)
-        first = False
-
-
-def delete_keys(fd: int, keys: bytes, key_size: int) -> int:
-    """BPF_MAP_DELETE_BATCH of ``keys`` in their order (keys not in the map skipped);
-    returns how many were deleted."""
-    from lb.bpf_testrun import bpf_syscall
-
-    buf = ctypes.create_string_buffer(keys, len(keys))
-    n, done, deleted = len(keys) // key_size, 0, 0
-    while done < n:
-        attr = _BatchAttr(keys=ctypes.addressof(buf) + done * key_size, count=n - done, map_fd=fd)
-        try:
-            bpf_syscall(BPF_MAP_DELETE_BATCH, attr, "map delete batch")
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            deleted += attr.count
-            done += attr.count + 1  # skip the missing key
-            continue
-        deleted += attr.count
-        done += attr.count
-    return deleted
-
-
 def drain_conn_tables(bal: Any) -> int:
-    return sum(drain_map(fd, 40, 16) for fd in bal.conn_table_fds())
+    from lb import layout
+
+    return sum(map_drain(fd, layout.FLOW_KEY.itemsize, layout.CONN_VALUE.itemsize)
+               for fd in bal.conn_table_fds())
 
 
 def reset_conn_table(bal: Any, keys: np.ndarray, cpu: int) -> int:
@@ -296,36 +246,23 @@ def reset_conn_table(bal: Any, keys: np.ndarray, cpu: int) -> int:
     # reversed as raw rows: numpy's copy of a structured array with gaps (FLOW_KEY has 2
     # padding bytes) leaves the gaps uninitialised, and map keys compare every byte
     rows = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype=np.uint8).reshape(-1, size)
-    n = delete_keys(fd, rows[::-1].tobytes(), size)
+    n = map_delete_batch(fd, rows[::-1].tobytes(), size)
     return n + drain_conn_tables(bal)
 
 
 def balancer_rx_per_cpu(bal: Any) -> np.ndarray:
     """rx_packets of the balancer per CPU (where it ran)."""
-    from lb.bpf_loader import map_lookup
-
     raw = map_lookup(bal.map_fd("stats"), C.STAT_RX_PACKETS.to_bytes(4, "little"), 8 * bal.ncpus)
     return np.frombuffer(raw, dtype=np.uint64).copy()
 
 
-def attach_fd(iface: Iface, fd: int, mode: str = "native") -> None:
-    """Attach XDP program ``fd`` to ``iface`` (replacing what is there)."""
-    from bcc import BPF
-
-    flags = {"native": 1 << 2, "generic": 1 << 1}[mode]
-    fn = BPF.Function(None, b"under_test", fd)  # attach_xdp wants a Function; only .fd is used
-    run_in_netns(iface.ns, BPF.attach_xdp, iface.name.encode(), fn, flags)
-
-
 def detach(iface: Iface, mode: str = "native") -> None:
-    from bcc import BPF
-
-    if iface.ns is not None and not iface.ns.exists:
+    """Remove the XDP program from ``iface``; gone with its interface or namespace is fine."""
+    if iface.ns is not None and not os.path.exists(netns_path(iface.ns)):
         return
-    flags = {"native": 1 << 2, "generic": 1 << 1}[mode]
     try:
-        run_in_netns(iface.ns, BPF.remove_xdp, iface.name.encode(), flags)
-    except Exception:
+        xdp_detach(iface.name, XDP_MODE_FLAGS[mode], iface.ns)
+    except OSError:
         pass  # already gone with its interface
 
 
@@ -358,7 +295,8 @@ class Bed:
             self.a, self.b = self.lab.veth(self.gen_ns, self.far_ns, "lbb", queues=1)
             # (a): the sink counts on B. (b): the program under test sits on B and the
             # sink on A, where XDP_TX from B arrives.
-            self.sink = Sink(self.a if self.topology else self.b)
+            sink_end = self.a if self.topology else self.b
+            self.sink = Sink(sink_end.name, sink_end.ns)
             self.lab.on_teardown(self.sink.close)
             if self.topology:
                 self.lab.on_teardown(lambda: detach(self.b))
@@ -389,7 +327,7 @@ class Bed:
 
     def put_on_b(self, fd: int) -> None:
         if self.attached_fd != fd:
-            attach_fd(self.b, fd)
+            xdp_attach(self.b.name, fd, XDP_MODE_FLAGS["native"], self.b.ns)
             self.attached_fd = fd
 
     def frame(self, family: int, src: str, dst: str) -> bytes:
@@ -836,7 +774,6 @@ def helper_call_ns(cpu: int, repeat: int = 200_000) -> dict[str, float]:
     (__htab_map_lookup_elem, htab_map_hash, lookup_nulls_elem_raw, memcmp)."""
     from bcc import BPF
 
-    from lb.bpf_testrun import test_run
 
     src = b"""
     #include <uapi/linux/bpf.h>
@@ -879,7 +816,6 @@ def map_read_latency_ns(cpu: int, sizes_mb: Sequence[float] = READ_LATENCY_MB,
 
     from bcc import BPF
 
-    from lb.bpf_testrun import test_run
 
     cell = 64
     entries = int(max(sizes_mb) * 2**20) // cell

@@ -249,7 +249,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(store, "attach"):  # a shared store (etcd): follow changes made elsewhere
         store.attach(controller)
     if args.netns:
-        from netns.ns import run_in_netns
+        from lb.kernel.netns import run_in_netns
 
         def factory(fam: int, typ: int) -> socket.socket:
             return run_in_netns(args.netns, plain_socket, fam, typ)

@@ -258,7 +258,7 @@ class XdpPort:
     kind = "xdp"
 
     def __init__(self, bal: Any) -> None:
-        from lb import bpf_loader as B
+        from lb.kernel import maps as B
 
         self._B = B
         self.bal = bal

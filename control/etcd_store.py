@@ -70,7 +70,7 @@ class EtcdClient:
     def _socket(self) -> socket.socket:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         if self.netns:
-            from netns.ns import run_in_netns
+            from lb.kernel.netns import run_in_netns
 
             return run_in_netns(self.netns, socket.socket, fam, socket.SOCK_STREAM)
         return socket.socket(fam, socket.SOCK_STREAM)

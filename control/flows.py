@@ -9,6 +9,8 @@ import struct
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lb.checksum import internet_checksum
+
 __all__ = ["FlowQuery", "flow_frame"]
 
 LB_MAC = bytes.fromhex("020000000001")
@@ -44,16 +46,6 @@ class FlowQuery(BaseModel):
         if bad:
             raise ValueError(f"unknown TCP flag(s) {''.join(bad)!r}; use letters of FSRPAU")
         return v.upper()
-
-
-def internet_checksum(data: bytes) -> int:
-    """RFC 1071 checksum of ``data`` (odd length padded with a zero byte)."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def flow_frame(q: FlowQuery) -> bytes:

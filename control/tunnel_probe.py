@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import ipaddress
 import os
 import socket
@@ -42,6 +41,9 @@ from typing import Self
 from control.health import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
 from lb.config import Settings
+from lb.kernel.netns import in_netns, netns_path
+from lb.kernel.syscall import KernelError
+from lb.kernel.tc import tc_attach, tc_detach
 from lb.state import ctl_array
 
 __all__ = ["DEFAULT_MARK_BASE", "HC_STATS", "TC_PRIORITY", "TunnelEncap", "TunnelProber"]
@@ -52,7 +54,6 @@ PROG_NAME = b"hc_encap_tc"
 DEFAULT_MARK_BASE = 0x4C420000  # "LB" << 16: SO_MARK = base + real id
 TC_PRIORITY = 0x4C42
 TC_HANDLE = 1
-TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress ("ffff:fff3")
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
 # Counter slots of hc_stats; each packet the program sees bumps exactly one.
@@ -166,48 +167,30 @@ class TunnelEncap:
     def attach(self, ifname: str, netns: str | None = None) -> None:
         """tc egress of ``ifname`` (in ``netns``): a clsact qdisc if missing, our filter at
         priority TC_PRIORITY (one left by a previous, killed daemon is replaced)."""
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from lb.decap_loader import in_netns
-
-        with in_netns(netns), IPRoute() as ipr:
+        with in_netns(netns):
             ifindex = socket.if_nametoindex(ifname)
             try:
-                ipr.tc("add", "clsact", ifindex)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise TunnelEncapError(f"adding clsact to {ifname}: {e}") from e
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del-filter", "bpf", ifindex, f":{TC_HANDLE}", parent=TC_EGRESS_PARENT, prio=TC_PRIORITY)
-            try:
-                ipr.tc("add-filter", "bpf", ifindex, f":{TC_HANDLE}", fd=self._fn.fd,
-                       name=self._fn.name.decode(), parent=TC_EGRESS_PARENT, classid=1,
-                       direct_action=True, prio=TC_PRIORITY)
-            except NetlinkError as e:
-                raise TunnelEncapError(f"adding the tc egress filter on {ifname}: {e}") from e
+                tc_attach(ifindex, self._fn.fd, self._fn.name.decode(), TC_PRIORITY,
+                          direction="egress", handle=TC_HANDLE, replace=True)
+            except KernelError as e:
+                raise TunnelEncapError(f"{ifname}: {e}") from e
         self._attached = (ifname, netns, ifindex)
 
     def detach(self) -> None:
         if self._attached is None:
             return
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from lb.decap_loader import in_netns, netns_path
-
         ifname, netns, ifindex = self._attached
         self._attached = None
         if netns is not None and not os.path.exists(netns_path(netns)):
             return  # the namespace went, and the filter with it
-        with in_netns(netns), IPRoute() as ipr:
+        with in_netns(netns):
             try:
                 if socket.if_nametoindex(ifname) != ifindex:
                     return
             except OSError:
                 return
-            with contextlib.suppress(NetlinkError):
-                ipr.tc("del-filter", "bpf", ifindex, f":{TC_HANDLE}", parent=TC_EGRESS_PARENT, prio=TC_PRIORITY)
+            with contextlib.suppress(KernelError):
+                tc_detach(ifindex, TC_PRIORITY, direction="egress", handle=TC_HANDLE)
 
     def close(self) -> None:
         try:

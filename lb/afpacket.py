@@ -1,7 +1,7 @@
 """An AF_PACKET socket with TPACKET_V3 rings: batched raw frame I/O on one interface.
 
 The socket lives in the network namespace of the thread that creates it (enter another
-one first, e.g. with :func:`netns.ns.run_in_netns`); once made, any thread may use it.
+one first, e.g. with :func:`lb.kernel.netns.run_in_netns`); once made, any thread may use it.
 
 RX: a TPACKET_V3 ring of ``block_count`` blocks of ``block_size`` bytes, mmap'd. The
 kernel fills a block with frames back to back and hands it over (``block_status`` gets

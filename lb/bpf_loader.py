@@ -15,12 +15,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,47 +28,40 @@ import numpy as np
 
 from lb import constants, layout
 from lb.state import routing_tables
-from lb.bpf_testrun import (
-    BPF_ANY,
-    BPF_MAP_DELETE_ELEM,
-    BPF_MAP_GET_NEXT_KEY,
-    BPF_MAP_LOOKUP_BATCH,
-    BPF_MAP_LOOKUP_ELEM,
-    BPF_MAP_UPDATE_BATCH,
-    BPF_MAP_UPDATE_ELEM,
-    BPF_OBJ_GET,
-    BPF_OBJ_GET_INFO_BY_FD,
-    BPF_OBJ_PIN,
-    bpf_syscall,
+from lb.kernel.cpus import possible_cpus
+from lb.kernel.maps import (
+    BPF_F_MMAPABLE,
+    BPF_F_NO_COMMON_LRU,
+    BPF_F_NO_PREALLOC,
+    BPF_MAP_TYPE_ARRAY,
+    BPF_MAP_TYPE_ARRAY_OF_MAPS,
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_LPM_TRIE,
+    BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_PERCPU_ARRAY,
+    map_create,
+    map_delete,
+    map_fd_by_id,
+    map_info,
+    map_keys,
+    map_lookup,
+    map_lookup_batch,
+    map_update,
+    map_update_batch,
 )
+from lb.kernel.objects import BPFFS, obj_get, obj_pin
+from lb.kernel.progs import prog_info
+from lb.kernel.syscall import KernelError
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, xdp_attach, xdp_detach
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PROG_NAME = "balancer_xdp"
-BPFFS = "/sys/fs/bpf"
-
-# XDP attach flags (include/uapi/linux/if_link.h)
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-
-# Map types (enum bpf_map_type) and flags used by xdp/maps.h.
-BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_LRU_HASH = 9
-BPF_MAP_TYPE_LPM_TRIE = 11
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
-BPF_F_NO_PREALLOC = 1 << 0
-BPF_F_NO_COMMON_LRU = 1 << 1
-BPF_F_MMAPABLE = 1 << 10
 
 # Compile-time flag (extra_cflags) selecting the connection-table layout of xdp/maps.h:
 # per-CPU inner LRU_HASH maps in an ARRAY_OF_MAPS indexed by CPU (Katran's layout)
 # instead of one LRU_HASH with BPF_F_NO_COMMON_LRU. bench/bench_xdp.py measures both.
 CONN_PERCPU_MAPS_CFLAG = "-DLB_CONN_PERCPU_MAPS"
-BPF_MAP_CREATE = 0
-BPF_MAP_GET_FD_BY_ID = 14
 
 # Sizes fixed at compile time; the others in lb/constants.py are wire/protocol facts.
 _CONFIGURABLE = {"RING_SIZE", "MAX_VIPS", "MAX_REALS", "CONN_TABLE_SIZE", "CONN_TABLE_WAYS",
@@ -87,16 +78,6 @@ class XdpAttachError(XdpError):
 
 class PinnedMapMismatch(XdpError):
     """Maps pinned under pin_dir were made for other sizes or another layout."""
-
-
-def possible_cpus() -> int:
-    """Number of possible CPUs: the length of every per-CPU value the kernel returns."""
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return n
 
 
 def _wire_defines() -> list[str]:
@@ -130,203 +111,6 @@ def c_flags(
     if pin_dir is not None:
         flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
     return flags
-
-
-# ---- raw bpf() map and object commands ----------------------------------------------
-
-class _ElemAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-class _BatchAttr(ctypes.Structure):
-    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64),
-                ("keys", ctypes.c_uint64), ("values", ctypes.c_uint64),
-                ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
-                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-class _ObjAttr(ctypes.Structure):
-    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
-                ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int32),
-                ("_pad", ctypes.c_uint32)]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
-
-
-class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 64)]
-
-
-def _ptr(buf: Any) -> int:
-    if isinstance(buf, np.ndarray):
-        return buf.ctypes.data
-    return ctypes.addressof(buf)
-
-
-def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value, len(value))
-    attr = _ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v), flags=flags)
-    bpf_syscall(BPF_MAP_UPDATE_ELEM, attr, "map update")
-
-
-_PERCPU_TYPES = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
-
-
-def _check_buffer_sizes(fd: int, key_size: int, value_size: int) -> None:
-    """Raise ValueError unless the map's key size and its value size as lookups return it
-    (per-CPU maps: 8-byte-rounded value x possible CPUs) are these: the kernel writes
-    whole keys and values, so a short buffer would be overrun."""
-    info = map_info(fd)
-    size = info.value_size
-    if info.type in _PERCPU_TYPES:
-        size = (size + 7) // 8 * 8 * possible_cpus()
-    if value_size != size or key_size != info.key_size:
-        raise ValueError(f"map {info.name.decode()!r}: {info.key_size}-byte keys and {size}-byte values"
-                         f" (as looked up), not {key_size} and {value_size}")
-
-
-def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    """The value under ``key``, or None. ``value_size`` must be what the kernel writes
-    (per-CPU maps: 8-byte-rounded value x possible CPUs); it is checked against the map,
-    because a buffer shorter than that would be overrun by the kernel."""
-    _check_buffer_sizes(fd, len(key), value_size)
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value_size)
-    attr = _ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v))
-    try:
-        bpf_syscall(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    return v.raw
-
-
-def map_delete(fd: int, key: bytes) -> bool:
-    k = ctypes.create_string_buffer(key, len(key))
-    attr = _ElemAttr(map_fd=fd, key=_ptr(k))
-    try:
-        bpf_syscall(BPF_MAP_DELETE_ELEM, attr, "map delete")
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
-
-
-def map_keys(fd: int, key_size: int) -> list[bytes]:
-    """All keys of a hash map (get_next_key walk; for small maps)."""
-    if key_size != map_info(fd).key_size:
-        raise ValueError(f"map has {map_info(fd).key_size}-byte keys, not {key_size}")
-    keys = []
-    cur = None
-    nxt = ctypes.create_string_buffer(key_size)
-    while True:
-        kbuf = ctypes.create_string_buffer(cur, key_size) if cur is not None else None
-        attr = _ElemAttr(map_fd=fd, key=_ptr(kbuf) if kbuf is not None else 0, value=_ptr(nxt))
-        try:
-            bpf_syscall(BPF_MAP_GET_NEXT_KEY, attr, "map get_next_key")
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return keys
-            raise
-        cur = nxt.raw
-        keys.append(cur)
-
-
-def map_update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
-    """BPF_MAP_UPDATE_BATCH: keys and values as contiguous arrays of equal length."""
-    keys = np.ascontiguousarray(keys)
-    values = np.ascontiguousarray(values)
-    n = len(keys)
-    done = 0
-    while done < n:
-        attr = _BatchAttr(map_fd=fd, keys=_ptr(keys[done:]), values=_ptr(values[done:]),
-                          count=n - done)
-        try:
-            bpf_syscall(BPF_MAP_UPDATE_BATCH, attr, "map update batch")
-        except OSError:
-            if attr.count == 0:
-                raise
-        done += attr.count
-
-
-def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 65536
-                     ) -> tuple[bytes, bytes, int]:
-    """BPF_MAP_LOOKUP_BATCH over the whole map: (keys, values, count). value_size is the
-    size of one value as the syscall returns it (per-CPU maps: all CPUs)."""
-    _check_buffer_sizes(fd, key_size, value_size)
-    keys_out = []
-    values_out = []
-    total = 0
-    in_batch = None
-    out_batch = ctypes.create_string_buffer(max(key_size, 8))
-    while True:
-        kbuf = ctypes.create_string_buffer(key_size * chunk)
-        vbuf = ctypes.create_string_buffer(value_size * chunk)
-        attr = _BatchAttr(map_fd=fd, keys=_ptr(kbuf), values=_ptr(vbuf), count=chunk,
-                          in_batch=_ptr(in_batch) if in_batch is not None else 0,
-                          out_batch=_ptr(out_batch))
-        end = False
-        try:
-            bpf_syscall(BPF_MAP_LOOKUP_BATCH, attr, "map lookup batch")
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                end = True
-            elif e.errno == errno.ENOSPC and attr.count == 0:
-                chunk *= 2  # one hash bucket holds more than chunk entries
-                continue
-            else:
-                raise
-        n = attr.count
-        keys_out.append(kbuf.raw[: n * key_size])
-        values_out.append(vbuf.raw[: n * value_size])
-        total += n
-        if end:
-            return b"".join(keys_out), b"".join(values_out), total
-        in_batch = ctypes.create_string_buffer(out_batch.raw, len(out_batch.raw))
-
-
-def obj_pin(fd: int, path: str) -> None:
-    p = ctypes.create_string_buffer(path.encode())
-    bpf_syscall(BPF_OBJ_PIN, _ObjAttr(pathname=_ptr(p), bpf_fd=fd), f"pin {path}")
-
-
-def obj_get(path: str) -> int:
-    p = ctypes.create_string_buffer(path.encode())
-    return bpf_syscall(BPF_OBJ_GET, _ObjAttr(pathname=_ptr(p)), f"open pinned {path}")
-
-
-def map_info(fd: int) -> _MapInfo:
-    info = _MapInfo()
-    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_ptr(info))
-    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
-    return info
-
-
-def prog_info(fd: int) -> dict[str, int | str]:
-    """id, name, xlated_insns (instructions after verification/rewrites), jited_bytes,
-    verified_insns (instructions the verifier processed, kernel >= 5.16)."""
-    buf = ctypes.create_string_buffer(256)
-    attr = _InfoAttr(bpf_fd=fd, info_len=256, info=_ptr(buf))
-    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr, "prog info")
-    raw = buf.raw
-    u32 = lambda off: int.from_bytes(raw[off:off + 4], "little")  # noqa: E731
-    return {
-        "id": u32(4),
-        "name": raw[64:80].split(b"\0")[0].decode(),
-        "jited_bytes": u32(16),
-        "xlated_insns": u32(20) // 8,
-        "verified_insns": u32(216) if attr.info_len >= 220 else -1,
-    }
 
 
 # ---- stats ----------------------------------------------------------------------------
@@ -375,59 +159,6 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         specs["conn_inner"] = (BPF_MAP_TYPE_LRU_HASH, layout.FLOW_KEY.itemsize,
                                layout.CONN_VALUE.itemsize, conn_table_size, 0)
     return specs
-
-
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16),
-                ("_rest", ctypes.c_uint8 * 64)]
-
-
-class _GetFdByIdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
-                ("open_flags", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
-
-
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0, name: str = "") -> int:
-    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
-                          max_entries=max_entries, map_flags=flags,
-                          map_name=name.encode()[:15])
-    return bpf_syscall(BPF_MAP_CREATE, attr, f"create map {name}")
-
-
-def map_fd_by_id(map_id: int) -> int:
-    return bpf_syscall(BPF_MAP_GET_FD_BY_ID, _GetFdByIdAttr(id=map_id), f"map fd of id {map_id}")
-
-
-def _setns_call(netns: str | None, fn, *args):
-    """Run fn(*args) in a thread that has entered network namespace `netns`
-    (/run/netns/<netns>); directly when netns is None."""
-    if netns is None:
-        return fn(*args)
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns {netns}: {os.strerror(err)}")
-            result["value"] = fn(*args)
-        except BaseException as e:  # handed to the caller's thread
-            result["error"] = e
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run, name=f"setns-{netns}")
-    t.start()
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
 
 
 class XdpBalancer:
@@ -553,31 +284,26 @@ class XdpBalancer:
     def attach(self, ifname: str, mode: str = "native", netns: str | None = None) -> None:
         """Attach to ``ifname`` in ``native`` (driver) or ``generic`` (skb) mode, in
         network namespace ``netns`` (a name under /run/netns) or the current one."""
-        from bcc import BPF
-
         if mode not in XDP_MODES:
             raise ValueError(f"mode must be one of {sorted(XDP_MODES)}, not {mode!r}")
         flags = XDP_MODES[mode]
         try:
-            _setns_call(netns, BPF.attach_xdp, ifname, self._fn, flags)
-        except Exception as e:
-            msg = str(e)
-            if mode == "native" and ("not supported" in msg.lower() or "EOPNOTSUPP" in msg):
+            xdp_attach(ifname, self.prog_fd, flags, netns)
+        except KernelError as e:
+            if mode == "native" and e.errno == errno.EOPNOTSUPP:
                 raise XdpAttachError(
-                    f"{ifname}: the driver cannot run XDP in native mode ({msg}); "
+                    f"{ifname}: the driver cannot run XDP in native mode ({e}); "
                     f"attach with mode='generic' instead") from e
-            raise XdpAttachError(f"attaching {PROG_NAME} to {ifname} ({mode}): {msg}") from e
+            raise XdpAttachError(f"attaching {PROG_NAME} to {ifname} ({mode}): {e}") from e
         self._attached = (ifname, flags, netns)
 
     def detach(self) -> None:
         if self._attached is None:
             return
-        from bcc import BPF
-
         ifname, flags, netns = self._attached
         try:
-            _setns_call(netns, BPF.remove_xdp, ifname, flags)
-        except Exception as e:
+            xdp_detach(ifname, flags, netns)
+        except KernelError as e:
             raise XdpAttachError(f"detaching from {ifname}: {e}") from e
         self._attached = None
 
@@ -619,12 +345,10 @@ class XdpBalancer:
             new_bpf.cleanup()
             raise XdpError(f"replacement program got other maps: {old_ids} != {new_ids}")
         if self._attached is not None:
-            from bcc import BPF
-
             ifname, flags, netns = self._attached
             try:
-                _setns_call(netns, BPF.attach_xdp, ifname, new_fn, flags)
-            except Exception as e:
+                xdp_attach(ifname, new_fn.fd, flags, netns)
+            except KernelError as e:
                 new_bpf.cleanup()
                 raise XdpAttachError(f"replacing the program on {ifname}: {e}") from e
         old = self._bpf

@@ -15,9 +15,8 @@ Network namespaces: ``attach(ifname)`` works on the namespace the calling thread
 so a process started with ``ip netns exec NS ...`` just names its interface. With
 ``netns="NS"`` (a name under /run/netns or a path to a netns file) the calling thread
 enters that namespace with setns(2) for the duration of the netlink calls and comes back
-(setns on a network namespace changes only the calling thread; sockets keep the
-namespace they were created in). This is in-process, needs no helper binary and leaves
-the rest of the process alone; :func:`in_netns` is the same context manager for callers.
+(:func:`lb.kernel.netns.in_netns`). This is in-process, needs no helper binary and
+leaves the rest of the process alone.
 
 tc mode adds a clsact qdisc if the device has none (and removes it again on detach if it
 added it and no other filter is left) and one ``bpf`` filter in direct-action mode on
@@ -26,19 +25,21 @@ ingress, priority ``tc_priority``, handle 1.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import ipaddress
 import os
+import socket
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lb import constants
 from lb.config import GUE_DEFAULT_PORT
+from lb.kernel.netns import in_netns, netns_path
+from lb.kernel.syscall import KernelError
+from lb.kernel.tc import tc_attach, tc_detach
+from lb.kernel.xdp import XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_MODE_FLAGS, xdp_attach, xdp_detach
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 DECAP_SOURCE = XDP_DIR / "decap.c"
@@ -60,16 +61,6 @@ DECAP_STATS = (
 )
 DECAP_STAT_INDEX = {name: i for i, name in enumerate(DECAP_STATS)}
 DECAP_ALLOW_MAX = 64  # entries per family in the allow-list maps
-
-# XDP attach flags (linux/if_link.h)
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-_XDP_MODES = {"auto": 0, "generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
-
-TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress ("ffff:fff2")
-TC_EGRESS_PARENT = 0xFFFFFFF3
-CLONE_NEWNET = 0x40000000
 
 # Wire constants the C side takes from lb/constants.py (as -DLB_<NAME>).
 _WIRE = ("ETH_P_IP", "ETH_P_IPV6", "ETH_P_8021Q", "ETH_P_8021AD", "VLAN_HLEN",
@@ -96,46 +87,6 @@ def c_flags(gue_port: int = GUE_DEFAULT_PORT, extra: Iterable[str] = ()) -> list
     return flags + list(extra)
 
 
-# ---- network namespaces ---------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def netns_path(netns: str) -> str:
-    """A namespace name (``ip netns`` style, under /run/netns) or a path to a netns file."""
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
-
-
-@contextlib.contextmanager
-def in_netns(netns: str | None) -> Iterator[None]:
-    """Run the body with the calling thread inside network namespace ``netns`` (None:
-    stay where it is). Sockets created inside keep that namespace after the block."""
-    if netns is None:
-        yield
-        return
-    target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except BaseException:
-        os.close(target)
-        raise
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)  # if this fails the thread is lost in netns: let it raise
-    finally:
-        os.close(target)
-        os.close(home)
-
-
 # ---- the program ----------------------------------------------------------------------
 
 @dataclass
@@ -156,8 +107,8 @@ class DecapProgram:
                  extra_cflags: Iterable[str] = ()) -> None:
         if mode not in ("xdp", "tc"):
             raise ValueError(f'mode must be "xdp" or "tc", got {mode!r}')
-        if xdp_mode not in _XDP_MODES:
-            raise ValueError(f"xdp_mode must be one of {sorted(_XDP_MODES)}, got {xdp_mode!r}")
+        if xdp_mode not in XDP_MODE_FLAGS:
+            raise ValueError(f"xdp_mode must be one of {sorted(XDP_MODE_FLAGS)}, got {xdp_mode!r}")
         if not 1 <= tc_priority <= 0xFFFF:
             raise ValueError(f"tc_priority must be 1..65535, got {tc_priority}")
         self.mode = mode
@@ -169,7 +120,6 @@ class DecapProgram:
         self._bpf = None
         from bcc import BPF  # Debian's python3-bpfcc, imported late: lb imports without it
 
-        self._BPF = BPF
         try:
             self._bpf = BPF(src_file=str(DECAP_SOURCE).encode(), cflags=self.cflags)
             if mode == "xdp":
@@ -200,46 +150,20 @@ class DecapProgram:
         """Attach to interface ``ifname`` (in namespace ``netns``, default: the calling
         thread's). XDP refuses to replace a program someone else attached."""
         with in_netns(netns):
-            ifindex = socket_if_nametoindex(ifname)
-            if self.mode == "xdp":
-                att = self._attach_xdp(ifname, ifindex)
-            else:
-                att = self._attach_tc(ifname, ifindex)
-        att.netns = netns
+            ifindex = socket.if_nametoindex(ifname)
+            try:
+                if self.mode == "xdp":
+                    flags = XDP_MODE_FLAGS[self.xdp_mode]
+                    xdp_attach(ifname, self.prog_fd, flags | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                    att = _Attachment(ifname, netns, ifindex, xdp_flags=flags)
+                else:
+                    created = tc_attach(ifindex, self.prog_fd, self._fn.name.decode(),
+                                        self.tc_priority)
+                    att = _Attachment(ifname, netns, ifindex, tc_prio=self.tc_priority,
+                                      tc_created_qdisc=created)
+            except KernelError as e:
+                raise DecapError(f"{self.mode} attach to {ifname} failed: {e}") from e
         self._attachments.append(att)
-
-    def _attach_xdp(self, ifname: str, ifindex: int) -> _Attachment:
-        flags = _XDP_MODES[self.xdp_mode] | XDP_FLAGS_UPDATE_IF_NOEXIST
-        try:
-            self._BPF.attach_xdp(ifname.encode(), self._fn, flags)
-        except Exception as e:
-            raise DecapError(f"XDP attach to {ifname} failed: {e}") from e
-        return _Attachment(ifname, None, ifindex, xdp_flags=_XDP_MODES[self.xdp_mode])
-
-    def _attach_tc(self, ifname: str, ifindex: int) -> _Attachment:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        created = False
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("add", "clsact", ifindex)
-                created = True
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise DecapError(f"adding clsact to {ifname} failed: {e}") from e
-            try:
-                ipr.tc("add-filter", "bpf", ifindex, ":1", fd=self._fn.fd,
-                       name=self._fn.name.decode(), parent=TC_INGRESS_PARENT, classid=1,
-                       direct_action=True, prio=self.tc_priority)
-            except NetlinkError as e:
-                if created:
-                    with contextlib.suppress(NetlinkError):
-                        ipr.tc("del", "clsact", ifindex)
-                raise DecapError(f"adding the tc ingress filter on {ifname} failed "
-                                 f"(priority {self.tc_priority} taken?): {e}") from e
-        return _Attachment(ifname, None, ifindex, tc_prio=self.tc_priority,
-                           tc_created_qdisc=created)
 
     def detach(self, ifname: str | None = None, netns: str | None = None) -> None:
         """Detach from ``ifname`` (in ``netns``), or from every interface if ifname is
@@ -251,8 +175,8 @@ class DecapProgram:
                 continue
             try:
                 self._detach_one(att)
-            except DecapError as e:
-                errors.append(str(e))
+            except KernelError as e:
+                errors.append(f"{self.mode} detach from {att.ifname} failed: {e}")
         self._attachments = keep
         if errors:
             raise DecapError("; ".join(errors))
@@ -262,39 +186,15 @@ class DecapProgram:
             return  # namespace deleted: its interfaces and their programs are gone
         with in_netns(att.netns):
             try:
-                ifindex = socket_if_nametoindex(att.ifname)
+                ifindex = socket.if_nametoindex(att.ifname)
             except OSError:
                 return  # interface deleted, program went with it
             if ifindex != att.ifindex:
                 return  # a new interface with the same name: not ours
             if self.mode == "xdp":
-                try:
-                    self._BPF.remove_xdp(att.ifname.encode(), att.xdp_flags)
-                except Exception as e:
-                    raise DecapError(f"XDP detach from {att.ifname} failed: {e}") from e
+                xdp_detach(att.ifname, att.xdp_flags)
             else:
-                self._detach_tc(att)
-
-    def _detach_tc(self, att: _Attachment) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("del-filter", "bpf", att.ifindex, ":1", parent=TC_INGRESS_PARENT,
-                       prio=att.tc_prio)
-            except NetlinkError as e:
-                if e.code not in (errno.ENOENT, errno.EINVAL):
-                    raise DecapError(f"removing the tc filter on {att.ifname}: {e}") from e
-            if not att.tc_created_qdisc:
-                return
-            left = 0
-            for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT):
-                with contextlib.suppress(NetlinkError):
-                    left += len(list(ipr.get_filters(index=att.ifindex, parent=parent)))
-            if left == 0:
-                with contextlib.suppress(NetlinkError):
-                    ipr.tc("del", "clsact", att.ifindex)
+                tc_detach(att.ifindex, att.tc_prio, remove_qdisc=att.tc_created_qdisc)
 
     # ---- allow-list -------------------------------------------------------------------
 
@@ -366,9 +266,3 @@ class DecapProgram:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def socket_if_nametoindex(ifname: str) -> int:
-    """if_nametoindex in the calling thread's network namespace."""
-    import socket
-
-    return socket.if_nametoindex(ifname)

@@ -1,10 +1,12 @@
 """Traffic generator (XDP live frames) and counting sink for the datapath benchmarks.
 
 :class:`PacketGenerator` loads ``xdp/pktgen.c`` with bcc and runs it through
-BPF_PROG_TEST_RUN in live-frames mode (:mod:`lb.bpf_testrun`): every run rewrites a template
+BPF_PROG_TEST_RUN in live-frames mode (:mod:`lb.kernel.testrun`): every run rewrites a template
 frame, varies the flow over N flows and either sends the frame out of the interface it
 was "received" on (XDP_TX: over a veth to its peer), tail-calls a program under test, or
 drops it. :class:`Sink` loads ``xdp/sink.c`` on an interface (in a namespace) and counts.
+Namespaces and interfaces are given by name (or netns path) and ifindex: building
+them is netns/'s business.
 
 Live frames need the ifindex of an interface in the *calling thread's* namespace, and
 the generating thread's CPU is where frames are made, so :meth:`PacketGenerator.run`
@@ -32,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lb import bpf_testrun
 from lb.constants import (
     ETH_HLEN,
     ETH_P_IP,
@@ -42,7 +43,11 @@ from lb.constants import (
     MAX_FRAME_SIZE,
     c_defines,
 )
-from netns.ns import ALLOWED_NETS, Iface, Netns, run_in_netns
+from lb.addresses import check_address
+from lb.checksum import internet_checksum
+from lb.kernel.netns import NetnsRef, netns_path, run_in_netns, setns_current_thread
+from lb.kernel.testrun import TestRunResult, live_frames, test_run
+from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach, xdp_detach
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PKTGEN_C = XDP_DIR / "pktgen.c"
@@ -56,8 +61,6 @@ DEFAULT_CHUNK = 1 << 22  # frames per BPF_PROG_TEST_RUN call (a signal ends a ca
 VARY = {"src_port": 1, "src_addr": 2, "both": 3}
 ACTIONS = {"tx": 0, "tail": 1, "drop": 2}
 SINK_KEY_MODES = {"none": 0, "dst": 1, "flow": 2}
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
 
 DEFAULT_SRC = {4: "198.18.0.1", 6: "2001:db8:1::1"}
 DEFAULT_DST = {4: "198.19.0.1", 6: "2001:db8:2::1"}
@@ -76,17 +79,6 @@ def _bcc():
 
 # ---------------------------------------------------------------------------------------
 # frames
-
-
-def csum16(data: bytes, start: int = 0) -> int:
-    """RFC 1071 Internet checksum of ``data`` (one's complement of the one's-complement
-    sum), ``start`` an extra partial sum (e.g. the pseudo header)."""
-    if len(data) % 2:
-        data += b"\0"
-    s = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def _pseudo_sum(family: int, src: bytes, dst: bytes, proto: int, l4_len: int) -> int:
@@ -127,13 +119,13 @@ def build_frame(family: int = 4, proto: str | int = "udp", size: int = MIN_FRAME
         l4 = struct.pack("!HHHH", sport, dport, l4_len, 0) + payload
         off = 6
     if family == 6 or p == IPPROTO_TCP or udp_v4_csum:
-        c = csum16(l4, _pseudo_sum(family, sa, da, p, l4_len))
+        c = internet_checksum(l4, _pseudo_sum(family, sa, da, p, l4_len))
         if p == IPPROTO_UDP and c == 0:
             c = 0xFFFF
         l4 = l4[:off] + struct.pack("!H", c) + l4[off + 2:]
     if family == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + l4_len, 0, 0x4000, ttl, p, 0, sa, da)
-        ip = ip[:10] + struct.pack("!H", csum16(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, l4_len, p, ttl, sa, da)
     return eth + ip + l4
@@ -163,7 +155,7 @@ def parse_frame(frame: bytes) -> FrameInfo:
         src, dst = frame[26:30], frame[30:34]
         (tot,) = struct.unpack_from("!H", frame, 16)
         l4o, l4_len = 34, tot - 20
-        ip_ok = csum16(frame[14:34]) == 0
+        ip_ok = internet_checksum(frame[14:34]) == 0
         if struct.unpack_from("!H", frame, 20)[0] & 0x3FFF:
             raise ValueError("IPv4 fragments are not supported")
     elif etype == ETH_P_IPV6:
@@ -185,7 +177,7 @@ def parse_frame(frame: bytes) -> FrameInfo:
     if family == 4 and proto == IPPROTO_UDP and l4[coff:coff + 2] == b"\0\0":
         l4_ok = True
     else:
-        l4_ok = csum16(l4, _pseudo_sum(family, src, dst, proto, l4_len)) == 0
+        l4_ok = internet_checksum(l4, _pseudo_sum(family, src, dst, proto, l4_len)) == 0
     return FrameInfo(family, proto, ipaddress.ip_address(src), ipaddress.ip_address(dst),
                      sport, dport, l4_ok, ip_ok)
 
@@ -199,7 +191,7 @@ def normalize_frame(frame: bytes) -> bytes:
         l4o, l4_len = 34, n - 34
         struct.pack_into("!H", f, 16, n - ETH_HLEN)
         struct.pack_into("!H", f, 24, 0)
-        struct.pack_into("!H", f, 24, csum16(bytes(f[14:34])))
+        struct.pack_into("!H", f, 24, internet_checksum(bytes(f[14:34])))
     else:
         l4o, l4_len = 54, n - 54
         struct.pack_into("!H", f, 18, l4_len)
@@ -209,7 +201,7 @@ def normalize_frame(frame: bytes) -> bytes:
         if info.family == 4 and f[coff:coff + 2] == b"\0\0":
             return bytes(f)
     struct.pack_into("!H", f, coff, 0)
-    c = csum16(bytes(f[l4o:]), _pseudo_sum(info.family, info.src.packed, info.dst.packed,
+    c = internet_checksum(bytes(f[l4o:]), _pseudo_sum(info.family, info.src.packed, info.dst.packed,
                                              info.proto, l4_len))
     if info.proto == IPPROTO_UDP and c == 0:
         c = 0xFFFF
@@ -227,10 +219,6 @@ def flow_tuple(frame: bytes, flow: int, vary: str) -> tuple[str, int]:
         src = ipaddress.ip_address((int(src) & ~0xFFFFFFFF) | lo)
     port = (info.sport + flow) & 0xFFFF if bits & 1 else info.sport
     return str(src), port
-
-
-def _in_allowed(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return any(addr.version == n.version and addr in n for n in ALLOWED_NETS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,8 +297,7 @@ class PacketGenerator:
             raise ValueError("source address + flows overflows its low 32 bits")
         last_src = ipaddress.ip_address(flow_tuple(frame, flows - 1, vary)[0])
         for a in (info.src, last_src, info.dst):
-            if not _in_allowed(a):
-                raise ValueError(f"address {a} outside 198.18.0.0/15 and 2001:db8::/32")
+            check_address(a)
         self.frame, self.flows, self.vary, self._info = frame, flows, vary, info
         self._write_template()
 
@@ -370,7 +357,7 @@ class PacketGenerator:
 
     # --- running ----------------------------------------------------------------------------
 
-    def preview(self, n: int, cpu: int | None = None) -> list[bpf_testrun.TestRunResult]:
+    def preview(self, n: int, cpu: int | None = None) -> list[TestRunResult]:
         """Run the program ``n`` times in ordinary (not live) BPF_PROG_TEST_RUN mode, from
         one thread pinned to ``cpu`` (default: the lowest allowed), counters reset first:
         result i is what live mode would send as frame i on that CPU."""
@@ -379,14 +366,14 @@ class PacketGenerator:
         cpu = min(os.sched_getaffinity(0)) if cpu is None else cpu
         frame = self.frame
 
-        def body() -> list[bpf_testrun.TestRunResult]:
+        def body() -> list[TestRunResult]:
             self.reset_counters()
-            return [bpf_testrun.test_run(self.fn.fd, frame) for _ in range(n)]
+            return [test_run(self.fn.fd, frame) for _ in range(n)]
 
         return run_in_netns(None, body, cpu=cpu)
 
     def run(self, count: int, ifindex: int, threads: int = 1, cpu: int | Sequence[int] | None = None,
-            *, netns: Netns | str | None = None, chunk: int = DEFAULT_CHUNK,
+            *, netns: NetnsRef | None = None, chunk: int = DEFAULT_CHUNK,
             batch_size: int = 0) -> GenResult:
         """Generate ``count`` frames (split over ``threads`` threads) as received on
         ``ifindex`` in ``netns`` (None: this namespace). ``cpu``: one CPU for one thread,
@@ -420,8 +407,6 @@ class PacketGenerator:
             t0 = time.perf_counter()
             try:
                 if netns is not None:
-                    from netns.ns import setns_current_thread
-
                     setns_current_thread(netns)
                 if cpus[i] is not None:
                     os.sched_setaffinity(0, {cpus[i]})
@@ -436,7 +421,7 @@ class PacketGenerator:
             try:
                 while done < shares[i] and not stop.is_set():
                     n = min(chunk, shares[i] - done)
-                    kns += bpf_testrun.live_frames(fd, frame, n, ifindex, batch_size=batch_size) * n
+                    kns += live_frames(fd, frame, n, ifindex, batch_size=batch_size) * n
                     done += n
             except BaseException as e:
                 rec["error"] = e
@@ -513,23 +498,21 @@ class SinkCounts:
 
 
 class Sink:
-    """``xdp/sink.c`` attached (native mode by default) to ``iface`` — an
-    :class:`netns.ns.Iface`, or a name in ``netns``. Counts and drops everything."""
+    """``xdp/sink.c`` attached (native mode by default; see lb.kernel.xdp.XDP_MODE_FLAGS)
+    to interface ``ifname`` in ``netns`` (None: this namespace). Counts and drops
+    everything."""
 
-    def __init__(self, iface: Iface | str, netns: Netns | str | None = None, *, key: str = "none",
+    def __init__(self, ifname: str, netns: NetnsRef | None = None, *, key: str = "none",
                  max_keys: int = 1024, xdp_mode: str = "native", cflags: Sequence[str] = ()):
         BPF = _bcc()
-        if isinstance(iface, Iface):
-            self.ifname, self.netns = iface.name, iface.ns
-        else:
-            self.ifname, self.netns = iface, netns
-        self.flags = {"native": XDP_FLAGS_DRV_MODE, "skb": XDP_FLAGS_SKB_MODE, "any": 0}[xdp_mode]
+        self.ifname, self.netns = ifname, netns
+        self.flags = XDP_MODE_FLAGS[xdp_mode]
         self.bpf = BPF(src_file=str(SINK_C).encode(), cflags=[f"-DSINK_MAX_KEYS={max_keys}", *cflags])
         self.fn = self.bpf.load_func(b"sink_xdp", BPF.XDP)
         self._stats = self.bpf[b"sink_stats"]
         self._keys = self.bpf[b"sink_keys"]
         self.set_key_mode(key)
-        run_in_netns(self.netns, BPF.attach_xdp, self.ifname.encode(), self.fn, self.flags)
+        xdp_attach(self.ifname, self.fn.fd, self.flags, self.netns)
         self.attached = True
 
     def set_key_mode(self, key: str) -> None:
@@ -575,11 +558,11 @@ class Sink:
         if not self.attached:
             return
         self.attached = False
-        ns_gone = isinstance(self.netns, Netns) and not self.netns.exists
+        ns_gone = self.netns is not None and not os.path.exists(netns_path(self.netns))
         if not ns_gone:
             try:
-                run_in_netns(self.netns, _bcc().remove_xdp, self.ifname.encode(), self.flags)
-            except Exception:
+                xdp_detach(self.ifname, self.flags, self.netns)
+            except OSError:
                 pass  # interface already gone
 
     def close(self) -> None:

@@ -94,7 +94,7 @@ class XdpSimulator:
         return self.bal._percpu_sum("real_stats").reshape(self.tables.max_reals, -1)[:, C.VIP_STAT_PACKETS]
 
     def run(self, frame: bytes) -> FrameVerdict:
-        from lb.bpf_testrun import test_run
+        from lb.kernel.testrun import test_run
 
         if len(frame) < C.ETH_HLEN:
             # BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header; the

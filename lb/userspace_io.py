@@ -86,6 +86,7 @@ from lb import afpacket
 from lb import constants as C
 from lb.afpacket import PacketSocket, mmsg_fill, rx_drain, tx_fill
 from lb.datapath import UserspaceDatapath, process_batch
+from lb.kernel.netns import run_in_netns
 from lb.state import DatapathTables
 
 __all__ = ["TcGuard", "UserspaceBalancer", "main"]
@@ -392,14 +393,6 @@ def _netns_name(netns: Any) -> str | None:
     return getattr(netns, "name", None) or str(netns)
 
 
-def _in_netns(netns: str | None, fn, *args, **kwargs):
-    if netns is None:
-        return fn(*args, **kwargs)
-    from netns.ns import run_in_netns
-
-    return run_in_netns(netns, fn, *args, **kwargs)
-
-
 def _stride_for(max_frame: int) -> int:
     # room for a frame of max_frame + 1 bytes (so "too long for a VIP" is the datapath's
     # decision, drop_oversize) plus a VLAN tag written back, rounded to 64
@@ -489,8 +482,8 @@ class UserspaceBalancer:
                 raise
 
     def _start(self) -> None:
-        self.sock = _in_netns(self.netns, PacketSocket, self.ifname, stride=self.stride,
-                              tx_mode=self.tx_mode, **self.ring_kw)
+        self.sock = run_in_netns(self.netns, PacketSocket, self.ifname, stride=self.stride,
+                                 tx_mode=self.tx_mode, **self.ring_kw)
         self.ctl[CTL_TX_MAX_LEN] = self.sock.tx_max_len
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # struct pollfd[2] (fd, events | revents << 16), then [SO_ERROR value, its length]
@@ -666,7 +659,7 @@ class UserspaceBalancer:
             out.update(self.sock.stats())
         out.update({f"loop_{k}": int(self.loop_counters[i]) for i, k in enumerate(LOOP_COUNTERS)})
         try:
-            out.update(_in_netns(self.netns, _iface_counters, self.ifname))
+            out.update(run_in_netns(self.netns, _iface_counters, self.ifname))
         except OSError:
             pass
         out["guard_unfiltered_vips"] = len(self.guard_unfiltered)

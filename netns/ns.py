@@ -20,9 +20,11 @@ Typical use::
         gen.run(some_function, arg)      # runs in a thread that has entered ``gen``
 
 Code that must run *inside* a namespace (BPF_PROG_TEST_RUN live frames needs an ifindex
-of the caller's namespace; bcc's XDP attach resolves the interface name in the caller's
-namespace) goes through :func:`run_in_netns`: a fresh thread calls ``setns(2)`` (which
-changes only the calling thread's namespace) and optionally pins itself to a CPU. Files
+of the caller's namespace; XDP attach resolves the interface name in the caller's
+namespace) goes through :func:`lb.kernel.netns.run_in_netns`: a fresh thread calls
+``setns(2)`` (which changes only the calling thread's namespace) and optionally pins
+itself to a CPU. A :class:`Netns` is accepted wherever lb.kernel takes a namespace
+(``os.fspath(ns)`` is its path). Files
 under /sys/class/net show the namespace of whoever mounted sysfs, so per-device sysfs
 knobs of another namespace are written through ``ip netns exec`` (which remounts /sys).
 """
@@ -30,8 +32,6 @@ knobs of another namespace are written through ``ip netns exec`` (which remounts
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
@@ -47,14 +47,11 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2 import netns as _prns
 
-NETNS_RUN_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
+from lb.addresses import ALLOWED_NETS, check_address
+from lb.kernel.netns import NETNS_RUN_DIR, run_in_netns
+
 IFNAMSIZ = 16  # interface names are at most 15 characters
 IFA_F_NODAD = 0x02
-
-ALLOWED_NETS = (ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network("2001:db8::/32"))
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class NetnsError(RuntimeError):
@@ -73,66 +70,8 @@ def unique_name(prefix: str, maxlen: int = IFNAMSIZ - 1) -> str:
     return name
 
 
-def check_address(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Interface
-                  | ipaddress.IPv6Interface, allow_outside: bool = False) -> None:
-    """Raise ValueError unless ``addr`` lies in 198.18.0.0/15 or 2001:db8::/32."""
-    if allow_outside:
-        return
-    ip = ipaddress.ip_interface(str(addr)).ip
-    if not any(ip.version == net.version and ip in net for net in ALLOWED_NETS):
-        raise ValueError(f"address {ip} is outside 198.18.0.0/15 and 2001:db8::/32")
-
-
 # ---------------------------------------------------------------------------------------
 # running code inside a namespace
-
-
-def _ns_path(ns: Netns | str | None) -> str | None:
-    if ns is None:
-        return None
-    if isinstance(ns, Netns):
-        return ns.path
-    return ns if ns.startswith("/") else os.path.join(NETNS_RUN_DIR, ns)
-
-
-def setns_current_thread(ns: Netns | str) -> None:
-    """Move the calling thread (only it) into network namespace ``ns`` (name or path)."""
-    path = _ns_path(ns)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"setns({path}): {os.strerror(e)}")
-    finally:
-        os.close(fd)
-
-
-def run_in_netns(ns: Netns | str | None, fn: Callable[..., Any], *args: Any,
-                 cpu: int | None = None, **kwargs: Any) -> Any:
-    """Run ``fn(*args, **kwargs)`` in a new thread inside ``ns`` (None: this namespace),
-    pinned to ``cpu`` if given; return its result or re-raise its exception.
-
-    The thread is discarded afterwards, so no other code ever runs in a thread whose
-    namespace was changed. Cost: one thread start + open/setns/close, ~0.1-0.3 ms.
-    """
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            if ns is not None:
-                setns_current_thread(ns)
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-            box["result"] = fn(*args, **kwargs)
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=body, name="in-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
 
 
 def ns_exec(ns: Netns | str | None, argv: Sequence[str], check: bool = True,
@@ -162,6 +101,9 @@ class Netns:
 
     def __repr__(self) -> str:
         return f"Netns({self.name!r})"
+
+    def __fspath__(self) -> str:
+        return self.path
 
     def create(self) -> None:
         if os.path.exists(self.path):

@@ -46,6 +46,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
+from lb.kernel.netns import run_in_netns
+
 ADMIN_PORT = 8080
 HTTP_HEAD_LIMIT = 16 * 1024  # longest request head accepted
 MAX_BODY = 16 * 1024 * 1024
@@ -221,12 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # clients
 
 
-def _in_ns(ns, fn, *args, **kwargs):
-    from netns.ns import run_in_netns
-
-    return run_in_netns(ns, fn, *args, **kwargs)
-
-
 def parse_ident(text: str) -> dict[str, str]:
     """'real=r1 addr=198.18.101.2 len=5' -> {'real': 'r1', 'addr': ..., 'len': '5'}."""
     out = {}
@@ -309,7 +305,7 @@ def http_requests(ns, host: str, port: int = 80, n: int = 100, *, concurrency: i
     """``n`` HTTP requests to ``host:port`` from namespace ``ns``, each on a new TCP
     connection, ``concurrency`` in flight. With ``sports``, one request per listed
     source port (bound explicitly; ``n`` is ignored). ``body``: POST it instead of GET."""
-    return _in_ns(ns, asyncio.run, _many(host, port, n, concurrency, sports, timeout, body))
+    return run_in_netns(ns, asyncio.run, _many(host, port, n, concurrency, sports, timeout, body))
 
 
 class KeepAliveClient:
@@ -319,7 +315,7 @@ class KeepAliveClient:
     def __init__(self, ns, host: str, port: int = 80, timeout: float = 5.0) -> None:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.host, self.port = host, port
-        self.sock = _in_ns(ns, socket.socket, fam, socket.SOCK_STREAM)
+        self.sock = run_in_netns(ns, socket.socket, fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect((host, port))
@@ -396,7 +392,7 @@ def udp_flows(ns, host: str, port: int = 7, flows: int = 20, per_flow: int = 5, 
             for s in socks:
                 s.close()
 
-    return _in_ns(ns, run)
+    return run_in_netns(ns, run)
 
 
 def _icmp_checksum(data: bytes) -> int:
@@ -443,7 +439,7 @@ def ping(ns, host: str, count: int = 3, timeout: float = 1.0) -> int:
             s.close()
         return got
 
-    return _in_ns(ns, run)
+    return run_in_netns(ns, run)
 
 
 def admin_stats(ns, addr: str, port: int = ADMIN_PORT, timeout: float = 2.0) -> dict:
@@ -460,7 +456,7 @@ def admin_stats(ns, addr: str, port: int = ADMIN_PORT, timeout: float = 2.0) -> 
                 data += chunk
         return json.loads(data.partition(b"\r\n\r\n")[2])
 
-    return _in_ns(ns, run)
+    return run_in_netns(ns, run)
 
 
 def count_by_real(results: Iterable[HttpResult]) -> Counter[str]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lb.addresses import check_address
 from netns.errors import LabError
 
 # Link ("segment") s: IPv4 198.18.s.0/24, IPv6 2001:db8:0:s::/64 (s written with the same
@@ -125,8 +126,6 @@ def vips_and_reals(config: Any) -> tuple[tuple[VipSpec, ...], list[tuple[str | N
 def check_addresses(hosts: Sequence[Host], vips: Sequence[VipSpec]) -> None:
     """Every address in the plan; config addresses must not fall into link subnets
     (other than as the very host's own link address)."""
-    from netns.ns import check_address
-
     nets = []
     for h in hosts:
         nets += [(seg_net4(h.seg), h), (seg_net6(h.seg), h)]

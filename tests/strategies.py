@@ -23,7 +23,7 @@ from fixtures import (
 )
 from hypothesis import strategies as st
 
-from control.flows import internet_checksum
+from lb.checksum import internet_checksum
 
 SEEDS = [fx.frame for fx in FIXTURES] + [s for fx in FIXTURES for s in fx.setup]
 VIPS = [(v["address"], v["port"], v["protocol"]) for v in FIXTURE_CONFIG["vips"]] + [

@@ -187,7 +187,8 @@ def test_tcp_needs_a_token_and_non_loopback_is_refused(tmp_path) -> None:
 @pytest.mark.netns
 @pytest.mark.root
 def test_tcp_with_token_inside_a_namespace(tmp_path, daemons) -> None:
-    from netns.ns import Netns, run_in_netns
+    from lb.kernel.netns import run_in_netns
+    from netns.ns import Netns
 
     tok = tmp_path / "token"
     tok.write_text("0123456789abcdef0123\n")
@@ -232,7 +233,7 @@ def _syn_and_ack(sport: int) -> tuple[bytes, bytes]:
 def _exchange(ns: str, dev: str, frames: list[bytes], timeout: float = 3.0) -> list[str | None]:
     """Send each frame out of ``dev`` (in ``ns``); return the outer destination (the real)
     of the IPIP frame that comes back for each, None if none came back."""
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     def go() -> list[str | None]:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
@@ -268,7 +269,8 @@ def _exchange(ns: str, dev: str, frames: list[bytes], timeout: float = 3.0) -> l
 def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
     from bcc import BPF
 
-    from lb.bpf_loader import XdpBalancer, _setns_call
+    from lb.bpf_loader import XdpBalancer
+    from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach
     from netns.ns import Lab, unique_name
 
     pin_dir = f"/sys/fs/bpf/{unique_name('lbc')}"
@@ -281,7 +283,7 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
         try:
             # veth delivers XDP_TX'd frames only to a peer whose NAPI runs: an XDP_PASS on `a`
             passer = BPF(text=b"int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
-            _setns_call(ns.name, BPF.attach_xdp, a.name.encode(), passer.load_func(b"pass_all", BPF.XDP), 1 << 2)
+            xdp_attach(a.name, passer.load_func(b"pass_all", BPF.XDP).fd, XDP_FLAGS_DRV_MODE, ns.name)
             cfg = {"settings": small_settings(ring_size=1009, mtu=1500), "vips": [vip_dict(0, [0, 1, 2])],
                    "quic_servers": [{"id": 1025, "real": real_addr(0)}],
                    "source_routes": [{"prefix": "198.18.64.0/24", "real": real_addr(1)}]}

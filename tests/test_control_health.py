@@ -281,7 +281,7 @@ def ns():
 
 def _serve_in(ns, kind: str, reply: bytes) -> tuple[int, threading.Event]:
     """A one-thread server inside ``ns`` on 127.0.0.1; returns (port, stop)."""
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     typ = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
     sock = run_in_netns(ns, socket.socket, socket.AF_INET, typ)
@@ -316,7 +316,7 @@ def _serve_in(ns, kind: str, reply: bytes) -> tuple[int, threading.Event]:
 @needs_root
 @pytest.mark.netns
 def test_direct_prober_tcp_http_udp(ns) -> None:
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     prober = DirectProber(lambda fam, typ: run_in_netns(ns, plain_socket, fam, typ))
     stops = []

@@ -541,7 +541,7 @@ def test_parse_config_agrees_with_the_api_for_routing_bodies() -> None:
 
 
 def _read_map(bal, name: str, key_size: int) -> dict[bytes, int]:
-    from lb.bpf_loader import map_keys, map_lookup
+    from lb.kernel.maps import map_keys, map_lookup
 
     fd = bal.map_fd(name)
     return {k: int.from_bytes(map_lookup(fd, k, 4), "little") for k in map_keys(fd, key_size)}
@@ -606,7 +606,7 @@ def test_xdp_maps_hold_exactly_the_desired_entries_after_api_calls(tmp_path) -> 
             check()
             assert len(_read_map(bal, "quic_servers", 4)) == 3
         ctl_rec = bal.map_fd("ctl")
-        from lb.bpf_loader import map_lookup
+        from lb.kernel.maps import map_lookup
 
         raw = map_lookup(ctl_rec, bytes(4), layout.CTL.itemsize)
         assert int(np.frombuffer(raw, dtype=layout.CTL)[0]["mtu"]) == 1500

@@ -45,7 +45,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from test_control_daemon import Daemon
 
-from lb.bpf_testrun import test_run
+from lb.kernel.testrun import test_run
 from lb.config import config_to_dict, parse_config
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -67,7 +67,7 @@ def _default_routes(lb) -> None:
 
 def _factory(ns: str):
     from control.health import plain_socket
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     def make(fam: int, typ: int) -> socket.socket:
         return run_in_netns(ns, plain_socket, fam, typ)
@@ -85,7 +85,7 @@ def _target(vip: str, port: int, proto: str, real: str, real_id: int, kind: str,
 
 def _listener(ns: str, addr: str, port: int) -> socket.socket:
     """A TCP listener in ``ns`` (the kernel completes handshakes; nobody accepts)."""
-    from netns.ns import run_in_netns
+    from lb.kernel.netns import run_in_netns
 
     def make() -> socket.socket:
         s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)

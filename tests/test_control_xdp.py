@@ -112,7 +112,7 @@ def test_rollback_on_the_maps(bal) -> None:
 
 def test_a_frame_follows_the_tables(bal) -> None:
     from control.flows import FlowQuery, flow_frame
-    from lb.bpf_testrun import test_run
+    from lb.kernel.testrun import test_run
 
     xdp = _reset(bal)
     cfg = make_config([vip_dict(0, [0, 1, 2])])

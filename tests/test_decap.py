@@ -31,8 +31,9 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from lb.constants import ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, XDP_DROP, XDP_PASS
-from lb.bpf_testrun import test_run
-from lb.decap_loader import DECAP_STATS, DecapError, DecapProgram, in_netns
+from lb.kernel.testrun import test_run
+from lb.decap_loader import DECAP_STATS, DecapError, DecapProgram
+from lb.kernel.netns import in_netns
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 

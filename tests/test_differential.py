@@ -69,7 +69,7 @@ def _explain(frame: bytes, what: str, user, kern) -> str:
 def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]):
     """Run ``frames`` in order through both; compare per frame and the counter deltas.
     Returns the userspace result."""
-    from lb.bpf_testrun import test_run
+    from lb.kernel.testrun import test_run
 
     before = xdp.read_stats()
     r = dp.process_frames(frames, now=1)
@@ -102,7 +102,7 @@ XDP_FIXTURES = [(name, fx) for name, (_, fxs) in FIXTURE_SETS.items() for fx in 
                          ids=[f"{name}-row{fx.row}-{fx.description}" for name, fx in XDP_FIXTURES])
 def test_fixture_through_xdp(balancers, table_set: str, fx: Fixture) -> None:
     """Each golden fixture through XDP: the expected output, counters, and userspace's."""
-    from lb.bpf_testrun import test_run
+    from lb.kernel.testrun import test_run
 
     xdp, tables = balancers(table_set)
     xdp.clear_conn_table()

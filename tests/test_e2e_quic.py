@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from lb.config import parse_config
+from lb.kernel.netns import run_in_netns
 from netns.lab import Lab
-from netns.ns import run_in_netns
 from netns.quic import quic_session
 from netns.teardown import leftovers
 from netns.topology import VIP4, VIP6, seg4, seg6

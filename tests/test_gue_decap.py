@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
 from lb import constants as C
-from lb.bpf_testrun import test_run
+from lb.kernel.testrun import test_run
 from lb.datapath import UserspaceDatapath
 from lb.decap_loader import DecapProgram
 

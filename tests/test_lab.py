@@ -25,7 +25,7 @@ from collections import Counter
 import pytest
 
 from lb import layout
-from lb.bpf_loader import map_lookup
+from lb.kernel.maps import map_lookup
 from lb.kernel.progs import prog_exists
 from netns.datapaths import DatapathUnavailable
 from netns.errors import LabError

@@ -162,7 +162,7 @@ def test_live_exact_count_and_flows(gen: PacketGenerator, bed, family: int, prot
     _lab, gns, a, b = bed
     k, n = 100_003, 1000
     frame = build_frame(family, proto, 80, src_mac=a.mac_bytes, dst_mac=b.mac_bytes)
-    with Sink(b, key="flow") as sink:
+    with Sink(b.name, b.ns, key="flow") as sink:
         gen.detach_tail_call()
         gen.set_template(frame, flows=n, vary=vary)
         gen.reset_counters()
@@ -187,7 +187,7 @@ def test_live_exact_count_and_flows(gen: PacketGenerator, bed, family: int, prot
 @netns_test
 def test_live_sink_dst_mode(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed
-    with Sink(b, key="dst") as sink:
+    with Sink(b.name, b.ns, key="dst") as sink:
         gen.detach_tail_call()
         gen.set_template(build_frame(6, "udp", 64, dst="2001:db8:77::5"), flows=50, vary="src_addr")
         gen.run(10_000, a.index, netns=gns, cpu=GEN_CPU)
@@ -197,7 +197,7 @@ def test_live_sink_dst_mode(gen: PacketGenerator, bed) -> None:
 @netns_test
 def test_live_sink_key_table_is_bounded(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed
-    with Sink(b, key="flow", max_keys=16) as sink:
+    with Sink(b.name, b.ns, key="flow", max_keys=16) as sink:
         gen.detach_tail_call()
         gen.set_template(build_frame(4, "udp"), flows=100)
         gen.run(1000, a.index, netns=gns, cpu=GEN_CPU)
@@ -215,7 +215,7 @@ def test_live_threaded_napi_loss_is_accounted(gen: PacketGenerator, bed) -> None
     the veth's tx_dropped: sink + dropped == generated."""
     _lab, gns, a, b = bed
     k = 1_000_000
-    with Sink(b) as sink:
+    with Sink(b.name, b.ns) as sink:
         b.set_threaded(True)
         assert b.threaded
         pids = b.pin_napi({OTHER_CPU})
@@ -241,7 +241,7 @@ def test_live_threaded_napi_loss_is_accounted(gen: PacketGenerator, bed) -> None
 def test_live_two_threads(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed
     k = 200_001
-    with Sink(b) as sink:
+    with Sink(b.name, b.ns) as sink:
         gen.detach_tail_call()
         gen.set_template(build_frame(4, "tcp", 64), flows=10)
         r = gen.run(k, a.index, threads=2, cpu=[GEN_CPU, OTHER_CPU], netns=gns)
@@ -280,7 +280,7 @@ def test_tail_call_live(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed
     k = 50_000
     fd = gen.configure_tx_stub(b.mac_bytes)
-    with Sink(b) as sink:
+    with Sink(b.name, b.ns) as sink:
         gen.set_template(build_frame(6, "udp", 128, dst_mac=a.mac_bytes), flows=100)
         stub_before = gen.tx_stub_count()
         gen.attach_tail_call(fd)
@@ -296,7 +296,7 @@ def test_tail_call_live(gen: PacketGenerator, bed) -> None:
 @netns_test
 def test_tail_call_missing_program_drops_and_counts(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed
-    with Sink(b) as sink:
+    with Sink(b.name, b.ns) as sink:
         gen.detach_tail_call()
         gen.set_template(build_frame(4, "udp"))
         gen.set_action("tail")  # empty slot
@@ -379,7 +379,7 @@ def test_lab_teardown_with_xdp_attached(gen: PacketGenerator) -> None:
         with Lab() as lab:
             n1, n2 = lab.netns("pgtx"), lab.netns("pgty")
             a, b = lab.veth(n1, n2, "px")
-            sink = Sink(b)
+            sink = Sink(b.name, b.ns)
             raise RuntimeError
     _assert_gone([n1.name, n2.name], [])
     sink.close()

@@ -37,9 +37,10 @@ from lb import constants as C
 from lb.afpacket import complete_l4_csum
 from lb.config import dump_config_yaml, parse_config
 from lb.datapath import UserspaceDatapath
+from lb.kernel.netns import run_in_netns
 from lb.state import compile_tables
 from lb.userspace_io import UserspaceBalancer, cbpf_drop_program, guarded_addresses
-from netns.ns import Lab, list_netns, run_in_netns
+from netns.ns import Lab, list_netns
 
 VIP4, VIP6 = "198.18.100.1", "2001:db8:100::1"
 REALS4 = ["198.19.0.1", "198.19.0.2", "198.19.0.3"]
@@ -511,7 +512,7 @@ def test_load_every_frame_accounted(pair: Pair, gen, tx_mode: str) -> None:
     from lb.pktgen import Sink, build_frame
 
     run_in_netns(pair.bns, set_offload, pair.b.name, "gro", True)  # NAPI on B for live frames
-    sink = Sink(pair.a)
+    sink = Sink(pair.a.name, pair.a.ns)
     pair.lab.on_teardown(sink.close)
     gen.set_template(build_frame(4, "tcp", 64, dst=VIP4, dport=80, dst_mac=pair.b.mac_bytes), flows=1000)
     total, chunk, rate = 200_000, 2_000, 100_000

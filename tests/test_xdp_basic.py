@@ -34,8 +34,10 @@ from scapy.packet import raw
 
 from lb import constants as C
 from lb import layout
-from lb.bpf_loader import PinnedMapMismatch, XdpAttachError, XdpBalancer, _setns_call
-from lb.bpf_testrun import test_run as bpf_test_run
+from lb.bpf_loader import PinnedMapMismatch, XdpAttachError, XdpBalancer
+from lb.kernel.netns import run_in_netns
+from lb.kernel.testrun import test_run as bpf_test_run
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach, xdp_detach
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
@@ -669,7 +671,7 @@ def _send_and_capture(ns: str, dev: str, frame: bytes, timeout: float = 2.0) -> 
             return got
         finally:
             s.close()
-    return _setns_call(ns, go)
+    return run_in_netns(ns, go)
 
 
 @pytest.mark.netns
@@ -688,7 +690,7 @@ def test_attach_native_tx_replace_detach(netns_veth) -> None:
     # XDP_PASS program (GRO would do as well; ethtool is not installed here).
     passer = BPF(text="int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
     pass_fn = passer.load_func("pass_all", BPF.XDP)
-    _setns_call(ns, BPF.attach_xdp, a, pass_fn, 1 << 2)
+    xdp_attach(a, pass_fn.fd, XDP_FLAGS_DRV_MODE, ns)
     with XdpBalancer.from_tables(tables) as lb:
         with pytest.raises(XdpAttachError, match="generic"):
             lb.attach("lo", "native", netns=ns)  # loopback has no native XDP
@@ -717,7 +719,7 @@ def test_attach_native_tx_replace_detach(netns_veth) -> None:
         lb.attach(b, "generic", netns=ns)
         assert _send_and_capture(ns, a, syn)
         lb.detach()
-    _setns_call(ns, BPF.remove_xdp, a, 1 << 2)
+    xdp_detach(a, XDP_FLAGS_DRV_MODE, ns)
     passer.cleanup()
 
 
@@ -725,7 +727,7 @@ def test_map_lookup_refuses_a_buffer_the_kernel_would_overrun(bal) -> None:
     """A value size other than the map's is refused before the syscall: the kernel
     writes the whole value, and a short buffer would corrupt the caller's memory."""
     from lb import layout
-    from lb.bpf_loader import map_lookup
+    from lb.kernel.maps import map_lookup
 
     fd = bal.map_fd("ctl")
     with pytest.raises(ValueError, match="36-byte values"):

@@ -9,7 +9,6 @@ import os
 from lb.kernel.bpf_attr import GetFdByIdAttr, InfoAttr, ProgLoadAttr, address_of
 from lb.kernel.syscall import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, BPF_PROG_LOAD, bpf_syscall
 
-BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
 
 # struct bpf_prog_info offsets (include/uapi/linux/bpf.h)

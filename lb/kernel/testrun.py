@@ -21,11 +21,9 @@ from typing import NamedTuple
 from lb.kernel.bpf_attr import TestRunAttr
 from lb.kernel.syscall import BPF_PROG_TEST_RUN, bpf_syscall
 
-BPF_F_TEST_RUN_ON_CPU = 1 << 0
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 TEST_XDP_MAX_BATCH = 256  # kernel limit on batch_size in live mode
 
-XDP_PACKET_HEADROOM = 256
 # Room test_run leaves after the input frame in the output buffer: the largest outer
 # header (40) plus margin for programs that grow the tail.
 OUTPUT_MARGIN = 40 + 256
