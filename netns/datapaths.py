@@ -10,18 +10,17 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from netns.errors import LabError
 from netns.lab_tables import remap_real_ids, with_gateway
 from netns.processes import wait_ready
 from netns.topology import Host
-
-if TYPE_CHECKING:
-    from netns.lab import Lab
 
 DATAPATHS = ("xdp", "userspace")
 
@@ -144,18 +143,20 @@ class UserspaceBackend:
 class UserspaceRunner:
     """The userspace datapath in its own process (``python -m netns.lab run-userspace``,
     :func:`run_userspace`), which outlives the process that built the lab; counters
-    come through a JSON file it rewrites every second."""
+    come through a JSON file it rewrites every second. ``spawn(role, ns, argv, log)``
+    starts and records the process (the lab's, so that teardown stops it)."""
 
     kind = "userspace"
 
-    def __init__(self, lab: Lab, host: Host) -> None:
+    def __init__(self, host: Host, state_path: str, log_dir: str,
+                 spawn: Callable[[str, str | None, list[str], str], subprocess.Popen]) -> None:
         check_datapath("userspace")
-        self.stats_path = os.path.join(lab.log_dir, f"{host.name}.stats.json")
-        argv = [sys.executable, "-m", "netns.lab", "run-userspace", "--state", lab.state_path,
+        self.stats_path = os.path.join(log_dir, f"{host.name}.stats.json")
+        argv = [sys.executable, "-m", "netns.lab", "run-userspace", "--state", state_path,
                 "--balancer", host.name]
-        proc = lab._spawn(f"balancer-{host.name}", None, argv,
-                          os.path.join(lab.log_dir, f"{host.name}.log"))
-        wait_ready(proc, 60, os.path.join(lab.log_dir, f"{host.name}.log"), host.name)
+        log = os.path.join(log_dir, f"{host.name}.log")
+        proc = spawn(f"balancer-{host.name}", None, argv, log)
+        wait_ready(proc, 60, log, host.name)
         self.prog_id = None
 
     def load_tables(self, tables: Any) -> None:

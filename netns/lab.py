@@ -393,7 +393,7 @@ class Lab:
                 self._save()
                 backend: Backend = XdpBackend(t, h, pin_dir, self.xdp_mode)
             elif self.balancer_processes:
-                backend = UserspaceRunner(self, h)
+                backend = UserspaceRunner(h, self.state_path, self.log_dir, self._spawn)
             else:
                 backend = UserspaceBackend(t, h)
             self._backends[h.name] = backend

@@ -210,9 +210,9 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
     from rich.table import Table
 
     from netns.lab import Lab
+    from netns.servers import http_requests, ping, udp_flows
     from netns.teardown import leftovers
     from netns.topology import HTTP_PORT, UDP_PORT, VIP4, VIP6
-    from netns.servers import http_requests, ping, udp_flows
 
     con = Console(highlight=False, width=None if sys.stdout.isatty() else 100)
     t0 = time.monotonic()
