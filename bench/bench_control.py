@@ -32,14 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.api_client import ApiClient
 from bench.common import report
 from control.api import create_app
 from control.datapaths import UserspacePort, XdpPort
 from control.reconcile import WriteRing
 from control.service import Controller
-from control.state import Store
+from control.store import Store
 from control.tables import Sizes
-from control.testing import ApiClient
 from lb.config import parse_config
 
 POOL = 4000

@@ -21,7 +21,7 @@ from scapy.packet import raw
 from bench.common import pin_to_cpu, report
 from lb.config import parse_config
 from lb.datapath import UserspaceDatapath
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 FRAME = 64
 

@@ -49,8 +49,8 @@ import numpy as np
 from bench.bench_datapath import time_batches
 from bench.common import cpu_model, loadavg, report
 from lb.config import parse_config
+from lb.datapath_tables import compile_tables
 from lb.pktgen import MAX_FRAME, PacketGenerator, Sink, build_frame
-from lb.state import compile_tables
 from netns.quic import encode_cid, short_packet
 
 FLOWS = 1000
@@ -151,10 +151,10 @@ class XdpBed:
 
     def __init__(self, gen_cpu: int) -> None:
         from lb.bpf_loader import XdpBalancer
-        from netns.ns import Lab
+        from netns.ns import Sandbox
 
         self.gen_cpu = gen_cpu
-        self.lab = Lab()
+        self.lab = Sandbox()
         self.gen = None
         self.bals: dict[str, Any] = {}
         try:

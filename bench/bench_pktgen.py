@@ -2,7 +2,7 @@
 compares against.
 
 Run: ``.venv/bin/python -m bench.bench_pktgen [--json PATH]`` (root). Topology, built
-fresh and torn down by :class:`netns.ns.Lab`::
+fresh and torn down by :class:`netns.ns.Sandbox`::
 
     netns gen: [pktgen.c via BPF_PROG_TEST_RUN live frames, thread pinned to --gen-cpu]
                   |  XDP_TX out of veth end A (ingress_ifindex)
@@ -47,7 +47,7 @@ from rich.table import Table
 
 from bench.common import cpu_model, loadavg
 from lb.pktgen import PacketGenerator, Sink, build_frame
-from netns.ns import Lab, Netns, napi_thread_cpu
+from netns.ns import Netns, Sandbox, napi_thread_cpu
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "pktgen.json"
 PATHS = ("gen->drop", "gen->tx", "gen->stub")
@@ -67,7 +67,7 @@ class Testbed:
         self.gen_cpu = gen_cpu
         self.napi_cpu = napi_cpu
         self.sink_key = sink_key
-        self.lab = Lab()
+        self.lab = Sandbox()
         self.sink: Sink | None = None
         self.napi_pids: list[int] = []
 

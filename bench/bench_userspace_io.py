@@ -1,7 +1,7 @@
 """Userspace datapath on real packet I/O: packets per second, against XDP on the same topology.
 
 Run: ``.venv/bin/python -m bench.bench_userspace_io [--json PATH] [--seconds S]`` (root).
-Topology, built fresh and torn down by :class:`netns.ns.Lab`::
+Topology, built fresh and torn down by :class:`netns.ns.Sandbox`::
 
     netns gen:  live-frames generator (lb/pktgen.py), thread pinned to --gen-cpu,
                 "receives" on veth end A and XDP_TXes out of it; xdp/sink.c on A counts
@@ -57,11 +57,11 @@ from lb.afpacket import set_offload
 from lb.bpf_loader import XdpBalancer
 from lb.config import parse_config
 from lb.datapath import UserspaceDatapath
+from lb.datapath_tables import compile_tables
 from lb.kernel.netns import run_in_netns
 from lb.pktgen import PacketGenerator, Sink, build_frame
-from lb.state import compile_tables
 from lb.userspace_io import UserspaceBalancer
-from netns.ns import Lab, napi_thread_cpu
+from netns.ns import Sandbox, napi_thread_cpu
 
 VIP = "198.18.100.1"
 FRAME = 64
@@ -89,7 +89,7 @@ def task_cpu_seconds(pid: int) -> float:
 class Bed:
     """gen netns --veth--> bal netns; generator, sink on A; GRO on B."""
 
-    def __init__(self, lab: Lab, gen: PacketGenerator, gen_cpu: int, bal_cpu: int):
+    def __init__(self, lab: Sandbox, gen: PacketGenerator, gen_cpu: int, bal_cpu: int):
         self.lab, self.gen, self.gen_cpu, self.bal_cpu = lab, gen, gen_cpu, bal_cpu
         self.gen_ns, self.bal_ns = lab.netns("lbug"), lab.netns("lbub")
         self.a, self.b = lab.veth(self.gen_ns, self.bal_ns, "lb", queues=1)
@@ -310,7 +310,7 @@ def one_case(bed: Bed, kind: str, tx_mode: str, bypass: bool, batch: int, b_thre
     return r
 
 
-def tx_cost(lab: Lab, gen_ns: Any, bal_ns: Any, bal_cpu: int, reps: int = 2000,
+def tx_cost(lab: Sandbox, gen_ns: Any, bal_ns: Any, bal_cpu: int, reps: int = 2000,
             batch: int = 256) -> list[dict[str, Any]]:
     """What sending costs, TX ring vs sendmmsg, qdisc bypass on/off: batches of 84-byte
     frames (the encapsulated 64-byte input) out of a veth end whose peer has no XDP and no
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     gen = PacketGenerator()
     try:
-        with Lab() as lab:
+        with Sandbox() as lab:
             bed = Bed(lab, gen, gen_cpu, bal_cpu)
             mem_ns = in_memory_ns_per_packet(bed, args.batch)
             print(f"process_batch in memory, batches of {args.batch}: {mem_ns:.0f} ns/packet "

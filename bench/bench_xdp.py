@@ -89,13 +89,13 @@ from bench.bench_pktgen import cpu_model, loadavg, task_cpu_seconds
 from bench.common import report
 from lb import constants as C
 from lb.config import parse_config
+from lb.datapath_tables import compile_tables
 from lb.kernel.maps import map_delete_batch, map_drain, map_lookup
 from lb.kernel.netns import netns_path, run_in_netns
 from lb.kernel.testrun import test_run
 from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach, xdp_detach
 from lb.pktgen import PacketGenerator, Sink, build_frame
-from lb.state import compile_tables
-from netns.ns import Iface, Lab, Netns
+from netns.ns import Iface, Netns, Sandbox
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "xdp.json"
 
@@ -281,7 +281,7 @@ class Bed:
     def __init__(self, gen: PacketGenerator, topology: bool, gen_cpu: int, other_cpu: int):
         self.gen, self.topology = gen, topology
         self.gen_cpu, self.other_cpu = gen_cpu, other_cpu
-        self.lab = Lab()
+        self.lab = Sandbox()
         self.napi_pids: list[int] = []
         self.attached_fd: int | None = None
         self.mode = "softirq"

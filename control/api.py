@@ -30,7 +30,6 @@ from starlette.concurrency import run_in_threadpool
 
 from control.errors import ControlError, Invalid
 from control.flows import FlowQuery, flow_frame
-from control.healthcheck import HealthCheck
 from control.metrics import CONTENT_TYPE, Metrics
 from control.service import (
     Controller,
@@ -42,6 +41,7 @@ from control.service import (
 from control.tables import vip_label
 from lb import constants as C
 from lb.config import Config, QuicServer, Real, SourceRoute, Vip
+from lb.healthcheck_config import HealthCheck
 
 __all__ = ["create_app", "API_VERSION"]
 

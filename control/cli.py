@@ -5,7 +5,7 @@ Tables for people (rich), ``--json`` for scripts. Exit status: 0 success; 1 the 
 unreachable or failed (5xx); 2 the request was refused (4xx: the message names the field)
 or bad usage.
 
-Hooked into ``lb.cli.build_parser`` by :func:`register`.
+Registered in lbctl by :func:`register` (entry point ``lbctl.commands``, see lb/cli.py).
 """
 
 from __future__ import annotations
@@ -431,9 +431,9 @@ def _client_args(p: argparse.ArgumentParser, changes: bool = False) -> None:
                        help="only if the desired state is still at generation GEN (else exit 2)")
 
 
-def register(sub: argparse._SubParsersAction, config_sub: argparse._SubParsersAction | None = None) -> None:
+def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
     """Add ``serve``, ``vip``, ``real``, ``quic``, ``route``, ``stats``, ``health`` to lbctl's subcommands and
-    ``export``/``apply`` to its ``config`` subcommands (``config_sub``)."""
+    ``export``/``apply`` to its ``config`` subcommands (``groups["config"]``, made by lb.commands)."""
     from control.daemon import add_arguments
 
     s = sub.add_parser("serve", help="run the control-plane daemon (datapath, API, health checks)",
@@ -557,15 +557,15 @@ def register(sub: argparse._SubParsersAction, config_sub: argparse._SubParsersAc
     _client_args(x)
     x.set_defaults(func=_run(cmd_health))
 
-    if config_sub is not None:
-        x = config_sub.add_parser("export", help="print the running daemon's desired config (YAML)",
-                                  description="The daemon's desired config as YAML (a valid config file), "
-                                              "or with --json the generation and config as JSON.")
-        _client_args(x)
-        x.set_defaults(func=_run(cmd_config_export))
-        x = config_sub.add_parser("apply", help="replace the running daemon's config with a file",
-                                  description="Validate FILE, then replace the daemon's desired config with it "
-                                              "(sizes must stay; drained reals still present stay drained).")
-        x.add_argument("file")
-        _client_args(x, changes=True)
-        x.set_defaults(func=_run(cmd_config_apply))
+    config = groups["config"]
+    x = config.add_parser("export", help="print the running daemon's desired config (YAML)",
+                          description="The daemon's desired config as YAML (a valid config file), "
+                                      "or with --json the generation and config as JSON.")
+    _client_args(x)
+    x.set_defaults(func=_run(cmd_config_export))
+    x = config.add_parser("apply", help="replace the running daemon's config with a file",
+                          description="Validate FILE, then replace the daemon's desired config with it "
+                                      "(sizes must stay; drained reals still present stay drained).")
+    x.add_argument("file")
+    _client_args(x, changes=True)
+    x.set_defaults(func=_run(cmd_config_apply))

@@ -143,10 +143,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     """Everything up to serving: state, datapath, controller, app. StartupError on failure."""
     from control.api import create_app
     from control.datapaths import UserspaceIoPort, UserspacePort, XdpPort
-    from control.health import DirectProber, HealthRunner, plain_socket
+    from control.health_probing import DirectProber, HealthRunner, plain_socket
     from control.metrics import Metrics
     from control.service import Controller, extra_checks
-    from control.state import StateError, StateLocked, Store
+    from control.store import StateError, StateLocked, Store
     from control.tables import Sizes
     from lb.config import ConfigError, load_config
 

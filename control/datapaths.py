@@ -41,7 +41,7 @@ from control.reconcile import (
 from control.tables import ROUTING_TABLES, Sizes, routing_arrays
 from lb import constants as C
 from lb import layout
-from lb.state import DatapathTables
+from lb.datapath_tables import DatapathTables
 
 __all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort"]
 
@@ -244,7 +244,7 @@ class UserspaceIoPort(MemoryPort):
 
 
 def _addr(raw: np.ndarray, family: int) -> str:
-    from lb.state import addr_from16
+    from lb.datapath_tables import addr_from16
 
     return str(addr_from16(raw, family))
 

@@ -1,7 +1,7 @@
 """The desired state in etcd: one configuration shared by a fleet of balancers.
 
 ``lbctl serve --store etcd://HOST:PORT/PREFIX`` keeps the desired state (the same JSON
-document :class:`control.state.Store` writes to ``state.json``) under the key
+document :class:`control.store.Store` writes to ``state.json``) under the key
 ``PREFIX/state`` in etcd instead of the local file. Every balancer of the fleet points at
 the same key:
 
@@ -37,7 +37,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from control.state import DesiredState, StateError, Store, _state_bytes
+from control.store import DesiredState, StateError, Store, _state_bytes
 
 log = logging.getLogger("lb.etcd_store")
 
@@ -140,7 +140,7 @@ def _unchunk(b: bytes) -> bytes:
 
 
 class EtcdStore:
-    """A :class:`control.state.Store` whose desired state lives in etcd (see the module
+    """A :class:`control.store.Store` whose desired state lives in etcd (see the module
     docstring). ``local_dir``: lock, health, temporaries (a plain Store)."""
 
     def __init__(self, url: str, local_dir: str, netns: str | None = None, interval: float = 0.2,

@@ -1,6 +1,6 @@
 """Stable VIP numbers and real ids across changes.
 
-:func:`lb.state.compile_tables` numbers VIPs by their position in the config and reals
+:func:`lb.datapath_tables.compile_tables` numbers VIPs by their position in the config and reals
 by first use, which is right for one config but would reshuffle the datapath when a VIP
 or real is added or removed at runtime: every ring, every per-VIP counter and every
 connection-table entry (they store real ids) would point somewhere else. The allocator

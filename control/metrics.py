@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from control.health import ProbeDone, TargetKey
+from control.health_probing import ProbeDone, TargetKey
 from control.tables import vip_label
 from lb import constants as C
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from control.datapaths import ConnEntry
 from control.errors import Conflict, DatapathFailure, Invalid, NotFound, PersistFailure, PreconditionFailed
-from control.health import Target, TargetKey, target_label
+from control.health_probing import Target, TargetKey, target_label
 from control.ids import EMPTY, AllocationError, allocate
 from control.reconcile import ApplyError, DatapathPort, RollbackError, apply, plan
-from control.state import DesiredState, StateError, Store, config_digest
+from control.store import DesiredState, StateError, Store, config_digest
 from control.tables import DesiredTables, Sizes, build_tables, vip_label
 from lb import constants as C
 from lb.config import Config, ConfigError, config_to_dict, dump_config_yaml, parse_config

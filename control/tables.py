@@ -1,9 +1,9 @@
 """Desired datapath contents: what the maps should hold for a desired state.
 
-:class:`DesiredTables` is the control plane's form of :class:`lb.state.DatapathTables`:
+:class:`DesiredTables` is the control plane's form of :class:`lb.datapath_tables.DatapathTables`:
 map records as bytes keyed the way the maps are keyed, and one ring per VIP in use (not a
 ``max_vips x ring_size`` array), so that a change costs what it touches. Records are made
-with lb.state's helpers and lb.layout's dtypes, byte for byte as compile_tables makes
+with lb.datapath_tables's helpers and lb.layout's dtypes, byte for byte as compile_tables makes
 them; :meth:`DesiredTables.to_datapath_tables` assembles a DatapathTables (for the
 userspace datapath, ``simulate``, and the test that a fresh allocation reproduces
 compile_tables exactly).
@@ -38,9 +38,9 @@ import numpy as np
 from control.ids import Ids, VipKey
 from lb import constants as C
 from lb import layout
+from lb.datapath_tables import PROTOCOLS, DatapathTables, addr16, ctl_array
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
-from lb.state import PROTOCOLS, DatapathTables, addr16, ctl_array
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
            "vip_key_record", "real_record", "vip_label", "ROUTING_TABLES", "routed_out",
@@ -129,7 +129,7 @@ quic_key_record = id_record  # quic_servers is keyed by the u32 server id
 
 @lru_cache(maxsize=65536)
 def src_route_key_record(prefix: str) -> tuple[str, bytes]:
-    """(map name, LPM key) of a canonical prefix, as lb.state.src_route_arrays lays it out."""
+    """(map name, LPM key) of a canonical prefix, as lb.datapath_tables.src_route_arrays lays it out."""
     net = ipaddress.ip_network(prefix)
     dtype = layout.LPM_V4_KEY if net.version == 4 else layout.LPM_V6_KEY
     rec = np.zeros(1, dtype=dtype)
@@ -231,7 +231,7 @@ class DesiredTables:
         return ring if ring is not None else np.zeros(self.sizes.ring_size, dtype=np.uint32)
 
     def to_datapath_tables(self) -> DatapathTables:
-        """The same contents as an lb.state.DatapathTables (arrays, VIPs in config order)."""
+        """The same contents as an lb.datapath_tables.DatapathTables (arrays, VIPs in config order)."""
         s = self.sizes
         n = len(self.vips)
         vip_keys = np.frombuffer(bytearray(b"".join(self.vips.keys())), dtype=layout.VIP_KEY, count=n)
@@ -259,7 +259,7 @@ class DesiredTables:
 
 
 def routing_arrays(routing: Mapping[str, Mapping[bytes, bytes]]) -> dict[str, np.ndarray]:
-    """The routing maps' records as lb.state.DatapathTables' arrays (quic_servers,
+    """The routing maps' records as lb.datapath_tables.DatapathTables' arrays (quic_servers,
     src_routes_v4, src_routes_v6), in the mappings' order."""
     out = {}
     for name, dtype, key_dtype in (("quic_servers", layout.QUIC_SERVER, None),

@@ -11,7 +11,7 @@ Its map ``hc_reals`` holds mark -> real address (family), written by the prober;
 holds the settings as the balancer's own ctl entry (layout.CTL). Until the settings are
 set, probes use IPIP.
 
-:class:`TunnelProber` is a :class:`control.health.Prober`: for each probe it makes sure
+:class:`TunnelProber` is a :class:`control.health_probing.Prober`: for each probe it makes sure
 the real's entry is in ``hc_reals``, opens the socket (in the datapath's namespace) with
 ``SO_MARK`` = ``mark_base + real id`` and connects to the **VIP** address on the probed
 port (the check's ``port``, default the VIP's) — TCP connect, HTTP GET (``Host``: the
@@ -38,13 +38,13 @@ import sys
 from pathlib import Path
 from typing import Self
 
-from control.health import DirectProber, SocketFactory, Target, plain_socket
+from control.health_probing import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
 from lb.config import Settings
+from lb.datapath_tables import ctl_array
 from lb.kernel.netns import in_netns, netns_path
 from lb.kernel.syscall import KernelError
 from lb.kernel.tc import tc_attach, tc_detach
-from lb.state import ctl_array
 
 __all__ = ["DEFAULT_MARK_BASE", "HC_STATS", "TC_PRIORITY", "TunnelEncap", "TunnelProber"]
 

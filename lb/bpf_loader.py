@@ -8,7 +8,7 @@
 * maps can be pinned under a per-instance bpffs directory (``pin_dir``): a restarted
   control plane that loads with the same ``pin_dir`` gets the same maps, counters and
   connection table included;
-* tables from :func:`lb.state.compile_tables` are written with raw bpf() calls
+* tables from :func:`lb.datapath_tables.compile_tables` are written with raw bpf() calls
   (batch updates, and an mmap of the Maglev rings), never element by element from
   Python for the large ones.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lb import constants, layout
-from lb.state import routing_tables
+from lb.datapath_tables import routing_tables
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
@@ -372,7 +372,7 @@ class XdpBalancer:
             raise ValueError("vip_keys and vip_metas differ in length")
 
     def load_tables(self, tables: Any) -> None:
-        """Write a compiled configuration (lb.state.DatapathTables) into the maps.
+        """Write a compiled configuration (lb.datapath_tables.DatapathTables) into the maps.
 
         Order keeps a live datapath consistent: reals, rings and ctl first, then the
         VIP address set and VIPs (new VIPs appear only once their rings are in place),

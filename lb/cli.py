@@ -1,19 +1,34 @@
 """lbctl: the command line of the load balancer.
 
+This module only assembles the commands each floor registers. lb's own
+(:mod:`lb.commands`) come first; then every floor above lb, found through the
+``lbctl.commands`` entry-point group of pyproject.toml, so lb never imports a floor above
+it. Each entry point names a ``register(commands, groups)`` that adds its subcommands to
+``commands`` and may add actions to a group a floor below made (``groups["config"]``).
+setuptools writes entry points sorted by name, not by floor: that is why lb's own
+commands, which make the shared groups, are registered directly and first.
+
+A floor whose commands fail to load is named on stderr with the error, and the other
+floors' commands still work.
+
 Exit status: 0 success, 1 the operation failed, 2 bad usage or invalid input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
-from lb.config import ConfigError, load_config
+from lb.config import Config, ConfigError, load_config
+
+__all__ = ["COMMAND_GROUP", "build_parser", "load_config_or_exit", "main"]
+
+COMMAND_GROUP = "lbctl.commands"  # entry points: NAME = "module:register"
 
 
-def load_config_or_exit(path: str):
+def load_config_or_exit(path: str) -> Config:
     """The config at ``path``; on a ConfigError its message goes to stderr and the
     command exits with status 2."""
     try:
@@ -23,142 +38,25 @@ def load_config_or_exit(path: str):
         raise SystemExit(2) from None
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from lb.simulate import FrameFileError, make_simulator, read_hex_frames, read_pcap_frames, simulate, summarize
-    from lb.state import compile_tables
-
-    cfg = load_config_or_exit(args.config)
-    try:
-        tables = compile_tables(cfg)
-    except ValueError as e:
-        print(f"{args.config}: {e}", file=sys.stderr)
-        return 2
-    frames = read_pcap_frames(args.pcap) if args.pcap else read_hex_frames(args.hex_file)
-    try:
-        sim = make_simulator(args.datapath, tables)
-    except OSError as e:
-        print(f"cannot load the {args.datapath} datapath: {e}", file=sys.stderr)
-        return 1
-    verdicts = []
-    try:
-        for i, v in enumerate(simulate(sim, frames)):
-            verdicts.append(v)
-            if args.json:
-                print(v.as_json(), flush=True)
-            else:
-                print(f"{i:5d} {v.action:5s} {v.real or '-':>24s}  {v.output.hex() if args.output else ''}")
-    except FrameFileError as e:
-        print(e, file=sys.stderr)
-        return 2
-    finally:
-        if hasattr(sim, "close"):
-            sim.close()
-    if not args.json:
-        s = summarize(verdicts)
-        print(f"frames: {len(verdicts)}  actions: {s['actions']}  reals: {s['reals']}")
-    return 0
-
-
-def cmd_config_validate(args: argparse.Namespace) -> int:
-    cfg = load_config_or_exit(args.file)
-    n_reals = len({r.address for v in cfg.vips for r in v.reals})
-    print(f"{args.file}: ok ({len(cfg.vips)} VIPs, {n_reals} reals)")
-    return 0
-
-
-def cmd_config_show(args: argparse.Namespace) -> int:
-    from lb.config import config_to_dict, dump_config_yaml
-
-    cfg = load_config_or_exit(args.file)
-    print(json.dumps(config_to_dict(cfg), indent=2) if args.json else dump_config_yaml(cfg), end="")
-    return 0
-
-
-def cmd_ring(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from lb.state import compile_tables
-
-    cfg = load_config_or_exit(args.config)
-    tables = compile_tables(cfg)
-    rows = []
-    for (addr, port, proto), num in tables.vip_nums.items():
-        counts = np.bincount(tables.rings[num], minlength=len(tables.real_ids) + 1)
-        for ip, rid in tables.real_ids.items():
-            if counts[rid]:
-                rows.append({"vip": f"{addr}:{port}/{proto}", "real": str(ip), "slots": int(counts[rid]),
-                             "share": counts[rid] / tables.ring_size})
-        if counts[0]:
-            rows.append({"vip": f"{addr}:{port}/{proto}", "real": None, "slots": int(counts[0]), "share": 1.0})
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-    else:
-        for r in rows:
-            print(f"{r['vip']:>32s} {r['real'] or '(no real: drop)':>24s} {r['slots']:7d} {r['share']:7.2%}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lb.demo import print_report, run_demo
-
-    cfg = load_config_or_exit(args.config) if args.config else None
-    rep = run_demo(cfg, flows=args.flows)
-    print_report(rep, cfg)
-    return 0 if rep.split_flows == 0 else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """lbctl's parser: lb's commands, then those of every floor registered in
+    :data:`COMMAND_GROUP`."""
+    from lb.commands import register  # imported here: lb.commands imports load_config_or_exit from this module
+
     p = argparse.ArgumentParser(prog="lbctl", description="Katran-compatible L4 load balancer: control and tools.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("simulate", help="run frames through a datapath: where does each flow go?",
-                       description="Run frames through one datapath instance, in order (the connection "
-                                   "table carries over), and print the action, the real and the output frame.")
-    s.add_argument("--config", required=True, help="YAML config file")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pcap", help="pcap/pcapng file of Ethernet frames")
-    src.add_argument("--hex-file", help="text file, one Ethernet frame per line as hex")
-    s.add_argument("--datapath", choices=["userspace", "xdp"], default="userspace",
-                   help="userspace (numba, default) or xdp (the BPF program via BPF_PROG_TEST_RUN; root)")
-    s.add_argument("--json", action="store_true",
-                   help='one JSON object per frame: {"action", "real", "output"}')
-    s.add_argument("--output", action="store_true", help="also print output frames (hex) in the table")
-    s.set_defaults(func=cmd_simulate)
-
-    c = sub.add_parser("config", help="check and show config files",
-                       description="Validate or normalise a YAML config file.")
-    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    v = csub.add_parser("validate", help="check a config file; errors name the field",
-                        description="Check a config file. Exit 0 if valid, 2 with every problem listed if not.")
-    v.add_argument("file")
-    v.set_defaults(func=cmd_config_validate)
-    sh = csub.add_parser("show", help="print a config file normalised (defaults filled in)",
-                         description="Print the config with every default filled in.")
-    sh.add_argument("file")
-    sh.add_argument("--json", action="store_true", help="JSON instead of YAML")
-    sh.set_defaults(func=cmd_config_show)
-
-    r = sub.add_parser("ring", help="show each VIP's Maglev ring: slots per real",
-                       description="Build the Maglev rings of a config and print each real's share of slots.")
-    r.add_argument("--config", required=True, help="YAML config file")
-    r.add_argument("--json", action="store_true", help="one JSON object per (VIP, real)")
-    r.set_defaults(func=cmd_ring)
-
-    d = sub.add_parser("demo", help="run the userspace datapath over generated flows and show where they went",
-                       description="Generate client flows, run them through the userspace datapath, and print "
-                                   "the flows per real, stickiness and counters.")
-    d.add_argument("--config", help="YAML config (default: a built-in VIP with 3 reals)")
-    d.add_argument("--flows", type=int, default=1000, help="flows per VIP (default 1000)")
-    d.set_defaults(func=cmd_demo)
-
-    from control.cli import register  # serve, vip, real, stats, health, config export/apply
-
-    register(sub, csub)
-
-    from netns.lab_cli import register as register_lab  # lab up|down|status|demo
-
-    register_lab(sub)
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    register(commands, groups)
+    floors = entry_points(group=COMMAND_GROUP)
+    if not floors:
+        print(f"lbctl: no commands beyond lb's are installed (entry-point group {COMMAND_GROUP!r} is empty); "
+              "install the project: pip install -e .", file=sys.stderr)
+    for floor in floors:
+        try:
+            floor.load()(commands, groups)
+        except Exception as e:  # noqa: BLE001 - any failure: name the floor, keep the others usable
+            print(f"lbctl: the {floor.name} commands ({floor.value}) are unavailable: {type(e).__name__}: {e}",
+                  file=sys.stderr)
     return p
 
 

@@ -31,8 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from control.healthcheck import HealthCheck, HttpCheck, UdpCheck  # the control plane's section
 from lb import constants as C
+from lb.healthcheck_config import HealthCheck, HttpCheck, UdpCheck  # the vips[].healthcheck section
 from lb.maglev import is_prime
 
 __all__ = [
@@ -314,7 +314,7 @@ class Vip(BaseModel):
     hash: Literal["maglev", "maglev_v2"] = "maglev_v2"
     flags: Annotated[list[Flag], BeforeValidator(_none_is_empty)] = []
     reals: Annotated[list[Real], BeforeValidator(_none_is_empty)] = []  # empty: traffic is dropped
-    healthcheck: HealthCheck | None = None  # probes of the reals (control/healthcheck.py)
+    healthcheck: HealthCheck | None = None  # probes of the reals (lb/healthcheck_config.py)
 
     @model_validator(mode="after")
     def _check(self) -> Vip:

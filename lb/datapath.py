@@ -13,8 +13,8 @@ import numba as nb
 import numpy as np
 
 from lb import constants as C
+from lb.datapath_tables import DatapathTables, routing_tables
 from lb.jhash import jhash16, jhash_2words
-from lb.state import DatapathTables, routing_tables
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF

@@ -20,7 +20,7 @@ from scapy.packet import raw
 from lb import constants as C
 from lb.config import Config, parse_config
 from lb.datapath import UserspaceDatapath
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 DEFAULT_DEMO_CONFIG = {
     "settings": {"gateway_mac": "02:00:00:00:00:fe"},

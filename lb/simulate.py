@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lb import constants as C
-from lb.state import DatapathTables
+from lb.datapath_tables import DatapathTables
 
 
 @dataclass(frozen=True)

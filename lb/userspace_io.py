@@ -86,8 +86,8 @@ from lb import afpacket
 from lb import constants as C
 from lb.afpacket import PacketSocket, mmsg_fill, rx_drain, tx_fill
 from lb.datapath import UserspaceDatapath, process_batch
+from lb.datapath_tables import DatapathTables
 from lb.kernel.netns import run_in_netns
-from lb.state import DatapathTables
 
 __all__ = ["TcGuard", "UserspaceBalancer", "main"]
 
@@ -711,7 +711,7 @@ class UserspaceBalancer:
 
 def main(argv: list[str] | None = None) -> int:
     from lb.config import ConfigError, load_config
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     ap = argparse.ArgumentParser(prog="python -m lb.userspace_io",
                                  description="Run the userspace datapath on an interface until "

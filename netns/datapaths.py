@@ -182,7 +182,7 @@ def run_userspace(state_path: str, balancer: str) -> int:
     """Run lb.userspace_io.UserspaceBalancer for ``balancer`` of the lab in
     ``state_path`` until SIGTERM/SIGINT; counters go to <log_dir>/<balancer>.stats.json."""
     from lb.config import parse_config
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     with open(state_path) as f:
         state = json.load(f)

@@ -156,7 +156,7 @@ class Lab:
         }
         self.real_ids: dict[str, int] = self.state["real_ids"]
         self.config = None  # the lb.config.Config in force
-        self.tables = None  # its lb.state.DatapathTables (lab real ids)
+        self.tables = None  # its lb.datapath_tables.DatapathTables (lab real ids)
         self._backends: dict[str, Backend] = {}
         self._decap = None
         self._procs: dict[str, subprocess.Popen] = {}
@@ -439,7 +439,7 @@ class Lab:
         return parse_config({"settings": settings, "vips": vips})
 
     def _compile(self, cfg: Any) -> Any:
-        from lb.state import compile_tables
+        from lb.datapath_tables import compile_tables
 
         return remap_real_ids(compile_tables(cfg), self.real_ids, cfg.settings.max_reals)
 

@@ -1,7 +1,7 @@
 """``lbctl lab``: build, inspect, tear down and demonstrate the network-namespace lab.
 
-``register(subparsers)`` adds the ``lab`` command to lbctl's parser; ``python -m
-netns.lab_cli ...`` runs the same commands on their own.
+``register(subparsers, groups)`` adds the ``lab`` command to lbctl's parser (entry point
+``lbctl.commands``); ``python -m netns.lab_cli ...`` runs the same commands on their own.
 
 * ``lab up``     builds a lab that stays after the command exits; prints its name.
 * ``lab status`` what a lab has, and its counters (read from the pinned maps).
@@ -318,8 +318,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- parser ----------------------------------------------------------------------------------
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``lab`` (up|down|status|demo) to an argparse subparsers object."""
+def register(subparsers: Any, groups: dict[str, Any]) -> argparse.ArgumentParser:
+    """Add ``lab`` (up|down|status|demo) to an argparse subparsers object. ``groups``:
+    lbctl's shared command groups (see lb/cli.py); the lab adds to none."""
     from netns.datapaths import DATAPATHS
     from netns.lab_state import STATE_DIR
     from netns.topology import MAX_REALS
@@ -389,7 +390,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m netns.lab_cli")
     sub = p.add_subparsers(dest="command", required=True)
-    register(sub)
+    register(sub, {})
     args = p.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
     if os.geteuid() != 0:
         print("the lab needs root (namespaces, XDP, bpffs)", file=sys.stderr)

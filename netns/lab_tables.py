@@ -9,9 +9,10 @@ from netns.errors import LabError
 
 
 def remap_real_ids(tables: Any, ids: dict[str, int], max_reals: int) -> Any:
-    """Give every real of ``tables`` (lb.state.DatapathTables) the id recorded in ``ids``
-    (address -> id; new addresses get the next unused id, recorded in ``ids``). Ids of
-    removed reals are never reused. Returns the same tables object, rewritten."""
+    """Give every real of ``tables`` (lb.datapath_tables.DatapathTables) the id recorded
+    in ``ids`` (address -> id; new addresses get the next unused id, recorded in
+    ``ids``). Ids of removed reals are never reused. Returns the same tables object,
+    rewritten."""
     import numpy as np
 
     old_to_new = np.zeros(max(tables.real_ids.values(), default=0) + 1, dtype=np.uint32)

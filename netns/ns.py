@@ -1,7 +1,7 @@
 """Network namespaces and veth pairs for tests, benchmarks and the lab (pyroute2).
 
 Everything here is torn down by the context manager that made it, also when the body
-raises (assertion, KeyboardInterrupt): :class:`Lab` deletes its veths (synchronously) and
+raises (assertion, KeyboardInterrupt): :class:`Sandbox` deletes its veths (synchronously) and
 then its namespaces, with SIGINT blocked while it does so, so a second Ctrl-C cannot
 leave half a topology behind.
 
@@ -13,7 +13,7 @@ Rules this module enforces (see /work/shared/ENVIRONMENT.md):
 
 Typical use::
 
-    with Lab() as lab:
+    with Sandbox() as lab:
         gen, sink = lab.netns("pgg"), lab.netns("pgs")
         a, b = lab.veth(gen, sink, addrs=("198.18.0.1/30", "198.18.0.2/30"))
         b.set_threaded(True)
@@ -342,7 +342,7 @@ def _sigint_blocked() -> Iterator[None]:
         yield
 
 
-class Lab:
+class Sandbox:
     """Namespaces and veth pairs that are deleted when the ``with`` block ends, whatever
     ends it. Teardown order: registered cleanups (LIFO), veths, namespaces. Errors during
     teardown are collected in :attr:`teardown_errors` and do not mask the body's error."""
@@ -437,7 +437,7 @@ class Lab:
             self.namespaces.clear()
             self.closed = True
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import pytest
 from fixtures import CLIENT4, CONTRACT_YAML, eth, tcp4
@@ -12,7 +15,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import raw
 from scapy.utils import wrpcap
 
-from lb.cli import build_parser, main
+from lb import cli
+from lb.cli import COMMAND_GROUP, build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 
@@ -97,6 +103,33 @@ def test_demo_runs_and_flows_are_sticky(capsys) -> None:
 def test_lbctl_entry_point_is_installed() -> None:
     r = subprocess.run([sys.executable, "-m", "lb.cli", "--help"], capture_output=True, text=True, check=True)
     assert "simulate" in r.stdout
+
+
+def test_every_floor_registers_its_commands() -> None:
+    """lbctl = lb's commands + those of each floor in the lbctl.commands entry points, as
+    pyproject.toml declares them (a mismatch: the install is stale, pip install -e .)."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][COMMAND_GROUP]
+    assert {ep.name: ep.value for ep in entry_points(group=COMMAND_GROUP)} == declared
+    parser = build_parser()
+    for args in (["simulate", "--help"], ["serve", "--help"], ["config", "export", "--help"], ["lab", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(args)
+        assert e.value.code == 0
+
+
+def test_a_floor_that_fails_to_load_is_named(monkeypatch, capsys) -> None:
+    broken = EntryPoint(name="broken", value="no_such_floor.cli:register", group=COMMAND_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken])
+    parser = build_parser()
+    assert capsys.readouterr().err == ("lbctl: the broken commands (no_such_floor.cli:register) are unavailable: "
+                                       "ModuleNotFoundError: No module named 'no_such_floor'\n")
+    assert parser.parse_args(["ring", "--config", "x.yaml"]).command == "ring"  # the other floors still work
+
+
+def test_no_upper_floor_installed_is_said(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    build_parser()
+    assert "entry-point group 'lbctl.commands' is empty" in capsys.readouterr().err
 
 
 @pytest.mark.bpf

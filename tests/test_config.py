@@ -616,7 +616,7 @@ def test_routing_tables_load_canonical() -> None:
 
 
 def test_routing_tables_compile_to_real_ids() -> None:
-    from lb.state import compile_tables
+    from lb.datapath_tables import compile_tables
 
     t = compile_tables(parse_config(routed()))
     ids = {str(a): i for a, i in t.real_ids.items()}

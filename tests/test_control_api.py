@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from control_helpers import make_config, problems, real_addr, vip_dict
 
+from bench.api_client import ApiClient
 from control.api import (
     ConfigView,
     ConnTableView,
@@ -21,7 +23,6 @@ from control.flows import FlowQuery, flow_frame
 from control.reconcile import PutVip, plan
 from control.service import Controller
 from control.tables import Sizes
-from control.testing import ApiClient, make_config, problems, real_addr, vip_dict
 from lb.config import load_config, parse_config
 
 V0 = "/v1/vips/198.18.100.1/80/tcp"

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import yaml
+from control_helpers import real_addr
 from test_control_daemon import REPO, Daemon
 
-from control.testing import real_addr
 from lb.cli import main
 
 

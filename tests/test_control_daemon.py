@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from control_helpers import real_addr, small_settings, vip_dict
 
 from control.client import ApiError, Client, Unavailable
-from control.testing import real_addr, small_settings, vip_dict
 
 REPO = Path(__file__).resolve().parent.parent
 K0 = ("198.18.100.1", 80, "tcp")
@@ -271,11 +271,11 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
 
     from lb.bpf_loader import XdpBalancer
     from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach
-    from netns.ns import Lab, unique_name
+    from netns.ns import Sandbox, unique_name
 
     pin_dir = f"/sys/fs/bpf/{unique_name('lbc')}"
     passer = None
-    with Lab() as lab:
+    with Sandbox() as lab:
         ns = lab.netns("lbc")
         a, b = lab.veth(ns, ns, prefix="lbc")
         a.set_mac(CLIENT_MAC)
@@ -344,9 +344,9 @@ def test_xdp_daemon_sigkill_restart_keeps_everything(tmp_path, daemons) -> None:
 def test_userspace_io_daemon_forwards_and_takes_changes(tmp_path, daemons) -> None:
     """--datapath userspace on a veth: frames in, encapsulated frames out; a drain through
     the API reaches the running loop."""
-    from netns.ns import Lab
+    from netns.ns import Sandbox
 
-    with Lab() as lab:
+    with Sandbox() as lab:
         ns = lab.netns("lbc")
         a, b = lab.veth(ns, ns, prefix="lbc")
         a.set_mac(CLIENT_MAC)

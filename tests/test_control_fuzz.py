@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
+from control_helpers import make_config, vip_dict  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
@@ -15,7 +16,6 @@ from control.datapaths import MemoryPort  # noqa: E402
 from control.reconcile import plan  # noqa: E402
 from control.service import Controller  # noqa: E402
 from control.tables import Sizes  # noqa: E402
-from control.testing import make_config, vip_dict  # noqa: E402
 
 CFG = make_config([vip_dict(0, [0, 1]), vip_dict(1, [2], v6=True, protocol="udp", port=443)])
 PORT = MemoryPort(Sizes.of(CFG.settings))

@@ -9,9 +9,10 @@ import socket
 import threading
 
 import pytest
+from control_helpers import make_config, real_addr, vip_dict
 
 from control.datapaths import MemoryPort
-from control.health import (
+from control.health_probing import (
     TRANSITIONS,
     DirectProber,
     HealthRunner,
@@ -25,11 +26,10 @@ from control.health import (
     Transition,
     plain_socket,
 )
-from control.healthcheck import HealthCheck
 from control.service import Controller
 from control.tables import Sizes, effective_weights
-from control.testing import make_config, real_addr, vip_dict
 from lb.config import parse_config
+from lb.healthcheck_config import HealthCheck
 
 K0 = ("198.18.100.1", 80, "tcp")
 OK = ProbeResult(True, 0.001, "connected")

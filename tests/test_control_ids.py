@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from control_helpers import make_config, real_addr, vip_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control.ids import EMPTY, AllocationError, Ids, allocate
 from control.tables import build_tables
-from control.testing import make_config, real_addr, vip_dict
 from lb.config import load_config
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lb.yaml"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from control_helpers import check_live_consistency, make_config, real_addr, tables_for, vip_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,11 +27,10 @@ from control.reconcile import (
     plan,
 )
 from control.service import Controller
-from control.state import Store
+from control.store import Store
 from control.tables import EMPTY_REAL, Sizes
-from control.testing import check_live_consistency, make_config, real_addr, tables_for, vip_dict
 from lb.config import ConfigError, parse_config
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 K0 = ("198.18.100.1", 80, "tcp")
 K1 = ("198.18.100.2", 80, "tcp")

@@ -6,35 +6,28 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from control_helpers import check_live_consistency, make_config, problems, real_addr, tables_for, vip_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.api_client import ApiClient
 from control.api import QuicServerView, SourceRouteView, create_app
 from control.datapaths import MemoryPort, Stats, UserspacePort
 from control.errors import Conflict, Invalid, NotFound, PreconditionFailed
 from control.ids import EMPTY
 from control.reconcile import DeleteEntry, PutEntry, WriteCtl, apply, plan
 from control.service import Controller
-from control.state import Store
+from control.store import Store
 from control.tables import (
     Sizes,
     id_record,
     quic_key_record,
     src_route_key_record,
 )
-from control.testing import (
-    ApiClient,
-    check_live_consistency,
-    make_config,
-    problems,
-    real_addr,
-    tables_for,
-    vip_dict,
-)
 from lb import constants as C
 from lb import layout
 from lb.config import parse_config
-from lb.state import compile_tables
+from lb.datapath_tables import compile_tables
 
 K0 = ("198.18.100.1", 80, "tcp")
 K1 = ("198.18.100.2", 53, "udp")

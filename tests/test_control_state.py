@@ -11,12 +11,12 @@ import textwrap
 import time
 
 import pytest
+from control_helpers import make_config, real_addr, vip_dict
 
 from control.datapaths import MemoryPort
 from control.service import Controller
-from control.state import DesiredState, StateError, StateLocked, Store, _state_bytes, atomic_write
+from control.store import DesiredState, StateError, StateLocked, Store, _state_bytes, atomic_write
 from control.tables import Sizes
-from control.testing import make_config, real_addr, vip_dict
 from lb.config import config_to_dict
 
 K0 = ("198.18.100.1", 80, "tcp")
@@ -99,11 +99,12 @@ def test_file_and_directory_are_fsynced_before_and_after_the_rename(tmp_path, mo
 
 WRITER = textwrap.dedent("""
     import sys
-    from control.state import Store
+    sys.path.insert(0, "tests")  # control_helpers
+    from control.store import Store
     from control.datapaths import MemoryPort
     from control.service import Controller
     from control.tables import Sizes
-    from control.testing import make_config, vip_dict
+    from control_helpers import make_config, vip_dict
     cfg = make_config([vip_dict(i, [i, i + 1]) for i in range(6)])
     c = Controller.open(MemoryPort(Sizes.of(cfg.settings)), Store(sys.argv[1]), cfg)
     print("ready", flush=True)
@@ -145,7 +146,7 @@ def test_one_daemon_per_directory(tmp_path) -> None:
     a.unlock()
     Store(tmp_path).lock()
     # a holder killed with SIGKILL releases it (the kernel drops the flock)
-    p = subprocess.Popen([sys.executable, "-c", "import sys,time; from control.state import Store; "
+    p = subprocess.Popen([sys.executable, "-c", "import sys,time; from control.store import Store; "
                           "Store(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)",
                           str(tmp_path / "k")], stdout=subprocess.PIPE, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))

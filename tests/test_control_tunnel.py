@@ -66,7 +66,7 @@ def _default_routes(lb) -> None:
 
 
 def _factory(ns: str):
-    from control.health import plain_socket
+    from control.health_probing import plain_socket
     from lb.kernel.netns import run_in_netns
 
     def make(fam: int, typ: int) -> socket.socket:
@@ -76,8 +76,8 @@ def _factory(ns: str):
 
 
 def _target(vip: str, port: int, proto: str, real: str, real_id: int, kind: str, **spec):
-    from control.health import Target
-    from control.healthcheck import HealthCheck
+    from control.health_probing import Target
+    from lb.healthcheck_config import HealthCheck
 
     hc = HealthCheck(type=kind, interval=1, timeout=1, **spec)
     return Target(((vip, port, proto), real), hc, spec.get("port") or port, real_id, vip, port)
@@ -215,7 +215,7 @@ def test_settings_switch_the_probe_encapsulation(hc_encap) -> None:
 @pytest.mark.netns
 @pytest.mark.slow
 def test_prober_through_the_tunnel() -> None:
-    from control.health import DirectProber
+    from control.health_probing import DirectProber
     from control.tunnel_probe import TunnelEncap, TunnelProber
     from netns.lab import Lab
     from netns.topology import VIP4, VIP6
@@ -318,7 +318,7 @@ def _wait_ring(c, addr: str, want: bool, since: float, limit: float) -> float:
 @pytest.mark.netns
 @pytest.mark.slow
 def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
-    from control.health import DirectProber
+    from control.health_probing import DirectProber
     from netns.lab import Lab
     from netns.processes import wait_ready
     from netns.servers import http_requests

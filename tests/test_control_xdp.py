@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from control_helpers import make_config, real_addr, tables_for, vip_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from control.datapaths import MemoryPort, XdpPort
 from control.ids import EMPTY
 from control.reconcile import ApplyError, PutVip, apply, plan
 from control.tables import Sizes
-from control.testing import make_config, real_addr, tables_for, vip_dict
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 

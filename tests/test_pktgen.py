@@ -25,7 +25,7 @@ from lb.pktgen import (
     flow_tuple,
     parse_frame,
 )
-from netns.ns import Lab, list_netns
+from netns.ns import Sandbox, list_netns
 
 live = [pytest.mark.bpf, pytest.mark.root, pytest.mark.netns]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -61,7 +61,7 @@ def gen():
 @pytest.fixture
 def bed():
     """gen netns --veth (1 queue, quiet)--> sink netns; torn down after the test."""
-    with Lab() as lab:
+    with Sandbox() as lab:
         gns, sns = lab.netns("pgtg"), lab.netns("pgts")
         a, b = lab.veth(gns, sns, "pt", queues=1)
         yield lab, gns, a, b
@@ -311,7 +311,7 @@ def test_tail_call_missing_program_drops_and_counts(gen: PacketGenerator, bed) -
 # --- the namespace helper always tears down --------------------------------------------
 
 
-def _build(lab: Lab) -> tuple[list[str], list[str]]:
+def _build(lab: Sandbox) -> tuple[list[str], list[str]]:
     n1, n2 = lab.netns("pgtx"), lab.netns("pgty")
     a, b = lab.veth(n1, n2, "px", addrs=("198.18.0.1/30", "198.18.0.2/30"))
     c, d = lab.veth(None, n1, "px")  # one end in this (root) namespace
@@ -333,7 +333,7 @@ def _assert_gone(ns_names: list[str], if_names: list[str]) -> None:
 def test_lab_teardown_on_assertion() -> None:
     names: list = []
     with pytest.raises(AssertionError, match="boom"):
-        with Lab() as lab:
+        with Sandbox() as lab:
             names.extend(_build(lab))
             assert False, "boom"
     _assert_gone(*names)
@@ -345,7 +345,7 @@ def test_lab_teardown_on_assertion() -> None:
 def test_lab_teardown_on_keyboard_interrupt() -> None:
     names: list = []
     with pytest.raises(KeyboardInterrupt):
-        with Lab() as lab:
+        with Sandbox() as lab:
             names.extend(_build(lab))
             raise KeyboardInterrupt
     _assert_gone(*names)
@@ -354,7 +354,7 @@ def test_lab_teardown_on_keyboard_interrupt() -> None:
 @pytest.mark.root
 @pytest.mark.netns
 def test_lab_teardown_when_setup_fails_half_way() -> None:
-    lab = Lab()
+    lab = Sandbox()
     with pytest.raises(ValueError, match="outside"):
         with lab:
             n1 = lab.netns("pgtz")
@@ -362,7 +362,7 @@ def test_lab_teardown_when_setup_fails_half_way() -> None:
     _assert_gone([n1.name], [])
     # cleanups registered with on_teardown run too, and their errors do not stop teardown
     ran = []
-    with Lab() as lab2:
+    with Sandbox() as lab2:
         n2 = lab2.netns("pgtz")
         lab2.on_teardown(lambda: ran.append(1))
         lab2.on_teardown(lambda: 1 / 0)
@@ -376,7 +376,7 @@ def test_lab_teardown_with_xdp_attached(gen: PacketGenerator) -> None:
     """A sink still attached when the lab goes (the usual failure path) does not keep the
     namespace alive, and detaching it afterwards is harmless."""
     with pytest.raises(RuntimeError):
-        with Lab() as lab:
+        with Sandbox() as lab:
             n1, n2 = lab.netns("pgtx"), lab.netns("pgty")
             a, b = lab.veth(n1, n2, "px")
             sink = Sink(b.name, b.ns)
@@ -388,7 +388,7 @@ def test_lab_teardown_with_xdp_attached(gen: PacketGenerator) -> None:
 @pytest.mark.root
 @pytest.mark.netns
 def test_unique_names_and_quiet_links() -> None:
-    with Lab() as lab:
+    with Sandbox() as lab:
         n1 = lab.netns("pgtq")
         a, b = lab.veth(n1, None, "pq", queues=1)
         assert a.name[:-1] == b.name[:-1] and len(a.name) == 2 + 6 + 1

@@ -28,8 +28,8 @@ CHUNK = 100_000
 def test_replace_program_under_pktgen_load() -> None:
     from bench.bench_xdp import SRC, VIPS, Bed, bench_config
     from lb.bpf_loader import XdpBalancer
+    from lb.datapath_tables import compile_tables
     from lb.pktgen import PacketGenerator
-    from lb.state import compile_tables
 
     with PacketGenerator() as gen, Bed(gen, topology=True, gen_cpu=0, other_cpu=1) as bed:
         tables = compile_tables(bench_config(bed.gateway_mac, conn_table_size=65536))

@@ -37,10 +37,10 @@ from lb import constants as C
 from lb.afpacket import complete_l4_csum
 from lb.config import dump_config_yaml, parse_config
 from lb.datapath import UserspaceDatapath
+from lb.datapath_tables import compile_tables
 from lb.kernel.netns import run_in_netns
-from lb.state import compile_tables
 from lb.userspace_io import UserspaceBalancer, cbpf_drop_program, guarded_addresses
-from netns.ns import Lab, list_netns
+from netns.ns import Sandbox, list_netns
 
 VIP4, VIP6 = "198.18.100.1", "2001:db8:100::1"
 REALS4 = ["198.19.0.1", "198.19.0.2", "198.19.0.3"]
@@ -159,7 +159,7 @@ def test_guarded_addresses_skip_local_vips() -> None:
 class Pair:
     """client netns --veth (1 queue)--> balancer netns."""
 
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Sandbox):
         self.lab = lab
         self.cns, self.bns = lab.netns("lbuc"), lab.netns("lbub")
         self.a, self.b = lab.veth(self.cns, self.bns, "lu", queues=1)
@@ -238,7 +238,7 @@ def snmp(ns, table: str = "Ip") -> dict[str, int]:
 
 @pytest.fixture
 def pair():
-    with Lab() as lab:
+    with Sandbox() as lab:
         yield Pair(lab)
     assert not lab.teardown_errors
     assert not {ns.name for ns in lab.namespaces} & set(list_netns())

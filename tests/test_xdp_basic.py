@@ -1,6 +1,6 @@
 """The XDP program itself, through BPF_PROG_TEST_RUN, against hand-built tables.
 
-Tables are built here by hand (not by lb.state) with one IPv4 VIP 198.18.100.1:80/tcp
+Tables are built here by hand (not by lb.datapath_tables) with one IPv4 VIP 198.18.100.1:80/tcp
 (reals 198.19.0.1-3) and one IPv6 VIP [2001:db8:100::1]:80/tcp (reals 2001:db8:1::1-3),
 each with a pseudo-random ring, so that the choice of real checks the flow hash.
 Expected outputs follow docs/datapath.md field by field. Frames built with scapy only

@@ -341,7 +341,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 /* The common packet's shortcut through row 5: TCP or UDP, no IPv4 options, not a
  * fragment, the whole L4 header inside the packet (rows 7-9 let it through), and
  * (dst, dport, proto) is a VIP. Its destination is then a VIP address by construction
- * (lb.state puts every VIP's address in vip_addrs; XdpBalancer.load_tables adds
+ * (lb.datapath_tables puts every VIP's address in vip_addrs; XdpBalancer.load_tables adds
  * addresses before VIPs and removes them after), so vip_addr_checks() skips the
  * vip_addrs lookup and forward() uses this VIP: one hash lookup per packet instead of
  * two. Anything else, a miss included, takes the full path, which reaches the same row.

@@ -1,19 +1,15 @@
-"""Helpers shared by the control plane's tests and benchmarks (not used by the daemon).
+"""Helpers shared by the control plane's tests.
 
 * small configs in the allowed address ranges (198.18.0.0/15, 2001:db8::/32);
-* :class:`ApiClient`: a synchronous face over ``httpx.AsyncClient`` +
-  ``httpx.ASGITransport`` (requests go through the real ASGI app, in-process), plus
-  ``gather`` to fire many requests at once;
+* :func:`problems`: an API error body as {path: message};
 * :func:`check_live_consistency`: the invariants a live datapath must keep after every
   single write (used to check the reconciler's write order).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -22,7 +18,7 @@ import numpy as np
 from lb.config import Config, parse_config
 
 __all__ = ["GW", "small_settings", "make_config", "vip_dict", "real_addr", "tables_for",
-           "ApiClient", "check_live_consistency", "problems"]
+           "check_live_consistency", "problems"]
 
 GW = "00:00:5e:00:53:01"
 SMALL = {"ring_size": 13, "max_vips": 8, "max_reals": 32, "conn_table_size": 64}
@@ -66,62 +62,6 @@ def make_config(vips: Iterable[dict[str, Any]], quic_servers: Iterable[dict[str,
                 source_routes: Iterable[dict[str, Any]] = (), **settings: Any) -> Config:
     return parse_config({"settings": small_settings(**settings), "vips": list(vips),
                          "quic_servers": list(quic_servers), "source_routes": list(source_routes)})
-
-
-class ApiClient:
-    """``client.get('/v1/vips')`` etc. run on a private event loop in a thread; each call
-    returns an ``httpx.Response``. ``gather([(method, url, kwargs), ...])`` sends them
-    concurrently."""
-
-    def __init__(self, app: Any, headers: dict[str, str] | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="api-client")
-        self._thread.start()
-        transport = httpx.ASGITransport(app=app)
-
-        async def make() -> httpx.AsyncClient:
-            return httpx.AsyncClient(transport=transport, base_url="http://lb", headers=headers or {})
-
-        self.client = self._call(make())
-
-    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
-
-    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
-        return self._call(self.client.request(method, url, **kw))
-
-    def get(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("GET", url, **kw)
-
-    def post(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("POST", url, **kw)
-
-    def patch(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("PATCH", url, **kw)
-
-    def put(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("PUT", url, **kw)
-
-    def delete(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("DELETE", url, **kw)
-
-    def gather(self, calls: Iterable[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
-        async def run() -> list[httpx.Response]:
-            return await asyncio.gather(*(self.client.request(m, u, **kw) for m, u, kw in calls))
-
-        return self._call(run())
-
-    def close(self) -> None:
-        self._call(self.client.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
-
-    def __enter__(self) -> ApiClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def problems(response: httpx.Response) -> dict[str, str]:

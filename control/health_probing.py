@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
-from control.healthcheck import HealthCheck
 from control.ids import VipKey
 from control.tables import vip_label
+from lb.healthcheck_config import HealthCheck
 
 __all__ = ["TargetKey", "Target", "ProbeResult", "StartProbe", "ProbeDone", "Transition",
            "Machine", "Registry", "IllegalTransition", "TRANSITIONS", "Prober", "DirectProber",

@@ -1,7 +1,8 @@
 """The ``healthcheck`` section of a VIP: what to probe, how often, when to change state.
 
-Owned by the control plane; :class:`lb.config.Vip` carries it as an optional field, so
-this module depends on pydantic only (lb.config imports it). The models follow
+Part of the config model: :class:`lb.config.Vip` carries it as an optional field, so
+this module depends on pydantic only (lb.config imports it). The control plane runs the
+probes (control/health_probing.py). The models follow
 lb.config's conventions: unknown keys are errors, numbers must be numbers, range
 errors show both ends (``must be 1..100 (got 0)``), and lb.config's error converter
 turns every problem into ``vips[i].healthcheck.<field>: <message>``.
