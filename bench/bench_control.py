@@ -6,7 +6,7 @@ Run: .venv/bin/python -m bench.bench_control [--vips 500] [--reals 100] [--datap
 Cold start (seconds), from nothing to a datapath holding the whole config, in stages:
   parse     the YAML-equivalent dict through lb.config.parse_config (every field checked)
   load      the XDP program compiled and loaded (bcc; xdp only) / the userspace datapath made
-  open      Controller.open: allocate numbers, build every Maglev ring (65,537 slots),
+  open      open_plane: allocate numbers, build every Maglev ring (65,537 slots),
             plan against the empty maps, write them, save the state file (fsync)
 Weight change (milliseconds), one real of one VIP, repeated:
   ring      from the call to the moment the changed slots are written to the memory the
@@ -36,8 +36,8 @@ from bench.api_client import ApiClient
 from bench.common import report
 from control.api import create_app
 from control.datapaths import UserspacePort, XdpPort
+from control.plane import open_plane
 from control.reconcile import WriteRing
-from control.service import Controller
 from control.store import Store
 from control.tables import Sizes
 from lb.config import parse_config
@@ -102,16 +102,16 @@ def main() -> None:
     state_dir = tempfile.mkdtemp(prefix="lbc-bench-")
     store = Store(state_dir, fsync=not args.no_fsync)
     t0 = time.perf_counter()
-    ctl = Controller.open(port, store, cfg)
+    ctl = open_plane(port, store, cfg)
     t_open = time.perf_counter() - t0
-    rec = ctl.last_reconcile
+    rec = ctl.core.last_reconcile
     state_mb = store.state_path.stat().st_size / 1e6
 
     # time a restart onto the same (populated) datapath: the adopt path
     t0 = time.perf_counter()
-    again = Controller.open(port, Store(state_dir, fsync=not args.no_fsync), None, loaded=store.load())
+    again = open_plane(port, Store(state_dir, fsync=not args.no_fsync), None, loaded=store.load())
     t_adopt = time.perf_counter() - t0
-    assert sum(again.last_reconcile["writes"].values()) == 0
+    assert sum(again.core.last_reconcile["writes"].values()) == 0
     ctl = again
 
     # weight changes: VIP k, real j. The ring is visible to the datapath the moment the
@@ -130,15 +130,15 @@ def main() -> None:
     port.apply = spy  # type: ignore[method-assign]
     for i in range(args.changes):
         key = cfg.vips[(i * 7) % len(cfg.vips)].key
-        num = ctl.state.ids.vips[key]
-        cur = next(v for v in ctl.state.config.vips if v.key == key)
+        num = ctl.core.state.ids.vips[key]
+        cur = next(v for v in ctl.core.state.config.vips if v.key == key)
         real = cur.reals[i % len(cur.reals)]
         new_w = real.weight + 5 if real.weight < 20 else 1
         stamps.clear()
         t0 = time.perf_counter()
-        res = ctl.update_real(key, real.address, {"weight": new_w})
+        res = ctl.commands.update_real(key, real.address, {"weight": new_w})
         t_ack = time.perf_counter()
-        want = ctl.tables.rings[num]
+        want = ctl.core.tables.rings[num]
         assert all(read(num, int(j)) == int(want[j]) for j in range(0, len(want), 997)), "reader disagrees"
         if "ring" not in stamps:
             continue  # this change moved no slot
@@ -167,7 +167,7 @@ def main() -> None:
     rows = [
         ["cold start: parse config", f"{t_parse:.2f} s", ""],
         [f"cold start: load {args.datapath} datapath", f"{t_load:.2f} s", ""],
-        ["cold start: Controller.open (rings, writes, save)", f"{t_open:.2f} s",
+        ["cold start: open_plane (rings, writes, save)", f"{t_open:.2f} s",
          f"{rec['writes']['ring_slots']:,} slots, {rec['writes']['reals']} reals, {state_mb:.1f} MB state"],
         ["cold start total", f"{t_parse + t_load + t_open:.2f} s", ""],
         ["restart onto populated maps (adopt)", f"{t_adopt:.2f} s", "0 writes"],
@@ -178,7 +178,7 @@ def main() -> None:
     ]
     result = {
         "benchmark": "control_plane", "datapath": args.datapath, "vips": args.vips, "reals_per_vip": args.reals,
-        "distinct_reals": len(ctl.state.ids.reals), "ring_size": sizes.ring_size, "fsync": not args.no_fsync,
+        "distinct_reals": len(ctl.core.state.ids.reals), "ring_size": sizes.ring_size, "fsync": not args.no_fsync,
         "cold_start_s": {"parse": t_parse, "load_datapath": t_load, "open": t_open,
                          "total": t_parse + t_load + t_open},
         "open_writes": rec["writes"], "state_file_mb": state_mb, "adopt_s": t_adopt,

@@ -140,14 +140,15 @@ def _setup_logging(level: str) -> None:
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything up to serving: state, datapath, controller, app. StartupError on failure."""
+    """Everything up to serving: state, datapath, control plane, app. StartupError on failure."""
     from control.api import create_app
     from control.datapaths import UserspaceIoPort, UserspacePort, XdpPort
     from control.health_probing import DirectProber, HealthRunner, plain_socket
     from control.metrics import Metrics
-    from control.service import Controller, extra_checks
+    from control.plane import open_plane
     from control.store import StateError, StateLocked, Store
     from control.tables import Sizes
+    from control.validation import extra_checks
     from lb.config import ConfigError, load_config
 
     token = None
@@ -222,11 +223,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise StartupError(f"the userspace datapath cannot use {args.interface}: {e}") from None
 
     try:
-        controller = Controller.open(port, store, seed, from_config=args.from_config, loaded=loaded)
+        plane = open_plane(port, store, seed, from_config=args.from_config, loaded=loaded)
     except StateError as e:
         raise StartupError(str(e)) from None
-    rec = controller.last_reconcile or {}
-    log.info("datapath reconciled to generation %d: %s", controller.generation,
+    core = plane.core
+    rec = core.last_reconcile or {}
+    log.info("datapath reconciled to generation %d: %s", core.generation,
              ", ".join(f"{k} {v}" for k, v in rec.get("writes", {}).items() if v) or "no writes needed")
 
     if isinstance(port, UserspaceIoPort):
@@ -247,7 +249,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                  f" in netns {args.netns}" if args.netns else "", args.xdp_mode)
 
     if hasattr(store, "attach"):  # a shared store (etcd): follow changes made elsewhere
-        store.attach(controller)
+        store.attach(plane.runtime)
     if args.netns:
         from lb.kernel.netns import run_in_netns
 
@@ -255,7 +257,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             return run_in_netns(args.netns, plain_socket, fam, typ)
     else:
         factory = plain_socket
-    metrics = Metrics(controller)
+    metrics = Metrics(core)
     transport = args.probe_transport or ("tunnel" if args.datapath == "xdp" else "direct")
     encap = None
     if transport == "tunnel":
@@ -263,20 +265,20 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
         try:
             encap = TunnelEncap(sizes.max_reals, args.probe_mark_base)
-            with controller.lock:  # the probes encapsulate as the datapath does, from now on
-                encap.set_settings(controller.state.config.settings)
+            with core.lock:  # the probes encapsulate as the datapath does, from now on
+                encap.set_settings(core.state.config.settings)
                 encap.attach(args.interface, args.netns)
-                controller.on_settings.append(encap.set_settings)
+                core.on_settings.append(encap.set_settings)
         except (TunnelEncapError, OSError, ValueError) as e:
             if encap is not None:
                 encap.close()
             raise StartupError(f"probes through the tunnel: {e}") from None
         log.info("health probes through the tunnel (tc egress on %s, SO_MARK %#x + real id, encap %s)",
-                 args.interface, args.probe_mark_base, controller.state.config.settings.encap)
+                 args.interface, args.probe_mark_base, core.state.config.settings.encap)
         prober: Any = TunnelProber(encap, factory)
     else:
         prober = DirectProber(factory)
-    runner = HealthRunner(controller, prober, observe=metrics.observe_probe)
+    runner = HealthRunner(plane.runtime, prober, observe=metrics.observe_probe)
     info = {"interface": args.interface, "netns": args.netns, "pid": os.getpid(),
             "state_dir": str(store.dir), "pin_dir": getattr(bal, "pin_dir", None),
             "started": time.time(), "store": getattr(store, "info", {"kind": "file"})}
@@ -293,15 +295,15 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         rows = asyncio.run_coroutine_threadsafe(snap(), loop).result(timeout=5)
         return {(r["vip"], r["real"]): r for r in rows}
 
-    app = create_app(controller, token=token, metrics=metrics, health_details=health_details, info=info)
-    return {"controller": controller, "app": app, "runner": runner, "bal": bal, "store": store,
+    app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info)
+    return {"plane": plane, "app": app, "runner": runner, "bal": bal, "store": store,
             "listen": listen, "holder": holder, "port": port, "encap": encap}
 
 
 async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
     import uvicorn
 
-    controller, runner = parts["controller"], parts["runner"]
+    runtime, runner = parts["plane"].runtime, parts["runner"]
     loop = asyncio.get_running_loop()
     parts["holder"]["loop"] = loop
     if parts["listen"] is not None:
@@ -324,17 +326,7 @@ async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    async def housekeeping() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=5.0)
-            if controller.dirty:
-                try:
-                    await asyncio.to_thread(controller.reconcile_if_dirty)
-                except Exception as e:  # noqa: BLE001 - keep trying
-                    log.error("reconcile failed, will retry: %s", e)
-
-    tasks = [asyncio.ensure_future(runner.run(stop)), asyncio.ensure_future(housekeeping())]
+    tasks = [asyncio.ensure_future(runner.run(stop)), asyncio.ensure_future(runtime.keep_reconciled(stop))]
     log.info("serving the API on %s", where)
     sd_notify("READY=1")
     try:

@@ -11,7 +11,7 @@ the same key:
   and nothing changes) before it is acknowledged; if etcd is unreachable the change is
   undone and refused (HTTP 503 through the daemon's PersistFailure);
 * **watches**: a thread polls the key (every ``interval`` s, default 0.2) and, when
-  another balancer has written a newer generation, makes it this controller's desired
+  another balancer has written a newer generation, makes it this balancer's desired
   state and reconciles the datapath: every balancer converges to the same rings;
 * **etcd down**: the balancer keeps forwarding with the last state it has; ``GET
   /v1/status`` says ``store.reachable: false`` (and since when); when etcd returns the
@@ -153,7 +153,7 @@ class EtcdStore:
         self.dir = self.local.dir
         self.interval = interval
         self.revision = 0  # mod_revision of the key as we last read or wrote it
-        self.controller: Any = None
+        self.runtime: Any = None  # control.runtime.Runtime, once attached
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # live, shown by GET /v1/status as "store" (the daemon puts this dict in its info)
@@ -195,7 +195,7 @@ class EtcdStore:
         else:
             if self.info["reachable"] is not False:
                 log.warning("etcd unreachable: %s (forwarding goes on with generation %s)", err,
-                            getattr(getattr(self.controller, "state", None), "generation", "?"))
+                            getattr(getattr(getattr(self.runtime, "core", None), "state", None), "generation", "?"))
                 self.info["unreachable_since"] = time.time()
             self.info.update(reachable=False, last_error=err)
 
@@ -249,9 +249,9 @@ class EtcdStore:
 
     # --- watching ------------------------------------------------------------------------
 
-    def attach(self, controller: Any) -> None:
-        """Follow the key for ``controller``: adopt every newer generation written elsewhere."""
-        self.controller = controller
+    def attach(self, runtime: Any) -> None:
+        """Follow the key for ``runtime``: adopt every newer generation written elsewhere."""
+        self.runtime = runtime
         self._thread = threading.Thread(target=self._watch, name="etcd-watch", daemon=True)
         self._thread.start()
 
@@ -270,8 +270,8 @@ class EtcdStore:
         self._mark(True)
         if raw is None or rev <= self.revision:
             return False
-        ctl = self.controller
-        with ctl.lock:
+        core = self.runtime.core
+        with core.lock:
             if rev <= self.revision:  # our own write (or a newer one) got there meanwhile
                 return False
             try:
@@ -280,18 +280,16 @@ class EtcdStore:
                 log.error("ignoring an unusable state in etcd (revision %d): %s", rev, e)
                 self.revision = rev
                 return False
-            if _state_bytes(new) == _state_bytes(ctl.state):
+            if _state_bytes(new) == _state_bytes(core.state):
                 self.revision = rev
                 self.info["revision"] = rev
                 return False
             log.info("adopting generation %d from etcd (revision %d; had %d)", new.generation, rev,
-                     ctl.state.generation)
-            ctl.state = new
-            ctl.dirty = True
+                     core.state.generation)
             self.revision = rev
             self.info["revision"] = rev
             self.info["adopted"] += 1
-            ctl.reconcile()
+            self.runtime.adopt(new)
         return True
 
     def _watch(self) -> None:

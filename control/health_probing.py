@@ -4,7 +4,7 @@ Sans-IO: :class:`Machine` and :class:`Registry` never read a clock or touch a so
 They take ``now`` (seconds, monotonic) and return events: :class:`StartProbe` (the
 driver must run a probe and report back with :meth:`Registry.on_result`),
 :class:`ProbeDone` (a result, for metrics) and :class:`Transition` (a real went up or
-down: the controller rebuilds its VIP's ring). :class:`HealthRunner` is the only piece
+down: the runtime rebuilds its VIP's ring). :class:`HealthRunner` is the only piece
 that reads the clock and runs probes; the :class:`Prober` it uses is pluggable.
 
 Per (VIP, real) the machine is two things:
@@ -217,7 +217,7 @@ class Registry:
         """Make the machines match ``targets``: new ones start up (or ``initial[key]``)
         and are probed at once; gone ones are dropped; a changed spec keeps the verdict
         and restarts the counts. Returns no events for machines that merely appear or
-        go (the controller decides what they mean)."""
+        go (the runtime decides what they mean)."""
         initial = initial or {}
         for key in [k for k in self.machines if k not in targets]:
             del self.machines[key]
@@ -357,7 +357,7 @@ class _Failed(Exception):
 
 
 class HealthSink(Protocol):
-    """What the runner reports to (the controller)."""
+    """What the runner reports to (control.runtime.Runtime)."""
 
     def health_targets(self) -> tuple[int, Mapping[TargetKey, Target], Mapping[TargetKey, bool]]:
         """(version, targets, initial verdicts). version changes when targets may have."""
@@ -405,7 +405,7 @@ class HealthRunner:
                 t.cancel()
 
     async def _step(self) -> None:
-        # in a thread: it takes the controller's lock, which a long change may hold
+        # in a thread: it takes the control plane's lock, which a long change may hold
         version, targets, initial = await asyncio.to_thread(self.sink.health_targets)
         now = self.clock()
         if version != self._version:

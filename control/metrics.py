@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from control.core import Core
 from control.health_probing import ProbeDone, TargetKey
 from control.tables import vip_label
 from lb import constants as C
@@ -85,15 +86,15 @@ def _counter_families(counters: dict[str, int]) -> Iterator[Any]:
 
 
 class _DatapathCollector(Collector):
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     def collect(self) -> Iterator[Any]:
-        ctl = self.controller
-        with ctl.lock:
-            st, tb = ctl.state, ctl.tables
-            s = ctl.port.read_stats()
-            conn = ctl.port.conn_count()
+        core = self.core
+        with core.lock:
+            st, tb = core.state, core.tables
+            s = core.port.read_stats()
+            conn = core.port.conn_count()
         yield from _counter_families(s.counters)
         yield GaugeMetricFamily("lb_conn_table_entries", "Connection-table entries", value=conn)
 
@@ -133,21 +134,21 @@ class _DatapathCollector(Collector):
         yield GaugeMetricFamily("lb_control_generation", "Generation of the desired state",
                                 value=st.generation)
         rs = CounterMetricFamily("lb_ring_slots_written", "Ring slots written by the control plane")
-        rs.add_metric([], ctl.counters["ring_slots_written"])
+        rs.add_metric([], core.counters["ring_slots_written"])
         yield rs
         ch = CounterMetricFamily("lb_control_changes", "Change requests", labels=["result"])
-        ch.add_metric(["accepted"], ctl.counters["changes"])
-        ch.add_metric(["refused_or_failed"], ctl.counters["changes_failed"])
-        ch.add_metric(["rolled_back"], ctl.counters["rollbacks"])
+        ch.add_metric(["accepted"], core.counters["changes"])
+        ch.add_metric(["refused_or_failed"], core.counters["changes_failed"])
+        ch.add_metric(["rolled_back"], core.counters["rollbacks"])
         yield ch
 
 
 class Metrics:
     """The daemon's registry: datapath collector + health-check metrics."""
 
-    def __init__(self, controller: Any) -> None:
+    def __init__(self, core: Core) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_DatapathCollector(controller))
+        self.registry.register(_DatapathCollector(core))
         self.hc_results = Counter("lb_healthcheck_results", "Health-check probe results",
                                   ["vip", "real", "result"], registry=self.registry)
         self.hc_latency = Histogram("lb_healthcheck_duration_seconds", "Duration of completed probes",
@@ -156,7 +157,7 @@ class Metrics:
                                              0.5, 1.0, 2.5, 5.0))
         self.transitions = Counter("lb_health_transitions", "Health verdict changes",
                                    ["vip", "real", "to"], registry=self.registry)
-        controller.on_health.append(self.on_transition)
+        core.on_health.append(self.on_transition)
 
     def observe_probe(self, ev: ProbeDone) -> None:
         vip, real = vip_label(ev.key[0]), ev.key[1]

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from lb.addresses import check_address
+from lb.checksum import internet_checksum
 from lb.constants import (
     ETH_HLEN,
     ETH_P_IP,
@@ -43,8 +45,6 @@ from lb.constants import (
     MAX_FRAME_SIZE,
     c_defines,
 )
-from lb.addresses import check_address
-from lb.checksum import internet_checksum
 from lb.kernel.netns import NetnsRef, netns_path, run_in_netns, setns_current_thread
 from lb.kernel.testrun import TestRunResult, live_frames, test_run
 from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach, xdp_detach
@@ -201,8 +201,8 @@ def normalize_frame(frame: bytes) -> bytes:
         if info.family == 4 and f[coff:coff + 2] == b"\0\0":
             return bytes(f)
     struct.pack_into("!H", f, coff, 0)
-    c = internet_checksum(bytes(f[l4o:]), _pseudo_sum(info.family, info.src.packed, info.dst.packed,
-                                             info.proto, l4_len))
+    c = internet_checksum(bytes(f[l4o:]), _pseudo_sum(info.family, info.src.packed,
+                                                      info.dst.packed, info.proto, l4_len))
     if info.proto == IPPROTO_UDP and c == 0:
         c = 0xFFFF
     struct.pack_into("!H", f, coff, c)

@@ -65,8 +65,8 @@ def make_config(vips: Iterable[dict[str, Any]], quic_servers: Iterable[dict[str,
 
 
 def problems(response: httpx.Response) -> dict[str, str]:
-    """An API error body (control.api.ErrorBody, validated) as {path: message}."""
-    from control.api import ErrorBody
+    """An API error body (control.api.models.ErrorBody, validated) as {path: message}."""
+    from control.api.models import ErrorBody
 
     body = response.json()
     ErrorBody.model_validate(body)

@@ -6,7 +6,8 @@ import pytest
 from control_helpers import make_config, problems, real_addr, vip_dict
 
 from bench.api_client import ApiClient
-from control.api import (
+from control.api import create_app
+from control.api.models import (
     ConfigView,
     ConnTableView,
     HealthView,
@@ -16,12 +17,11 @@ from control.api import (
     StatsView,
     VipStats,
     VipView,
-    create_app,
 )
 from control.datapaths import UserspacePort
 from control.flows import FlowQuery, flow_frame
+from control.plane import open_plane
 from control.reconcile import PutVip, plan
-from control.service import Controller
 from control.tables import Sizes
 from lb.config import load_config, parse_config
 
@@ -33,7 +33,7 @@ V6 = "/v1/vips/2001:db8:100::1/443/udp"
 def env():
     cfg = make_config([vip_dict(0, [0, (1, 2)])], ring_size=251)
     port = UserspacePort(Sizes.of(cfg.settings))
-    ctl = Controller.open(port, None, cfg)
+    ctl = open_plane(port, None, cfg)
     with ApiClient(create_app(ctl)) as api:
         yield api, ctl, port
 
@@ -62,7 +62,7 @@ def test_vip_crud(env) -> None:
 
     assert api.delete(V6).status_code == 204
     assert api.get(V6).status_code == 404
-    assert plan(port, ctl.tables).empty and ctl.generation == 5
+    assert plan(port, ctl.core.tables).empty and ctl.core.generation == 5
 
 
 def test_reals(env) -> None:
@@ -140,7 +140,7 @@ def test_bad_inputs_are_4xx_naming_the_field(env) -> None:
     r = api.post("/v1/vips", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "(body)" in problems(r)
     assert api.post("/v1/vips").status_code == 422
-    assert ctl.generation == 1  # nothing changed
+    assert ctl.core.generation == 1  # nothing changed
 
 
 def test_if_match(env) -> None:
@@ -185,11 +185,11 @@ def test_stats_health_simulate_config_metrics(env) -> None:
     api.patch(V0, json={"healthcheck": {"type": "tcp"}})
     rows = [HealthView.model_validate(x) for x in api.get("/v1/health").json()]
     assert [(h.real, h.state, h.port) for h in rows] == [(real_addr(0), "up", 80), (real_addr(1), "up", 80)]
-    ctl.set_health({(("198.18.100.1", 80, "tcp"), real_addr(0)): False}, {})
+    ctl.runtime.set_health({(("198.18.100.1", 80, "tcp"), real_addr(0)): False}, {})
     assert api.get("/v1/health").json()[0]["state"] == "down"
 
     c = ConfigView.model_validate(api.get("/v1/config").json())
-    assert c.generation == ctl.generation and c.config["vips"][0]["healthcheck"]["type"] == "tcp"
+    assert c.generation == ctl.core.generation and c.config["vips"][0]["healthcheck"]["type"] == "tcp"
     y = api.get("/v1/config", params={"format": "yaml"})
     assert y.headers["content-type"].startswith("application/yaml")
     from lb.config import parse_config_yaml
@@ -206,20 +206,20 @@ def test_stats_health_simulate_config_metrics(env) -> None:
     assert f'lb_health_transitions_total{{real="{real_addr(0)}",to="down",vip="198.18.100.1:80/tcp"}} 1.0' in m
 
     st = api.get("/v1/status").json()
-    assert st["datapath"] == "userspace" and st["generation"] == ctl.generation
+    assert st["datapath"] == "userspace" and st["generation"] == ctl.core.generation
 
 
 def test_put_config(env, tmp_path) -> None:
     api, ctl, port = env
-    cfg = ctl.export_config()[1]
+    cfg = ctl.views.export_config()[1]
     cfg["vips"].append(vip_dict(1, [2, 3]))
     cfg["vips"][0]["reals"][0]["weight"] = 5
     r = api.put("/v1/config", json=cfg)
     assert r.status_code == 200, r.text
     assert ConfigView.model_validate(r.json()).generation == 2
     assert [v["id"] for v in api.get("/v1/vips").json()] == ["198.18.100.1:80/tcp", "198.18.100.2:80/tcp"]
-    assert ctl.state.ids.vips[("198.18.100.1", 80, "tcp")] == 0  # kept
-    assert plan(port, ctl.tables).empty
+    assert ctl.core.state.ids.vips[("198.18.100.1", 80, "tcp")] == 0  # kept
+    assert plan(port, ctl.core.tables).empty
 
 
 def test_a_datapath_failure_is_503_and_changes_nothing(env) -> None:
@@ -228,7 +228,7 @@ def test_a_datapath_failure_is_503_and_changes_nothing(env) -> None:
     r = api.post("/v1/vips", json=vip_dict(3, [4]))
     assert r.status_code == 503 and r.json()["kind"] == "datapath" and "undone" in r.json()["error"]
     port.fail = None
-    assert ctl.generation == 1 and len(api.get("/v1/vips").json()) == 1
+    assert ctl.core.generation == 1 and len(api.get("/v1/vips").json()) == 1
 
 
 def test_concurrent_clients_end_consistent(env) -> None:
@@ -241,12 +241,12 @@ def test_concurrent_clients_end_consistent(env) -> None:
     assert [r.status_code for r in results] == [201] * 18 + [200] * 12
     gens = sorted(int(r.headers["etag"].strip('"')) for r in results)
     assert gens == list(range(2, 32))  # every change got its own generation
-    assert ctl.generation == 31
+    assert ctl.core.generation == 31
     vips = api.get("/v1/vips").json()
     assert len(vips) == 7 and len(vips[0]["reals"]) == 14
-    ids = ctl.state.ids
+    ids = ctl.core.state.ids
     assert len(set(ids.reals.values())) == len(ids.reals) and len(set(ids.vips.values())) == 7
-    assert plan(port, ctl.tables).empty  # the datapath holds exactly the final state
+    assert plan(port, ctl.core.tables).empty  # the datapath holds exactly the final state
     # the final weight of real 0 is the one in the last-applied request
     last = max((r for r in results[18:]), key=lambda r: int(r.headers["etag"].strip('"')))
     assert vips[0]["reals"][0]["weight"] == last.json()["weight"]
@@ -262,7 +262,7 @@ def test_if_match_lets_exactly_one_of_racing_clients_win(env) -> None:
 
 def test_bearer_token() -> None:
     cfg = make_config([vip_dict(0, [0])])
-    ctl = Controller.open(UserspacePort(Sizes.of(cfg.settings)), None, cfg)
+    ctl = open_plane(UserspacePort(Sizes.of(cfg.settings)), None, cfg)
     app = create_app(ctl, token="s3cret-token-0123456789")
     with ApiClient(app) as anon, ApiClient(app, {"Authorization": "Bearer s3cret-token-0123456789"}) as ok, \
             ApiClient(app, {"Authorization": "Bearer wrong"}) as wrong:
@@ -273,7 +273,7 @@ def test_bearer_token() -> None:
         r = anon.post("/v1/vips", json=vip_dict(1, []))
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert ok.get("/openapi.json").json()["security"] == [{"bearer": []}]
-    assert ctl.generation == 1
+    assert ctl.core.generation == 1
 
 
 def test_openapi_document(env) -> None:
@@ -293,6 +293,32 @@ def test_openapi_document(env) -> None:
         "/v1/source-routes/{address}/{length}": {"get", "delete"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == want
+    # operation ids and tags are what generated clients name things by: the per-resource
+    # routers must keep them (the function names and tags of the routes)
+    ids = {(m, p): (o["operationId"].rsplit("_v1_", 1)[0].removesuffix("_metrics_get"), o["tags"])
+           for p, ops in paths.items() for m, o in ops.items()}
+    assert ids == {
+        ("get", "/v1/status"): ("status", ["status"]),
+        ("get", "/v1/vips"): ("list_vips", ["vips"]), ("post", "/v1/vips"): ("create_vip", ["vips"]),
+        **{(m, "/v1/vips/{address}/{port}/{protocol}"): (f"{n}_vip", ["vips"])
+           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        ("get", "/v1/vips/{address}/{port}/{protocol}/reals"): ("list_reals", ["reals"]),
+        ("post", "/v1/vips/{address}/{port}/{protocol}/reals"): ("add_real", ["reals"]),
+        **{(m, "/v1/vips/{address}/{port}/{protocol}/reals/{real}"): (f"{n}_real", ["reals"])
+           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        **{(m, f"/v1/{t}"): (n, [t]) for t in ("quic-servers", "source-routes")
+           for m, n in (("get", "list_all"), ("put", "replace"), ("post", "add"))},
+        ("get", "/v1/quic-servers/{id}"): ("get_quic_server", ["quic-servers"]),
+        ("delete", "/v1/quic-servers/{id}"): ("delete_quic_server", ["quic-servers"]),
+        ("get", "/v1/source-routes/{address}/{length}"): ("get_source_route", ["source-routes"]),
+        ("delete", "/v1/source-routes/{address}/{length}"): ("delete_source_route", ["source-routes"]),
+        ("get", "/v1/stats"): ("stats", ["stats"]), ("get", "/v1/stats/global"): ("stats_global", ["stats"]),
+        ("get", "/v1/stats/vips"): ("stats_vips", ["stats"]), ("get", "/v1/stats/reals"): ("stats_reals", ["stats"]),
+        ("get", "/v1/stats/conntable"): ("conntable", ["stats"]), ("get", "/v1/health"): ("health", ["health"]),
+        ("post", "/v1/simulate"): ("simulate", ["simulate"]),
+        ("get", "/v1/config"): ("export_config", ["config"]), ("put", "/v1/config"): ("put_config", ["config"]),
+        ("get", "/metrics"): ("prometheus", ["metrics"]),
+    }
     body = paths["/v1/vips"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/Vip"}
     schemas = doc["components"]["schemas"]
@@ -301,6 +327,11 @@ def test_openapi_document(env) -> None:
     for name in ("Real", "Config", "VipPatch", "RealPatch", "FlowQuery", "HealthCheck", "VipView", "ErrorBody",
                  "QuicServer", "SourceRoute"):
         assert name in schemas
+    assert set(schemas) == {
+        "Config", "ConfigView", "ConnEntryView", "ConnTableView", "ErrorBody", "FlowQuery", "GueSettings",
+        "HTTPValidationError", "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
+        "Real", "RealOfVip", "RealPatch", "RealStats", "RealView", "Settings", "SimulateView", "SourceRoute",
+        "SourceRouteView", "StatsView", "UdpCheck", "ValidationError", "Vip", "VipPatch", "VipStats", "VipView"}
     # every referenced schema exists
     import json
     import re
@@ -314,7 +345,7 @@ def test_example_config_goes_through_the_api(tmp_path) -> None:
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / "lb.yaml")
     empty = parse_config({"settings": cfg.model_dump(mode="json")["settings"]})
-    ctl = Controller.open(UserspacePort(Sizes.of(cfg.settings)), None, empty)
+    ctl = open_plane(UserspacePort(Sizes.of(cfg.settings)), None, empty)
     with ApiClient(create_app(ctl)) as api:
         data = cfg.model_dump(mode="json", exclude_none=True)
         for v in data["vips"]:

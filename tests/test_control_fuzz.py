@@ -13,13 +13,13 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from control.api import create_app  # noqa: E402
 from control.datapaths import MemoryPort  # noqa: E402
+from control.plane import open_plane  # noqa: E402
 from control.reconcile import plan  # noqa: E402
-from control.service import Controller  # noqa: E402
 from control.tables import Sizes  # noqa: E402
 
 CFG = make_config([vip_dict(0, [0, 1]), vip_dict(1, [2], v6=True, protocol="udp", port=443)])
 PORT = MemoryPort(Sizes.of(CFG.settings))
-CTL = Controller.open(PORT, None, CFG)
+CTL = open_plane(PORT, None, CFG)
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(CTL))
 
 
@@ -28,9 +28,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(CTL))
 def test_no_server_errors(case) -> None:
     response = case.call()
     case.validate_response(response, checks=(not_a_server_error,))
-    assert plan(PORT, CTL.tables).empty
+    assert plan(PORT, CTL.core.tables).empty
 
 
 def test_the_fuzzing_changed_something() -> None:
     """Runs after the fuzzing (file order): generated requests did get through validation."""
-    assert CTL.counters["changes"] > 0 and CTL.counters["changes_failed"] > 0, CTL.counters
+    assert CTL.core.counters["changes"] > 0 and CTL.core.counters["changes_failed"] > 0, CTL.core.counters

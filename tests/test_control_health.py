@@ -26,7 +26,7 @@ from control.health_probing import (
     Transition,
     plain_socket,
 )
-from control.service import Controller
+from control.plane import open_plane
 from control.tables import Sizes, effective_weights
 from lb.config import parse_config
 from lb.healthcheck_config import HealthCheck
@@ -177,12 +177,12 @@ def test_runner_takes_a_failing_real_out_and_back(caplog) -> None:
     hc = {"type": "tcp", "interval": 0.02, "timeout": 0.01, "rise": 2, "fall": 2}
     cfg = make_config([vip_dict(0, [0, 1, 2], healthcheck=hc)], ring_size=251)
     port = MemoryPort(Sizes.of(cfg.settings))
-    ctl = Controller.open(port, None, cfg)
+    ctl = open_plane(port, None, cfg)
     prober = ScriptedProber()
     seen: list[ProbeDone] = []
-    runner = HealthRunner(ctl, prober, observe=seen.append, tick=0.01)
+    runner = HealthRunner(ctl.runtime, prober, observe=seen.append, tick=0.01)
     bad = real_addr(1)
-    bad_id = ctl.state.ids.reals[bad]
+    bad_id = ctl.core.state.ids.reals[bad]
 
     async def scenario() -> None:
         stop = asyncio.Event()
@@ -198,19 +198,19 @@ def test_runner_takes_a_failing_real_out_and_back(caplog) -> None:
         assert bad_id in port.ring(0)
         prober.down.add(bad)
         await until(lambda: bad_id not in port.ring(0))
-        assert ctl.vip_view(K0)["reals"][1]["healthy"] is False
+        assert ctl.views.vip_view(K0)["reals"][1]["healthy"] is False
         assert port.reals[bad_id]["family"] != 0  # the real entry stays: established flows go on
         prober.down.clear()
         await until(lambda: bad_id in port.ring(0))
         # every real down: fail open keeps all of them
         prober.down.update(real_addr(i) for i in range(3))
-        await until(lambda: K0 in ctl.tables.all_down)
+        await until(lambda: K0 in ctl.core.tables.all_down)
         assert set(port.ring(0)) == {1, 2, 3}
         stop.set()
         await task
 
     asyncio.run(scenario())
-    assert ctl.counters["health_transitions"] >= 5
+    assert ctl.core.counters["health_transitions"] >= 5
     assert "198.19.0.2 is down: 2 consecutive failures" in caplog.text
     assert "all reals of 198.18.100.1:80/tcp are down: failing open" in caplog.text
     assert any(not e.result.ok for e in seen) and any(e.result.ok for e in seen)
@@ -224,29 +224,29 @@ def test_settings_listeners_hear_of_changed_settings_only(caplog) -> None:
 
     cfg = make_config([vip_dict(0, [0, 1])])
     port = MemoryPort(Sizes.of(cfg.settings))
-    ctl = Controller.open(port, None, cfg)
+    ctl = open_plane(port, None, cfg)
     heard: list = []
-    ctl.on_settings.append(heard.append)
+    ctl.core.on_settings.append(heard.append)
     data = config_to_dict(cfg)
     data["vips"][0]["reals"].pop()
-    ctl.replace_config(data)  # VIPs only
-    ctl.reconcile()
+    ctl.commands.replace_config(data)  # VIPs only
+    ctl.runtime.reconcile()
     assert heard == []
     data["settings"].update(encap="gue", gue={"port": 7000, "source_v4": "198.18.0.254"})
-    ctl.replace_config(data)
+    ctl.commands.replace_config(data)
     assert [(s.encap, s.gue.port) for s in heard] == [("gue", 7000)]
-    assert heard[0] is ctl.state.config.settings
-    ctl.add_real(K0, {"address": real_addr(1)})
-    ctl.reconcile()
+    assert heard[0] is ctl.core.state.config.settings
+    ctl.commands.add_real(K0, {"address": real_addr(1)})
+    ctl.runtime.reconcile()
     assert len(heard) == 1
 
     def broken(_settings) -> None:
         raise OSError("map update failed")
 
-    ctl.on_settings.insert(0, broken)
+    ctl.core.on_settings.insert(0, broken)
     data["settings"]["encap"] = "ipip"
-    gen = ctl.replace_config(data).generation
-    assert ctl.generation == gen and ctl.state.config.settings.encap == "ipip"
+    gen = ctl.commands.replace_config(data).generation
+    assert ctl.core.generation == gen and ctl.core.state.config.settings.encap == "ipip"
     assert [s.encap for s in heard] == ["gue", "ipip"]
     assert "map update failed" in caplog.text
 
@@ -255,13 +255,13 @@ def test_all_down_with_drop_empties_the_ring() -> None:
     hc = {"type": "tcp", "on_all_down": "drop"}
     cfg = make_config([vip_dict(0, [0, 1], healthcheck=hc)])
     port = MemoryPort(Sizes.of(cfg.settings))
-    ctl = Controller.open(port, None, cfg)
-    keys = list(ctl._targets(ctl.state))
-    ctl.set_health({keys[0]: False})
+    ctl = open_plane(port, None, cfg)
+    keys = list(ctl.core.targets(ctl.core.state))
+    ctl.runtime.set_health({keys[0]: False})
     assert set(port.ring(0)) == {2}
-    ctl.set_health({keys[1]: False})
+    ctl.runtime.set_health({keys[1]: False})
     assert set(port.ring(0)) == {0}  # the datapath drops (drop_no_real)
-    ctl.set_health({keys[0]: True})
+    ctl.runtime.set_health({keys[0]: True})
     assert set(port.ring(0)) == {1}
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from control.datapaths import MemoryPort, UserspacePort
 from control.errors import Conflict, DatapathFailure, Invalid, NotFound, PersistFailure, PreconditionFailed
 from control.ids import EMPTY
+from control.plane import open_plane
 from control.reconcile import (
     ApplyError,
     DeleteVip,
@@ -26,7 +27,6 @@ from control.reconcile import (
     apply,
     plan,
 )
-from control.service import Controller
 from control.store import Store
 from control.tables import EMPTY_REAL, Sizes
 from lb.config import ConfigError, parse_config
@@ -217,63 +217,63 @@ def test_every_intermediate_state_is_consistent(configs) -> None:
 
 
 def controller(cfg, port=None, store=None):
-    return Controller.open(port or port_for(cfg), store, cfg)
+    return open_plane(port or port_for(cfg), store, cfg)
 
 
 def test_controller_changes_and_numbers() -> None:
     c = controller(make_config([vip_dict(0, [0, 1]), vip_dict(1, [1, 2])]))
-    assert c.generation == 1
-    key, res = c.create_vip(vip_dict(2, [5]))
-    assert res.generation == 2 and c.state.ids.vips[key] == 2
-    c.delete_vip(K0)
-    key3, _ = c.create_vip(vip_dict(3, [0]))
-    assert c.state.ids.vips[key3] == 0  # the freed number
-    assert c.state.ids.reals[real_addr(0)] == 5  # real 0 was freed with VIP 0: a fresh id, not 1
-    c.update_real(K1, real_addr(1), {"weight": 0})
-    assert c.vip_view(K1)["reals"][0]["effective_weight"] == 0
-    assert plan(c.port, c.tables).empty
+    assert c.core.generation == 1
+    key, res = c.commands.create_vip(vip_dict(2, [5]))
+    assert res.generation == 2 and c.core.state.ids.vips[key] == 2
+    c.commands.delete_vip(K0)
+    key3, _ = c.commands.create_vip(vip_dict(3, [0]))
+    assert c.core.state.ids.vips[key3] == 0  # the freed number
+    assert c.core.state.ids.reals[real_addr(0)] == 5  # real 0 was freed with VIP 0: a fresh id, not 1
+    c.commands.update_real(K1, real_addr(1), {"weight": 0})
+    assert c.views.vip_view(K1)["reals"][0]["effective_weight"] == 0
+    assert plan(c.core.port, c.core.tables).empty
 
 
 def test_controller_validation_names_fields() -> None:
     c = controller(make_config([vip_dict(0, [0])]))
     with pytest.raises(Invalid) as e:
-        c.create_vip({"address": "198.18.100.9", "port": 70000, "protocol": "tcp", "reals": [{"adress": "x"}]})
+        c.commands.create_vip({"address": "198.18.100.9", "port": 70000, "protocol": "tcp", "reals": [{"adress": "x"}]})
     assert dict(e.value.problems) == {"port": "must be 0..65535 (got 70000)",
                                       "reals[0].adress": "unknown key; did you mean 'address'?",
                                       "reals[0].address": "required"}
     with pytest.raises(Invalid) as e:
-        c.add_real(K0, {"address": real_addr(3), "weight": -1})
+        c.commands.add_real(K0, {"address": real_addr(3), "weight": -1})
     assert e.value.problems == [("weight", "must be >= 0 (got -1)")]
     with pytest.raises(Invalid) as e:
-        c.update_vip(K0, {"healthcheck": {"type": "tcp", "interval": 0}})
+        c.commands.update_vip(K0, {"healthcheck": {"type": "tcp", "interval": 0}})
     assert e.value.problems[0][0] == "healthcheck.interval"
     with pytest.raises(Invalid) as e:
-        c.update_vip(K0, {"port": 81})
+        c.commands.update_vip(K0, {"port": 81})
     assert e.value.problems[0][0] == "port"
     with pytest.raises(Conflict):
-        c.create_vip(vip_dict(0, []))
+        c.commands.create_vip(vip_dict(0, []))
     with pytest.raises(Conflict):
-        c.add_real(K0, {"address": real_addr(0)})
+        c.commands.add_real(K0, {"address": real_addr(0)})
     with pytest.raises(NotFound):
-        c.remove_real(K0, real_addr(9))
+        c.commands.remove_real(K0, real_addr(9))
     with pytest.raises(NotFound):
-        c.delete_vip(K1)
+        c.commands.delete_vip(K1)
     with pytest.raises(PreconditionFailed):
-        c.delete_vip(K0, if_match=7)
+        c.commands.delete_vip(K0, if_match=7)
     with pytest.raises(Invalid) as e:  # health check on a port-0 VIP needs a port
-        c.create_vip(vip_dict(4, [1], port=0, healthcheck={"type": "tcp"}))
+        c.commands.create_vip(vip_dict(4, [1], port=0, healthcheck={"type": "tcp"}))
     assert e.value.problems == [("healthcheck.port", "required: the VIP's port is 0 (any port)")]
-    assert c.generation == 1 and c.counters["changes_failed"] == 10
+    assert c.core.generation == 1 and c.core.counters["changes_failed"] == 10
 
 
 def test_controller_limits_are_conflicts() -> None:
     c = controller(make_config([vip_dict(i, []) for i in range(8)]))
     with pytest.raises(Conflict, match="max_vips"):
-        c.create_vip(vip_dict(8, []))
+        c.commands.create_vip(vip_dict(8, []))
     c2 = controller(make_config([vip_dict(0, list(range(31)))], ring_size=37))  # max_reals 32: ids 1..31
     with pytest.raises(Conflict, match="distinct real"):
-        c2.create_vip(vip_dict(1, [40]))
-    c2.create_vip(vip_dict(1, [3]))  # a real already in use is no new id
+        c2.commands.create_vip(vip_dict(1, [40]))
+    c2.commands.create_vip(vip_dict(1, [3]))  # a real already in use is no new id
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -287,7 +287,7 @@ def test_incremental_validation_agrees_with_parse_config(bodies) -> None:
     config with it (the controller checks one VIP plus cross-VIP limits, not everything again)."""
     base = {"gateway_mac": "00:00:5e:00:53:01", "ring_size": 13, "max_vips": 4, "max_reals": 8,
             "conn_table_size": 64}
-    c = Controller.open(MemoryPort(Sizes(13, 4, 8, 64)), None, parse_config({"settings": base}))
+    c = open_plane(MemoryPort(Sizes(13, 4, 8, 64)), None, parse_config({"settings": base}))
     accepted: list[dict] = []
     for b in bodies:
         body = vip_dict(b["i"], [], port=b["port"], v6=b["v6"], flags=b["flags"])
@@ -298,7 +298,7 @@ def test_incremental_validation_agrees_with_parse_config(bodies) -> None:
         except ConfigError:
             whole_ok = False
         try:
-            c.create_vip(body)
+            c.commands.create_vip(body)
             ok = True
         except (Invalid, Conflict):
             ok = False
@@ -311,15 +311,45 @@ def test_datapath_failure_changes_nothing() -> None:
     cfg = make_config([vip_dict(0, [0, 1])])
     port = port_for(cfg)
     c = controller(cfg, port)
-    before, state = contents(port), c.state
+    before, state = contents(port), c.core.state
     port.fail = lambda op: isinstance(op, PutVip)
     with pytest.raises(DatapathFailure) as e:
-        c.create_vip(vip_dict(1, [2, 3]))
+        c.commands.create_vip(vip_dict(1, [2, 3]))
     assert e.value.status == 503
-    assert c.state is state and same_contents(contents(port), before) and not c.dirty
+    assert c.core.state is state and same_contents(contents(port), before) and not c.core.dirty
     port.fail = None
-    c.create_vip(vip_dict(1, [2, 3]))  # and the next attempt works
-    assert c.generation == 2
+    c.commands.create_vip(vip_dict(1, [2, 3]))  # and the next attempt works
+    assert c.core.generation == 2
+
+
+def test_keep_reconciled_repairs_a_dirty_datapath() -> None:
+    """The daemon's loop (Runtime.keep_reconciled): a datapath left dirty (a rollback that
+    failed) is reconciled fully at the next tick; a failing reconcile is retried."""
+    import asyncio
+
+    cfg = make_config([vip_dict(0, [0, 1])])
+    port = port_for(cfg)
+    c = controller(cfg, port)
+    want = contents(port)
+    port.fail = lambda op: isinstance(op, PutVip)
+    with pytest.raises(DatapathFailure):
+        c.commands.create_vip(vip_dict(1, [2]))
+    c.core.dirty = True  # as after a rollback that could not be completed
+    port.vips.clear()  # and the datapath lost its VIP entries meanwhile
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(c.runtime.keep_reconciled(stop, period=0.01))
+        await asyncio.sleep(0.1)
+        assert c.core.dirty  # every reconcile fails while the port does
+        port.fail = None
+        while c.core.dirty:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    assert same_contents(contents(port), want) and c.core.generation == 1
 
 
 def test_persist_failure_undoes_the_writes(tmp_path, monkeypatch) -> None:
@@ -335,8 +365,8 @@ def test_persist_failure_undoes_the_writes(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(store, "save", full)
     with pytest.raises(PersistFailure, match="No space"):
-        c.update_real(K0, real_addr(0), {"weight": 9})
-    assert same_contents(contents(port), before) and c.generation == 1
+        c.commands.update_real(K0, real_addr(0), {"weight": 9})
+    assert same_contents(contents(port), before) and c.core.generation == 1
     assert store.state_path.read_bytes() == saved
 
 
@@ -346,21 +376,21 @@ def test_restart_reconciles_with_minimal_writes(tmp_path) -> None:
                       source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(3)}])
     port = port_for(cfg)
     c = controller(cfg, port, Store(tmp_path))
-    c.update_real(K0, real_addr(1), {"weight": 3})
-    c.update_real(K1, real_addr(2), {"drain": True})
-    c.add_routing("quic_servers", {"id": 0x30000, "real": real_addr(2)})
-    c.replace_routing("source_routes", [{"prefix": "198.18.64.0/24", "real": real_addr(1)},
+    c.commands.update_real(K0, real_addr(1), {"weight": 3})
+    c.commands.update_real(K1, real_addr(2), {"drain": True})
+    c.commands.add_routing("quic_servers", {"id": 0x30000, "real": real_addr(2)})
+    c.commands.replace_routing("source_routes", [{"prefix": "198.18.64.0/24", "real": real_addr(1)},
                                         {"prefix": "198.18.128.0/17", "real": real_addr(2)}])
     assert [len(port.routing[t]) for t in ("quic_servers", "src_routes_v4", "src_routes_v6")] == [2, 2, 0]
     # the daemon dies; the datapath (pinned maps) stays. A new one adopts it: no writes.
-    c2 = Controller.open(port, Store(tmp_path), cfg)
-    assert c2.generation == 5 and sum(c2.last_reconcile["writes"].values()) == 0
-    assert [q["id"] for q in c2.routing_view("quic_servers")] == [1025, 0x30000]
-    assert c2.vip_view(K1)["reals"][0]["drained"]
+    c2 = open_plane(port, Store(tmp_path), cfg)
+    assert c2.core.generation == 5 and sum(c2.core.last_reconcile["writes"].values()) == 0
+    assert [q["id"] for q in c2.views.routing_view("quic_servers")] == [1025, 0x30000]
+    assert c2.views.vip_view(K1)["reals"][0]["drained"]
     # drift while down (someone wrote two slots): exactly those are put back
     port.rings[0, :2] = 0
-    c3 = Controller.open(port, Store(tmp_path), cfg)
-    w = c3.last_reconcile["writes"]
+    c3 = open_plane(port, Store(tmp_path), cfg)
+    w = c3.core.last_reconcile["writes"]
     assert w["ring_slots"] == 2 and w["rings"] == 1
     assert sum(w.values()) == 3
 
@@ -368,12 +398,12 @@ def test_restart_reconciles_with_minimal_writes(tmp_path) -> None:
 def test_a_fresh_datapath_gets_everything(tmp_path) -> None:
     cfg = make_config([vip_dict(0, [0, 1])])
     c = controller(cfg, port_for(cfg), Store(tmp_path))
-    c.create_vip(vip_dict(1, [1, 2]))
+    c.commands.create_vip(vip_dict(1, [1, 2]))
     fresh = port_for(cfg)  # e.g. after a reboot: empty maps
-    c2 = Controller.open(fresh, Store(tmp_path), cfg)
-    w = c2.last_reconcile["writes"]
+    c2 = open_plane(fresh, Store(tmp_path), cfg)
+    w = c2.core.last_reconcile["writes"]
     assert w["vips_put"] == 2 and w["reals"] == 3 and w["ring_slots"] == 2 * 13
-    assert plan(fresh, c2.tables).empty
+    assert plan(fresh, c2.core.tables).empty
 
 
 def test_userspace_port_follows_changes() -> None:
@@ -388,9 +418,9 @@ def test_userspace_port_follows_changes() -> None:
     assert first in (1, 2)
     other = real_addr(0) if first == 2 else real_addr(1)
     gone = real_addr(first - 1)
-    c.update_real(K0, gone, {"drain": True})
+    c.commands.update_real(K0, gone, {"drain": True})
     syn = port.dp.process_frames([frame], now=1)  # a SYN re-hashes: the drained real gets no new flow
-    assert c.state.ids.reals[other] == int(syn.real_ids[0])
+    assert c.core.state.ids.reals[other] == int(syn.real_ids[0])
     assert port.read_stats().vip[0, 0] == 2
 
 

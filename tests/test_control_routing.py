@@ -11,12 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.api_client import ApiClient
-from control.api import QuicServerView, SourceRouteView, create_app
+from control.api import create_app
+from control.api.models import QuicServerView, SourceRouteView
 from control.datapaths import MemoryPort, Stats, UserspacePort
 from control.errors import Conflict, Invalid, NotFound, PreconditionFailed
 from control.ids import EMPTY
+from control.plane import ControlPlane, open_plane
 from control.reconcile import DeleteEntry, PutEntry, WriteCtl, apply, plan
-from control.service import Controller
 from control.store import Store
 from control.tables import (
     Sizes,
@@ -197,47 +198,47 @@ def test_a_full_routing_map_is_refused_like_the_kernels() -> None:
 # --- the controller ------------------------------------------------------------------------------
 
 
-def controller(cfg=None, port=None, store=None) -> Controller:
+def controller(cfg=None, port=None, store=None) -> ControlPlane:
     cfg = cfg or base_config()
-    return Controller.open(port or MemoryPort(Sizes.of(cfg.settings)), store, cfg)
+    return open_plane(port or MemoryPort(Sizes.of(cfg.settings)), store, cfg)
 
 
 def test_health_takes_entries_out_and_back_with_single_writes() -> None:
     c = controller()
-    port = c.port
-    rid = c.state.ids.reals[R0]
+    port = c.core.port
+    rid = c.core.state.ids.reals[R0]
     route = src_route_key_record("198.18.64.0/24")[1]
     n = len(port.writes)
-    c.set_health({(K0, R0): False})  # R0 serves only VIP 0: down everywhere
-    assert c.tables.routed_out == {R0}
+    c.runtime.set_health({(K0, R0): False})  # R0 serves only VIP 0: down everywhere
+    assert c.core.tables.routed_out == {R0}
     assert 1025 not in quic_map(port) and route not in port.routing["src_routes_v4"]
-    assert [r["active"] for r in c.routing_view("quic_servers")] == [False, True, True]
-    assert [r["active"] for r in c.routing_view("source_routes")] == [False, True, True]
+    assert [r["active"] for r in c.views.routing_view("quic_servers")] == [False, True, True]
+    assert [r["active"] for r in c.views.routing_view("source_routes")] == [False, True, True]
     entry_writes = [op for op in port.writes[n:] if isinstance(op, (PutEntry, DeleteEntry))]
     assert [type(op) for op in entry_writes] == [DeleteEntry, DeleteEntry]  # R0's id and route, nothing else
     # R1 down too: every real of VIP 0 is down and fail_open ignores health there: R0 is back;
     # R1 also serves VIP 1 (no check), so it never lost its entries
-    c.set_health({(K0, R1): False})
-    assert c.tables.routed_out == frozenset() and quic_map(port)[1025] == rid
-    c.set_health({(K0, R1): True})
+    c.runtime.set_health({(K0, R1): False})
+    assert c.core.tables.routed_out == frozenset() and quic_map(port)[1025] == rid
+    c.runtime.set_health({(K0, R1): True})
     assert 1025 not in quic_map(port)
-    c.set_health({(K0, R0): True})
+    c.runtime.set_health({(K0, R0): True})
     assert quic_map(port)[1025] == rid and port.routing["src_routes_v4"][route] == id_record(rid)
-    assert plan(port, c.tables).empty
+    assert plan(port, c.core.tables).empty
 
 
 def test_controller_routing_changes_and_refusals() -> None:
     c = controller()
-    gen = c.generation
-    key, res = c.add_routing("quic_servers", {"id": 0xABCDEF, "real": R2})
+    gen = c.core.generation
+    key, res = c.commands.add_routing("quic_servers", {"id": 0xABCDEF, "real": R2})
     assert key == 0xABCDEF and res.writes["quic_servers"] == 1 and sum(res.writes.values()) == 1
-    key, _ = c.add_routing("source_routes", {"prefix": "2001:db8:7:0::/64", "real": real_addr(0, True)})
+    key, _ = c.commands.add_routing("source_routes", {"prefix": "2001:db8:7:0::/64", "real": real_addr(0, True)})
     assert key == "2001:db8:7::/64"
     with pytest.raises(Conflict) as e:
-        c.add_routing("quic_servers", {"id": 7, "real": R0})
+        c.commands.add_routing("quic_servers", {"id": 7, "real": R0})
     assert e.value.problems == [("id", "exists")]
     with pytest.raises(Conflict):
-        c.add_routing("source_routes", {"prefix": "198.18.64.0/24", "real": R1})
+        c.commands.add_routing("source_routes", {"prefix": "198.18.64.0/24", "real": R1})
     bad = [
         ("quic_servers", {"id": 0, "real": R0}, "id"),
         ("quic_servers", {"id": 2**32, "real": R0}, "id"),
@@ -250,66 +251,66 @@ def test_controller_routing_changes_and_refusals() -> None:
     ]
     for section, body, field in bad:
         with pytest.raises(Invalid) as e:
-            c.add_routing(section, body)
+            c.commands.add_routing(section, body)
         assert field in dict(e.value.problems), (body, e.value.problems)
     with pytest.raises(Invalid) as e:
-        c.replace_routing("quic_servers", [{"id": 1, "real": R0}, {"id": 1, "real": R1}])
+        c.commands.replace_routing("quic_servers", [{"id": 1, "real": R0}, {"id": 1, "real": R1}])
     assert dict(e.value.problems) == {"[1].id": "duplicate of quic_servers[0] (1)"}
     with pytest.raises(Invalid):
-        c.replace_routing("source_routes", {"prefix": "198.18.0.0/16"})
+        c.commands.replace_routing("source_routes", {"prefix": "198.18.0.0/16"})
     with pytest.raises(NotFound):
-        c.delete_routing("quic_servers", 99)
+        c.commands.delete_routing("quic_servers", 99)
     with pytest.raises(PreconditionFailed):
-        c.delete_routing("quic_servers", 7, if_match=gen)
-    assert c.generation == gen + 2
-    c.delete_routing("quic_servers", 7)
-    c.replace_routing("source_routes", [])
-    assert c.port.routing["src_routes_v4"] == {} and c.port.routing["src_routes_v6"] == {}
-    assert plan(c.port, c.tables).empty
+        c.commands.delete_routing("quic_servers", 7, if_match=gen)
+    assert c.core.generation == gen + 2
+    c.commands.delete_routing("quic_servers", 7)
+    c.commands.replace_routing("source_routes", [])
+    assert c.core.port.routing["src_routes_v4"] == {} and c.core.port.routing["src_routes_v6"] == {}
+    assert plan(c.core.port, c.core.tables).empty
 
 
 def test_removing_the_last_use_of_a_routed_real_is_refused_naming_the_entries() -> None:
     c = controller()
-    gen = c.generation
-    c.remove_real(K0, R1)  # R1 is still a real of VIP 1: its entries stay valid
+    gen = c.core.generation
+    c.commands.remove_real(K0, R1)  # R1 is still a real of VIP 1: its entries stay valid
     with pytest.raises(Conflict) as e:
-        c.remove_real(K1, R1)
+        c.commands.remove_real(K1, R1)
     assert e.value.status == 409
     assert e.value.problems == [("quic_servers[1]", f"id 2049 -> {R1}"), ("source_routes[1]", f"198.18.0.0/15 -> {R1}")]
     assert R1 in str(e.value) and "delete those entries first" in str(e.value)
     with pytest.raises(Conflict):
-        c.delete_vip(K1)  # the same through deleting the VIP
+        c.commands.delete_vip(K1)  # the same through deleting the VIP
     with pytest.raises(Invalid) as e:  # and through a whole config: the config's own rule
-        c.replace_config({**c.export_config()[1], "vips": []})
+        c.commands.replace_config({**c.views.export_config()[1], "vips": []})
     assert "quic_servers[0].real" in dict(e.value.problems)
-    assert c.generation == gen + 1
-    c.delete_routing("quic_servers", 2049)
-    c.delete_routing("source_routes", "198.18.0.0/15")
-    c.remove_real(K1, R1)  # now nothing points at it
-    assert R1 not in c.state.ids.reals and plan(c.port, c.tables).empty
+    assert c.core.generation == gen + 1
+    c.commands.delete_routing("quic_servers", 2049)
+    c.commands.delete_routing("source_routes", "198.18.0.0/15")
+    c.commands.remove_real(K1, R1)  # now nothing points at it
+    assert R1 not in c.core.state.ids.reals and plan(c.core.port, c.core.tables).empty
 
 
 def test_vip_patch_sets_quic_and_src_routing_flags() -> None:
     c = controller()
-    c.update_vip(K1, {"flags": ["src_routing"]})
-    assert c.vip_view(K1)["flags"] == ["src_routing"]
-    meta = c.port.vips[c.tables.parts[K1].key_rec]
+    c.commands.update_vip(K1, {"flags": ["src_routing"]})
+    assert c.views.vip_view(K1)["flags"] == ["src_routing"]
+    meta = c.core.port.vips[c.core.tables.parts[K1].key_rec]
     assert int.from_bytes(meta[:4], "little") == C.F_SRC_ROUTING
     with pytest.raises(Invalid) as e:
-        c.update_vip(K0, {"flags": ["quic"]})
+        c.commands.update_vip(K0, {"flags": ["quic"]})
     assert dict(e.value.problems) == {"flags[0]": "'quic' needs protocol udp (got tcp)"}
 
 
 def test_mtu_through_the_config_is_one_ctl_write() -> None:
     c = controller()
-    data = c.export_config()[1]
+    data = c.views.export_config()[1]
     data["settings"]["mtu"] = 1400
-    res = c.replace_config(data)
+    res = c.commands.replace_config(data)
     assert res.writes["ctl"] == 1 and sum(res.writes.values()) == 1
-    assert int(np.frombuffer(c.port.ctl, dtype=layout.CTL)[0]["mtu"]) == 1400
+    assert int(np.frombuffer(c.core.port.ctl, dtype=layout.CTL)[0]["mtu"]) == 1400
     data["settings"]["mtu"] = 1000
     with pytest.raises(Invalid) as e:
-        c.replace_config(data)
+        c.commands.replace_config(data)
     assert "settings.mtu" in dict(e.value.problems)
 
 
@@ -317,19 +318,19 @@ def test_state_round_trip_and_restart_adoption_with_zero_writes(tmp_path) -> Non
     cfg = base_config(mtu=1480)
     port = MemoryPort(Sizes.of(cfg.settings))
     c = controller(cfg, port, Store(tmp_path))
-    c.add_routing("quic_servers", {"id": 3, "real": R1})
-    c.add_routing("source_routes", {"prefix": "2001:db8:6::/48", "real": real_addr(0, True)})
-    c.set_health({(K0, R0): True})
+    c.commands.add_routing("quic_servers", {"id": 3, "real": R1})
+    c.commands.add_routing("source_routes", {"prefix": "2001:db8:6::/48", "real": real_addr(0, True)})
+    c.runtime.set_health({(K0, R0): True})
     saved = Store(tmp_path).load()
     assert [q.id for q in saved.config.quic_servers] == [1025, 2049, 7, 3]
     assert [r.prefix for r in saved.config.source_routes][-1] == "2001:db8:6::/48"
     assert saved.config.settings.mtu == 1480
-    c2 = Controller.open(port, Store(tmp_path), cfg)
-    assert sum(c2.last_reconcile["writes"].values()) == 0 and c2.generation == c.generation
+    c2 = open_plane(port, Store(tmp_path), cfg)
+    assert sum(c2.core.last_reconcile["writes"].values()) == 0 and c2.core.generation == c.core.generation
     # a routing entry that drifted while down is put back, alone
     port.routing["quic_servers"].pop(quic_key_record(3))
-    c3 = Controller.open(port, Store(tmp_path), cfg)
-    w = c3.last_reconcile["writes"]
+    c3 = open_plane(port, Store(tmp_path), cfg)
+    w = c3.core.last_reconcile["writes"]
     assert w["quic_servers"] == 1 and sum(w.values()) == 1
 
 
@@ -338,9 +339,9 @@ def test_userspace_port_reloads_the_routing_tables() -> None:
     port = UserspacePort(Sizes.of(cfg.settings))
     c = controller(cfg, port)
     assert sorted(port.dp.quic_ids.tolist()) == [7, 1025, 2049]
-    c.add_routing("quic_servers", {"id": 99, "real": R2})
+    c.commands.add_routing("quic_servers", {"id": 99, "real": R2})
     assert sorted(port.dp.quic_ids.tolist()) == [7, 99, 1025, 2049]
-    assert dict(zip(port.dp.quic_ids.tolist(), port.dp.quic_reals.tolist()))[99] == c.state.ids.reals[R2]
+    assert dict(zip(port.dp.quic_ids.tolist(), port.dp.quic_reals.tolist()))[99] == c.core.state.ids.reals[R2]
 
 
 # --- metrics and stats: every counter ----------------------------------------------------------------
@@ -357,7 +358,7 @@ def test_every_datapath_counter_is_exported() -> None:
 
     cfg = base_config()
     c = controller(cfg, CountingPort(Sizes.of(cfg.settings)))
-    text = Metrics(c).render().decode()
+    text = Metrics(c.core).render().decode()
     for i, name in enumerate(C.STATS):
         lines = [ln for ln in text.splitlines() if not ln.startswith("#") and ln.endswith(f" {1000 + i}.0")]
         assert len(lines) == 1, (name, lines)
@@ -390,7 +391,7 @@ def test_lbctl_stats_shows_the_new_counters() -> None:
 def env():
     cfg = base_config()
     port = UserspacePort(Sizes.of(cfg.settings))
-    ctl = Controller.open(port, None, cfg)
+    ctl = open_plane(port, None, cfg)
     with ApiClient(create_app(ctl)) as api:
         yield api, ctl, port
 
@@ -400,19 +401,20 @@ def test_api_quic_servers(env) -> None:
     r = api.get("/v1/quic-servers")
     assert r.status_code == 200 and r.headers["etag"] == '"1"'
     views = [QuicServerView.model_validate(x) for x in r.json()]
-    assert (views[0].id, views[0].real, views[0].real_id, views[0].active) == (1025, R0, ctl.state.ids.reals[R0], True)
+    assert (views[0].id, views[0].real, views[0].real_id, views[0].active) == \
+        (1025, R0, ctl.core.state.ids.reals[R0], True)
     r = api.post("/v1/quic-servers", json={"id": 4096, "real": R2})
     assert r.status_code == 201 and r.headers["location"] == "/v1/quic-servers/4096" and r.headers["etag"] == '"2"'
-    assert QuicServerView.model_validate(r.json()).real_id == ctl.state.ids.reals[R2]
+    assert QuicServerView.model_validate(r.json()).real_id == ctl.core.state.ids.reals[R2]
     assert api.get("/v1/quic-servers/4096").json()["real"] == R2
     assert 4096 in port.dp.quic_ids.tolist()
     r = api.put("/v1/quic-servers", json=[{"id": 1, "real": R1}, {"id": 2, "real": R1}], headers={"If-Match": '"2"'})
     assert r.status_code == 200 and [x["id"] for x in r.json()] == [1, 2] and r.headers["etag"] == '"3"'
-    assert quic_map(port) == {1: ctl.state.ids.reals[R1], 2: ctl.state.ids.reals[R1]}
+    assert quic_map(port) == {1: ctl.core.state.ids.reals[R1], 2: ctl.core.state.ids.reals[R1]}
     assert api.delete("/v1/quic-servers/1").status_code == 204
     assert api.get("/v1/quic-servers/1").status_code == 404
     assert [x["id"] for x in api.get("/v1/config").json()["config"]["quic_servers"]] == [2]
-    assert plan(port, ctl.tables).empty
+    assert plan(port, ctl.core.tables).empty
 
 
 def test_api_source_routes(env) -> None:
@@ -429,14 +431,14 @@ def test_api_source_routes(env) -> None:
     assert [x["prefix"] for x in api.get("/v1/source-routes").json()] == ["198.18.0.0/15", "2001:db8:5::/48"]
     r = api.put("/v1/source-routes", json=[{"prefix": "198.18.96.0/19", "real": R2}])
     assert r.status_code == 200 and [x["prefix"] for x in r.json()] == ["198.18.96.0/19"]
-    assert routes(port) == {src_route_key_record("198.18.96.0/19")[1]: ctl.state.ids.reals[R2]}
+    assert routes(port) == {src_route_key_record("198.18.96.0/19")[1]: ctl.core.state.ids.reals[R2]}
     assert port.routing["src_routes_v6"] == {}
-    assert plan(port, ctl.tables).empty
+    assert plan(port, ctl.core.tables).empty
 
 
 def test_api_bad_inputs_and_conflicts(env) -> None:
     api, ctl, _ = env
-    gen = ctl.generation
+    gen = ctl.core.generation
     cases = [
         ("post", "/v1/quic-servers", {"id": 0, "real": R0}, 422, "id"),
         ("post", "/v1/quic-servers", {"id": 5, "real": "nope"}, 422, "real"),
@@ -471,7 +473,7 @@ def test_api_bad_inputs_and_conflicts(env) -> None:
         assert r.status_code == status, (method, url, body, r.text)
         if field is not None:
             assert field in problems(r), (method, url, r.json())
-    assert ctl.generation == gen  # nothing else changed
+    assert ctl.core.generation == gen  # nothing else changed
 
 
 def test_api_config_carries_the_routing_tables_and_mtu(env) -> None:
@@ -485,7 +487,7 @@ def test_api_config_carries_the_routing_tables_and_mtu(env) -> None:
     assert r.status_code == 200, r.text
     got = r.json()["config"]
     assert got["settings"]["mtu"] == 1500 and got["quic_servers"] == [{"id": 77, "real": R2}]
-    assert quic_map(port) == {77: ctl.state.ids.reals[R2]} and port.dp.mtu == 1500
+    assert quic_map(port) == {77: ctl.core.state.ids.reals[R2]} and port.dp.mtu == 1500
     cfg["quic_servers"] = [{"id": 77, "real": "198.19.9.9"}]
     r = api.put("/v1/config", json=cfg)
     assert r.status_code == 422 and "quic_servers[0].real" in problems(r)
@@ -515,7 +517,7 @@ def test_the_schema_documents_the_new_bodies(env) -> None:
 def test_parse_config_agrees_with_the_api_for_routing_bodies() -> None:
     """The API's validation of a QUIC entry is the config file's: same verdicts."""
     c = controller()
-    base = c.export_config()[1]
+    base = c.views.export_config()[1]
     for body in ({"id": 5, "real": R0}, {"id": -1, "real": R0}, {"id": True, "real": R0}, {"id": 5, "real": "::1"}):
         try:
             parse_config({**base, "quic_servers": [*base["quic_servers"], body]})
@@ -523,7 +525,7 @@ def test_parse_config_agrees_with_the_api_for_routing_bodies() -> None:
         except ValueError:
             ok = False
         try:
-            c.add_routing("quic_servers", body)
+            c.commands.add_routing("quic_servers", body)
             api_ok = True
         except (Invalid, Conflict):
             api_ok = False
@@ -544,8 +546,8 @@ def _expected(ctl) -> tuple[dict[bytes, int], dict[bytes, int], dict[bytes, int]
     """From the desired config and ids, independently of DesiredTables' records."""
     import ipaddress
 
-    ids, cfg = ctl.state.ids, ctl.state.config
-    out = ctl.tables.routed_out
+    ids, cfg = ctl.core.state.ids, ctl.core.state.config
+    out = ctl.core.tables.routed_out
     quic = {q.id.to_bytes(4, "little"): ids.reals[q.real] for q in cfg.quic_servers if q.real not in out}
     v4: dict[bytes, int] = {}
     v6: dict[bytes, int] = {}
@@ -572,7 +574,7 @@ def test_xdp_maps_hold_exactly_the_desired_entries_after_api_calls(tmp_path) -> 
     s = cfg.settings
     bal = XdpBalancer(s.ring_size, s.max_vips, s.max_reals, s.conn_table_size)
     try:
-        ctl = Controller.open(XdpPort(bal), Store(tmp_path), cfg)
+        ctl = open_plane(XdpPort(bal), Store(tmp_path), cfg)
 
         def check() -> None:
             quic, v4, v6 = _expected(ctl)
@@ -592,10 +594,10 @@ def test_xdp_maps_hold_exactly_the_desired_entries_after_api_calls(tmp_path) -> 
                                                    {"prefix": "2001:db8:6::/47", "real": real_addr(0, True)}])
             assert r.status_code == 200, r.text
             check()
-            ctl.set_health({(K0, R0): False})  # R0 down everywhere: its QUIC id leaves the map
+            ctl.runtime.set_health({(K0, R0): False})  # R0 down everywhere: its QUIC id leaves the map
             check()
             assert 1025 not in {int.from_bytes(k, "little") for k in _read_map(bal, "quic_servers", 4)}
-            ctl.set_health({(K0, R0): True})
+            ctl.runtime.set_health({(K0, R0): True})
             check()
             assert len(_read_map(bal, "quic_servers", 4)) == 3
         ctl_rec = bal.map_fd("ctl")
@@ -604,7 +606,7 @@ def test_xdp_maps_hold_exactly_the_desired_entries_after_api_calls(tmp_path) -> 
         raw = map_lookup(ctl_rec, bytes(4), layout.CTL.itemsize)
         assert int(np.frombuffer(raw, dtype=layout.CTL)[0]["mtu"]) == 1500
         # a restart adopts the maps: nothing to write
-        again = Controller.open(XdpPort(bal), Store(tmp_path), cfg)
-        assert sum(again.last_reconcile["writes"].values()) == 0, again.last_reconcile
+        again = open_plane(XdpPort(bal), Store(tmp_path), cfg)
+        assert sum(again.core.last_reconcile["writes"].values()) == 0, again.core.last_reconcile
     finally:
         bal.close()

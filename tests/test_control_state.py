@@ -14,7 +14,7 @@ import pytest
 from control_helpers import make_config, real_addr, vip_dict
 
 from control.datapaths import MemoryPort
-from control.service import Controller
+from control.plane import open_plane
 from control.store import DesiredState, StateError, StateLocked, Store, _state_bytes, atomic_write
 from control.tables import Sizes
 from lb.config import config_to_dict
@@ -25,9 +25,9 @@ K0 = ("198.18.100.1", 80, "tcp")
 def _state(gen=1):
     cfg = make_config([vip_dict(0, [0, (1, 3)], healthcheck={"type": "http", "http": {"path": "/h"}}),
                        vip_dict(1, [2], v6=True)])
-    c = Controller.open(MemoryPort(Sizes.of(cfg.settings)), None, cfg)
-    c.update_real(K0, real_addr(0), {"drain": True})
-    return c.state
+    c = open_plane(MemoryPort(Sizes.of(cfg.settings)), None, cfg)
+    c.commands.update_real(K0, real_addr(0), {"drain": True})
+    return c.core.state
 
 
 def test_round_trip(tmp_path) -> None:
@@ -102,16 +102,16 @@ WRITER = textwrap.dedent("""
     sys.path.insert(0, "tests")  # control_helpers
     from control.store import Store
     from control.datapaths import MemoryPort
-    from control.service import Controller
+    from control.plane import open_plane
     from control.tables import Sizes
     from control_helpers import make_config, vip_dict
     cfg = make_config([vip_dict(i, [i, i + 1]) for i in range(6)])
-    c = Controller.open(MemoryPort(Sizes.of(cfg.settings)), Store(sys.argv[1]), cfg)
+    c = open_plane(MemoryPort(Sizes.of(cfg.settings)), Store(sys.argv[1]), cfg)
     print("ready", flush=True)
     w = 1
     while True:
         w = w % 5 + 1
-        c.update_real(("198.18.100.1", 80, "tcp"), "198.19.0.1", {"weight": w})
+        c.commands.update_real(("198.18.100.1", 80, "tcp"), "198.19.0.1", {"weight": w})
 """)
 
 
@@ -188,11 +188,11 @@ def test_health_file(tmp_path) -> None:
 def test_the_saved_state_wins_over_the_config_file(tmp_path, caplog) -> None:
     cfg = make_config([vip_dict(0, [0, 1])])
     port = MemoryPort(Sizes.of(cfg.settings))
-    c = Controller.open(port, Store(tmp_path), cfg)
-    c.create_vip(vip_dict(1, [2]))
+    c = open_plane(port, Store(tmp_path), cfg)
+    c.commands.create_vip(vip_dict(1, [2]))
     edited = make_config([vip_dict(0, [0])])
-    c2 = Controller.open(port, Store(tmp_path), edited)
-    assert c2.generation == 2 and len(c2.state.config.vips) == 2
+    c2 = open_plane(port, Store(tmp_path), edited)
+    assert c2.core.generation == 2 and len(c2.core.state.config.vips) == 2
     assert "the saved state wins" in caplog.text
-    c3 = Controller.open(port, Store(tmp_path), edited, from_config=True)
-    assert len(c3.state.config.vips) == 1 and c3.generation == 1
+    c3 = open_plane(port, Store(tmp_path), edited, from_config=True)
+    assert len(c3.core.state.config.vips) == 1 and c3.core.generation == 1

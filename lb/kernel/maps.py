@@ -85,6 +85,17 @@ def check_buffer_sizes(fd: int, key_size: int, value_size: int) -> None:
                          f" (as looked up), not {key_size} and {value_size}")
 
 
+def _found(cmd: int, attr: ctypes.Structure, what: str) -> bool:
+    """bpf_syscall, False where the kernel answers ENOENT (no such key, no next key)."""
+    try:
+        bpf_syscall(cmd, attr, what)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     """Write ``value`` under ``key``."""
     k = ctypes.create_string_buffer(key, len(key))
@@ -101,26 +112,13 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
     attr = ElemAttr(map_fd=fd, key=_ptr(k), value=_ptr(v))
-    try:
-        bpf_syscall(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    return v.raw
+    return v.raw if _found(BPF_MAP_LOOKUP_ELEM, attr, "map lookup") else None
 
 
 def map_delete(fd: int, key: bytes) -> bool:
     """Delete ``key``; False if it was not there."""
     k = ctypes.create_string_buffer(key, len(key))
-    attr = ElemAttr(map_fd=fd, key=_ptr(k))
-    try:
-        bpf_syscall(BPF_MAP_DELETE_ELEM, attr, "map delete")
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(BPF_MAP_DELETE_ELEM, ElemAttr(map_fd=fd, key=_ptr(k)), "map delete")
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
@@ -133,12 +131,8 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     while True:
         kbuf = ctypes.create_string_buffer(cur, key_size) if cur is not None else None
         attr = ElemAttr(map_fd=fd, key=_ptr(kbuf) if kbuf is not None else 0, value=_ptr(nxt))
-        try:
-            bpf_syscall(BPF_MAP_GET_NEXT_KEY, attr, "map get_next_key")
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return keys
-            raise
+        if not _found(BPF_MAP_GET_NEXT_KEY, attr, "map get_next_key"):
+            return keys
         cur = nxt.raw
         keys.append(cur)
 

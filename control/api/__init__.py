@@ -1,0 +1,114 @@
+"""The REST API (FastAPI). Documented in docs/api.md; the OpenAPI document is at
+``/openapi.json``.
+
+One router per resource (:mod:`.vips`, :mod:`.reals`, :mod:`.routing`, :mod:`.stats`,
+:mod:`.config`, :mod:`.simulate`, :mod:`.status`), assembled by :func:`create_app` with
+the error handlers and the bearer-token check.
+
+Request bodies are read as JSON and validated by the commands through lb.config's
+models, so the API accepts exactly what a config file accepts and its errors name the
+field the same way. Errors are ``{"error": "...", "kind": "...", "problems": [{"path",
+"message"}]}`` with 4xx for the caller's fault (422 invalid, 404 unknown, 409 conflict,
+412 stale If-Match, 401 missing token) and 5xx for ours (503: a datapath write or the
+state file failed and the change was undone).
+
+Every change answers with the new generation in ``ETag``; sending ``If-Match: <gen>``
+makes a change conditional on nobody having changed anything since.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from control.api.config import config_router
+from control.api.openapi import openapi_document
+from control.api.reals import reals_router
+from control.api.routing import quic_servers_router, source_routes_router
+from control.api.simulate import simulate_router
+from control.api.stats import HealthDetails, health_router, stats_router
+from control.api.status import metrics_router, status_router
+from control.api.vips import vips_router
+from control.errors import ControlError
+from control.metrics import Metrics
+from control.plane import ControlPlane
+
+__all__ = ["create_app", "API_VERSION"]
+
+log = logging.getLogger("lb.api")
+API_VERSION = "1"
+
+
+async def _control_error(request: Request, exc: ControlError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for e in exc.errors():
+        loc = [str(p) for p in e["loc"]]
+        where = loc[0] if loc else ""
+        path = ".".join(loc[1:]) or where
+        problems.append({"path": path, "message": e["msg"]})
+    msg = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
+    return JSONResponse({"error": f"invalid request: {msg}", "kind": "invalid", "problems": problems},
+                        status_code=422)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "kind": "internal",
+                         "problems": []}, status_code=500)
+
+
+def _require_bearer(app: FastAPI, token: str) -> None:
+    """Refuse (401) every request without ``Authorization: Bearer <token>``."""
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Response:
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return JSONResponse({"error": "missing or wrong bearer token", "kind": "unauthorized",
+                                 "problems": [{"path": "Authorization", "message": "Bearer token required"}]},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+
+def create_app(
+    plane: ControlPlane,
+    *,
+    token: str | None = None,
+    metrics: Metrics | None = None,
+    health_details: HealthDetails | None = None,
+    info: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The API over ``plane``'s commands and views. With ``token``, every request needs
+    ``Authorization: Bearer <token>`` (TCP listeners); without, the listener itself must
+    be private (the Unix socket, mode 0600)."""
+    app = FastAPI(
+        title="lb control plane",
+        version=API_VERSION,
+        description="VIPs, reals, health, stats and configuration of one load-balancer datapath. "
+                    "See docs/api.md.",
+    )
+    app.add_exception_handler(ControlError, _control_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal)
+    if token is not None:
+        _require_bearer(app, token)
+
+    commands, views = plane.commands, plane.views
+    for router in (status_router(views, dict(info or {})), vips_router(commands, views),
+                   reals_router(commands, views), quic_servers_router(commands, views),
+                   source_routes_router(commands, views), stats_router(views), health_router(views, health_details),
+                   simulate_router(views), config_router(commands, views),
+                   metrics_router(metrics if metrics is not None else Metrics(plane.core))):
+        app.include_router(router)
+    app.openapi = lambda: openapi_document(app, bearer=token is not None)  # type: ignore[method-assign]
+    return app
