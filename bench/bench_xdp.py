@@ -57,7 +57,20 @@ each flow mix, then filled by one pass over all flows: measured frames are hits.
     profiles (perf, this process's samples) of the generating CPU running harness (a)
     with the balancer and with the stub, IPv4 LRU VIP, 1k and 100k flows.
 
-Mpps in (a) and (d) is frames / the kernel's own BPF_PROG_TEST_RUN run time on the
+(s) side by side (bench/xdp_compare.py): the stub, Katran's balancer (``--katran DIR``:
+    a Katran checkout or git dir; bench/katran.py builds and loads it) and ours in each
+    mode, harness (a), --rounds interleaved rounds of --round-frames; per-round ratios
+    to the stub and to Katran (median, IQR, best rounds), IPv4 and IPv6, 1k / 10k /
+    100k / 1M flows.
+
+(t) stage costs (bench/xdp_compare.py): ns per packet of parsing, VIP lookup,
+    connection table, ring and encapsulation, from balancer variants that stop after
+    each stage, measured in the same rounds.
+
+Charts: bench/charts.py draws Mpps against flow count (part s) and ns per stage (part t)
+from the JSON, as PNG files beside it.
+
+Mpps in (a), (d), (s) and (t) is frames / the kernel's own BPF_PROG_TEST_RUN run time on the
 generating CPU, which leaves out time other tasks had that CPU (this machine is shared);
 the wall-clock figures are in the JSON and (a)'s table too. (b) counts frames back at
 the sink per wall-clock second.
@@ -1091,12 +1104,22 @@ def run_bpf_parts(xb: XdpBench, parts: set[str], flow_counts: Sequence[int], kin
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import xdp_compare as xc  # parts s and t; it imports this module
+    from bench.charts import write_charts
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=None, help=f"where to write results (default {DEFAULT_JSON})")
     ap.add_argument("--quick", action="store_true",
                     help="1 rep of 1M frames, 1k and 100k flows, LRU VIP only, sink in softirq for (a)")
-    ap.add_argument("--parts", default="a,b,c,d,p",
-                    help="comma-separated subset of a,b,c,d,p (p: profile, where the time goes)")
+    ap.add_argument("--parts", default="a,b,c,d,p,s,t",
+                    help="comma-separated subset of a,b,c,d,p,s,t (p: profile, where the time "
+                         "goes; s: side by side with Katran; t: stage costs)")
+    ap.add_argument("--katran", type=Path, default=None,
+                    help="a Katran source tree (checkout or git dir): its balancer joins part s")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"interleaved rounds of parts s and t (default {xc.ROUNDS})")
+    ap.add_argument("--round-frames", type=int, default=xc.ROUND_FRAMES,
+                    help="frames per program per round in parts s and t")
     ap.add_argument("--flows", default=None, help="comma-separated flow counts (default 1,1000,100000,1000000)")
     ap.add_argument("--frames", type=int, default=2_000_000, help="frames per run (at least the flow count)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved runs per program (median reported)")
@@ -1112,15 +1135,21 @@ def main(argv: list[str] | None = None) -> int:
     gen_cpu = cpus[0] if args.gen_cpu is None else args.gen_cpu
     other_cpu = args.other_cpu if args.other_cpu is not None else next((c for c in cpus if c != gen_cpu), gen_cpu)
     parts = set(args.parts.split(","))
+    if args.katran is not None:
+        if not args.katran.exists():
+            ap.error(f"--katran {args.katran}: no such directory")
+        parts.add("s")
     flow_counts = [int(x) for x in args.flows.split(",")] if args.flows else list(FLOW_COUNTS)
+    rounds = args.rounds or (3 if args.quick else xc.ROUNDS)
     kinds, modes_a, reps, frames = list(VIP_KINDS), list(MODES), args.reps, args.frames
     if args.quick:
         flow_counts = [int(x) for x in args.flows.split(",")] if args.flows else [1_000, 100_000]
         kinds, modes_a, reps, frames = ["lru"], ["softirq"], 1, min(frames, 1_000_000)
+    side_flows = flow_counts if args.flows or args.quick else list(xc.SIDE_FLOWS)
 
     console = Console(width=max(200, shutil.get_terminal_size().columns))
     load_start = loadavg()
-    console.print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; generator (+ program in (a)/(d)) on "
+    console.print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; generator (+ program in (a)/(d)/(s)/(t)) on "
                   f"CPU {gen_cpu}; threaded NAPI kthreads and the userspace datapath on CPU "
                   f"{other_cpu}; load average {load_start}")
     data: dict[str, Any] = {
@@ -1129,15 +1158,19 @@ def main(argv: list[str] | None = None) -> int:
         "conn_table_size_per_cpu": C.CONN_TABLE_SIZE, "frame_bytes": {"4": 64, "6": 74},
         "flows": flow_counts, "targets": {str(k): v for k, v in TARGETS.items()},
         "quick": args.quick, "load_start": load_start,
+        "rounds": rounds, "round_frames": args.round_frames,
+        "placement_s_t": xc.placement(gen_cpu),
     }
     rows_a: list[dict[str, Any]] = []
     rows_b: list[dict[str, Any]] = []
     rows_c: list[dict[str, Any]] = []
     rows_d: list[dict[str, Any]] = []
     profile: dict[str, Any] = {}
-    if parts & {"a", "b", "d", "p"}:
+    rows_s: list[dict[str, Any]] = []
+    rows_t: list[dict[str, Any]] = []
+    if parts & {"a", "b", "d", "p", "s", "t"}:
         with XdpBench(gen_cpu=gen_cpu, other_cpu=other_cpu, frames=frames, reps=reps,
-                      percpu_maps="d" in parts, load_high=args.load_high,
+                      percpu_maps=bool(parts & {"d", "s"}), load_high=args.load_high,
                       max_reruns=args.max_reruns, console=console) as xb:
             data["balancer_prog"] = xb.bal.prog_info()
             rows_a, rows_b, rows_d = run_bpf_parts(xb, parts, flow_counts, kinds, modes_a)
@@ -1145,12 +1178,17 @@ def main(argv: list[str] | None = None) -> int:
                 if parts & {"a", "b", "d"}:
                     xb.fresh_balancers()
                 profile = part_p(xb, [f for f in flow_counts if f in (1_000, 100_000)] or flow_counts[:1])
+            if parts & {"s", "t"}:
+                if parts & {"a", "b", "d", "p"}:
+                    xb.fresh_balancers()
+                rows_s, rows_t = xc.run_compare_parts(xb, parts, side_flows, rounds, args.round_frames,
+                                                      args.katran, data)
     if "c" in parts:
         rows_c = part_c(None, FAMILIES, flow_counts, kinds, other_cpu, console=console)
         console.print(table_c(rows_c, rows_a))
 
     data.update(part_a=rows_a, part_b=rows_b, part_c=rows_c, part_d=rows_d, profile=profile,
-                load_end=loadavg())
+                part_s=rows_s, part_t=rows_t, load_end=loadavg())
     summary = []
     for r in rows_a:
         if r.get("target") is not None:
@@ -1161,8 +1199,14 @@ def main(argv: list[str] | None = None) -> int:
     report(f"targets (part a): balancer Mpps / no-balancer Mpps, one run, CPU {gen_cpu}",
            ["sink NAPI", "fam", "flows", "VIP", "no-bal Mpps", "bal Mpps", "ratio", "target",
             "met", "load 1m"], summary, data, str(args.json) if args.json else None, "xdp.json")
+    for chart in write_charts(data, (args.json or DEFAULT_JSON).parent):
+        console.print(f"wrote {chart}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # run the imported module's main: bench.xdp_compare uses bench.bench_xdp, and one copy
+    # of its classes and state (NETNS_MADE) serves both
+    from bench.bench_xdp import main as _main
+
+    raise SystemExit(_main())

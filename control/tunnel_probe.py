@@ -40,7 +40,9 @@ from typing import Self
 
 from control.health_probing import DirectProber, SocketFactory, Target, plain_socket
 from lb import constants
+from lb.c_header import c_flags
 from lb.config import Settings
+from lb.constants import HC_STATS
 from lb.datapath_tables import ctl_array
 from lb.kernel.netns import in_netns, netns_path
 from lb.kernel.syscall import KernelError
@@ -56,29 +58,9 @@ TC_PRIORITY = 0x4C42
 TC_HANDLE = 1
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
-# Counter slots of hc_stats; each packet the program sees bumps exactly one.
-HC_STATS = (
-    "passed",  # no mark of ours (or not IP): untouched
-    "encap_v4",  # encapsulated in IPv4 (IPIP, or GUE in IPv4)
-    "encap_v6",  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6, or GUE in IPv6)
-    "drop_no_real",  # a mark of ours without a real (or an IPv6 packet for an IPv4 real, IPIP)
-    "drop_malformed",  # headers unreadable
-    "drop_failed",  # a helper failed (no room, ...)
-)
-
 
 class TunnelEncapError(RuntimeError):
     """Compiling, loading or attaching xdp/hc_encap.c failed."""
-
-
-def c_flags(mark_base: int, max_reals: int) -> list[str]:
-    from lb.bpf_loader import c_flags as lb_c_flags
-
-    flags = lb_c_flags(max_reals=max_reals)
-    flags += [f"-DHC_MARK_BASE={mark_base}U", f"-DHC_MAX_REALS={max_reals}",
-              f"-DHC_N_STATS={len(HC_STATS)}"]
-    flags += [f"-DHC_STAT_{name.upper()}={i}" for i, name in enumerate(HC_STATS)]
-    return flags
 
 
 class TunnelEncap:
@@ -92,7 +74,8 @@ class TunnelEncap:
         from bcc import BPF
 
         try:
-            self._bpf = BPF(text=SOURCE.read_bytes(), cflags=c_flags(mark_base, max_reals))
+            self._bpf = BPF(text=SOURCE.read_bytes(),
+                            cflags=c_flags(max_reals=max_reals, hc_mark_base=mark_base))
             self._fn = self._bpf.load_func(PROG_NAME, BPF.SCHED_CLS)
         except Exception as e:  # bcc raises bare Exception
             raise TunnelEncapError(f"could not compile/load {SOURCE.name}: {e}") from e

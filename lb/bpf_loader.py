@@ -3,8 +3,8 @@
 ``XdpBalancer`` owns one loaded program and its maps:
 
 * sizes (ring size, max VIPs/reals, connection-table size) are compile-time ``-D`` flags
-  from :func:`lb.constants.c_defines`; every other constant the C side uses comes from
-  :mod:`lb.constants` as an ``LB_<NAME>`` flag (:func:`c_flags`);
+  from :func:`lb.c_header.c_flags`; every other constant and every struct the C side uses
+  comes from the generated ``xdp/generated/lb_shared.h``;
 * maps can be pinned under a per-instance bpffs directory (``pin_dir``): a restarted
   control plane that loads with the same ``pin_dir`` gets the same maps, counters and
   connection table included;
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lb import constants, layout
+from lb.c_header import c_flags
 from lb.datapath_tables import routing_tables
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
@@ -63,10 +64,6 @@ XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # instead of one LRU_HASH with BPF_F_NO_COMMON_LRU. bench/bench_xdp.py measures both.
 CONN_PERCPU_MAPS_CFLAG = "-DLB_CONN_PERCPU_MAPS"
 
-# Sizes fixed at compile time; the others in lb/constants.py are wire/protocol facts.
-_CONFIGURABLE = {"RING_SIZE", "MAX_VIPS", "MAX_REALS", "CONN_TABLE_SIZE", "CONN_TABLE_WAYS",
-                 "MAX_FRAME_SIZE"}
-
 
 class XdpError(RuntimeError):
     """The XDP program could not be compiled, loaded, attached or fed."""
@@ -78,39 +75,6 @@ class XdpAttachError(XdpError):
 
 class PinnedMapMismatch(XdpError):
     """Maps pinned under pin_dir were made for other sizes or another layout."""
-
-
-def _wire_defines() -> list[str]:
-    """Every other integer constant of lb.constants as -DLB_<NAME>: wire and protocol
-    facts the C side needs and c_defines() does not hand over. Names c_defines() emits
-    keep its spelling (no LB_ twin), so each value reaches C once."""
-    emitted = {flag[2:].split("=", 1)[0] for flag in constants.c_defines()}
-    out = []
-    for name, value in sorted(vars(constants).items()):
-        if (not name.isupper() or name.startswith("_") or name in _CONFIGURABLE
-                or name in emitted or isinstance(value, bool) or not isinstance(value, int)):
-            continue
-        out.append(f"-DLB_{name}={value}{'ULL' if value > 0x7FFFFFFF else ''}")
-    columns = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
-    out.append(f"-DLB_STAT_COLUMNS={columns}")
-    return out
-
-
-def c_flags(
-    ring_size: int = constants.RING_SIZE,
-    max_vips: int = constants.MAX_VIPS,
-    max_reals: int = constants.MAX_REALS,
-    conn_table_size: int = constants.CONN_TABLE_SIZE,
-    pin_dir: str | None = None,
-) -> list[str]:
-    """All cflags for xdp/: include path, sizes, constants, CPU count, pin directory."""
-    flags = [f"-I{XDP_DIR}"]
-    flags += constants.c_defines(ring_size, max_vips, max_reals, conn_table_size)
-    flags += _wire_defines()
-    flags.append(f"-DLB_NR_CPUS={possible_cpus()}")
-    if pin_dir is not None:
-        flags.append(f'-DLB_PIN_DIR="{pin_dir}"')
-    return flags
 
 
 # ---- stats ----------------------------------------------------------------------------
@@ -215,8 +179,9 @@ class XdpBalancer:
     # ---- compile / load ------------------------------------------------------------
 
     def cflags(self, pin_dir: str | None) -> list[str]:
-        return c_flags(self.ring_size, self.max_vips, self.max_reals, self.conn_table_size,
-                       pin_dir) + self.extra_cflags
+        return c_flags(ring_size=self.ring_size, max_vips=self.max_vips,
+                       max_reals=self.max_reals, conn_table_size=self.conn_table_size,
+                       nr_cpus=possible_cpus(), pin_dir=pin_dir) + self.extra_cflags
 
     def _compile(self, pin_dir: str | None):
         from bcc import BPF  # Debian's python3-bpfcc; imported late so lb imports without it

@@ -1,7 +1,9 @@
 """Every constant shared by the userspace datapath, the XDP program and the control plane.
 
-This module is the one source of truth: the C side receives these values as ``-D`` flags
-built by :func:`c_defines`, and ``tests/test_layout.py`` checks that both sides agree.
+This module is the one source of truth: ``python -m lb.c_header`` writes every value the
+C side uses, under the same name, into ``xdp/generated/lb_shared.h`` (per-instance sizes
+as ``#ifndef`` defaults that :func:`lb.c_header.c_flags` overrides), and
+``tests/test_layout.py`` checks that the checked-in header is what it generates.
 Values that are Katran's are marked so; they MUST NOT change, or real selection stops
 matching Katran hosts in the same ECMP group.
 """
@@ -128,72 +130,94 @@ VIP_FLAGS = {
 REAL_F_LOCAL = 1 << 0  # this real is the balancer host itself
 
 # --- global counters: index into the stats array ----------------------------------------
-# Every frame bumps rx_packets and exactly one of the outcome counters below it
-# (tx_*, pass_*, drop_*); lru_* and icmp_* say more about some of those frames.
-STATS = (
-    "rx_packets",
-    "tx_encap",  # encapsulated towards a real
-    "tx_icmp_echo_reply",  # echo request to a VIP address answered by the balancer
-    "pass_not_ip",  # not IPv4/IPv6 (ARP, QinQ, ...)
-    "pass_not_vip",  # IP, but no VIP for it (or a protocol we do not balance)
-    "pass_local",  # VIP flagged local, real is this host
-    "drop_malformed",  # truncated headers, bad version / IHL / length fields
-    "drop_ip_options",  # IPv4 header with options, to a VIP address
-    "drop_fragment",  # IPv4 fragment or IPv6 fragment header, to a VIP address
-    "drop_oversize",  # frame longer than max_frame_size, to a VIP address
-    "drop_no_real",  # VIP has no usable real
-    "drop_encap_failed",  # real cannot carry this packet / no headroom
-    "lru_hit",  # connection table gave the real
-    "lru_miss",  # real chosen by hashing (SYN, new flow, expired UDP, stale entry)
-    "icmp_error_forwarded",  # ICMP(v6) error for a VIP flow sent to its real
-    # appended (indexes above are stable across versions)
-    "tx_icmp_too_big",  # packet + encapsulation > settings.mtu: ICMP too-big sent back
-    "drop_too_big",  # packet + encapsulation > settings.mtu and no ICMP may be sent
-    "quic_routed",  # QUIC VIP: real taken from the server id in the connection id
-    "quic_fallback",  # QUIC VIP: no server id to route on (Initial, 0-RTT, id 0, ...)
-    "quic_unknown",  # QUIC VIP: server id not in the table (or its real is gone): hashed
-    "src_routed",  # src_routing VIP: real taken from the client-prefix table
-)
+# Every frame bumps STAT_RX_PACKETS and exactly one of the outcome counters below it
+# (TX_*, PASS_*, DROP_*); LRU_* and ICMP_* say more about some of those frames.
+# Indexes are stable across versions: new counters are appended.
+STAT_RX_PACKETS = 0
+STAT_TX_ENCAP = 1  # encapsulated towards a real
+STAT_TX_ICMP_ECHO_REPLY = 2  # echo request to a VIP address answered by the balancer
+STAT_PASS_NOT_IP = 3  # not IPv4/IPv6 (ARP, QinQ, ...)
+STAT_PASS_NOT_VIP = 4  # IP, but no VIP for it (or a protocol we do not balance)
+STAT_PASS_LOCAL = 5  # VIP flagged local, real is this host
+STAT_DROP_MALFORMED = 6  # truncated headers, bad version / IHL / length fields
+STAT_DROP_IP_OPTIONS = 7  # IPv4 header with options, to a VIP address
+STAT_DROP_FRAGMENT = 8  # IPv4 fragment or IPv6 fragment header, to a VIP address
+STAT_DROP_OVERSIZE = 9  # frame longer than max_frame_size, to a VIP address
+STAT_DROP_NO_REAL = 10  # VIP has no usable real
+STAT_DROP_ENCAP_FAILED = 11  # real cannot carry this packet / no headroom
+STAT_LRU_HIT = 12  # connection table gave the real
+STAT_LRU_MISS = 13  # real chosen by hashing (SYN, new flow, expired UDP, stale entry)
+STAT_ICMP_ERROR_FORWARDED = 14  # ICMP(v6) error for a VIP flow sent to its real
+STAT_TX_ICMP_TOO_BIG = 15  # packet + encapsulation > settings.mtu: ICMP too-big sent back
+STAT_DROP_TOO_BIG = 16  # packet + encapsulation > settings.mtu and no ICMP may be sent
+STAT_QUIC_ROUTED = 17  # QUIC VIP: real taken from the server id in the connection id
+STAT_QUIC_FALLBACK = 18  # QUIC VIP: no server id to route on (Initial, 0-RTT, id 0, ...)
+STAT_QUIC_UNKNOWN = 19  # QUIC VIP: server id not in the table (or its real is gone): hashed
+STAT_SRC_ROUTED = 20  # src_routing VIP: real taken from the client-prefix table
+
+
+def _counter_names(prefix: str) -> tuple[str, ...]:
+    """The names of this module's ``<prefix><NAME> = index`` counters, in index order, as
+    the control plane reports them (``STAT_RX_PACKETS`` -> ``"rx_packets"``). The indexes
+    must be 0..n-1, each once."""
+    found = [(v, k[len(prefix):].lower()) for k, v in globals().items()
+             if k.startswith(prefix) and type(v) is int]
+    if sorted(v for v, _ in found) != list(range(len(found))):
+        raise AssertionError(f"{prefix}* indexes are not 0..{len(found) - 1}, each once")
+    return tuple(name for _, name in sorted(found))
+
+
+STATS = _counter_names("STAT_")
 STAT_INDEX = {name: i for i, name in enumerate(STATS)}
 N_STATS = len(STATS)
-# The same indexes as module-level ints (STAT_RX_PACKETS, ...), which numba and the
-# -D flags can use directly.
-globals().update({f"STAT_{name.upper()}": i for i, name in enumerate(STATS)})
-# Per-VIP and per-real counter columns.
+
+# Per-VIP and per-real counter columns: [row * VIP_STAT_COLUMNS + column].
 VIP_STAT_PACKETS = 0
 VIP_STAT_BYTES = 1
+VIP_STAT_COLUMNS = 2
 
+# --- the real servers' decapsulation program (xdp/decap.c, lb/decap_loader.py) ----------
+# Counters, one slot each in decap_stats: every frame the program sees bumps exactly one.
+DECAP_STAT_V4_IN_V4 = 0  # IPv4-in-IPv4 decapsulated
+DECAP_STAT_V6_IN_V6 = 1  # IPv6-in-IPv6 decapsulated
+DECAP_STAT_V4_IN_V6 = 2  # IPv4-in-IPv6 decapsulated
+DECAP_STAT_V6_IN_V4 = 3  # IPv6-in-IPv4 decapsulated (Katran sends it for v6 VIPs with v4 reals)
+DECAP_STAT_GUE = 4  # GUE (UDP to the GUE port) decapsulated, any outer/inner family
+DECAP_STAT_PASSED = 5  # not a tunnel packet: handed to the kernel untouched
+DECAP_STAT_PASSED_NOT_ALLOWED = 6  # tunnel packet, outer destination not on the allow-list
+DECAP_STAT_PASSED_FRAGMENT = 7  # fragmented tunnel packet (not reassembled here): to the kernel
+DECAP_STAT_DROPPED_MALFORMED = 8  # tunnel packet with truncated / inconsistent headers
+DECAP_STAT_DROPPED_UNSUPPORTED = 9  # GUE control message, reserved variant, other inner protocol
+DECAP_STAT_DROPPED_ERROR = 10  # a helper failed while decapsulating (should stay 0)
+DECAP_STATS = _counter_names("DECAP_STAT_")
+DECAP_N_STATS = len(DECAP_STATS)
+DECAP_ALLOW_MAX = 64  # entries per family in the allow-list maps
 
-def c_defines(
-    ring_size: int = RING_SIZE,
-    max_vips: int = MAX_VIPS,
-    max_reals: int = MAX_REALS,
-    conn_table_size: int = CONN_TABLE_SIZE,
-) -> list[str]:
-    """The ``-D`` flags that hand every shared constant to the C side."""
-    values: dict[str, int] = {
-        "RING_SIZE": ring_size,
-        "MAX_VIPS": max_vips,
-        "MAX_REALS": max_reals,
-        "CONN_TABLE_SIZE": conn_table_size,
-        "CH_RINGS_SIZE": ch_rings_size(max_vips, ring_size),
-        "LRU_UDP_TIMEOUT_NS": LRU_UDP_TIMEOUT_NS,
-        "DEFAULT_TTL": DEFAULT_TTL,
-        "N_STATS": N_STATS,
-        "FAMILY_V4": FAMILY_V4,
-        "FAMILY_V6": FAMILY_V6,
-        "REAL_F_LOCAL": REAL_F_LOCAL,
-    }
-    values.update({f"F_{name.upper()}": bit for name, bit in VIP_FLAGS.items()})
-    values.update({f"STAT_{name.upper()}": i for i, name in enumerate(STATS)})
-    values.update(
-        IPIP_V4_PREFIX0=IPIP_V4_PREFIX0,
-        IPIP_V4_PREFIX1=IPIP_V4_PREFIX1,
-        IPIP_V6_PREFIX0=IPIP_V6_PREFIX0,
-        IPIP_V6_PREFIX1=IPIP_V6_PREFIX1,
-    )
-    out = []
-    for k, v in values.items():
-        suffix = "ULL" if v > 0x7FFFFFFF else ""
-        out.append(f"-D{k}={v}{suffix}")
-    return out
+# --- health probes through the tunnel (xdp/hc_encap.c, control/tunnel_probe.py) ---------
+# Counters, one slot each in hc_stats; each packet the program sees bumps exactly one.
+HC_STAT_PASSED = 0  # no mark of ours (or not IP): untouched
+HC_STAT_ENCAP_V4 = 1  # encapsulated in IPv4 (IPIP, or GUE in IPv4)
+HC_STAT_ENCAP_V6 = 2  # encapsulated in IPv6 (IPv4-in-IPv6, IP6IP6, or GUE in IPv6)
+HC_STAT_DROP_NO_REAL = 3  # a mark of ours without a real (or an IPv6 packet for an IPv4 real, IPIP)
+HC_STAT_DROP_MALFORMED = 4  # headers unreadable
+HC_STAT_DROP_FAILED = 5  # a helper failed (no room, ...)
+HC_STATS = _counter_names("HC_STAT_")
+HC_N_STATS = len(HC_STATS)
+
+# --- traffic generator and sink for the benchmarks (xdp/pktgen.c, xdp/sink.c, lb/pktgen.py)
+PKTGEN_MIN_FRAME = 64  # shortest frame the generator writes
+PKTGEN_TMPL_MAX = 128  # template bytes rewritten into every frame, at most
+PKTGEN_VARY_PORT = 1  # template.vary bits: source port += flow
+PKTGEN_VARY_ADDR = 2  # low 32 bits of the source address += flow
+PKTGEN_ACT_TX = 0  # template.action: XDP_TX (live frames: to the veth peer)
+PKTGEN_ACT_TAIL = 1  # tail call into pktgen_next[0], the program under test
+PKTGEN_ACT_DROP = 2  # XDP_DROP: the generator alone
+# Per-CPU counters of pktgen_seq.
+PKTGEN_STAT_SEQ = 0  # frames this CPU generated
+PKTGEN_STAT_TAIL_MISSED = 1  # tail call failed (empty slot): frame dropped
+PKTGEN_STATS = _counter_names("PKTGEN_STAT_")
+PKTGEN_N_STATS = len(PKTGEN_STATS)
+SINK_KEY_NONE = 0  # sink_cfg.key_mode: count packets and bytes only
+SINK_KEY_DST = 1  # ... and per outer destination address
+SINK_KEY_FLOW = 2  # ... and per outer 5-tuple
+SINK_MAX_KEYS = 1024  # default size of the sink's per-key table; configurable

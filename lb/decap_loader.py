@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lb import constants
+from lb.c_header import c_flags as shared_c_flags
 from lb.config import GUE_DEFAULT_PORT
+from lb.constants import DECAP_ALLOW_MAX, DECAP_STATS
 from lb.kernel.netns import in_netns, netns_path
 from lb.kernel.syscall import KernelError
 from lb.kernel.tc import tc_attach, tc_detach
@@ -44,42 +45,16 @@ from lb.kernel.xdp import XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_MODE_FLAGS, xdp_attac
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 DECAP_SOURCE = XDP_DIR / "decap.c"
 
-# Counter names, in slot order of the per-CPU array decap_stats. Every frame the program
-# sees bumps exactly one of them.
-DECAP_STATS = (
-    "v4_in_v4",  # IPv4-in-IPv4 decapsulated
-    "v6_in_v6",  # IPv6-in-IPv6 decapsulated
-    "v4_in_v6",  # IPv4-in-IPv6 decapsulated
-    "v6_in_v4",  # IPv6-in-IPv4 decapsulated (Katran sends it for v6 VIPs with v4 reals)
-    "gue",  # GUE (UDP to the GUE port) decapsulated, any outer/inner family
-    "passed",  # not a tunnel packet: handed to the kernel untouched
-    "passed_not_allowed",  # tunnel packet, outer destination not on the allow-list
-    "passed_fragment",  # fragmented tunnel packet (not reassembled here): to the kernel
-    "dropped_malformed",  # tunnel packet with truncated / inconsistent headers
-    "dropped_unsupported",  # GUE control message, reserved variant, other inner protocol
-    "dropped_error",  # a helper failed while decapsulating (should stay 0)
-)
-DECAP_STAT_INDEX = {name: i for i, name in enumerate(DECAP_STATS)}
-DECAP_ALLOW_MAX = 64  # entries per family in the allow-list maps
-
-# Wire constants the C side takes from lb/constants.py (as -DLB_<NAME>).
-_WIRE = ("ETH_P_IP", "ETH_P_IPV6", "ETH_P_8021Q", "ETH_P_8021AD", "VLAN_HLEN",
-         "IPPROTO_IPIP", "IPPROTO_IPV6", "IPPROTO_UDP", "IPPROTO_FRAGMENT", "IP_MF",
-         "IP_OFFSET_MASK")
-
 
 class DecapError(RuntimeError):
     """Compiling, loading, attaching or detaching the decap program failed."""
 
 
 def c_flags(gue_port: int = GUE_DEFAULT_PORT, extra: Iterable[str] = ()) -> list[str]:
-    """cflags for xdp/decap.c: include path, GUE port, counter slots, wire constants."""
+    """cflags for xdp/decap.c: lb.c_header's with this GUE port, quieter kernel headers."""
     if not 1 <= int(gue_port) <= 65535:
         raise ValueError(f"gue_port must be 1..65535, got {gue_port}")
-    flags = [f"-I{XDP_DIR}", f"-DGUE_PORT={int(gue_port)}",
-             f"-DDECAP_N_STATS={len(DECAP_STATS)}", f"-DDECAP_ALLOW_MAX={DECAP_ALLOW_MAX}"]
-    flags += [f"-DDECAP_STAT_{name.upper()}={i}" for i, name in enumerate(DECAP_STATS)]
-    flags += [f"-DLB_{name}={getattr(constants, name)}" for name in _WIRE]
+    flags = shared_c_flags(gue_port=int(gue_port))
     # Kernel headers are built for the host; these warnings are theirs, not ours.
     flags += ["-Wno-unused-value", "-Wno-pointer-sign", "-Wno-compare-distinct-pointer-types",
               "-Wno-gnu-variable-sized-type-not-at-end", "-Wno-address-of-packed-member",

@@ -1,7 +1,8 @@
 """Byte layouts of the datapath's tables, shared by the userspace datapath and the BPF maps.
 
-Each layout is a numpy structured dtype with explicit offsets; ``xdp/structs.h`` declares
-the same structs and ``tests/test_layout.py`` compares sizes and offsets with what bcc
+Each layout is a numpy structured dtype with explicit offsets; ``python -m lb.c_header``
+writes the C structs from them (``xdp/generated/lb_shared.h``, explicit padding, static
+asserts on every size and offset) and ``tests/test_layout.py`` compares them with what bcc
 sees. Addresses are always 16 bytes: IPv4 uses the first 4, the rest is zero, and a
 ``family`` byte (4 or 6) keeps 10.0.0.1 and 0a00:1:: apart. Ports are in network order.
 """
@@ -87,7 +88,7 @@ QUIC_SERVER = np.dtype(
     {"names": ["server_id", "real_id"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
 )
 
-# name in C (xdp/structs.h) -> dtype
+# name in C (struct <name> in xdp/generated/lb_shared.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {
     "vip_key": VIP_KEY,
     "vip_meta": VIP_META,
@@ -98,4 +99,13 @@ C_STRUCTS: dict[str, np.dtype] = {
     "ctl_value": CTL,
     "lpm_v4_key": LPM_V4_KEY,
     "lpm_v6_key": LPM_V6_KEY,
+}
+
+# 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or
+# bytes); every other array field is a plain byte array.
+C_ADDR_FIELDS: dict[str, tuple[str, ...]] = {
+    "vip_key": ("addr",),
+    "vip_addr_key": ("addr",),
+    "real_def": ("addr",),
+    "flow_key": ("src", "dst"),
 }

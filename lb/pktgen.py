@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lb.addresses import check_address
+from lb.c_header import c_flags
 from lb.checksum import internet_checksum
 from lb.constants import (
     ETH_HLEN,
@@ -43,7 +44,20 @@ from lb.constants import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     MAX_FRAME_SIZE,
-    c_defines,
+    PKTGEN_ACT_DROP,
+    PKTGEN_ACT_TAIL,
+    PKTGEN_ACT_TX,
+    PKTGEN_MIN_FRAME,
+    PKTGEN_N_STATS,
+    PKTGEN_STAT_SEQ,
+    PKTGEN_STAT_TAIL_MISSED,
+    PKTGEN_TMPL_MAX,
+    PKTGEN_VARY_ADDR,
+    PKTGEN_VARY_PORT,
+    SINK_KEY_DST,
+    SINK_KEY_FLOW,
+    SINK_KEY_NONE,
+    SINK_MAX_KEYS,
 )
 from lb.kernel.netns import NetnsRef, netns_path, run_in_netns, setns_current_thread
 from lb.kernel.testrun import TestRunResult, live_frames, test_run
@@ -53,14 +67,15 @@ XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PKTGEN_C = XDP_DIR / "pktgen.c"
 SINK_C = XDP_DIR / "sink.c"
 
-MIN_FRAME = 64
+MIN_FRAME = PKTGEN_MIN_FRAME
 MAX_FRAME = MAX_FRAME_SIZE  # 1514: a 1500-byte IP packet plus Ethernet
-TMPL_MAX = 128
+TMPL_MAX = PKTGEN_TMPL_MAX
 DEFAULT_CHUNK = 1 << 22  # frames per BPF_PROG_TEST_RUN call (a signal ends a call early)
 
-VARY = {"src_port": 1, "src_addr": 2, "both": 3}
-ACTIONS = {"tx": 0, "tail": 1, "drop": 2}
-SINK_KEY_MODES = {"none": 0, "dst": 1, "flow": 2}
+VARY = {"src_port": PKTGEN_VARY_PORT, "src_addr": PKTGEN_VARY_ADDR,
+        "both": PKTGEN_VARY_PORT | PKTGEN_VARY_ADDR}
+ACTIONS = {"tx": PKTGEN_ACT_TX, "tail": PKTGEN_ACT_TAIL, "drop": PKTGEN_ACT_DROP}
+SINK_KEY_MODES = {"none": SINK_KEY_NONE, "dst": SINK_KEY_DST, "flow": SINK_KEY_FLOW}
 
 DEFAULT_SRC = {4: "198.18.0.1", 6: "2001:db8:1::1"}
 DEFAULT_DST = {4: "198.19.0.1", 6: "2001:db8:2::1"}
@@ -259,7 +274,7 @@ class PacketGenerator:
 
     def __init__(self, cflags: Sequence[str] = ()):
         BPF = _bcc()
-        self.bpf = BPF(src_file=str(PKTGEN_C).encode(), cflags=[*c_defines(), *cflags])
+        self.bpf = BPF(src_file=str(PKTGEN_C).encode(), cflags=[*c_flags(), *cflags])
         self.fn = self.bpf.load_func(b"pktgen_xdp", BPF.XDP)
         self.tx_stub = self.bpf.load_func(b"pktgen_tx_stub", BPF.XDP)
         self._tmpl = self.bpf[b"pktgen_tmpl"]
@@ -347,12 +362,12 @@ class PacketGenerator:
 
     # --- counters ---------------------------------------------------------------------------
 
-    def counters_per_cpu(self, index: int = 0) -> list[int]:
+    def counters_per_cpu(self, index: int = PKTGEN_STAT_SEQ) -> list[int]:
         return [int(v) for v in self._seq.getvalue(ctypes.c_int(index))]
 
     def reset_counters(self) -> None:
         """Zero the per-CPU frame and tail-miss counters (flow numbering restarts at 0)."""
-        for i in range(2):
+        for i in range(PKTGEN_N_STATS):
             self._seq[ctypes.c_int(i)] = self._seq.Leaf()
 
     # --- running ----------------------------------------------------------------------------
@@ -428,7 +443,7 @@ class PacketGenerator:
             rec.update(start=start, end=time.perf_counter(), done=done, kns=kns)
 
         before = self.counters_per_cpu()
-        missed_before = sum(self.counters_per_cpu(1))
+        missed_before = sum(self.counters_per_cpu(PKTGEN_STAT_TAIL_MISSED))
         ths = [threading.Thread(target=worker, args=(i,), name=f"pktgen-{i}", daemon=True)
                for i in range(threads)]
         for t in ths:
@@ -457,7 +472,7 @@ class PacketGenerator:
             threads=threads,
             thread_cpus=cpus,
             setup_seconds=max(r["setup"] for r in out),
-            tail_missed=sum(self.counters_per_cpu(1)) - missed_before,
+            tail_missed=sum(self.counters_per_cpu(PKTGEN_STAT_TAIL_MISSED)) - missed_before,
             frame_len=len(frame),
         )
 
@@ -503,11 +518,11 @@ class Sink:
     everything."""
 
     def __init__(self, ifname: str, netns: NetnsRef | None = None, *, key: str = "none",
-                 max_keys: int = 1024, xdp_mode: str = "native", cflags: Sequence[str] = ()):
+                 max_keys: int = SINK_MAX_KEYS, xdp_mode: str = "native", cflags: Sequence[str] = ()):
         BPF = _bcc()
         self.ifname, self.netns = ifname, netns
         self.flags = XDP_MODE_FLAGS[xdp_mode]
-        self.bpf = BPF(src_file=str(SINK_C).encode(), cflags=[f"-DSINK_MAX_KEYS={max_keys}", *cflags])
+        self.bpf = BPF(src_file=str(SINK_C).encode(), cflags=[*c_flags(sink_max_keys=max_keys), *cflags])
         self.fn = self.bpf.load_func(b"sink_xdp", BPF.XDP)
         self._stats = self.bpf[b"sink_stats"]
         self._keys = self.bpf[b"sink_keys"]

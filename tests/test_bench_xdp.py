@@ -202,6 +202,123 @@ def test_command_line_writes_json(tmp_path) -> None:
     assert data["machine"]["cpus"] == os.cpu_count() and data["load_start"]
 
 
+def test_paired_ratios() -> None:
+    """Per-round ratios pair round i with round i; quartiles by the inclusive method."""
+    from bench.ratios import paired_differences, paired_ratios, quartiles
+
+    r = paired_ratios([2.0, 3.0, 8.0, 1.0, 5.0], [4.0, 3.0, 4.0, 0.0, 5.0])
+    assert r["ratios"] == [0.5, 1.0, 2.0, 1.0]  # the round with a zero base is skipped
+    assert (r["median"], r["q1"], r["q3"], r["n"]) == (1.0, 0.875, 1.25, 4)
+    assert r["best"] == 8.0 / 5.0  # best round of a against best round of b
+    assert paired_ratios([3.0], [2.0])["median"] == paired_ratios([3.0], [2.0])["q3"] == 1.5
+    d = paired_differences([10.0, 12.0, 20.0], [8.0, 8.0, 8.0])
+    assert d["differences"] == [2.0, 4.0, 12.0] and d["median"] == 4.0
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_ratios([1.0], [0.0])
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.slow
+def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
+    """Parts s and t without Katran, tiny: the JSON has per-round ratios to the stub and
+    stage differences, every frame reached the sink, and both charts are written."""
+    import json
+
+    from bench import charts
+    from bench import xdp_compare as xc
+
+    out = tmp_path / "xdp.json"
+    assert bx.main(["--parts", "s,t", "--flows", "1000", "--rounds", "2", "--round-frames",
+                    "5000", "--max-reruns", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rounds"] == 2 and "katran" not in data
+    assert data["placement_s_t"]["generator"].startswith(f"CPU {GEN_CPU}")
+    assert [(r["family"], r["flows"]) for r in data["part_s"]] == [(4, 1000), (6, 1000)]
+    for r in data["part_s"]:
+        assert set(r["programs"]) == {"stub", "lru", "lru_bypass", "percpu_maps"}
+        assert "to_katran" not in r["ratios"]
+        for label, ratio in r["ratios"]["to_stub"].items():
+            assert ratio["n"] == 2 and ratio["q1"] <= ratio["median"] <= ratio["q3"]
+            assert ratio["median"] > 0 and ratio["best"] > 0
+        for p in r["programs"].values():
+            assert len(p["runs"]) == 2 and p["delivered_all"]
+            assert p["gen_cpus"] == p["bal_cpus"] == p["sink_cpus"] == [GEN_CPU]
+        assert r["programs"]["lru"]["lru_hit_ratio"] == 1.0
+    for r in data["part_t"]:
+        assert set(r["stages"]) == set(xc.STAGES)
+        assert r["added_ns"]["median"] > 0 and r["stub_ns"] > 0
+        assert all(d["n"] == 2 for d in r["stages"].values())
+    assert (tmp_path / "xdp_mpps.png").stat().st_size > 0
+    assert (tmp_path / "xdp_stages.png").stat().st_size > 0
+    # the separate entry point draws the same charts from the JSON
+    (tmp_path / "again").mkdir()
+    assert charts.main([str(out), "--out", str(tmp_path / "again")]) == 0
+    assert {p.name for p in (tmp_path / "again").iterdir()} == {"xdp_mpps.png", "xdp_stages.png"}
+    assert not _left_behind()
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_stage_variants_stop_after_their_stage(xb) -> None:
+    """-DLB_STOP_AFTER_STAGE=n (part t) sends the frame back unchanged after stage n;
+    the shipped program encapsulates it. Counters show how far each variant got."""
+    from bench import xdp_compare as xc
+    from lb.kernel.testrun import test_run
+
+    variants = xc.stage_variants(xb)
+    try:
+        frame = bx.template(4, bx.SRC[4], bx.VIPS[(4, "lru")], bx.STUB_SRC_MAC, bytes(6))
+        for n, bal in variants.items():
+            r = test_run(bal.prog_fd, frame)
+            assert r.action == 3 and r.output == frame, n  # XDP_TX, not encapsulated
+            c = bal.read_stats().counters
+            assert c["tx_encap"] == 1  # the outcome the variants count
+            assert c["lru_miss"] == (1 if n >= 3 else 0), n  # stage 3 looked the flow up
+        assert len(test_run(xb.bal.prog_fd, frame).output) == len(frame) + 20  # IPIP
+    finally:
+        for bal in variants.values():
+            bal.close()
+
+
+KATRAN_ENV = "LB_BENCH_KATRAN"
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(KATRAN_ENV),
+                    reason=f"no Katran source tree: set {KATRAN_ENV} to a Katran checkout or git "
+                           "dir to build and measure Katran's balancer")
+def test_katran_side_by_side(xb) -> None:
+    """Katran's balancer (a tree or git dir named by $LB_BENCH_KATRAN) built, loaded and
+    measured beside ours; its pin directory is gone afterwards."""
+    src = os.environ[KATRAN_ENV]
+    from bench import xdp_compare as xc
+    from bench.katran import load_katran
+    from lb.datapath_tables import compile_tables
+
+    tables = compile_tables(bx.bench_config("02:00:00:00:00:01", xb.conn_table_size))
+    katran, info = load_katran(src, tables, "02:00:00:00:00:01", xb.conn_table_size)
+    try:
+        assert info["revision"] and katran.prog_info()["name"].startswith("balancer_ingres")
+        rows = xc.part_s(xb, [4, 6], [1000], rounds=2, frames=5_000, katran=katran)
+    finally:
+        katran.close()
+    assert not os.path.exists(katran.pin_dir)
+    for r in rows:
+        k = r["programs"]["katran"]
+        assert k["lru_hit_ratio"] == 1.0 and k["bal_cpus"] == [GEN_CPU] and k["delivered_all"]
+        assert r["programs"]["katran_lru_bypass"]["lru_hit_ratio"] is None
+        assert set(r["ratios"]["to_katran"]) == {"stub", "katran_lru_bypass", "lru", "lru_bypass",
+                                                 "percpu_maps"}
+
+
 # --- the TRex profile ------------------------------------------------------------------------
 
 

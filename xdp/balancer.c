@@ -3,11 +3,12 @@
  * This file orchestrates: parsing, checksums, hashing, encapsulation and ICMP live in
  * their headers; every map access is here because bcc rewrites map method calls only
  * in the main file. Every frame ends in exactly one outcome counter (single exit in
- * balancer_xdp). Constants and sizes come from lb/constants.py as -D flags.
+ * balancer_xdp). Constants, struct layouts and default sizes come from lb/constants.py
+ * and lb/layout.py through xdp/generated/lb_shared.h; per-instance sizes are -D flags.
  */
 #include <uapi/linux/bpf.h>
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 #include "maps.h"
 #include "parsing.h"
 #include "csum.h"
@@ -15,6 +16,24 @@
 #include "encap.h"
 #include "icmp.h"
 #include "quic.h"
+
+/* Benchmark only (bench/xdp_compare.py, part t): -DLB_STOP_AFTER_STAGE=n ends every frame
+ * that gets that far with XDP_TX right after stage n (1 parsing, without the VIP lookups;
+ * 2 VIP lookup; 3 connection table; 4 Maglev ring), so the cost of a stage is the
+ * difference between two variants. Built without it, these expand to nothing. */
+#ifdef LB_STOP_AFTER_STAGE
+#define LB_STOP_AFTER(n)                            \
+	do {                                        \
+		if (LB_STOP_AFTER_STAGE == (n)) {   \
+			*stat = STAT_TX_ENCAP;      \
+			return XDP_TX;              \
+		}                                   \
+	} while (0)
+#define LB_SKIP_VIP_LOOKUP (LB_STOP_AFTER_STAGE == 1)
+#else
+#define LB_STOP_AFTER(n) do { } while (0)
+#define LB_SKIP_VIP_LOOKUP 0
+#endif
 
 /* ---- counters --------------------------------------------------------------------- */
 
@@ -28,12 +47,12 @@ static __always_inline void stat_inc(__u32 idx)
 
 static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 {
-	__u32 k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u32 k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
 	__u64 *v = vip_stats.lookup(&k);
 
 	if (v)
 		*v += 1;
-	k = vip_num * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
 	v = vip_stats.lookup(&k);
 	if (v)
 		*v += bytes;
@@ -41,12 +60,12 @@ static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 
 static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 {
-	__u32 k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_PACKETS;
+	__u32 k = real_id * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
 	__u64 *v = real_stats.lookup(&k);
 
 	if (v)
 		*v += 1;
-	k = real_id * LB_STAT_COLUMNS + LB_VIP_STAT_BYTES;
+	k = real_id * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
 	v = real_stats.lookup(&k);
 	if (v)
 		*v += bytes;
@@ -125,7 +144,7 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 
 	/* always true; bounds the variable offset for the verifier. The payload length is
 	 * not negative: the parsers checked the UDP header against the packet length. */
-	if (off <= LB_ETH_HLEN + LB_VLAN_HLEN + IPV6_HLEN + sizeof(struct udphdr))
+	if (off <= ETH_HLEN + VLAN_HLEN + IPV6_HLEN + sizeof(struct udphdr))
 		id = quic_server_id(data + off, data_end, pkt->pkt_len + pkt->l3_off - off);
 	if (!id) {
 		stat_inc(STAT_QUIC_FALLBACK);
@@ -212,9 +231,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	if (flags & F_NO_SRC_PORT)
 		pkt->flow.sport = 0;
 	vip_stat_add(vip_num, pkt->frame_len);
+	LB_STOP_AFTER(2);
 
 	/* 0. QUIC connection id */
-	if ((flags & F_QUIC) && pkt->flow.proto == LB_IPPROTO_UDP && !pkt->icmp_err)
+	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err)
 		real = quic_real(ctx, pkt, &real_id);
 
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
@@ -226,7 +246,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			struct real_def *r = reals.lookup(&id);
 
 			if (r && r->family) {
-				if (pkt->flow.proto != LB_IPPROTO_UDP) {
+				if (pkt->flow.proto != IPPROTO_UDP) {
 					real_id = id;
 				} else {
 					__u64 now = bpf_ktime_get_ns();
@@ -244,6 +264,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	} else if (use_lru) {
 		stat_inc(STAT_LRU_MISS); /* SYN: always re-hashed */
 	}
+	LB_STOP_AFTER(3);
 
 	/* 2. source routing, else the Maglev ring */
 	if (!real_id) {
@@ -276,6 +297,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			conn_update(&pkt->flow, &nv);
 		}
 	}
+	LB_STOP_AFTER(4);
 	if (!real) {
 		*stat = STAT_DROP_NO_REAL; /* unreachable; keeps the verifier's view simple */
 		return XDP_DROP;
@@ -294,18 +316,18 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	}
 	c = *cfg; /* a copy: no map value is read after the packet moved */
 	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4 &&
-	    c.encap != LB_ENCAP_GUE) {
+	    c.encap != ENCAP_GUE) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
 		return XDP_DROP;
 	}
 	if (c.mtu) {
-		__u32 overhead = (real->family == FAMILY_V4 ? LB_ENCAP_IPV4_OVERHEAD
-							    : LB_ENCAP_IPV6_OVERHEAD) +
-				 (c.encap == LB_ENCAP_GUE ? LB_UDP_HLEN : 0);
+		__u32 overhead = (real->family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD
+							    : ENCAP_IPV6_OVERHEAD) +
+				 (c.encap == ENCAP_GUE ? UDP_HLEN : 0);
 
 		if (pkt->pkt_len + overhead > c.mtu) {
-			__u32 quote = pkt->flow.family == FAMILY_V4 ? LB_ICMP_TOO_BIG_QUOTE_V4
-								    : LB_ICMP_TOO_BIG_QUOTE_V6;
+			__u32 quote = pkt->flow.family == FAMILY_V4 ? ICMP_TOO_BIG_QUOTE_V4
+								    : ICMP_TOO_BIG_QUOTE_V6;
 
 			if (pkt->icmp_err || pkt->pkt_len < quote ||
 			    (pkt->flow.family == FAMILY_V4 && !pkt->df)) {
@@ -354,9 +376,11 @@ static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_key
 	struct vip_meta *meta;
 	__u32 hlen;
 
-	if (proto == LB_IPPROTO_TCP)
+	if (LB_SKIP_VIP_LOOKUP)
+		return;
+	if (proto == IPPROTO_TCP)
 		hlen = sizeof(struct tcphdr);
-	else if (proto == LB_IPPROTO_UDP)
+	else if (proto == IPPROTO_UDP)
 		hlen = sizeof(struct udphdr);
 	else
 		return;
@@ -379,6 +403,8 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 	struct ctl_value *c;
 	__u32 zero = 0;
 
+	if (LB_SKIP_VIP_LOOKUP)
+		return 0;
 	if (!pkt->vip_found && !vip_addrs.lookup(ak)) {
 		*stat = STAT_PASS_NOT_VIP; /* row 5 */
 		*action = XDP_PASS;
@@ -431,14 +457,14 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	pkt->pkt_len = bpf_ntohs(iph->tot_len);
 	pkt->l4_off = pkt->l3_off + IPV4_HLEN;
 	pkt->tos = iph->tos;
-	pkt->df = (iph->frag_off & bpf_htons(LB_IP_DF)) != 0;
+	pkt->df = (iph->frag_off & bpf_htons(IP_DF)) != 0;
 	l4_room = pkt->pkt_len - IPV4_HLEN;
 	pkt->flow.family = FAMILY_V4;
 	pkt->flow.proto = iph->protocol;
 	pkt->flow.src.v4 = iph->saddr;
 	pkt->flow.dst.v4 = iph->daddr;
 
-	if (iph->protocol == LB_IPPROTO_TCP) {
+	if (iph->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
@@ -449,7 +475,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 		pkt->tcp_syn = tcp->syn;
 		return LB_FORWARD;
 	}
-	if (iph->protocol == LB_IPPROTO_UDP) {
+	if (iph->protocol == IPPROTO_UDP) {
 		struct udphdr *udp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
@@ -459,19 +485,19 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
 		return LB_FORWARD;
 	}
-	if (iph->protocol == LB_IPPROTO_ICMP) {
+	if (iph->protocol == IPPROTO_ICMP) {
 		struct icmphdr *icmp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
 			*stat = STAT_DROP_MALFORMED; /* row 9 */
 			return XDP_DROP;
 		}
-		if (icmp->type == LB_ICMP_ECHO_REQUEST) {
+		if (icmp->type == ICMP_ECHO_REQUEST) {
 			icmp4_echo_reply(data, iph, icmp);
 			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
 			return XDP_TX;
 		}
-		if (icmp->type == LB_ICMP_DEST_UNREACH) {
+		if (icmp->type == ICMP_DEST_UNREACH) {
 			if (parse_icmp_inner_v4(icmp, data_end, l4_room, &pkt->flow) < 0) {
 				*stat = STAT_DROP_MALFORMED; /* row 12 */
 				return XDP_DROP;
@@ -512,7 +538,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	if (vip_addr_checks(&ak, pkt, stat, &action) < 0)
 		return action;
-	if (ip6h->nexthdr == LB_IPPROTO_FRAGMENT) {
+	if (ip6h->nexthdr == IPPROTO_FRAGMENT) {
 		*stat = STAT_DROP_FRAGMENT; /* row 8 */
 		return XDP_DROP;
 	}
@@ -526,7 +552,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
 	__builtin_memcpy(&pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 
-	if (ip6h->nexthdr == LB_IPPROTO_TCP) {
+	if (ip6h->nexthdr == IPPROTO_TCP) {
 		struct tcphdr *tcp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
@@ -537,7 +563,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 		pkt->tcp_syn = tcp->syn;
 		return LB_FORWARD;
 	}
-	if (ip6h->nexthdr == LB_IPPROTO_UDP) {
+	if (ip6h->nexthdr == IPPROTO_UDP) {
 		struct udphdr *udp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
@@ -547,20 +573,20 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
 		return LB_FORWARD;
 	}
-	if (ip6h->nexthdr == LB_IPPROTO_ICMPV6) {
+	if (ip6h->nexthdr == IPPROTO_ICMPV6) {
 		struct icmp6hdr *icmp = nh->pos;
 
 		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
 			*stat = STAT_DROP_MALFORMED; /* row 9 */
 			return XDP_DROP;
 		}
-		if (icmp->icmp6_type == LB_ICMPV6_ECHO_REQUEST) {
+		if (icmp->icmp6_type == ICMPV6_ECHO_REQUEST) {
 			icmp6_echo_reply(data, ip6h, icmp);
 			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
 			return XDP_TX;
 		}
-		if (icmp->icmp6_type == LB_ICMPV6_DEST_UNREACH ||
-		    icmp->icmp6_type == LB_ICMPV6_PKT_TOOBIG) {
+		if (icmp->icmp6_type == ICMPV6_DEST_UNREACH ||
+		    icmp->icmp6_type == ICMPV6_PKT_TOOBIG) {
 			if (parse_icmp_inner_v6(icmp, data_end, l4_room, &pkt->flow) < 0) {
 				*stat = STAT_DROP_MALFORMED; /* row 12 */
 				return XDP_DROP;
@@ -591,9 +617,9 @@ static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
 		*stat = STAT_DROP_MALFORMED; /* row 1 */
 		return XDP_DROP;
 	}
-	if (eth_type == bpf_htons(LB_ETH_P_IP)) {
+	if (eth_type == bpf_htons(ETH_P_IP)) {
 		action = process_ipv4(ctx, &nh, &pkt, stat);
-	} else if (eth_type == bpf_htons(LB_ETH_P_IPV6)) {
+	} else if (eth_type == bpf_htons(ETH_P_IPV6)) {
 		action = process_ipv6(ctx, &nh, &pkt, stat);
 	} else {
 		*stat = STAT_PASS_NOT_IP; /* row 2 */
@@ -601,6 +627,7 @@ static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
 	}
 	if (action != LB_FORWARD)
 		return action;
+	LB_STOP_AFTER(1);
 	return forward(ctx, &pkt, stat);
 }
 

@@ -38,10 +38,6 @@
 
 #include "decap.h"
 
-#ifndef DECAP_ALLOW_MAX
-#define DECAP_ALLOW_MAX 64
-#endif
-
 /* Kernel 6.3+ flags; Debian's 6.1 headers lack them, the running kernel knows them. */
 #define DECAP_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
 #define DECAP_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
@@ -117,8 +113,8 @@ int decap_xdp(struct xdp_md *ctx)
 	if (plan.l2_len == ETH_HLEN) {
 		*(__be16 *)(data + 2 * ETH_ALEN) = plan.inner_proto;
 	} else {
-		__builtin_memcpy(data + 2 * ETH_ALEN, l2 + 2 * ETH_ALEN, LB_VLAN_HLEN);
-		*(__be16 *)(data + 2 * ETH_ALEN + LB_VLAN_HLEN) = plan.inner_proto;
+		__builtin_memcpy(data + 2 * ETH_ALEN, l2 + 2 * ETH_ALEN, VLAN_HLEN);
+		*(__be16 *)(data + 2 * ETH_ALEN + VLAN_HLEN) = plan.inner_proto;
 	}
 	decap_count(plan.stat);
 	return XDP_PASS;
@@ -151,12 +147,12 @@ static __always_inline int decap_tc_strip(struct __sk_buff *skb, const struct de
 	 * header between an IPv4 and an IPv6 header's size: IPv4 -> IPv6 inserts 20 bytes,
 	 * IPv6 -> IPv4 removes 20. The rest of the outer headers goes with adjust_room. */
 	if (plan->inner_v6) {
-		ret = bpf_skb_change_proto(skb, bpf_htons(LB_ETH_P_IPV6), 0);
+		ret = bpf_skb_change_proto(skb, bpf_htons(ETH_P_IPV6), 0);
 		if (ret)
 			return ret;
 		olen += DECAP_V4_V6_HDR_DIFF;
 	} else {
-		ret = bpf_skb_change_proto(skb, bpf_htons(LB_ETH_P_IP), 0);
+		ret = bpf_skb_change_proto(skb, bpf_htons(ETH_P_IP), 0);
 		if (ret)
 			return ret;
 		olen -= DECAP_V4_V6_HDR_DIFF;

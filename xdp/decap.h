@@ -16,8 +16,9 @@
  *     GUE variant 0 (bits 00), data message (C = 0): 4-byte GUE header + Hlen * 4 bytes
  *       of optional fields, then the inner packet; Proto/ctype 4 or 41 picks the family.
  *
- * Wire constants (LB_ETH_P_*, LB_IPPROTO_*, LB_IP_MF, ...) come from lb/constants.py
- * and the counter indexes (DECAP_STAT_*) from lb/decap_loader.py, as -D flags.
+ * Wire constants (ETH_P_*, IPPROTO_*, IP_MF, ...) and the counter indexes (DECAP_STAT_*)
+ * come from lb/constants.py through xdp/generated/lb_shared.h; GUE_PORT is a -D flag
+ * (lb.c_header.c_flags), Katran's GUE_DPORT by default.
  */
 #pragma once
 
@@ -27,17 +28,15 @@
 #include <linux/ipv6.h>
 #include <linux/udp.h>
 
-#ifndef GUE_PORT
-#define GUE_PORT 6080 /* Katran's GUE_DPORT; the loader always passes -DGUE_PORT */
-#endif
+#include "generated/lb_shared.h"
 
 /* Longest outer part we look through before the inner header: IPv4 with options (60) +
  * UDP (8) + GUE v0 header (4) + optional fields (31 * 4). */
-#define DECAP_MAX_OUTER (60 + 8 + 4 + 124)
+#define DECAP_MAX_OUTER (60 + UDP_HLEN + 4 + 124)
 /* Bytes the tc entry makes linear before parsing: VLAN-less L2 + outer + inner v6 hdr. */
-#define DECAP_PULL_LEN (14 + DECAP_MAX_OUTER + 40)
+#define DECAP_PULL_LEN (ETH_HLEN + DECAP_MAX_OUTER + 40)
 
-#define DECAP_L2_MAX 18 /* Ethernet + one 802.1Q / 802.1ad tag */
+#define DECAP_L2_MAX (ETH_HLEN + VLAN_HLEN) /* Ethernet + one 802.1Q / 802.1ad tag */
 
 enum decap_verdict {
 	DECAP_PASS = 0,  /* hand the frame to the kernel untouched */
@@ -86,7 +85,7 @@ static __always_inline int decap_check_inner(void *inner, void *data_end, __u32 
 		if ((__u32)bpf_ntohs(ip6h->payload_len) + sizeof(*ip6h) > room)
 			return DECAP_DROP;
 		plan->inner_v6 = 1;
-		plan->inner_proto = bpf_htons(LB_ETH_P_IPV6);
+		plan->inner_proto = bpf_htons(ETH_P_IPV6);
 	} else {
 		struct iphdr *iph = inner;
 		__u32 tot_len;
@@ -99,7 +98,7 @@ static __always_inline int decap_check_inner(void *inner, void *data_end, __u32 
 		if (tot_len < (__u32)iph->ihl * 4 || tot_len > room)
 			return DECAP_DROP;
 		plan->inner_v6 = 0;
-		plan->inner_proto = bpf_htons(LB_ETH_P_IP);
+		plan->inner_proto = bpf_htons(ETH_P_IP);
 	}
 	return DECAP_STRIP;
 }
@@ -141,9 +140,9 @@ static __always_inline int decap_parse_gue(void *gue, void *data_end, __u32 room
 		hlen = sizeof(*gh) + (__u32)(gh->ver_c_hlen & 0x1f) * 4;
 		if (hlen > room)
 			return DECAP_DROP;
-		if (gh->proto == LB_IPPROTO_IPIP)
+		if (gh->proto == IPPROTO_IPIP)
 			*inner_v6 = 0;
-		else if (gh->proto == LB_IPPROTO_IPV6)
+		else if (gh->proto == IPPROTO_IPV6)
 			*inner_v6 = 1;
 		else {
 			plan->stat = DECAP_STAT_DROPPED_UNSUPPORTED;
@@ -182,7 +181,7 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 	if ((void *)(eth + 1) > data_end)
 		return DECAP_PASS;
 	proto = eth->h_proto;
-	if (proto == bpf_htons(LB_ETH_P_8021Q) || proto == bpf_htons(LB_ETH_P_8021AD)) {
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
 		__be16 *inner_type = (void *)(eth + 1) + 2;
 
 		if (!allow_vlan)
@@ -190,14 +189,14 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		if ((void *)(inner_type + 1) > data_end)
 			return DECAP_PASS;
 		proto = *inner_type;
-		l2_len = ETH_HLEN + LB_VLAN_HLEN;
+		l2_len = ETH_HLEN + VLAN_HLEN;
 	}
 	plan->l2_len = l2_len;
 	l3 = data + l2_len;
 	if (frame_len < l2_len)
 		return DECAP_PASS;
 
-	if (proto == bpf_htons(LB_ETH_P_IP)) {
+	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *iph = l3;
 		__u32 tot_len;
 
@@ -207,18 +206,18 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		if (iph->version != 4 || iph->ihl < 5)
 			return DECAP_PASS;
 		l4proto = iph->protocol;
-		if (l4proto != LB_IPPROTO_IPIP && l4proto != LB_IPPROTO_IPV6 &&
-		    l4proto != LB_IPPROTO_UDP)
+		if (l4proto != IPPROTO_IPIP && l4proto != IPPROTO_IPV6 &&
+		    l4proto != IPPROTO_UDP)
 			return DECAP_PASS;
 		ip_hlen = (__u32)iph->ihl * 4;
 		tot_len = bpf_ntohs(iph->tot_len);
 		payload = l3 + ip_hlen;
-		if (iph->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET_MASK)) {
+		if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET_MASK)) {
 			/* Not reassembled here. A GUE datagram is recognisable only in the
 			 * first fragment. */
-			if (l4proto != LB_IPPROTO_UDP)
+			if (l4proto != IPPROTO_UDP)
 				plan->stat = DECAP_STAT_PASSED_FRAGMENT;
-			else if (!(iph->frag_off & bpf_htons(LB_IP_OFFSET_MASK))) {
+			else if (!(iph->frag_off & bpf_htons(IP_OFFSET_MASK))) {
 				struct udphdr *u = payload;
 
 				if ((void *)(u + 1) <= data_end && u->dest == bpf_htons(GUE_PORT))
@@ -226,7 +225,7 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 			}
 			return DECAP_PASS;
 		}
-		if (l4proto == LB_IPPROTO_UDP) {
+		if (l4proto == IPPROTO_UDP) {
 			struct udphdr *u = payload;
 
 			if ((void *)(u + 1) > data_end || u->dest != bpf_htons(GUE_PORT))
@@ -241,7 +240,7 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		if (tot_len < ip_hlen || (__u64)tot_len + l2_len > frame_len)
 			return DECAP_DROP;
 		l3_room = tot_len;
-	} else if (proto == bpf_htons(LB_ETH_P_IPV6)) {
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6h = l3;
 
 		outer_v6 = 1;
@@ -252,19 +251,19 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		l4proto = ip6h->nexthdr;
 		ip_hlen = sizeof(*ip6h);
 		payload = l3 + ip_hlen;
-		if (l4proto == LB_IPPROTO_FRAGMENT) {
+		if (l4proto == IPPROTO_FRAGMENT) {
 			__u8 *frag_next = payload;
 
 			if ((void *)(frag_next + 1) <= data_end &&
-			    (*frag_next == LB_IPPROTO_IPIP || *frag_next == LB_IPPROTO_IPV6 ||
-			     *frag_next == LB_IPPROTO_UDP))
+			    (*frag_next == IPPROTO_IPIP || *frag_next == IPPROTO_IPV6 ||
+			     *frag_next == IPPROTO_UDP))
 				plan->stat = DECAP_STAT_PASSED_FRAGMENT;
 			return DECAP_PASS;
 		}
-		if (l4proto != LB_IPPROTO_IPIP && l4proto != LB_IPPROTO_IPV6 &&
-		    l4proto != LB_IPPROTO_UDP)
+		if (l4proto != IPPROTO_IPIP && l4proto != IPPROTO_IPV6 &&
+		    l4proto != IPPROTO_UDP)
 			return DECAP_PASS;
-		if (l4proto == LB_IPPROTO_UDP) {
+		if (l4proto == IPPROTO_UDP) {
 			struct udphdr *u = payload;
 
 			if ((void *)(u + 1) > data_end || u->dest != bpf_htons(GUE_PORT))
@@ -283,7 +282,7 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 	}
 
 	payload_room = l3_room - ip_hlen;
-	if (l4proto == LB_IPPROTO_UDP) {
+	if (l4proto == IPPROTO_UDP) {
 		struct udphdr *u = payload;
 		__u32 ulen;
 
@@ -303,7 +302,7 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		payload_room = ulen - sizeof(*u) - gue_skip;
 		ip_hlen += sizeof(*u) + gue_skip;
 	} else {
-		inner_v6 = l4proto == LB_IPPROTO_IPV6;
+		inner_v6 = l4proto == IPPROTO_IPV6;
 	}
 
 	v = decap_check_inner(payload, data_end, payload_room, inner_v6, plan);

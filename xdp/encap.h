@@ -7,7 +7,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 #include "parsing.h"
 #include "csum.h"
 
@@ -57,7 +57,7 @@ static __always_inline void *encap_write_l2(void *data, void *data_end,
 			return NULL;
 		__builtin_memcpy(veth->h_dest, dst_mac, ETH_ALEN);
 		__builtin_memcpy(veth->h_source, src_mac, ETH_ALEN);
-		veth->tpid = bpf_htons(LB_ETH_P_8021Q);
+		veth->tpid = bpf_htons(ETH_P_8021Q);
 		veth->tci = pkt->vlan_tci;
 		veth->encap_proto = proto;
 		return veth + 1;
@@ -87,7 +87,7 @@ static __always_inline int encap_write_ipv4(void *l3, void *data_end,
 	iph->version = IPV4_VERSION;
 	iph->ihl = IPV4_HLEN / 4;
 	iph->tos = pkt->tos;
-	iph->tot_len = bpf_htons(pkt->pkt_len + LB_ENCAP_IPV4_OVERHEAD + extra);
+	iph->tot_len = bpf_htons(pkt->pkt_len + ENCAP_IPV4_OVERHEAD + extra);
 	iph->id = 0;
 	iph->frag_off = 0;
 	iph->ttl = DEFAULT_TTL;
@@ -119,12 +119,12 @@ static __always_inline int encap_write_ipv6(void *l3, void *data_end,
 	ip6h->flow_lbl[2] = 0;
 	ip6h->hop_limit = DEFAULT_TTL;
 	if (gue) {
-		ip6h->payload_len = bpf_htons(pkt->pkt_len + LB_UDP_HLEN);
-		ip6h->nexthdr = LB_IPPROTO_UDP;
+		ip6h->payload_len = bpf_htons(pkt->pkt_len + UDP_HLEN);
+		ip6h->nexthdr = IPPROTO_UDP;
 		__builtin_memcpy(&ip6h->saddr, gue_src, sizeof(ip6h->saddr));
 	} else {
 		ip6h->payload_len = bpf_htons(pkt->pkt_len);
-		ip6h->nexthdr = pkt->flow.family == FAMILY_V4 ? LB_IPPROTO_IPIP : LB_IPPROTO_IPV6;
+		ip6h->nexthdr = pkt->flow.family == FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
 		encap_v6_src(&pkt->flow, &ip6h->saddr);
 	}
 	__builtin_memcpy(&ip6h->daddr, real_addr, sizeof(ip6h->daddr));
@@ -145,9 +145,9 @@ static __always_inline int encap_write_udp(void *l4, void *data_end,
 
 	if ((void *)(udp + 1) > data_end)
 		return -1;
-	udp->source = bpf_htons(LB_GUE_SPORT_BASE | ((tail ^ sport) & LB_GUE_SPORT_MASK));
+	udp->source = bpf_htons(GUE_SPORT_BASE | ((tail ^ sport) & GUE_SPORT_MASK));
 	udp->dest = gue_port;
-	udp->len = bpf_htons(pkt->pkt_len + LB_UDP_HLEN);
+	udp->len = bpf_htons(pkt->pkt_len + UDP_HLEN);
 	udp->check = 0;
 	return 0;
 }
@@ -165,8 +165,8 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 	__u8 src_mac[ETH_ALEN];
 	__u8 real_family = real->family;
 	union lb_addr real_addr = real->addr;
-	int gue = cfg->encap == LB_ENCAP_GUE;
-	__u32 udp_len = gue ? LB_UDP_HLEN : 0;
+	int gue = cfg->encap == ENCAP_GUE;
+	__u32 udp_len = gue ? UDP_HLEN : 0;
 	__u32 ip_len;
 	void *l3;
 
@@ -174,7 +174,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 		return -1;
 	__builtin_memcpy(src_mac, eth->h_dest, ETH_ALEN);
 
-	ip_len = real_family == FAMILY_V4 ? LB_ENCAP_IPV4_OVERHEAD : LB_ENCAP_IPV6_OVERHEAD;
+	ip_len = real_family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD : ENCAP_IPV6_OVERHEAD;
 	if (bpf_xdp_adjust_head(ctx, -(int)(ip_len + udp_len)))
 		return -1;
 	data = (void *)(long)ctx->data;
@@ -184,7 +184,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 		__be32 saddr;
 
 		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
-				    bpf_htons(LB_ETH_P_IP));
+				    bpf_htons(ETH_P_IP));
 		if (!l3)
 			return -1;
 		if (gue)
@@ -192,11 +192,11 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 		else
 			saddr = encap_v4_src(&pkt->flow);
 		if (encap_write_ipv4(l3, data_end, pkt, real_addr.v4, saddr,
-				     gue ? LB_IPPROTO_UDP : LB_IPPROTO_IPIP, udp_len))
+				     gue ? IPPROTO_UDP : IPPROTO_IPIP, udp_len))
 			return -1;
 	} else {
 		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
-				    bpf_htons(LB_ETH_P_IPV6));
+				    bpf_htons(ETH_P_IPV6));
 		if (!l3)
 			return -1;
 		if (encap_write_ipv6(l3, data_end, pkt, &real_addr, gue, cfg->gue_src_v6))

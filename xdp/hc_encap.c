@@ -24,18 +24,18 @@
  * without an entry is dropped (it would otherwise reach the VIP unencapsulated and be
  * load-balanced to any real: a probe must never test the wrong real), and so is an IPv6
  * probe for an IPv4 real with IPIP (the datapath cannot send it either).
- * Constants come from lb/constants.py (lb.bpf_loader.c_flags), plus HC_MARK_BASE,
- * HC_MAX_REALS and HC_STAT_* from control/tunnel_probe.py.
+ * Constants (HC_STAT_* included) come from lb/constants.py through
+ * xdp/generated/lb_shared.h; HC_MARK_BASE and MAX_REALS are -D flags (lb.c_header.c_flags).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 #include "parsing.h"
 #include "csum.h"
 #include "encap.h"
 
-BPF_HASH(hc_reals, __u32, struct real_def, HC_MAX_REALS);
+BPF_HASH(hc_reals, __u32, struct real_def, MAX_REALS);
 /* [0]: the balancer's settings as its own ctl entry (layout.CTL); only encap, gue_port and
  * gue_src_v4/v6 are read. All zero (never written) = IPIP. */
 BPF_ARRAY(hc_ctl, struct ctl_value, 1);
@@ -78,7 +78,7 @@ int hc_encap_tc(struct __sk_buff *skb)
 	__u64 flags;
 	int olen;
 
-	if (mark < HC_MARK_BASE || mark >= HC_MARK_BASE + HC_MAX_REALS) {
+	if (mark < HC_MARK_BASE || mark >= HC_MARK_BASE + MAX_REALS) {
 		hc_stat(HC_STAT_PASSED);
 		return TC_ACT_OK;
 	}
@@ -96,15 +96,15 @@ int hc_encap_tc(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
 		goto malformed;
 	proto = eth.h_proto;
-	if (proto == bpf_htons(LB_ETH_P_IP)) {
+	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr iph;
 		struct l4_ports ports = {};
 
-		if (bpf_skb_load_bytes(skb, LB_ETH_HLEN, &iph, sizeof(iph)) < 0 || iph.version != 4 ||
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &iph, sizeof(iph)) < 0 || iph.version != 4 ||
 		    iph.ihl < 5)
 			goto malformed;
-		if (iph.protocol == LB_IPPROTO_TCP || iph.protocol == LB_IPPROTO_UDP)
-			if (bpf_skb_load_bytes(skb, LB_ETH_HLEN + iph.ihl * 4, &ports,
+		if (iph.protocol == IPPROTO_TCP || iph.protocol == IPPROTO_UDP)
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + iph.ihl * 4, &ports,
 					       sizeof(ports)) < 0)
 				goto malformed;
 		pkt.flow.family = FAMILY_V4;
@@ -115,14 +115,14 @@ int hc_encap_tc(struct __sk_buff *skb)
 		pkt.flow.proto = iph.protocol;
 		pkt.tos = iph.tos;
 		pkt.pkt_len = bpf_ntohs(iph.tot_len);
-	} else if (proto == bpf_htons(LB_ETH_P_IPV6)) {
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6h;
 		struct l4_ports ports = {};
 
-		if (bpf_skb_load_bytes(skb, LB_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6)
 			goto malformed;
-		if (ip6h.nexthdr == LB_IPPROTO_TCP || ip6h.nexthdr == LB_IPPROTO_UDP)
-			if (bpf_skb_load_bytes(skb, LB_ETH_HLEN + IPV6_HLEN, &ports, sizeof(ports)) < 0)
+		if (ip6h.nexthdr == IPPROTO_TCP || ip6h.nexthdr == IPPROTO_UDP)
+			if (bpf_skb_load_bytes(skb, ETH_HLEN + IPV6_HLEN, &ports, sizeof(ports)) < 0)
 				goto malformed;
 		pkt.flow.family = FAMILY_V6;
 		__builtin_memcpy(&pkt.flow.src, &ip6h.saddr, 16);
@@ -137,13 +137,13 @@ int hc_encap_tc(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	gue = cfg.encap == LB_ENCAP_GUE;
+	gue = cfg.encap == ENCAP_GUE;
 	if (real.family == FAMILY_V4 && pkt.flow.family == FAMILY_V6 && !gue) {
 		/* IPv6 in IPv4 only with GUE, as in the datapath (docs/datapath.md row 16) */
 		hc_stat(HC_STAT_DROP_NO_REAL);
 		return TC_ACT_SHOT;
 	}
-	udp_len = gue ? LB_UDP_HLEN : 0;
+	udp_len = gue ? UDP_HLEN : 0;
 	flags = BPF_F_ADJ_ROOM_FIXED_GSO | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0);
 	if (real.family == FAMILY_V4) {
 		struct outer_v4 outer = {};
@@ -151,22 +151,22 @@ int hc_encap_tc(struct __sk_buff *skb)
 
 		if (gue)
 			__builtin_memcpy(&saddr, cfg.gue_src_v4, sizeof(saddr));
-		olen = LB_ENCAP_IPV4_OVERHEAD + udp_len;
-		outer_proto = bpf_htons(LB_ETH_P_IP);
+		olen = ENCAP_IPV4_OVERHEAD + udp_len;
+		outer_proto = bpf_htons(ETH_P_IP);
 		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
 			goto failed;
 		if (encap_write_ipv4(&outer.ip, (void *)(&outer + 1), &pkt, real.addr.v4, saddr,
-				     gue ? LB_IPPROTO_UDP : LB_IPPROTO_IPIP, udp_len))
+				     gue ? IPPROTO_UDP : IPPROTO_IPIP, udp_len))
 			goto failed;
 		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
 			goto failed;
-		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
+		if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	} else {
 		struct outer_v6 outer = {};
 
-		olen = LB_ENCAP_IPV6_OVERHEAD + udp_len;
-		outer_proto = bpf_htons(LB_ETH_P_IPV6);
+		olen = ENCAP_IPV6_OVERHEAD + udp_len;
+		outer_proto = bpf_htons(ETH_P_IPV6);
 		if (bpf_skb_adjust_room(skb, olen, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6))
 			goto failed;
 		if (encap_write_ipv6(&outer.ip6, (void *)(&outer + 1), &pkt, &real.addr, gue,
@@ -174,7 +174,7 @@ int hc_encap_tc(struct __sk_buff *skb)
 			goto failed;
 		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
 			goto failed;
-		if (bpf_skb_store_bytes(skb, LB_ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
+		if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	}
 	/* adjust_room changed skb->protocol; the Ethernet header is ours to fix */

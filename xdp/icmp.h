@@ -48,7 +48,7 @@ static __always_inline void icmp4_echo_reply(struct ethhdr *eth, struct iphdr *i
 	iph->ttl = DEFAULT_TTL;
 	iph->check = 0;
 	iph->check = lb_ipv4_csum(iph);
-	icmp_set_type(icmp, LB_ICMP_ECHO_REPLY);
+	icmp_set_type(icmp, ICMP_ECHO_REPLY);
 }
 
 /* ICMPv6 echo request -> echo reply: MACs and addresses swapped, hop limit 64, type 129.
@@ -62,13 +62,13 @@ static __always_inline void icmp6_echo_reply(struct ethhdr *eth, struct ipv6hdr 
 	ip6h->saddr = ip6h->daddr;
 	ip6h->daddr = tmp;
 	ip6h->hop_limit = DEFAULT_TTL;
-	icmp_set_type(icmp, LB_ICMPV6_ECHO_REPLY);
+	icmp_set_type(icmp, ICMPV6_ECHO_REPLY);
 }
 
 /* Row 20 reply sizes: ICMP header + quote, summed by bpf_csum_diff (multiples of 4,
  * at most 512 bytes). */
-#define TOO_BIG_V4_ICMP_LEN (ICMP_HLEN + LB_ICMP_TOO_BIG_QUOTE_V4)
-#define TOO_BIG_V6_ICMP_LEN (ICMP_HLEN + LB_ICMP_TOO_BIG_QUOTE_V6)
+#define TOO_BIG_V4_ICMP_LEN (ICMP_HLEN + ICMP_TOO_BIG_QUOTE_V4)
+#define TOO_BIG_V6_ICMP_LEN (ICMP_HLEN + ICMP_TOO_BIG_QUOTE_V6)
 
 /* The reply headers go in front of the packet (adjust_head), so the packet's own start
  * becomes the quote where it is; then the frame is cut after the quote (adjust_tail).
@@ -83,7 +83,7 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 	__u8 dst_mac[ETH_ALEN], src_mac[ETH_ALEN];
 	int v4 = pkt->flow.family == FAMILY_V4;
 	__u32 hdrs = v4 ? IPV4_HLEN + ICMP_HLEN : IPV6_HLEN + ICMP_HLEN;
-	__u32 quote = v4 ? LB_ICMP_TOO_BIG_QUOTE_V4 : LB_ICMP_TOO_BIG_QUOTE_V6;
+	__u32 quote = v4 ? ICMP_TOO_BIG_QUOTE_V4 : ICMP_TOO_BIG_QUOTE_V6;
 	void *l3;
 
 	if ((void *)(eth + 1) > data_end)
@@ -95,7 +95,7 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	l3 = encap_write_l2(data, data_end, pkt, dst_mac, src_mac,
-			    bpf_htons(v4 ? LB_ETH_P_IP : LB_ETH_P_IPV6));
+			    bpf_htons(v4 ? ETH_P_IP : ETH_P_IPV6));
 	if (!l3)
 		return -1;
 	if (v4) {
@@ -111,13 +111,13 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 		iph->id = 0;
 		iph->frag_off = 0;
 		iph->ttl = DEFAULT_TTL;
-		iph->protocol = LB_IPPROTO_ICMP;
+		iph->protocol = IPPROTO_ICMP;
 		iph->check = 0;
 		iph->saddr = pkt->flow.dst.v4;
 		iph->daddr = pkt->flow.src.v4;
 		iph->check = lb_ipv4_csum(iph);
-		icmp->type = LB_ICMP_DEST_UNREACH;
-		icmp->code = LB_ICMP_FRAG_NEEDED;
+		icmp->type = ICMP_DEST_UNREACH;
+		icmp->code = ICMP_FRAG_NEEDED;
 		icmp->checksum = 0;
 		icmp->un.frag.__unused = 0;
 		icmp->un.frag.mtu = bpf_htons(mtu_left);
@@ -127,7 +127,7 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 		struct ipv6hdr *ip6h = l3;
 		struct icmp6hdr *icmp = (void *)(ip6h + 1);
 		/* pseudo header after the addresses: upper-layer length, 3 zeros, next header */
-		__be32 pseudo[2] = { bpf_htonl(TOO_BIG_V6_ICMP_LEN), bpf_htonl(LB_IPPROTO_ICMPV6) };
+		__be32 pseudo[2] = { bpf_htonl(TOO_BIG_V6_ICMP_LEN), bpf_htonl(IPPROTO_ICMPV6) };
 		__u32 sum;
 
 		if ((void *)icmp + TOO_BIG_V6_ICMP_LEN > data_end)
@@ -138,11 +138,11 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 		ip6h->flow_lbl[1] = 0;
 		ip6h->flow_lbl[2] = 0;
 		ip6h->payload_len = bpf_htons(TOO_BIG_V6_ICMP_LEN);
-		ip6h->nexthdr = LB_IPPROTO_ICMPV6;
+		ip6h->nexthdr = IPPROTO_ICMPV6;
 		ip6h->hop_limit = DEFAULT_TTL;
 		__builtin_memcpy(&ip6h->saddr, &pkt->flow.dst, sizeof(ip6h->saddr));
 		__builtin_memcpy(&ip6h->daddr, &pkt->flow.src, sizeof(ip6h->daddr));
-		icmp->icmp6_type = LB_ICMPV6_PKT_TOOBIG;
+		icmp->icmp6_type = ICMPV6_PKT_TOOBIG;
 		icmp->icmp6_code = 0;
 		icmp->icmp6_cksum = 0;
 		icmp->icmp6_mtu = bpf_htonl(mtu_left);

@@ -1,5 +1,5 @@
 /* The kernel's jhash (Bob Jenkins' lookup3), as Katran uses it for the flow hash.
- * JHASH_INITVAL comes from lb/constants.py (LB_JHASH_INITVAL). Words are read in CPU
+ * JHASH_INITVAL comes from lb/constants.py (JHASH_INITVAL). Words are read in CPU
  * (little-endian) order, as the kernel's __get_unaligned_cpu32 does. */
 #pragma once
 
@@ -36,7 +36,7 @@ static __always_inline __u32 lb_jhash_16(const __u32 *k, __u32 initval)
 {
 	__u32 a, b, c;
 
-	a = b = c = LB_JHASH_INITVAL + 16 + initval;
+	a = b = c = JHASH_INITVAL + 16 + initval;
 	a += k[0];
 	b += k[1];
 	c += k[2];
@@ -58,5 +58,5 @@ static __always_inline __u32 lb_jhash_nwords(__u32 a, __u32 b, __u32 c, __u32 in
 /* lb_jhash_2words(a, b, initval): initval + JHASH_INITVAL + (2 << 2), as the kernel. */
 static __always_inline __u32 lb_jhash_2words(__u32 a, __u32 b, __u32 initval)
 {
-	return lb_jhash_nwords(a, b, 0, initval + LB_JHASH_INITVAL + (2 << 2));
+	return lb_jhash_nwords(a, b, 0, initval + JHASH_INITVAL + (2 << 2));
 }

@@ -1,4 +1,5 @@
-/* The balancer's maps. Sizes come from lb/constants.py as -D flags (lb/bpf_loader.py).
+/* The balancer's maps. Sizes are per-instance -D flags (lb.c_header.c_flags), with the
+ * defaults of xdp/generated/lb_shared.h.
  *
  * With -DLB_PIN_DIR="\"/sys/fs/bpf/<instance>\"" every map is pinned as
  * <instance>/<map name>: bcc opens the pinned map if it exists (a restarted control
@@ -9,7 +10,7 @@
  */
 #pragma once
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 
 #ifndef LB_NR_CPUS
 #error "LB_NR_CPUS (possible CPUs) must come from the loader"
@@ -56,12 +57,12 @@ LB_MAP("array_of_maps$conn_inner", int, int, conn_table, LB_NR_CPUS, 0);
 #endif
 
 /* QUIC server id (from the connection id) -> real id. */
-LB_MAP("hash", __u32, __u32, quic_servers, LB_MAX_QUIC_SERVER_IDS, 0);
+LB_MAP("hash", __u32, __u32, quic_servers, MAX_QUIC_SERVER_IDS, 0);
 
 /* Source routing: client prefix -> real id, one trie per family (LPM tries must not be
  * preallocated). */
-LB_MAP("lpm_trie", struct lpm_v4_key, __u32, src_routes_v4, LB_MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
-LB_MAP("lpm_trie", struct lpm_v6_key, __u32, src_routes_v6, LB_MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
+LB_MAP("lpm_trie", struct lpm_v4_key, __u32, src_routes_v4, MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
+LB_MAP("lpm_trie", struct lpm_v6_key, __u32, src_routes_v6, MAX_SRC_ROUTES, BPF_F_NO_PREALLOC);
 
 /* Global settings, one entry. */
 LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
@@ -69,9 +70,9 @@ LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
 /* Global counters, index STAT_* (lb/constants.py STATS), per CPU. */
 LB_MAP("percpu_array", __u32, __u64, stats, N_STATS, 0);
 
-/* Per-VIP counters: [vip_num * 2 + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU.
+/* Per-VIP counters: [vip_num * VIP_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU.
  * Bytes are input frame lengths, L2 header included. */
-LB_MAP("percpu_array", __u32, __u64, vip_stats, MAX_VIPS * 2, 0);
+LB_MAP("percpu_array", __u32, __u64, vip_stats, MAX_VIPS * VIP_STAT_COLUMNS, 0);
 
-/* Per-real counters: [real_id * 2 + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU. */
-LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * 2, 0);
+/* Per-real counters: [real_id * VIP_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU. */
+LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * VIP_STAT_COLUMNS, 0);

@@ -1,7 +1,8 @@
 /* Header parsing, xdp-tools style: a cursor moves through the frame and every helper
  * checks its own bounds against data_end before touching a byte.
  *
- * Wire constants (LB_ETH_P_*, LB_IPPROTO_*, ...) come from lb/constants.py as -D flags.
+ * Wire constants (ETH_P_*, IPPROTO_*, ...) come from lb/constants.py through the
+ * generated header (xdp/generated/lb_shared.h).
  * Length checks are done twice on purpose: once against the IP packet's own length
  * (docs/datapath.md: "every L4 read must lie inside the packet") and once against
  * data_end, which is what the verifier understands.
@@ -16,7 +17,7 @@
 #include <linux/icmp.h>
 #include <linux/icmpv6.h>
 
-#include "structs.h"
+#include "generated/lb_shared.h"
 
 #define IPV4_VERSION 4
 #define IPV6_VERSION 6
@@ -77,8 +78,8 @@ static __always_inline int parse_ethhdr_vlan(struct hdr_cursor *nh, void *data_e
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	if (eth->h_proto != bpf_htons(LB_ETH_P_8021Q)) {
-		pkt->l3_off = LB_ETH_HLEN;
+	if (eth->h_proto != bpf_htons(ETH_P_8021Q)) {
+		pkt->l3_off = ETH_HLEN;
 		nh->pos = eth + 1;
 		return eth->h_proto;
 	}
@@ -87,7 +88,7 @@ static __always_inline int parse_ethhdr_vlan(struct hdr_cursor *nh, void *data_e
 		return -1;
 	pkt->has_vlan = 1;
 	pkt->vlan_tci = vlh->tci;
-	pkt->l3_off = LB_ETH_HLEN + LB_VLAN_HLEN;
+	pkt->l3_off = ETH_HLEN + VLAN_HLEN;
 	nh->pos = vlh + 1;
 	return vlh->encap_proto;
 }
@@ -130,7 +131,7 @@ static __always_inline int parse_ip6hdr(struct hdr_cursor *nh, void *data_end, _
 
 static __always_inline int ipv4_is_fragment(const struct iphdr *iph)
 {
-	return (iph->frag_off & bpf_htons(LB_IP_MF | LB_IP_OFFSET_MASK)) != 0;
+	return (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET_MASK)) != 0;
 }
 
 /* IPv6 traffic class: the 8 bits after the version nibble. */

@@ -27,29 +27,14 @@
 #include <uapi/linux/bpf.h>
 #include <linux/types.h>
 
-#define PKTGEN_TMPL_MAX 128
-#define PKTGEN_MIN_FRAME 64
-
-#define PKTGEN_VARY_PORT 1
-#define PKTGEN_VARY_ADDR 2
-
-#define PKTGEN_ACT_TX 0
-#define PKTGEN_ACT_TAIL 1
-#define PKTGEN_ACT_DROP 2
-
-#define PKTGEN_SEQ 0 /* frames this CPU generated */
-#define PKTGEN_TAIL_MISSED 1 /* tail call failed (empty slot): frame dropped */
-#define PKTGEN_N_COUNTERS 2
-
-#define ETH_HLEN_ 14
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
+/* PKTGEN_* (sizes, vary bits, actions, counter slots) and the wire constants. */
+#include "generated/lb_shared.h"
 
 struct pktgen_tmpl {
 	__u8 data[PKTGEN_TMPL_MAX]; /* the frame's first copy_len bytes */
 	__u32 copy_len; /* 64..128: bytes rewritten into every frame */
 	__u32 flows; /* N >= 1 */
-	__u8 family; /* 4 or 6 */
+	__u8 family; /* FAMILY_V4 or FAMILY_V6 */
 	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 vary; /* PKTGEN_VARY_* */
 	__u8 action; /* PKTGEN_ACT_* */
@@ -63,7 +48,7 @@ struct tx_stub_cfg {
 };
 
 BPF_ARRAY(pktgen_tmpl, struct pktgen_tmpl, 1);
-BPF_PERCPU_ARRAY(pktgen_seq, __u64, PKTGEN_N_COUNTERS);
+BPF_PERCPU_ARRAY(pktgen_seq, __u64, PKTGEN_N_STATS);
 BPF_PROG_ARRAY(pktgen_next, 1);
 
 BPF_ARRAY(tx_stub_cfg, struct tx_stub_cfg, 1);
@@ -92,7 +77,7 @@ int pktgen_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 zero = 0, miss = PKTGEN_TAIL_MISSED;
+	__u32 zero = 0, miss = PKTGEN_STAT_TAIL_MISSED;
 	struct pktgen_tmpl *t = pktgen_tmpl.lookup(&zero);
 	__u64 *seqp = pktgen_seq.lookup(&zero);
 	__u32 clen, flows, flow, l4_delta = 0;
@@ -132,8 +117,8 @@ int pktgen_xdp(struct xdp_md *ctx)
 	if (!flow)
 		goto out;
 
-	if (t->family == 4) {
-		__u8 *l3 = data + ETH_HLEN_;
+	if (t->family == FAMILY_V4) {
+		__u8 *l3 = data + ETH_HLEN;
 		__u8 *l4 = l3 + 20;
 		__u16 *csum;
 
@@ -156,7 +141,7 @@ int pktgen_xdp(struct xdp_md *ctx)
 		}
 		if (!t->l4_csum)
 			goto out;
-		if (t->proto == IPPROTO_TCP_) {
+		if (t->proto == IPPROTO_TCP) {
 			csum = (__u16 *)(l4 + 16); /* 50..51 < 64 */
 			*csum = csum_apply(*csum, l4_delta);
 		} else {
@@ -164,7 +149,7 @@ int pktgen_xdp(struct xdp_md *ctx)
 			*csum = csum_apply(*csum, l4_delta) ?: 0xffff;
 		}
 	} else {
-		__u8 *l3 = data + ETH_HLEN_;
+		__u8 *l3 = data + ETH_HLEN;
 		__u8 *l4 = l3 + 40;
 		__u16 *csum;
 
@@ -182,7 +167,7 @@ int pktgen_xdp(struct xdp_md *ctx)
 			*sp = new;
 			l4_delta += (__u16)~old + new;
 		}
-		if (t->proto == IPPROTO_TCP_) {
+		if (t->proto == IPPROTO_TCP) {
 			if ((void *)(l4 + 20) > data_end)
 				return XDP_ABORTED;
 			csum = (__u16 *)(l4 + 16);
@@ -216,7 +201,7 @@ int pktgen_tx_stub(struct xdp_md *ctx)
 	__u64 *cnt = tx_stub_count.lookup(&zero);
 	__u8 *eth = data;
 
-	if (!cfg || !cnt || data + ETH_HLEN_ > data_end)
+	if (!cfg || !cnt || data + ETH_HLEN > data_end)
 		return XDP_ABORTED;
 	__builtin_memcpy(eth + 6, eth, 6); /* source = the MAC the frame came to */
 	__builtin_memcpy(eth, cfg->gw_mac, 6);

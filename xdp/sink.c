@@ -2,10 +2,10 @@
  * and drops it. lb/pktgen.py (Sink) loads it with bcc.
  *
  * Optionally (sink_cfg.key_mode, changeable at run time) it also counts per key in a
- * bounded per-CPU hash (SINK_MAX_KEYS entries, default 1024):
- *   SINK_KEY_DST  (1): the outer destination address (IPv4 or IPv6): "which real" for
- *                      encapsulated balancer output, or which VIP/host;
- *   SINK_KEY_FLOW (2): the outer 5-tuple (ports 0 unless TCP/UDP without fragmenting).
+ * bounded per-CPU hash (SINK_MAX_KEYS entries):
+ *   SINK_KEY_DST:  the outer destination address (IPv4 or IPv6): "which real" for
+ *                  encapsulated balancer output, or which VIP/host;
+ *   SINK_KEY_FLOW: the outer 5-tuple (ports 0 unless TCP/UDP without fragmenting).
  * A frame whose key does not fit (table full) bumps key_overflow; a frame that is not
  * IPv4/IPv6 (or is truncated) bumps key_unparsed. Either way it is in packets/bytes.
  *
@@ -14,13 +14,8 @@
 #include <uapi/linux/bpf.h>
 #include <linux/types.h>
 
-#ifndef SINK_MAX_KEYS
-#define SINK_MAX_KEYS 1024
-#endif
-
-#define SINK_KEY_NONE 0
-#define SINK_KEY_DST 1
-#define SINK_KEY_FLOW 2
+/* SINK_KEY_*, SINK_MAX_KEYS (default) and the wire constants. */
+#include "generated/lb_shared.h"
 
 struct sink_counts {
 	__u64 packets;
@@ -34,7 +29,7 @@ struct sink_cfg {
 };
 
 struct sink_key {
-	__u8 family; /* 4 or 6 */
+	__u8 family; /* FAMILY_V4 or FAMILY_V6 */
 	__u8 proto;
 	__u16 sport; /* network order */
 	__u16 dport;
@@ -59,20 +54,20 @@ static __always_inline int sink_parse(void *data, void *data_end, __u32 mode, st
 	__u16 proto;
 	__u8 *l4 = 0;
 
-	if (p + 14 > (__u8 *)data_end)
+	if (p + ETH_HLEN > (__u8 *)data_end)
 		return -1;
 	proto = ((__u16)p[12] << 8) | p[13];
-	p += 14;
+	p += ETH_HLEN;
 #pragma unroll
 	for (int i = 0; i < 2; i++) {
-		if (proto != 0x8100 && proto != 0x88a8)
+		if (proto != ETH_P_8021Q && proto != ETH_P_8021AD)
 			break;
-		if (p + 4 > (__u8 *)data_end)
+		if (p + VLAN_HLEN > (__u8 *)data_end)
 			return -1;
 		proto = ((__u16)p[2] << 8) | p[3];
-		p += 4;
+		p += VLAN_HLEN;
 	}
-	if (proto == 0x0800) {
+	if (proto == ETH_P_IP) {
 		__u32 ihl;
 
 		if (p + 20 > (__u8 *)data_end)
@@ -80,16 +75,16 @@ static __always_inline int sink_parse(void *data, void *data_end, __u32 mode, st
 		ihl = (p[0] & 0xf) * 4;
 		if (ihl < 20)
 			return -1;
-		key->family = 4;
+		key->family = FAMILY_V4;
 		key->proto = p[9];
 		__builtin_memcpy(key->src, p + 12, 4);
 		__builtin_memcpy(key->dst, p + 16, 4);
-		if ((((__u16)p[6] << 8 | p[7]) & 0x3fff) == 0)
+		if ((((__u16)p[6] << 8 | p[7]) & (IP_MF | IP_OFFSET_MASK)) == 0)
 			l4 = p + ihl;
-	} else if (proto == 0x86dd) {
+	} else if (proto == ETH_P_IPV6) {
 		if (p + 40 > (__u8 *)data_end)
 			return -1;
-		key->family = 6;
+		key->family = FAMILY_V6;
 		key->proto = p[6];
 		__builtin_memcpy(key->src, p + 8, 16);
 		__builtin_memcpy(key->dst, p + 24, 16);
@@ -102,7 +97,7 @@ static __always_inline int sink_parse(void *data, void *data_end, __u32 mode, st
 		__builtin_memset(key->src, 0, sizeof(key->src));
 		return 0;
 	}
-	if (l4 && (key->proto == 6 || key->proto == 17) && l4 + 4 <= (__u8 *)data_end) {
+	if (l4 && (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) && l4 + 4 <= (__u8 *)data_end) {
 		key->sport = *(__u16 *)l4;
 		key->dport = *(__u16 *)(l4 + 2);
 	}
