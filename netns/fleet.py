@@ -29,36 +29,17 @@ from typing import Any
 
 import yaml
 
-from netns.lab import (
-    BPF_PROG_LOAD,
-    BPF_PROG_TYPE_XDP,
-    Lab,
-    LabError,
-    _ip_batch,
-    _links_json,
-    _proc_start_time,
-    _prog_id,
-    _ProgLoadAttr,
-    attach_xdp_fd,
-)
+from lb.constants import XDP_DROP
+from lb.kernel.progs import prog_info
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach, xdp_detach
+from netns.errors import LabError
+from netns.lab import Lab
+from netns.lab_bpf import load_xdp_action
+from netns.netconfig import ip_batch, link_macs
 
 FLEET_PREFIX = "lbf"
 ROUTER_ASN = 65000
 BALANCER_ASN = 65001
-
-
-def load_xdp_drop() -> int:
-    """``r0 = XDP_DROP; exit`` (raw bpf(), like netns.lab.load_xdp_pass); its fd."""
-    import ctypes
-
-    from lb.bpf_testrun import bpf_syscall
-
-    insns = bytes.fromhex("b700000001000000" "9500000000000000")  # mov64 r0, 1; exit
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(b"GPL")
-    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_XDP, insn_cnt=2, insns=ctypes.addressof(buf),
-                         license=ctypes.addressof(lic), prog_name=b"fleet_xdp_drop")
-    return bpf_syscall(BPF_PROG_LOAD, attr, "load the XDP_DROP program")
 
 
 class FleetLab(Lab):
@@ -82,9 +63,9 @@ class FleetLab(Lab):
         # One gateway MAC for every balancer: the router's end of each balancer link gets
         # lb1's, so the same config (gateway_mac) is right on every balancer.
         mac = self.balancers()[0].gw_mac
-        _ip_batch(self.router_ns, [f"link set {h.gw_ifname} address {mac}" for h in self.balancers()[1:]],
-                  "one gateway MAC for the balancers")
-        macs = {link["ifname"]: link.get("address", "") for link in _links_json(self.router_ns)}
+        ip_batch(self.router_ns, [f"link set {h.gw_ifname} address {mac}" for h in self.balancers()[1:]],
+                 "one gateway MAC for the balancers")
+        macs = link_macs(self.router_ns)
         for h in self.balancers():
             h.gw_mac = macs[h.gw_ifname]
         self._save()
@@ -117,19 +98,8 @@ class FleetLab(Lab):
     # ---- processes ----------------------------------------------------------------------------
 
     def _spawn_logged(self, role: str, ns: str | None, argv: list[str], log: str) -> subprocess.Popen:
-        env = dict(os.environ)
-        from netns.lab import REPO
-
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        full = ["ip", "netns", "exec", ns, *argv] if ns else argv
-        with open(os.path.join(self.log_dir, log), "ab") as logf:
-            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    cwd=str(REPO), env=env, start_new_session=True)
-        self.state["processes"].append({"role": role, "ns": ns, "pid": proc.pid,
-                                        "start": _proc_start_time(proc.pid), "argv": argv})
-        self._procs[role] = proc
-        self._save()
-        return proc
+        """A recorded process whose stdout and stderr both go to ``log`` in the log dir."""
+        return self._spawn(role, ns, argv, os.path.join(self.log_dir, log), ready_pipe=False)
 
     def paths(self, name: str) -> dict[str, str]:
         d = self.log_dir
@@ -258,19 +228,18 @@ class FleetLab(Lab):
         BIRD and announcer, and take the XDP program off its link (it would keep
         forwarding without the daemon)."""
         h = self.host(name)
-        fd = load_xdp_drop()
+        fd = load_xdp_action(XDP_DROP, "fleet_xdp_drop")
         try:
-            self.state["prog_ids"].append(_prog_id(fd))
+            self.state["prog_ids"].append(int(prog_info(fd)["id"]))
             self._save()
-            attach_xdp_fd(self.router_ns, h.gw_ifname, fd)
+            xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
         finally:
             os.close(fd)
         for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
             proc = self._procs.get(role)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-        subprocess.run(["ip", "-n", h.ns, "link", "set", "dev", h.ifname, "xdp", "off"], check=True,
-                       capture_output=True, timeout=10)
+        xdp_detach(h.ifname, netns=h.ns)
         for role in (f"daemon-{name}", f"bird-{name}", f"announcer-{name}"):
             proc = self._procs.get(role)
             if proc is not None:
@@ -333,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["FleetLab", "load_xdp_drop", "main"]
+__all__ = ["FleetLab", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

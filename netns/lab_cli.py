@@ -58,7 +58,8 @@ def _load_config(path: str | None):
 # ---- up / down / status ---------------------------------------------------------------------
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from netns.lab import Lab, LabError
+    from netns.errors import LabError
+    from netns.lab import Lab
 
     interrupts = _Interrupts()
     cfg = _load_config(args.config)
@@ -105,7 +106,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from netns.lab import LabError, list_labs, load_state, owner_alive, teardown
+    from netns.errors import LabError
+    from netns.lab_state import list_labs, load_state, owner_alive
+    from netns.teardown import teardown
 
     if args.all == bool(args.names):
         print("lbctl lab down: give lab names or --all", file=sys.stderr)
@@ -174,7 +177,8 @@ def print_status(d: dict[str, Any]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from netns.lab import LabError, describe, list_labs, load_state
+    from netns.errors import LabError
+    from netns.lab_state import describe, list_labs, load_state
 
     names = args.names or list_labs(args.state_dir)
     if not names:
@@ -205,8 +209,10 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
     from rich.console import Console
     from rich.table import Table
 
-    from netns.lab import HTTP_PORT, UDP_PORT, VIP4, VIP6, Lab, leftovers
+    from netns.lab import Lab
     from netns.servers import http_requests, ping, udp_flows
+    from netns.teardown import leftovers
+    from netns.topology import HTTP_PORT, UDP_PORT, VIP4, VIP6
 
     con = Console(highlight=False, width=None if sys.stdout.isatty() else 100)
     t0 = time.monotonic()
@@ -294,7 +300,7 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from netns.lab import LabError
+    from netns.errors import LabError
 
     interrupts = _Interrupts()
     try:
@@ -315,7 +321,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers: Any, groups: dict[str, Any]) -> argparse.ArgumentParser:
     """Add ``lab`` (up|down|status|demo) to an argparse subparsers object. ``groups``:
     lbctl's shared command groups (see lb/cli.py); the lab adds to none."""
-    from netns.lab import DATAPATHS, MAX_REALS, STATE_DIR
+    from netns.datapaths import DATAPATHS
+    from netns.lab_state import STATE_DIR
+    from netns.topology import MAX_REALS
 
     lab = subparsers.add_parser(
         "lab", help="network-namespace lab: clients, router, balancer, reals (DSR)",

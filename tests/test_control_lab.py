@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.
 
 
 def test_restart_under_client_traffic(tmp_path) -> None:
-    from netns.lab import VIP4, Lab
+    from netns.lab import Lab
     from netns.servers import KeepAliveClient, http_requests
+    from netns.topology import VIP4
 
     with Lab(reals=3, datapath="xdp") as lab:
         lb = lab.balancers()[0]

@@ -217,7 +217,8 @@ def test_settings_switch_the_probe_encapsulation(hc_encap) -> None:
 def test_prober_through_the_tunnel() -> None:
     from control.health_probing import DirectProber
     from control.tunnel_probe import TunnelEncap, TunnelProber
-    from netns.lab import VIP4, VIP6, Lab
+    from netns.lab import Lab
+    from netns.topology import VIP4, VIP6
 
     with Lab(reals=3, datapath="xdp") as lab:
         lb = lab.balancers()[0]
@@ -275,7 +276,7 @@ def test_prober_through_the_tunnel() -> None:
 
 
 def _hc_config(lab) -> dict:
-    from netns.lab import VIP4
+    from netns.topology import VIP4
 
     cfg = config_to_dict(lab.config)
     for v in cfg["vips"]:
@@ -286,7 +287,7 @@ def _hc_config(lab) -> dict:
 
 
 def _in_ring(c, addr: str) -> bool:
-    from netns.lab import VIP4
+    from netns.topology import VIP4
 
     for v in c.vips():
         if (v["address"], v["port"], v["protocol"]) == (VIP4, 80, "tcp"):
@@ -318,8 +319,10 @@ def _wait_ring(c, addr: str, want: bool, since: float, limit: float) -> float:
 @pytest.mark.slow
 def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
     from control.health_probing import DirectProber
-    from netns.lab import VIP4, Lab, _wait_ready
+    from netns.lab import Lab
+    from netns.processes import wait_ready
     from netns.servers import http_requests
+    from netns.topology import VIP4
 
     with Lab(reals=3, datapath="xdp") as lab:
         lb = lab.balancers()[0]
@@ -366,7 +369,7 @@ def test_daemon_takes_reals_out_and_back_through_the_tunnel(tmp_path) -> None:
                 # back: server restarted -> in the ring after `rise` successes
                 log = os.path.join(lab.log_dir, f"{victim.name}.log")
                 p = lab._spawn(f"server-{victim.name}", victim.ns, lab._server_argv(victim), log)
-                _wait_ready(p, 20, log, f"the server on {victim.name}")
+                wait_ready(p, 20, log, f"the server on {victim.name}")
                 t_start = time.monotonic()
                 figures["restart_to_in"] = _wait_ring(c, victim.real4, True, t_start, 10)
 

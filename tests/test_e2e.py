@@ -37,9 +37,11 @@ from scapy.utils6 import in6_getnsma, in6_getnsmac
 
 from lb import constants as C
 from lb.kernel.netns import run_in_netns
-from netns.lab import HTTP_PORT, UDP_PORT, VIP4, VIP6, Lab, leftovers
+from netns.lab import Lab
 from netns.ns import Iface, Netns
 from netns.servers import KeepAliveClient, http_requests, ping, udp_flows
+from netns.teardown import leftovers
+from netns.topology import HTTP_PORT, UDP_PORT, VIP4, VIP6
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import pytest
 
 from lb.config import parse_config
-from netns.lab import VIP4, VIP6, Lab, leftovers, seg4, seg6
 from lb.kernel.netns import run_in_netns
+from netns.lab import Lab
 from netns.quic import quic_session
+from netns.teardown import leftovers
+from netns.topology import VIP4, VIP6, seg4, seg6
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 

@@ -129,8 +129,9 @@ def test_speaker_files_and_configs(tmp_path) -> None:
 @pytest.mark.slow
 def test_balancer_host_dies_connections_survive() -> None:
     from netns.fleet import FleetLab
-    from netns.lab import VIP4, VIP6, leftovers
     from netns.servers import KeepAliveClient, http_requests
+    from netns.teardown import leftovers
+    from netns.topology import VIP4, VIP6
 
     lab = FleetLab(reals=3, balancers=2)
     conns: list[KeepAliveClient] = []
@@ -194,7 +195,8 @@ def test_drain_and_sigterm_withdraw() -> None:
     import signal
 
     from netns.fleet import FleetLab
-    from netns.lab import VIP4, leftovers
+    from netns.teardown import leftovers
+    from netns.topology import VIP4
 
     lab = FleetLab(reals=2, balancers=2)
     try:
@@ -236,8 +238,9 @@ def test_shared_config_in_etcd() -> None:
 
     from control.client import ApiError, Client
     from netns.fleet import FleetLab
-    from netns.lab import VIP4, leftovers
     from netns.servers import http_requests
+    from netns.teardown import leftovers
+    from netns.topology import VIP4
 
     lab = FleetLab(reals=3, balancers=2, etcd=True)
     try:

@@ -82,8 +82,9 @@ def test_udp_and_tcp_through_balancer_and_decap_with_gue(family):
     exchanges from the client namespace reach the reals through the XDP balancer and
     the reals' decap program, and every request is answered."""
     from lb.config import config_to_dict, parse_config
-    from netns.lab import UDP_PORT, VIP4, VIP6, Lab
+    from netns.lab import Lab
     from netns.servers import http_requests, udp_flows
+    from netns.topology import UDP_PORT, VIP4, VIP6
 
     vip = VIP4 if family == 4 else VIP6
     with Lab(reals=2, datapath="xdp") as lab:

@@ -2,7 +2,7 @@
 nothing of it survives its end — normal exit, an exception in the test using it, an
 exception or Ctrl-C in the middle of the build, ``lbctl lab down`` from another process.
 
-"Nothing" is checked by :func:`netns.lab.leftovers` against the state recorded while
+"Nothing" is checked by :func:`netns.teardown.leftovers` against the state recorded while
 building: namespaces, links named after the lab in the root namespace, the pinned-map
 directory, server processes, loaded BPF programs (XDP on every veth the lab attached
 to), the state file and logs.
@@ -26,24 +26,16 @@ import pytest
 
 from lb import layout
 from lb.kernel.maps import map_lookup
-from netns.lab import (
-    EDGE_MTU,
-    HTTP_PORT,
-    INNER_MTU,
-    VIP4,
-    VIP6,
-    DatapathUnavailable,
-    Lab,
-    LabError,
-    leftovers,
-    list_labs,
-    load_state,
-    process_alive,
-    prog_exists,
-    teardown,
-)
+from lb.kernel.progs import prog_exists
+from netns.datapaths import DatapathUnavailable
+from netns.errors import LabError
+from netns.lab import Lab
+from netns.lab_state import list_labs, load_state
 from netns.ns import ALLOWED_NETS, list_netns
+from netns.processes import process_alive
 from netns.servers import http_requests, udp_flows
+from netns.teardown import leftovers, teardown
+from netns.topology import EDGE_MTU, HTTP_PORT, INNER_MTU, VIP4, VIP6
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 

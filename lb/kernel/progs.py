@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 
 from lb.kernel.bpf_attr import GetFdByIdAttr, InfoAttr, ProgLoadAttr, address_of
 from lb.kernel.syscall import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, BPF_PROG_LOAD, bpf_syscall
@@ -26,6 +28,18 @@ def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> 
 def prog_fd_by_id(prog_id: int) -> int:
     """A new fd of the program with id ``prog_id`` (KernelError ENOENT: none)."""
     return bpf_syscall(BPF_PROG_GET_FD_BY_ID, GetFdByIdAttr(id=prog_id), f"prog fd of id {prog_id}")
+
+
+def prog_exists(prog_id: int) -> bool:
+    """Whether a program with id ``prog_id`` is still loaded."""
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    os.close(fd)
+    return True
 
 
 def _info(fd: int, buf: ctypes.Array) -> int:

@@ -1,0 +1,51 @@
+"""The lab's own BPF objects, made with :mod:`lb.kernel`: a two-instruction XDP program
+that returns one action, a program's map pinned by name, a pinned per-CPU array read
+back summed over CPUs."""
+
+from __future__ import annotations
+
+import os
+
+from lb.kernel.cpus import possible_cpus
+from lb.kernel.maps import map_fd_by_id, map_info, map_lookup_batch
+from lb.kernel.objects import obj_get, obj_pin
+from lb.kernel.progs import BPF_PROG_TYPE_XDP, prog_load, prog_map_ids
+from netns.errors import LabError
+
+
+def load_xdp_action(action: int, name: str) -> int:
+    """Load ``r0 = action; exit`` (an lb.constants XDP_* action) as XDP program ``name``
+    and return its fd. No compiler needed."""
+    mov_r0 = bytes([0xb7, 0, 0, 0]) + action.to_bytes(4, "little")  # mov64 r0, action
+    return prog_load(BPF_PROG_TYPE_XDP, mov_r0 + bytes.fromhex("9500000000000000"), name)  # exit
+
+
+def pin_prog_map(prog_fd: int, map_name: str, path: str) -> None:
+    """Pin the map called ``map_name`` that program ``prog_fd`` uses (found through the
+    program's map ids, so no loader internals are needed)."""
+    for map_id in prog_map_ids(prog_fd):
+        fd = map_fd_by_id(map_id)
+        try:
+            if map_info(fd).name.decode() == map_name:
+                obj_pin(fd, path)
+                return
+        finally:
+            os.close(fd)
+    raise LabError(f"program has no map named {map_name}")
+
+
+def read_percpu_array(path: str, n: int) -> list[int]:
+    """A pinned per-CPU array of u64 (``n`` slots), summed over CPUs."""
+    ncpus = possible_cpus()
+    fd = obj_get(path)
+    try:
+        keys, values, count = map_lookup_batch(fd, 4, 8 * ncpus)
+    finally:
+        os.close(fd)
+    out = [0] * n
+    for i in range(count):
+        k = int.from_bytes(keys[4 * i:4 * i + 4], "little")
+        row = values[8 * ncpus * i:8 * ncpus * (i + 1)]
+        if k < n:
+            out[k] = sum(int.from_bytes(row[8 * c:8 * c + 8], "little") for c in range(ncpus))
+    return out
