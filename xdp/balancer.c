@@ -505,6 +505,71 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 	return 0;
 }
 
+/* Rows 9-13, shared by both families: the L4 header at the cursor. pkt->flow has its
+ * family, protocol and addresses; l3 is the IP header, l4_room the packet's bytes from
+ * the cursor on; data and data_end are the caller's (the verifier knows their range).
+ * Inlined once per family, so each copy is specialised to its family. */
+static __always_inline int process_l4(void *data, void *data_end, struct hdr_cursor *nh,
+				      struct pkt_desc *pkt, void *l3, __u32 l4_room, __u32 *stat)
+{
+	int v6 = pkt->flow.family == FAMILY_V6;
+	__u8 proto = pkt->flow.proto;
+
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)tcp);
+		pkt->tcp_syn = tcp->syn;
+		return LB_FORWARD;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = nh->pos;
+
+		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
+		return LB_FORWARD;
+	}
+	if (proto == (v6 ? IPPROTO_ICMPV6 : IPPROTO_ICMP)) {
+		struct icmphdr *icmp = nh->pos; /* type first in ICMPv4 and ICMPv6 alike */
+		int err;
+
+		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
+			*stat = STAT_DROP_MALFORMED; /* row 9 */
+			return XDP_DROP;
+		}
+		if (icmp->type == (v6 ? ICMPV6_ECHO_REQUEST : ICMP_ECHO_REQUEST)) {
+			if (v6)
+				icmp6_echo_reply(data, l3, (struct icmp6hdr *)icmp);
+			else
+				icmp4_echo_reply(data, l3, icmp);
+			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
+			return XDP_TX;
+		}
+		if (v6 ? icmp->type == ICMPV6_DEST_UNREACH || icmp->type == ICMPV6_PKT_TOOBIG
+		       : icmp->type == ICMP_DEST_UNREACH) {
+			err = v6 ? parse_icmp_inner_v6(icmp, data_end, l4_room, &pkt->flow)
+				 : parse_icmp_inner_v4(icmp, data_end, l4_room, &pkt->flow);
+			if (err < 0) {
+				*stat = STAT_DROP_MALFORMED; /* row 12 */
+				return XDP_DROP;
+			}
+			pkt->icmp_err = 1;
+			return LB_FORWARD;
+		}
+		*stat = STAT_PASS_NOT_VIP; /* row 13 */
+		return XDP_PASS;
+	}
+	*stat = STAT_PASS_NOT_VIP; /* row 10 */
+	return XDP_PASS;
+}
+
 static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *nh,
 					struct pkt_desc *pkt, __u32 *stat)
 {
@@ -548,52 +613,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	pkt->flow.src.v4 = iph->saddr;
 	pkt->flow.dst.v4 = iph->daddr;
 
-	if (iph->protocol == IPPROTO_TCP) {
-		struct tcphdr *tcp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		flow_set_ports(&pkt->flow, (struct l4_ports *)tcp);
-		pkt->tcp_syn = tcp->syn;
-		return LB_FORWARD;
-	}
-	if (iph->protocol == IPPROTO_UDP) {
-		struct udphdr *udp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
-		return LB_FORWARD;
-	}
-	if (iph->protocol == IPPROTO_ICMP) {
-		struct icmphdr *icmp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		if (icmp->type == ICMP_ECHO_REQUEST) {
-			icmp4_echo_reply(data, iph, icmp);
-			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
-			return XDP_TX;
-		}
-		if (icmp->type == ICMP_DEST_UNREACH) {
-			if (parse_icmp_inner_v4(icmp, data_end, l4_room, &pkt->flow) < 0) {
-				*stat = STAT_DROP_MALFORMED; /* row 12 */
-				return XDP_DROP;
-			}
-			pkt->icmp_err = 1;
-			return LB_FORWARD;
-		}
-		*stat = STAT_PASS_NOT_VIP; /* row 13 */
-		return XDP_PASS;
-	}
-	*stat = STAT_PASS_NOT_VIP; /* row 10 */
-	return XDP_PASS;
+	return process_l4(data, data_end, nh, pkt, iph, l4_room, stat);
 }
 
 static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh,
@@ -635,53 +655,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
 	__builtin_memcpy(&pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 
-	if (ip6h->nexthdr == IPPROTO_TCP) {
-		struct tcphdr *tcp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, sizeof(*tcp)) || (void *)(tcp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		flow_set_ports(&pkt->flow, (struct l4_ports *)tcp);
-		pkt->tcp_syn = tcp->syn;
-		return LB_FORWARD;
-	}
-	if (ip6h->nexthdr == IPPROTO_UDP) {
-		struct udphdr *udp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, sizeof(*udp)) || (void *)(udp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		flow_set_ports(&pkt->flow, (struct l4_ports *)udp);
-		return LB_FORWARD;
-	}
-	if (ip6h->nexthdr == IPPROTO_ICMPV6) {
-		struct icmp6hdr *icmp = nh->pos;
-
-		if (!l4_fits(nh, data_end, l4_room, ICMP_HLEN) || (void *)(icmp + 1) > data_end) {
-			*stat = STAT_DROP_MALFORMED; /* row 9 */
-			return XDP_DROP;
-		}
-		if (icmp->icmp6_type == ICMPV6_ECHO_REQUEST) {
-			icmp6_echo_reply(data, ip6h, icmp);
-			*stat = STAT_TX_ICMP_ECHO_REPLY; /* row 11 */
-			return XDP_TX;
-		}
-		if (icmp->icmp6_type == ICMPV6_DEST_UNREACH ||
-		    icmp->icmp6_type == ICMPV6_PKT_TOOBIG) {
-			if (parse_icmp_inner_v6(icmp, data_end, l4_room, &pkt->flow) < 0) {
-				*stat = STAT_DROP_MALFORMED; /* row 12 */
-				return XDP_DROP;
-			}
-			pkt->icmp_err = 1;
-			return LB_FORWARD;
-		}
-		*stat = STAT_PASS_NOT_VIP; /* row 13 */
-		return XDP_PASS;
-	}
-	*stat = STAT_PASS_NOT_VIP; /* row 10 */
-	return XDP_PASS;
+	return process_l4(data, data_end, nh, pkt, ip6h, l4_room, stat);
 }
 
 /* ---- entry -------------------------------------------------------------------------- */
