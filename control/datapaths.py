@@ -63,7 +63,7 @@ class Stats:
 
 @dataclass(frozen=True)
 class ConnEntry:
-    """One connection-table entry (XDP: summed over the per-CPU tables)."""
+    """One connection-table entry."""
 
     src: str
     dst: str

@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from lb import constants as C
-from lb.healthcheck_config import HealthCheck, HttpCheck, UdpCheck  # the vips[].healthcheck section
+from lb.healthcheck_config import HealthCheck, HttpCheck, UdpCheck, int_range  # vips[].healthcheck
 from lb.maglev import is_prime
 
 __all__ = [
@@ -132,17 +132,6 @@ def _canonical_ip(value: Any) -> str:
     return str(_parse_ip(value))
 
 
-def _int_range(lo: int, hi: int) -> AfterValidator:
-    """A range check whose message shows both ends: ``must be 0..65535 (got 70000)``."""
-
-    def check(v: int) -> int:
-        if not lo <= v <= hi:
-            raise ValueError(f"must be {lo}..{hi} (got {v})")
-        return v
-
-    return AfterValidator(check)
-
-
 def _prime(v: int) -> int:
     if not is_prime(v):
         raise ValueError(f"{v} is not prime")
@@ -231,7 +220,7 @@ class GueSettings(BaseModel):
 
     model_config = _STRICT
 
-    port: Annotated[int, _int_range(1, 65535)] = GUE_DEFAULT_PORT
+    port: Annotated[int, int_range(1, 65535)] = GUE_DEFAULT_PORT
     source_v4: Address | None = None
     source_v6: Address | None = None
 
@@ -266,11 +255,11 @@ class Settings(BaseModel):
     gateway_mac: Mac
     encap: Literal["ipip", "gue"] = "ipip"
     gue: GueSettings = GueSettings()
-    max_frame_size: Annotated[int, _int_range(*MAX_FRAME_SIZE_RANGE)] = C.MAX_FRAME_SIZE
+    max_frame_size: Annotated[int, int_range(*MAX_FRAME_SIZE_RANGE)] = C.MAX_FRAME_SIZE
     # Path MTU towards the reals (largest outer IP packet). When set, a packet that would
     # exceed it once encapsulated is answered with ICMP "fragmentation needed" / ICMPv6
     # "packet too big" instead of being sent (docs/datapath.md). None: not checked.
-    mtu: Annotated[int, _int_range(C.MIN_MTU, MAX_FRAME_SIZE_RANGE[1])] | None = None
+    mtu: Annotated[int, int_range(C.MIN_MTU, MAX_FRAME_SIZE_RANGE[1])] | None = None
     local_addresses: Annotated[list[Address], BeforeValidator(_none_is_empty)] = []
 
     @model_validator(mode="after")
@@ -309,7 +298,7 @@ class Vip(BaseModel):
     model_config = _STRICT
 
     address: Address
-    port: Annotated[int, _int_range(0, 65535)]  # 0 = any port
+    port: Annotated[int, int_range(0, 65535)]  # 0 = any port
     protocol: Literal["tcp", "udp"]
     hash: Literal["maglev", "maglev_v2"] = "maglev_v2"
     flags: Annotated[list[Flag], BeforeValidator(_none_is_empty)] = []
@@ -350,7 +339,7 @@ class QuicServer(BaseModel):
 
     model_config = _STRICT
 
-    id: Annotated[int, _int_range(1, C.MAX_QUIC_SERVER_ID)]
+    id: Annotated[int, int_range(1, C.MAX_QUIC_SERVER_ID)]
     real: Address
 
 

@@ -34,7 +34,10 @@ MAX_PAYLOAD = 1400  # bytes of a UDP probe or of an expected response substring
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _int_range(lo: int, hi: int) -> AfterValidator:
+def int_range(lo: int, hi: int) -> AfterValidator:
+    """A range check whose message shows both ends: ``must be 0..65535 (got 70000)``
+    (lb.config uses it too)."""
+
     def check(v: int) -> int:
         if not lo <= v <= hi:
             raise ValueError(f"must be {lo}..{hi} (got {v})")
@@ -112,11 +115,11 @@ class HealthCheck(BaseModel):
     model_config = _STRICT
 
     type: Literal["tcp", "http", "udp"]
-    port: Annotated[int, _int_range(1, 65535)] | None = None  # default: the VIP's port
+    port: Annotated[int, int_range(1, 65535)] | None = None  # default: the VIP's port
     interval: Seconds = 2.0
     timeout: Seconds = 1.0
-    rise: Annotated[int, _int_range(1, 100)] = 2
-    fall: Annotated[int, _int_range(1, 100)] = 3
+    rise: Annotated[int, int_range(1, 100)] = 2
+    fall: Annotated[int, int_range(1, 100)] = 3
     http: HttpCheck | None = None  # type http only; default HttpCheck()
     udp: UdpCheck | None = None  # type udp only; default UdpCheck()
     on_all_down: Literal["fail_open", "drop"] = "fail_open"
