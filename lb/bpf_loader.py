@@ -29,8 +29,6 @@ import numpy as np
 from lb import constants, layout
 from lb.c_header import c_flags
 from lb.datapath_tables import routing_tables
-from lb.vip_index import conn_set_index
-from lb.xdp_maps import ConnSets, VipIndex
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
@@ -51,6 +49,8 @@ from lb.kernel.objects import BPFFS, obj_get, obj_pin
 from lb.kernel.progs import prog_info
 from lb.kernel.syscall import KernelError
 from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, xdp_attach, xdp_detach
+from lb.xdp_maps import ConnSets, VipIndex
+from lb.xdp_tables import conn_set_index
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PROG_NAME = "balancer_xdp"
@@ -154,7 +154,7 @@ class XdpBalancer:
         self.load_seconds = time.monotonic() - t0
         self._map_rings()
         self._vip_index = VipIndex(self.map_fd("vip_slots"), self.map_fd("lb_runtime"),
-                                   constants.vip_slots(max_vips), map_update_batch)
+                                   constants.vip_slots(max_vips))
         self._conn = ConnSets(self.map_fd("conn_sets"), self.map_fd("conn_keys"), self.ncpus,
                               conn_table_size)
 

@@ -31,7 +31,7 @@ CONN_UDP_TIMEOUT = LRU_UDP_TIMEOUT_NS >> CONN_TIME_SHIFT  # 28610 units = 29.999
 # --- hashing (Katran) ----------------------------------------------------------------
 JHASH_INITVAL = 0xDEADBEEF
 # Multiply-xorshift constant of the XDP program's internal table hashes (VIP index,
-# connection-table sets; lb/vip_index.py). Not Katran's, never on the wire.
+# connection-table sets; lb/xdp_tables.py). Not Katran's, never on the wire.
 MIX_K = 0x9E3779B97F4A7C15
 # The flow-hash seeds are derived from the sizes: jhash_2words(..., ch_rings_size(...))
 # and, for IPv6 sources, jhash(src, 16, max_vips).

@@ -83,7 +83,7 @@ QUIC_SERVER = np.dtype(
     {"names": ["server_id", "real_id"], "formats": ["<u4", "<u4"], "offsets": [0, 4], "itemsize": 8}
 )
 
-# VIP index slot (the XDP program's VIP lookup, lb/vip_index.py): a VIP_KEY and its
+# VIP index slot (the XDP program's VIP lookup, lb/xdp_tables.py): a VIP_KEY and its
 # VIP_META, open addressing in an array map. family 0 = empty slot. 32 bytes.
 VIP_SLOT = np.dtype(
     {
@@ -95,7 +95,7 @@ VIP_SLOT = np.dtype(
 )
 
 # Runtime words the datapath reads beside ctl (one entry, mmap-able). ``vip_index``: bit 0
-# = the live half of vip_slots, bits 32-63 = its hash seed (lb/vip_index.py); one aligned
+# = the live half of vip_slots, bits 32-63 = its hash seed (lb/xdp_tables.py); one aligned
 # u64, so the control plane switches half and seed in one store. ``conn_seed``: the
 # connection table's set-hash seed (random, chosen when the map is new). 16 bytes.
 RUNTIME = np.dtype(
@@ -104,7 +104,7 @@ RUNTIME = np.dtype(
 )
 
 # Connection-table entry of the XDP program (xdp/generated/lb_shared.h): tag = the flow's 64-bit set
-# hash ^ real_id * MIX_K (lb/vip_index.py) with its low 2 bits the entry's slot in the
+# hash ^ real_id * MIX_K (lb/xdp_tables.py) with its low 2 bits the entry's slot in the
 # set's conn_keys, real_id (0 = empty), atime in units of
 # 2**constants.CONN_TIME_SHIFT ns. Four make a set, one cache line. 16 bytes.
 CONN_ENTRY = np.dtype(

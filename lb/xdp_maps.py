@@ -3,7 +3,7 @@ connection table (xdp/maps.h: vip_slots, lb_runtime, conn_sets).
 
 Both live in mmap-able array maps. The VIP index is rebuilt whole from the canonical VIP
 set (vip_map) into the half the program is not reading, then switched on with one
-aligned 8-byte store to ``lb_runtime.vip_index`` (lb/vip_index.py). The connection table
+aligned 8-byte store to ``lb_runtime.vip_index`` (lb/xdp_tables.py). The connection table
 is read and cleared through its mapping.
 """
 
@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from lb import constants, layout
-from lb.vip_index import build_vip_slots
+from lb.kernel.maps import map_update_batch
+from lb.xdp_tables import build_vip_slots
 
 # A half of vip_slots is rewritten only after it has been out of use this long: every
 # program run that could still be probing it (microseconds) has ended by then.
@@ -37,11 +38,9 @@ def map_array(fd: int, value_size: int, entries: int) -> tuple[mmap.mmap, np.nda
 class VipIndex:
     """Writer of vip_slots + lb_runtime.vip_index (and the connection-table seed)."""
 
-    def __init__(self, slots_fd: int, runtime_fd: int, nslots: int,
-                 update_batch) -> None:
+    def __init__(self, slots_fd: int, runtime_fd: int, nslots: int) -> None:
         self.nslots = nslots
         self._slots_fd = slots_fd
-        self._update_batch = update_batch  # lb's BPF_MAP_UPDATE_BATCH (fd, keys, values)
         self._mm, raw = map_array(runtime_fd, layout.RUNTIME.itemsize, 1)
         self._rt = raw.view(np.uint64).reshape(2)  # [vip_index, conn_seed]
         self._retired = 0.0  # when the half not live now was last switched off
@@ -64,7 +63,7 @@ class VipIndex:
         if wait > 0:
             time.sleep(wait)
         idx = np.arange(half * self.nslots, (half + 1) * self.nslots, dtype=np.uint32)
-        self._update_batch(self._slots_fd, idx, slots)
+        map_update_batch(self._slots_fd, idx, slots)
         self._rt[0] = np.uint64((seed << 32) | half)  # one aligned store
         self._retired = time.monotonic()
 

@@ -1,6 +1,6 @@
 """The XDP program's helper-free tables: the VIP index (vip_slots) and the
 set-associative connection table (conn_sets), through BPF_PROG_TEST_RUN, with the hashes
-mirrored in lb/vip_index.py."""
+mirrored in lb/xdp_tables.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lb import constants as C
 from lb import layout
 from lb.bpf_loader import XdpBalancer
 from lb.kernel.testrun import test_run as bpf_test_run
-from lb.vip_index import VipIndexError, build_vip_slots, conn_set_hash, conn_tag, vip_hash
+from lb.xdp_tables import VipIndexError, build_vip_slots, conn_set_hash, conn_tag, vip_hash
 
 from test_xdp_basic import CLIENT4, LB_MAC, ROUTER_MAC, VIP4, build_tables
 

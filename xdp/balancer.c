@@ -81,7 +81,7 @@ static __always_inline struct lb_runtime *runtime(void)
 	return lb_runtime.lookup(&zero);
 }
 
-/* The VIP of k in the live half of the index (lb/vip_index.py), or NULL. */
+/* The VIP of k in the live half of the index (lb/xdp_tables.py), or NULL. */
 static __always_inline struct vip_meta *vip_find(const struct vip_words *k)
 {
 	struct lb_runtime *rt = runtime();

@@ -1,4 +1,4 @@
-/* Hashes of the helper-free lookups (lb/vip_index.py builds and mirrors them): the VIP
+/* Hashes of the helper-free lookups (lb/xdp_tables.py builds and mirrors them): the VIP
  * index and the connection table's sets. Keys are read as little-endian 64-bit words,
  * mixed with one multiply-xorshift step each (lb_mix). Internal, seeded, never on the
  * wire. The probing itself is in balancer.c, where the maps are.

@@ -28,7 +28,7 @@
  * written and read back by the control plane. The program reads vip_slots. */
 LB_MAP("hash", struct vip_key, struct vip_meta, vip_map, MAX_VIPS, 0);
 
-/* The VIP index the program reads (lb/vip_index.py): two halves of VIP_SLOTS slots,
+/* The VIP index the program reads (lb/xdp_tables.py): two halves of VIP_SLOTS slots,
  * lb_runtime.vip_index says which one is live. */
 LB_MAP("array", __u32, struct vip_slot, vip_slots, 2 * VIP_SLOTS, 0);
 

@@ -1,10 +1,12 @@
-"""The XDP program's VIP index and connection-table hashing, built and mirrored here.
+"""The XDP program's helper-free tables, the pure part: the hashes of the VIP index and
+of the connection table's sets, mirrored from xdp/lookup.h, and the VIP index builder
+(lb/xdp_maps.py reads and writes the maps themselves).
 
 The XDP program finds a VIP without a helper call: ``vip_slots`` is an array map of
 :data:`lb.layout.VIP_SLOT` entries with open addressing (linear probing, at most
 ``constants.VIP_PROBES`` slots from a key's home slot), in two halves of
 ``constants.vip_slots(max_vips)`` slots. The control plane builds the whole index into
-the half the program is not reading and then flips ``lb_runtime.vip_half``: a reader sees
+the half the program is not reading and then switches ``lb_runtime.vip_index``: a reader sees
 the old index or the new one, never a mix. The canonical VIP set stays in ``vip_map``.
 
 Both hashes are the multiply-xorshift :func:`mix` over little-endian 64-bit words of a
