@@ -19,6 +19,9 @@ a previous daemon.
 from __future__ import annotations
 
 import errno
+import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +46,37 @@ from lb import constants as C
 from lb import layout
 from lb.datapath_tables import DatapathTables
 
-__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort"]
+__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort",
+           "FAULT_RING_WRITE_DELAY", "fault_ring_write_delay"]
+
+log = logging.getLogger("lb.datapath")
+
+# Test-only fault injection (tests/test_faults_daemon_kill.py): seconds to sleep in the
+# middle of every ring write, between its first and second half of slots, so that a
+# SIGKILL can be aimed at a reconcile that has half-written a ring. Read once, where a
+# port is made (the edge), never by the packet path; unset or 0 in production.
+FAULT_RING_WRITE_DELAY = "LB_FAULT_RING_WRITE_DELAY"
+
+
+def fault_ring_write_delay() -> float:
+    """The injected delay in seconds (0.0: none); logs a warning when one is set."""
+    raw = os.environ.get(FAULT_RING_WRITE_DELAY, "")
+    try:
+        delay = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{FAULT_RING_WRITE_DELAY}={raw!r}: expected seconds") from None
+    if delay < 0:
+        raise ValueError(f"{FAULT_RING_WRITE_DELAY}={raw!r}: must not be negative")
+    if delay:
+        log.warning("fault injection: every ring write sleeps %.2f s half-way (%s)", delay,
+                    FAULT_RING_WRITE_DELAY)
+    return delay
+
+
+def _half_written(kind: str, vip_num: int, done: int, total: int, delay: float) -> None:
+    log.warning("fault injection: ring %d half written (%s, %d of %d slots), sleeping %.2f s",
+                vip_num, kind, done, total, delay)
+    time.sleep(delay)
 
 COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
 # entries each routing map holds (as sized in lb.bpf_loader / xdp/maps.h)
@@ -96,6 +129,7 @@ class MemoryPort:
         self.fail = fail
         self.writes: list[Op] = []
         self.commits = 0
+        self.ring_write_delay = fault_ring_write_delay()
 
     # view
     def vip_entries(self) -> dict[bytes, bytes]:
@@ -126,6 +160,10 @@ class MemoryPort:
         elif isinstance(op, WriteCtl):
             self.ctl = op.new
         elif isinstance(op, WriteRing):
+            half = op.slots.size // 2
+            if self.ring_write_delay and half:
+                self.rings[op.vip_num, op.slots[:half]] = op.new[:half]
+                _half_written(self.kind, op.vip_num, half, op.slots.size, self.ring_write_delay)
             self.rings[op.vip_num, op.slots] = op.new
         elif isinstance(op, PutVipAddr):
             if op.key not in self.addrs and len(self.addrs) >= self.sizes.max_vips:
@@ -269,6 +307,7 @@ class XdpPort:
         # published in one switch, before the next other write (so the reconciler's
         # order still holds) or at commit
         self._vips_unpublished = False
+        self.ring_write_delay = fault_ring_write_delay()
 
     def _publish_vips(self) -> None:
         if self._vips_unpublished:
@@ -336,6 +375,11 @@ class XdpPort:
             B.map_update(self._fd("ctl"), (0).to_bytes(4, "little"), op.new)
         elif isinstance(op, WriteRing):
             ring = self.bal.ring(op.vip_num)
+            half = op.slots.size // 2
+            if self.ring_write_delay and half:
+                ring[op.slots[:half]] = op.new[:half]
+                self.bal.update_ring(op.vip_num, ring)
+                _half_written(self.kind, op.vip_num, half, op.slots.size, self.ring_write_delay)
             ring[op.slots] = op.new
             self.bal.update_ring(op.vip_num, ring)
         elif isinstance(op, PutVipAddr):
