@@ -192,3 +192,58 @@ def test_xdp_daemon_sigkill_under_load_loses_no_frame(tmp_path: Path) -> None:
             if d is not None:
                 d.stop()
             XdpBalancer.unpin_dir(pin_dir)
+
+
+def test_userspace_daemon_sigkill_under_load_loss_bounded_by_downtime(tmp_path: Path) -> None:
+    from bcc import BPF
+
+    from bench.bench_xdp import Bed, template
+    from lb.kernel.xdp import XDP_MODE_FLAGS, xdp_attach
+    from lb.pktgen import PacketGenerator
+
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    d = passer = None
+    with PacketGenerator() as gen, Bed(gen, topology=True, gen_cpu=0, other_cpu=1) as bed:
+        try:
+            bed.sink.set_key_mode("flow")
+            # veth hands XDP_TX'd frames (the generator's) only to a peer whose NAPI runs:
+            # an XDP_PASS program on B; the daemon's AF_PACKET socket sees what it passes
+            passer = BPF(text=b"int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
+            bed.put_on_b(passer.load_func(b"pass_all", BPF.XDP).fd)
+            d = Daemon(tmp_path, "--netns", bed.b.ns.name, interface=bed.b.name, datapath="userspace",
+                       config=_config(bed.gateway_mac))
+            d.start()
+            gen.set_template(template(4, "198.18.0.1", VIP, bed.a.mac_bytes, bed.b.mac_bytes),
+                             flows=FLOWS, vary="src_port")
+            down: list[tuple[float, float]] = []  # kill .. restarted daemon ready
+            kills = 2  # each restart compiles the numba datapath (5-15 s on a busy machine)
+            # paced far below what the userspace datapath forwards: loss is the down time's
+            with Stream(gen, bed, chunk=FLOWS, pause=0.01) as stream:
+                time.sleep(1.0)
+                for _ in range(kills):
+                    time.sleep(0.3 + rng.random())
+                    # frames already in the socket's ring when it dies were sent just before
+                    t0 = time.monotonic() - 0.1
+                    assert d.kill(signal.SIGKILL) == -signal.SIGKILL
+                    d.start()
+                    down.append((t0, time.monotonic()))
+                time.sleep(1.0)
+            assert not stream.errors, stream.errors
+            sent = stream.sent
+            received = _wait_drained(bed, sent)
+            lost = sent - received
+            bound = stream.sent_in(down)
+            flows = _flows_and_reals(bed.sink)
+            moved = {f: r for f, r in flows.items() if len(r) != 1}
+            down_s = sum(e - s for s, e in down)
+            print(f"MEASURED userspace daemon SIGKILL under load: {kills} kills, down {down_s:.1f} s in all "
+                  f"({', '.join(f'{e - s:.1f}' for s, e in down)} s), sent {sent}, received {received}, "
+                  f"lost {lost}, sent while down {bound}; flows {len(flows)}, kept their real "
+                  f"{len(flows) - len(moved)}")
+            assert 0 < lost <= bound
+            assert len(flows) == FLOWS and not moved
+        finally:
+            if d is not None:
+                d.stop()
+            if passer is not None:
+                passer.cleanup()
