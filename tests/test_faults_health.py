@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.
 
 INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.4, 2, 3
 BOUND = INTERVAL * FALL + TIMEOUT
-RING_WRITE_ALLOWANCE = 0.05  # docs/api.md: the verdict's reconcile, on top of the bound
+RING_WRITE_ALLOWANCE = 0.05  # docs/api.md: the daemon acting on the verdict (wake-up, ring write)
 
 
 def _ip(ns: str, *args: str) -> None:
