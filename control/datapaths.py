@@ -46,8 +46,8 @@ from lb import constants as C
 from lb import layout
 from lb.datapath_tables import DatapathTables
 
-__all__ = ["Stats", "ConnEntry", "MemoryPort", "UserspacePort", "UserspaceIoPort", "XdpPort",
-           "FAULT_RING_WRITE_DELAY", "fault_ring_write_delay"]
+__all__ = ["FAULT_RING_WRITE_DELAY", "ConnEntry", "MemoryPort", "Stats", "UserspaceIoPort", "UserspacePort",
+           "XdpPort", "fault_ring_write_delay"]
 
 log = logging.getLogger("lb.datapath")
 
