@@ -438,3 +438,28 @@ def test_a_full_vip_table_can_be_replaced() -> None:
     assert kinds.index("PutVip") > max(i for i, k in enumerate(kinds) if k in ("DeleteVip", "DeleteVipAddr"))
     apply(p, port)
     assert plan(port, d2).empty and ids2.vips == {v.key: i for i, v in enumerate(b.vips)}
+
+
+def test_fault_hook_sleeps_half_way_through_a_ring_write(monkeypatch, caplog) -> None:
+    """LB_FAULT_RING_WRITE_DELAY (test-only, tests/test_faults_daemon_kill.py): the first
+    half of a ring write's slots is in place while the port sleeps; the rest follows."""
+    import control.datapaths as dps
+
+    monkeypatch.setenv(dps.FAULT_RING_WRITE_DELAY, "0.25")
+    port = MemoryPort(Sizes(ring_size=13, max_vips=8, max_reals=32, conn_table_size=64))
+    assert port.ring_write_delay == 0.25
+    seen: list[tuple[float, np.ndarray]] = []
+    monkeypatch.setattr(dps.time, "sleep", lambda s: seen.append((s, port.ring(0))))
+    slots = np.arange(1, 11, dtype=np.int64)
+    with caplog.at_level("WARNING", logger="lb.datapath"):
+        port.apply(WriteRing(0, slots, np.full(10, 7, dtype=np.uint32), np.zeros(10, dtype=np.uint32)))
+    assert len(seen) == 1 and seen[0][0] == 0.25
+    assert list(seen[0][1][1:11]) == [7] * 5 + [0] * 5  # half written during the sleep
+    assert list(port.ring(0)[1:11]) == [7] * 10
+    assert "ring 0 half written (memory, 5 of 10 slots)" in caplog.text
+    monkeypatch.delenv(dps.FAULT_RING_WRITE_DELAY)
+    assert MemoryPort(port.sizes).ring_write_delay == 0.0  # unset: no delay, no sleep
+    for bad in ("soon", "-1"):
+        monkeypatch.setenv(dps.FAULT_RING_WRITE_DELAY, bad)
+        with pytest.raises(ValueError, match=dps.FAULT_RING_WRITE_DELAY):
+            MemoryPort(port.sizes)
