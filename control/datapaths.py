@@ -73,10 +73,17 @@ def fault_ring_write_delay() -> float:
     return delay
 
 
-def _half_written(kind: str, vip_num: int, done: int, total: int, delay: float) -> None:
-    log.warning("fault injection: ring %d half written (%s, %d of %d slots), sleeping %.2f s",
-                vip_num, kind, done, total, delay)
-    time.sleep(delay)
+def _write_ring(op: WriteRing, write: Callable[[np.ndarray, np.ndarray], None], delay: float,
+                kind: str) -> None:
+    """``write(slots, values)`` for the op's slots; with an injected ``delay``, the first
+    half first, then a logged sleep, then all of them."""
+    half = op.slots.size // 2
+    if delay and half:
+        write(op.slots[:half], op.new[:half])
+        log.warning("fault injection: ring %d half written (%s, %d of %d slots), sleeping %.2f s",
+                    op.vip_num, kind, half, op.slots.size, delay)
+        time.sleep(delay)
+    write(op.slots, op.new)
 
 COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
 # entries each routing map holds (as sized in lb.bpf_loader / xdp/maps.h)
@@ -160,11 +167,7 @@ class MemoryPort:
         elif isinstance(op, WriteCtl):
             self.ctl = op.new
         elif isinstance(op, WriteRing):
-            half = op.slots.size // 2
-            if self.ring_write_delay and half:
-                self.rings[op.vip_num, op.slots[:half]] = op.new[:half]
-                _half_written(self.kind, op.vip_num, half, op.slots.size, self.ring_write_delay)
-            self.rings[op.vip_num, op.slots] = op.new
+            _write_ring(op, self.rings[op.vip_num].__setitem__, self.ring_write_delay, self.kind)
         elif isinstance(op, PutVipAddr):
             if op.key not in self.addrs and len(self.addrs) >= self.sizes.max_vips:
                 raise OSError(errno.E2BIG, "vip_addrs is full")  # as the kernel's hash map
@@ -374,14 +377,12 @@ class XdpPort:
         elif isinstance(op, WriteCtl):
             B.map_update(self._fd("ctl"), (0).to_bytes(4, "little"), op.new)
         elif isinstance(op, WriteRing):
-            ring = self.bal.ring(op.vip_num)
-            half = op.slots.size // 2
-            if self.ring_write_delay and half:
-                ring[op.slots[:half]] = op.new[:half]
-                self.bal.update_ring(op.vip_num, ring)
-                _half_written(self.kind, op.vip_num, half, op.slots.size, self.ring_write_delay)
-            ring[op.slots] = op.new
-            self.bal.update_ring(op.vip_num, ring)
+            def write(slots: np.ndarray, values: np.ndarray, num: int = op.vip_num) -> None:
+                ring = self.bal.ring(num)
+                ring[slots] = values
+                self.bal.update_ring(num, ring)
+
+            _write_ring(op, write, self.ring_write_delay, self.kind)
         elif isinstance(op, PutVipAddr):
             B.map_update(self._fd("vip_addrs"), op.key, self._one)
         elif isinstance(op, DeleteVipAddr):

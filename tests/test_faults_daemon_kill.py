@@ -20,8 +20,9 @@ ring's slots is written), and restarted each time.
   its real.
 * ``--datapath userspace``: the datapath is the daemon process. Frames sent while it is
   down are lost, and its connection table starts empty after a restart. What is asserted:
-  lost <= frames sent while the datapath was not reading (from the kill to the restarted
-  daemon's "ready"), and no flow changed real (the configuration did not change, so the
+  lost <= frames sent while the datapath was not reading (from the kill, less 0.1 s for
+  frames still queued in its socket's ring, to the restarted daemon's "ready"), and no
+  flow changed real (the configuration did not change, so the
   Maglev ring the flows re-hash to after a restart is the same ring).
 """
 
