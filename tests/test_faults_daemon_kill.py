@@ -161,6 +161,12 @@ def test_xdp_daemon_sigkill_under_load_loses_no_frame(tmp_path: Path) -> None:
                 assert c.conntable()["entries"] == FLOWS
             kills = {"random": 0, "mid_reconcile": 0}
             repaired = []  # ring slots the restart after a mid-reconcile kill wrote
+            restarts: list[float] = []  # seconds from start to API ready (compile included)
+
+            def restart() -> None:
+                t0 = time.monotonic()
+                d.start()
+                restarts.append(time.monotonic() - t0)
             # ~1 Mpps at most: load, with CPU left for the restarts' compiles (2 CPUs)
             with Stream(gen, bed, chunk=10_000, pause=0.01) as stream:
                 # each restart compiles the program (~10 s): one kill at a random moment,
@@ -170,10 +176,10 @@ def test_xdp_daemon_sigkill_under_load_loses_no_frame(tmp_path: Path) -> None:
                         time.sleep(0.2 + rng.random())
                         assert d.kill(signal.SIGKILL) == -signal.SIGKILL
                         time.sleep(rng.random() * 0.5)  # nobody in charge: the program forwards
-                        d.start()
+                        restart()
                     else:
                         assert _kill_mid_reconcile(d, rng) >= 1
-                        d.start()
+                        restart()
                         with d.client() as c:
                             repaired.append(c.status()["last_reconcile"]["writes"]["ring_slots"])
                     kills[kind] += 1
@@ -189,7 +195,8 @@ def test_xdp_daemon_sigkill_under_load_loses_no_frame(tmp_path: Path) -> None:
             print(f"MEASURED xdp daemon SIGKILL under load: {sum(kills.values())} kills ({kills}), "
                   f"sent {sent}, sink received {received}, balancer rx_packets {rx}, veth dropped "
                   f"{veth_dropped}; flows {len(flows)}, kept their real {len(flows) - len(moved)}; "
-                  f"ring slots repaired by the restarts after a mid-reconcile kill: {repaired}")
+                  f"ring slots repaired by the restarts after a mid-reconcile kill: {repaired}; restarts took "
+                  f"{', '.join(f'{x:.1f}' for x in restarts)} s")
             assert received == sent and rx == sent
             assert len(flows) == FLOWS and not moved
             # the killed change was never saved: the restart put the half-written ring back
