@@ -59,18 +59,43 @@ def instance_name(interface: str, netns: str | None) -> str:
 
 
 def read_token(path: str) -> str:
-    """The bearer token: the file's first line. Refused if others can read the file."""
+    """The bearer token: the file's first line (surrounding blanks stripped), at least 16
+    characters. Refused if others can read the file."""
     try:
         st = os.stat(path)
-        text = Path(path).read_text().strip()
+        text = Path(path).read_text()
     except OSError as e:
         raise StartupError(f"--token-file {path}: {e}", 2) from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StartupError(f"--token-file {path}: readable by group/others (mode {stat.S_IMODE(st.st_mode):o});"
                            " chmod 600 it", 2)
-    if len(text) < 16:
-        raise StartupError(f"--token-file {path}: the token must be at least 16 characters", 2)
-    return text.splitlines()[0]
+    token = (text.splitlines() or [""])[0].strip()
+    if len(token) < 16:
+        raise StartupError(f"--token-file {path}: the token (the first line) must be at least 16 characters", 2)
+    return token
+
+
+def check_tls(listen: tuple[str, int] | None, args: argparse.Namespace) -> dict[str, str]:
+    """uvicorn's ssl options for ``--tls-cert``/``--tls-key`` (empty: plain HTTP). Plain
+    HTTP on TCP only on a loopback address, or with ``--insecure-http``."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if bool(cert) != bool(key):
+        raise StartupError("--tls-cert and --tls-key go together", 2)
+    if cert and listen is None:
+        raise StartupError("--tls-cert/--tls-key need --listen (the Unix socket has no TLS)", 2)
+    if not cert:
+        if listen is not None and not ipaddress.ip_address(listen[0]).is_loopback \
+                and not getattr(args, "insecure_http", False):
+            raise StartupError(f"--listen {args.listen}: a non-loopback address needs TLS (--tls-cert and "
+                               "--tls-key), or --insecure-http to serve plain HTTP anyway", 2)
+        return {}
+    import ssl
+
+    try:  # fail now, with the file's name, rather than when the first client connects
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"--tls-cert {cert} / --tls-key {key}: {e}", 2) from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -142,6 +167,7 @@ def _setup_logging(level: str) -> None:
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """Everything up to serving: state, datapath, control plane, app. StartupError on failure."""
     from control.api import create_app
+    from control.api.guards import MAX_BODY_BYTES
     from control.datapaths import UserspaceIoPort, UserspacePort, XdpPort
     from control.health_probing import DirectProber, HealthRunner, plain_socket
     from control.metrics import Metrics
@@ -160,6 +186,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise StartupError(f"--listen {args.listen}: TCP needs --token-file (refusing to serve on "
                                f"{where} address without a bearer token)", 2)
         token = read_token(args.token_file)
+    tls = check_tls(listen, args)
 
     seed = None
     if args.config:
@@ -295,9 +322,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         rows = asyncio.run_coroutine_threadsafe(snap(), loop).result(timeout=5)
         return {(r["vip"], r["real"]): r for r in rows}
 
-    app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info)
+    app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info,
+                     max_body=getattr(args, "max_body_bytes", None) or MAX_BODY_BYTES)
     return {"plane": plane, "app": app, "runner": runner, "bal": bal, "store": store,
-            "listen": listen, "holder": holder, "port": port, "encap": encap}
+            "listen": listen, "tls": tls, "holder": holder, "port": port, "encap": encap}
 
 
 async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
@@ -308,12 +336,12 @@ async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
     parts["holder"]["loop"] = loop
     if parts["listen"] is not None:
         sock = tcp_listener(*parts["listen"])
-        where = f"http://{args.listen} (bearer token required)"
+        where = f"{'https' if parts['tls'] else 'http'}://{args.listen} (bearer token required)"
     else:
         sock = unix_listener(args.socket)
         where = f"unix:{args.socket}"
     config = uvicorn.Config(parts["app"], log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, **parts["tls"])
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign] - ours below
     stop = asyncio.Event()
@@ -392,6 +420,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket of the API (default {DEFAULT_SOCKET})")
     p.add_argument("--listen", metavar="HOST:PORT", help="serve the API on TCP instead (needs --token-file)")
     p.add_argument("--token-file", help="bearer token for --listen (first line; file mode 600)")
+    p.add_argument("--tls-cert", help="--listen over HTTPS: the certificate chain (PEM)")
+    p.add_argument("--tls-key", help="--listen over HTTPS: the certificate's private key (PEM)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow plain HTTP on a non-loopback --listen address (default: refused without TLS)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body the API accepts (default 1 MiB; larger: 413)")
     p.add_argument("--from-config", action="store_true",
                    help="discard the saved state and start from --config")
     p.add_argument("--detach-on-exit", action="store_true",
