@@ -104,14 +104,16 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None).json()
 
-    def get_all(self, path: str) -> list[Any]:
-        """Every entry of a paged list endpoint (following ``Link: rel="next"``)."""
+    def get_all(self, path: str, page: int | None = None) -> list[Any]:
+        """Every entry of a paged list endpoint (following ``Link: rel="next"``), ``page``
+        entries per request (default: the daemon's maximum)."""
         rows: list[Any] = []
         while True:
-            r = self.request("GET", path, params={"offset": len(rows)})
-            page = r.json()
-            rows += page
-            if "next" not in r.links or not page:
+            params = {"offset": len(rows), **({"limit": page} if page else {})}
+            r = self.request("GET", path, params=params)
+            got = r.json()
+            rows += got
+            if "next" not in r.links or not got:
                 return rows
 
     # conveniences

@@ -53,7 +53,8 @@ class RequestGuard:
         header = (REQUEST_ID_HEADER.lower().encode(), rid.encode())
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not any(
+                    k.lower() == header[0] for k, _ in message.get("headers", [])):  # a 5xx sets its own
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
