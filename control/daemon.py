@@ -203,7 +203,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         store = open_store(getattr(args, "store", None), args.state_dir or os.path.join(DEFAULT_STATE_ROOT, name),
-                           args.netns)
+                           args.netns, ca_file=getattr(args, "store_ca", None),
+                           user_file=getattr(args, "store_user_file", None),
+                           plaintext=getattr(args, "store_plaintext", False))
     except ValueError as e:
         raise StartupError(str(e), 2) from None
     try:
@@ -284,7 +286,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             return run_in_netns(args.netns, plain_socket, fam, typ)
     else:
         factory = plain_socket
-    metrics = Metrics(core)
+    metrics = Metrics(core, getattr(store, "info", None))
     transport = args.probe_transport or ("tunnel" if args.datapath == "xdp" else "direct")
     encap = None
     if transport == "tunnel":
@@ -412,7 +414,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "interface (tests, dry runs, simulate)")
     p.add_argument("--state-dir", help=f"desired state and health (default {DEFAULT_STATE_ROOT}/[NETNS-]IF)")
     p.add_argument("--store", help="where the desired state lives: file (default: --state-dir) or "
-                                   "etcd://HOST:PORT/PREFIX (shared by a fleet; see docs/fleet.md)")
+                                   "etcds://HOST:PORT/PREFIX (etcd over TLS, shared by a fleet; see docs/fleet.md)")
+    p.add_argument("--store-ca", help="etcds://: PEM file of the CA that signed etcd's certificate "
+                                      "(default: the system's CAs)")
+    p.add_argument("--store-user-file", help="etcd user and password, the first line USER:PASSWORD (file mode 600)")
+    p.add_argument("--store-plaintext", action="store_true",
+                   help="allow etcd:// (no TLS) to a non-loopback address")
     p.add_argument("--pin-dir", help=f"bpffs directory of the pinned maps (default {DEFAULT_PIN_ROOT}/[NETNS-]IF)")
     p.add_argument("--netns", help="network namespace (under /run/netns) the interface is in; "
                                    "health probes are sent from there too")

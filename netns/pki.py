@@ -44,7 +44,7 @@ class LabCA:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
                      .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
@@ -62,7 +62,7 @@ class LabCA:
         """``name``.pem / ``name``.key: CN ``name``, valid for ``ips`` (subject alternative
         names); a client certificate, or with ``server`` a server (and client) one."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         # a server certificate may serve as a client one too (etcd's gateway dials etcd with it)
         usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server \
             else [ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -27,7 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from control.api.config import config_router
-from control.api.guards import MAX_BODY_BYTES, REQUEST_ID_HEADER, RequestGuard, request_id
+from control.api.guards import (
+    MAX_BODY_BYTES,
+    REQUEST_ID_HEADER,
+    RequestGuard,
+    request_id,
+)
 from control.api.openapi import openapi_document
 from control.api.reals import reals_router
 from control.api.routing import quic_servers_router, source_routes_router
@@ -39,7 +44,7 @@ from control.errors import ControlError, SystemError_
 from control.metrics import Metrics
 from control.plane import ControlPlane
 
-__all__ = ["create_app", "API_VERSION"]
+__all__ = ["API_VERSION", "create_app"]
 
 log = logging.getLogger("lb.api")
 API_VERSION = "1"

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control.errors import CallerError
 
-__all__ = ["RequestGuard", "BodyTooLarge", "MAX_BODY_BYTES", "REQUEST_ID_HEADER", "request_id"]
+__all__ = ["MAX_BODY_BYTES", "REQUEST_ID_HEADER", "BodyTooLarge", "RequestGuard", "request_id"]
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a config of thousands of VIPs; `lbctl serve --max-body-bytes`
 REQUEST_ID_HEADER = "X-Request-Id"

@@ -13,8 +13,17 @@ from pydantic import BaseModel, ValidationError
 from control.api.models import ErrorBody
 from control.errors import Invalid
 
-__all__ = ["json_body", "if_match", "etag", "problems_of", "json_body_schema", "responses", "MAX_PAGE",
-           "page_params", "paged"]
+__all__ = [
+    "MAX_PAGE",
+    "etag",
+    "if_match",
+    "json_body",
+    "json_body_schema",
+    "page_params",
+    "paged",
+    "problems_of",
+    "responses",
+]
 
 MAX_PAGE = 1000  # entries per page of a list endpoint (the default and the maximum of ?limit=)
 

@@ -10,7 +10,15 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from control.api.http import etag, if_match, json_body, json_body_schema, page_params, paged, responses
+from control.api.http import (
+    etag,
+    if_match,
+    json_body,
+    json_body_schema,
+    page_params,
+    paged,
+    responses,
+)
 from control.api.models import QuicServerView, SourceRouteView
 from control.commands import Commands
 from control.keys import parse_prefix, parse_quic_id

@@ -6,7 +6,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from control.api.http import etag, if_match, json_body, json_body_schema, page_params, paged, responses
+from control.api.http import (
+    etag,
+    if_match,
+    json_body,
+    json_body_schema,
+    page_params,
+    paged,
+    responses,
+)
 from control.api.models import VipView
 from control.commands import Commands
 from control.keys import parse_vip_key
