@@ -1,8 +1,10 @@
 """The desired state in etcd: one configuration shared by a fleet of balancers.
 
-``lbctl serve --store etcd://HOST:PORT/PREFIX`` keeps the desired state (the same JSON
+``lbctl serve --store etcds://HOST:PORT/PREFIX`` keeps the desired state (the same JSON
 document :class:`control.store.Store` writes to ``state.json``) under the key
-``PREFIX/state`` in etcd instead of the local file. Every balancer of the fleet points at
+``PREFIX/state`` in etcd instead of the local file, over TLS (``--store-ca``) as an etcd
+user (``--store-user-file``: ``USER:PASSWORD``, mode 0600). Plain ``etcd://`` only to a
+loopback address or with ``--store-plaintext``. Every balancer of the fleet points at
 the same key:
 
 * **writes through**: a change accepted by any balancer's API is written to etcd (a
@@ -13,16 +15,18 @@ the same key:
 * **watches**: a thread polls the key (every ``interval`` s, default 0.2) and, when
   another balancer has written a newer generation, makes it this balancer's desired
   state and reconciles the datapath: every balancer converges to the same rings;
-* **etcd down**: the balancer keeps forwarding with the last state it has; ``GET
-  /v1/status`` says ``store.reachable: false`` (and since when); when etcd returns the
-  watcher picks up whatever changed meanwhile. Nothing is lost: a change is either in
+* **etcd lost**: the balancer keeps forwarding with the last state it has; ``GET
+  /v1/status`` says ``store.reachable: false`` (and since when), the metrics
+  ``lb_store_reachable 0``, the log warns once; when etcd returns the watcher picks up
+  whatever changed meanwhile. Nothing is lost: a change is either in
   etcd or was refused.
 
 Health results, the lock and temporaries stay local (``--state-dir``): health is what
 *this* balancer observes.
 
-etcd is spoken to through its v3 JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``) with a
-small HTTP/1.1 client over sockets created in ``netns`` if given (the lab's etcd listens
+etcd is spoken to through its v3 JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``,
+``/v3/auth/authenticate``) with a small HTTP/1.1 client (TLS by :mod:`ssl`) over sockets
+created in ``netns`` if given (the lab's etcd listens
 only inside the lab's namespaces), so no etcd client library is needed.
 """
 

@@ -122,6 +122,65 @@ def test_speaker_files_and_configs(tmp_path) -> None:
     assert '\ninclude "/c/vips4.conf";\n' in bal and "next hop self" in bal
 
 
+def test_store_options_tls_credentials_and_plaintext(tmp_path) -> None:
+    """etcd:// (no TLS) only to loopback or with --store-plaintext; credentials only from
+    a private file; every mistake a ValueError naming the option."""
+    import os
+
+    from control.etcd_store import open_store
+    from netns.pki import LabCA
+
+    d = str(tmp_path / "state")
+    with pytest.raises(ValueError, match="plain etcd:// only to a loopback address"):
+        open_store("etcd://198.18.10.1:2379/x", d)
+    assert open_store("etcd://127.0.0.1:2379/x", d).info["tls"] is False
+    assert open_store("etcd://198.18.10.1:2379/x", d, plaintext=True).info["tls"] is False
+    with pytest.raises(ValueError, match="--store-ca"):
+        open_store("etcds://198.18.10.1:2379/x", d, ca_file=str(tmp_path / "missing.pem"))
+    ca = LabCA(tmp_path / "pki")
+    cred = tmp_path / "lb1.cred"
+    cred.write_text("lb1:s3cret-password\n")
+    os.chmod(cred, 0o644)
+    with pytest.raises(ValueError, match="readable by group/others"):
+        open_store("etcds://198.18.10.1:2379/x", d, ca_file=ca.ca_path, user_file=str(cred))
+    os.chmod(cred, 0o600)
+    s = open_store("etcds://198.18.10.1:2379/x", d, ca_file=ca.ca_path, user_file=str(cred))
+    assert (s.info["tls"], s.info["user"], s.client.credentials) == (True, "lb1", ("lb1", "s3cret-password"))
+    cred.write_text("no-colon\n")
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        open_store("etcds://198.18.10.1:2379/x", d, user_file=str(cred))
+    with pytest.raises(ValueError, match="need --store etcds"):
+        open_store("file", d, user_file=str(cred))
+    with pytest.raises(ValueError, match="expected etcds://"):
+        open_store("http://198.18.10.1:2379/x", d)
+
+
+def test_store_reachability_metrics() -> None:
+    import time as _time
+
+    from control_helpers import make_config, vip_dict
+
+    from control.datapaths import MemoryPort
+    from control.metrics import Metrics
+    from control.plane import open_plane
+    from control.tables import Sizes
+
+    cfg = make_config([vip_dict(0, [0])])
+    core = open_plane(MemoryPort(Sizes.of(cfg.settings)), None, cfg).core
+    info = {"reachable": None, "unreachable_since": None, "adopted": 0, "conflicts": 0}
+    m = Metrics(core, info)
+    assert b"lb_store_reachable" not in m.render()  # not asked yet: nothing to say
+    info.update(reachable=True, adopted=2)
+    text = m.render().decode()
+    assert "lb_store_reachable 1.0" in text and "lb_store_adopted_total 2.0" in text
+    assert "lb_store_unreachable_seconds 0.0" in text
+    info.update(reachable=False, unreachable_since=_time.time() - 5)
+    text = m.render().decode()
+    assert "lb_store_reachable 0.0" in text
+    secs = float(next(ln for ln in text.splitlines() if ln.startswith("lb_store_unreachable_seconds ")).split()[1])
+    assert 5 <= secs < 60
+
+
 # ---- the fleet lab ------------------------------------------------------------------------------
 
 @pytest.mark.root
