@@ -16,7 +16,8 @@ Start-up, in order:
 3. reconcile the datapath to the desired state (after a restart: zero writes if nothing
    changed while the daemon was down);
 4. serve the API on a Unix socket (mode 0600; its directory 0700) or, opt-in, on TCP with
-   a bearer token read from a file; run the health checks; tell systemd READY=1.
+   a bearer token read from a file (and TLS on a non-loopback address, unless
+   ``--insecure-http``); run the health checks; tell systemd READY=1.
 
 SIGTERM/SIGINT stop the API and the probes and leave the datapath running (the XDP
 program stays attached, maps stay pinned), unless ``--detach-on-exit``. SIGKILL loses
@@ -187,6 +188,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                                f"{where} address without a bearer token)", 2)
         token = read_token(args.token_file)
     tls = check_tls(listen, args)
+    max_body = MAX_BODY_BYTES if getattr(args, "max_body_bytes", None) is None else args.max_body_bytes
+    if max_body < 1:
+        raise StartupError(f"--max-body-bytes {max_body}: must be at least 1", 2)
 
     seed = None
     if args.config:
@@ -325,7 +329,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         return {(r["vip"], r["real"]): r for r in rows}
 
     app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info,
-                     max_body=getattr(args, "max_body_bytes", None) or MAX_BODY_BYTES)
+                     max_body=max_body)
     return {"plane": plane, "app": app, "runner": runner, "bal": bal, "store": store,
             "listen": listen, "tls": tls, "holder": holder, "port": port, "encap": encap}
 

@@ -419,9 +419,11 @@ def test_openapi_document(env) -> None:
         assert name in schemas
     assert set(schemas) == {
         "Config", "ConfigView", "ConnEntryView", "ConnTableView", "ErrorBody", "FlowQuery", "GueSettings",
-        "HTTPValidationError", "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
+        "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
         "Real", "RealOfVip", "RealPatch", "RealStats", "RealView", "Settings", "SimulateView", "SourceRoute",
-        "SourceRouteView", "StatsView", "UdpCheck", "ValidationError", "Vip", "VipPatch", "VipStats", "VipView"}
+        "SourceRouteView", "StatsView", "UdpCheck", "Vip", "VipPatch", "VipStats", "VipView"}
+    # every 422 is declared as ErrorBody (what the API answers), so FastAPI's own
+    # HTTPValidationError appears nowhere
     # every referenced schema exists
     import json
     import re

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -307,7 +308,7 @@ def _etcd_is_locked_down(lab) -> None:
     secrets_ = [read_credentials(lab.etcd_paths()[f"{u}.cred"])[1] for u in ("root", "lb1", "lb2")]
     for proc in lab._procs.values():
         if proc.poll() is None:
-            cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().decode(errors="replace")
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
             assert not any(pw in cmdline for pw in secrets_), cmdline
 
 

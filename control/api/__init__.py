@@ -9,8 +9,11 @@ Request bodies are read as JSON and validated by the commands through lb.config'
 models, so the API accepts exactly what a config file accepts and its errors name the
 field the same way. Errors are ``{"error": "...", "kind": "...", "problems": [{"path",
 "message"}]}`` with 4xx for the caller's fault (422 invalid, 404 unknown, 409 conflict,
-412 stale If-Match, 401 missing token) and 5xx for ours (503: a datapath write or the
-state file failed and the change was undone).
+412 stale If-Match, 401 missing token, 413 body over the cap) and 5xx for ours (503: a
+datapath write or the state file failed and the change was undone; 500: a bug). A 5xx
+says what failed in a fixed sentence and ``request_id``; the exception itself goes to the
+log under that id (:mod:`.guards` gives every request one, in ``X-Request-Id``). List
+endpoints are paged (``?limit=`` up to 1000, ``?offset=``).
 
 Every change answers with the new generation in ``ETag``; sending ``If-Match: <gen>``
 makes a change conditional on nobody having changed anything since.

@@ -82,7 +82,6 @@ def etag(gen: int) -> dict[str, str]:
     return {"ETag": f'"{gen}"'}
 
 
-
 def page_params(limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE, description=f"at most this many entries "
                                                                              f"(1..{MAX_PAGE})"),
                 offset: int = Query(0, ge=0, le=2**32, description="skip this many entries first")
