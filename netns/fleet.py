@@ -13,6 +13,12 @@ with pinned maps) with the VIP routing done by BGP instead of static routes:
 The router's end of every balancer link gets the same MAC, so one configuration
 (``gateway_mac``) is valid on every balancer: the fleet shares one config.
 
+With ``etcd=True`` the config lives in etcd, in the router's namespace on its own
+address (:data:`ETCD_ADDR`): TLS only (a throwaway CA, :mod:`netns.pki`), authentication
+on, one user and role per balancer confined to the lab's key prefix, every password in a
+0600 file, none on a command line. :meth:`FleetLab.partition_store` cuts one balancer
+off etcd alone.
+
 Names: ``lbf`` + 6 hex (per run), everything recorded in the lab's state file before it
 exists, every process (daemons, BIRDs, announcers) killed on teardown, also on failure.
 """
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up")
     up.add_argument("--reals", type=int, default=3)
     up.add_argument("--balancers", type=int, default=2)
-    up.add_argument("--etcd", action="store_true", help="shared config in etcd (lbctl serve --store etcd://...)")
+    up.add_argument("--etcd", action="store_true", help="shared config in etcd over TLS with a user per balancer (lbctl serve --store etcds://...)")
     args = p.parse_args(argv)
     lab = FleetLab(args.reals, balancers=args.balancers, etcd=args.etcd)
     lab.build()
