@@ -34,7 +34,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from pathlib import Path
@@ -62,15 +61,12 @@ def instance_name(interface: str, netns: str | None) -> str:
 def read_token(path: str) -> str:
     """The bearer token: the file's first line (surrounding blanks stripped), at least 16
     characters. Refused if others can read the file."""
+    from control.secret_files import private_first_line
+
     try:
-        st = os.stat(path)
-        text = Path(path).read_text()
-    except OSError as e:
-        raise StartupError(f"--token-file {path}: {e}", 2) from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StartupError(f"--token-file {path}: readable by group/others (mode {stat.S_IMODE(st.st_mode):o});"
-                           " chmod 600 it", 2)
-    token = (text.splitlines() or [""])[0].strip()
+        token = private_first_line(path, "--token-file")
+    except ValueError as e:
+        raise StartupError(str(e), 2) from None
     if len(token) < 16:
         raise StartupError(f"--token-file {path}: the token (the first line) must be at least 16 characters", 2)
     return token

@@ -36,16 +36,14 @@ import base64
 import ipaddress
 import json
 import logging
-import os
 import socket
 import ssl
-import stat
 import threading
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from control.secret_files import private_first_line
 from control.store import DesiredState, StateError, Store, _state_bytes
 
 log = logging.getLogger("lb.etcd_store")
@@ -70,15 +68,7 @@ def parse_etcd_url(url: str) -> tuple[str, int, str, bool]:
 def read_credentials(path: str) -> tuple[str, str]:
     """An etcd user and password from the first line of ``path`` (``USER:PASSWORD``);
     refused if others can read the file."""
-    try:
-        st = os.stat(path)
-        line = (Path(path).read_text().splitlines() or [""])[0].strip()
-    except OSError as e:
-        raise ValueError(f"--store-user-file {path}: {e}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"--store-user-file {path}: readable by group/others (mode "
-                         f"{stat.S_IMODE(st.st_mode):o}); chmod 600 it")
-    user, sep, password = line.partition(":")
+    user, sep, password = private_first_line(path, "--store-user-file").partition(":")
     if not sep or not user or not password:
         raise ValueError(f"--store-user-file {path}: the first line must be USER:PASSWORD")
     return user, password
