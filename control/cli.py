@@ -21,11 +21,16 @@ __all__ = ["register"]
 
 
 def _client(args: argparse.Namespace) -> Any:
+    import ssl
+
     from control.client import Client
-    from control.daemon import read_token
+    from control.daemon import StartupError, read_token
 
     token = read_token(args.token_file) if getattr(args, "token_file", None) else None
-    return Client(socket=args.socket, url=args.url, token=token)
+    try:
+        return Client(socket=args.socket, url=args.url, token=token, ca_file=getattr(args, "ca_file", None))
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"--ca-file {args.ca_file}: {e}", 2) from None
 
 
 def _vip(text: str) -> tuple[str, int, str]:
@@ -423,8 +428,9 @@ def _client_args(p: argparse.ArgumentParser, changes: bool = False) -> None:
 
     g = p.add_argument_group("daemon")
     g.add_argument("--socket", help=f"API socket (default $LBCTL_SOCKET or {DEFAULT_SOCKET})")
-    g.add_argument("--url", help="http://HOST:PORT of a daemon serving on TCP (with --token-file)")
+    g.add_argument("--url", help="http(s)://HOST:PORT of a daemon serving on TCP (with --token-file)")
     g.add_argument("--token-file", help="file holding the bearer token for --url")
+    g.add_argument("--ca-file", help="PEM file of the CA that signed an https --url's certificate")
     p.add_argument("--json", action="store_true", help="JSON output for scripts")
     if changes:
         p.add_argument("--if-match", type=int, metavar="GEN",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any
 from urllib.parse import quote
 
@@ -57,14 +58,16 @@ def vip_path(key: VipKey) -> str:
 
 class Client:
     """``socket``: Unix socket path (default $LBCTL_SOCKET or /run/lb/lbd.sock); or ``url``
-    (http://host:port) with ``token``."""
+    (http://host:port or https://host:port) with ``token``; ``ca_file``: the CA that signed
+    an https daemon's certificate (default: the system's)."""
 
     def __init__(self, socket: str | None = None, url: str | None = None, token: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, ca_file: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         if url:
             self.where = url
-            self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+            verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
+            self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, verify=verify)
         else:
             path = socket or os.environ.get("LBCTL_SOCKET") or DEFAULT_SOCKET
             self.where = f"unix:{path}"
@@ -101,12 +104,24 @@ class Client:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None).json()
 
+    def get_all(self, path: str, page: int | None = None) -> list[Any]:
+        """Every entry of a paged list endpoint (following ``Link: rel="next"``), ``page``
+        entries per request (default: the daemon's maximum)."""
+        rows: list[Any] = []
+        while True:
+            params = {"offset": len(rows), **({"limit": page} if page else {})}
+            r = self.request("GET", path, params=params)
+            got = r.json()
+            rows += got
+            if "next" not in r.links or not got:
+                return rows
+
     # conveniences
     def status(self) -> dict[str, Any]:
         return self.get("/v1/status")
 
     def vips(self) -> list[dict[str, Any]]:
-        return self.get("/v1/vips")
+        return self.get_all("/v1/vips")
 
     def vip(self, key: VipKey) -> dict[str, Any]:
         return self.get(vip_path(key))
@@ -138,7 +153,7 @@ class Client:
         return self.get("/v1/stats/conntable", limit=limit)
 
     def health(self) -> list[dict[str, Any]]:
-        return self.get("/v1/health")
+        return self.get_all("/v1/health")
 
     def config(self) -> dict[str, Any]:
         return self.get("/v1/config")
@@ -151,7 +166,7 @@ class Client:
 
     # QUIC server ids and source routes: ``table`` is "quic_servers" or "source_routes"
     def routing(self, table: str) -> list[dict[str, Any]]:
-        return self.get(ROUTING_PATHS[table])
+        return self.get_all(ROUTING_PATHS[table])
 
     def add_routing(self, table: str, entry: dict[str, Any], if_match: int | None = None) -> dict[str, Any]:
         return self.request("POST", ROUTING_PATHS[table], json=entry, if_match=if_match).json()

@@ -16,7 +16,8 @@ Start-up, in order:
 3. reconcile the datapath to the desired state (after a restart: zero writes if nothing
    changed while the daemon was down);
 4. serve the API on a Unix socket (mode 0600; its directory 0700) or, opt-in, on TCP with
-   a bearer token read from a file; run the health checks; tell systemd READY=1.
+   a bearer token read from a file (and TLS on a non-loopback address, unless
+   ``--insecure-http``); run the health checks; tell systemd READY=1.
 
 SIGTERM/SIGINT stop the API and the probes and leave the datapath running (the XDP
 program stays attached, maps stay pinned), unless ``--detach-on-exit``. SIGKILL loses
@@ -33,7 +34,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from pathlib import Path
@@ -59,18 +59,40 @@ def instance_name(interface: str, netns: str | None) -> str:
 
 
 def read_token(path: str) -> str:
-    """The bearer token: the file's first line. Refused if others can read the file."""
+    """The bearer token: the file's first line (surrounding blanks stripped), at least 16
+    characters. Refused if others can read the file."""
+    from control.secret_files import private_first_line
+
     try:
-        st = os.stat(path)
-        text = Path(path).read_text().strip()
-    except OSError as e:
-        raise StartupError(f"--token-file {path}: {e}", 2) from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StartupError(f"--token-file {path}: readable by group/others (mode {stat.S_IMODE(st.st_mode):o});"
-                           " chmod 600 it", 2)
-    if len(text) < 16:
-        raise StartupError(f"--token-file {path}: the token must be at least 16 characters", 2)
-    return text.splitlines()[0]
+        token = private_first_line(path, "--token-file")
+    except ValueError as e:
+        raise StartupError(str(e), 2) from None
+    if len(token) < 16:
+        raise StartupError(f"--token-file {path}: the token (the first line) must be at least 16 characters", 2)
+    return token
+
+
+def check_tls(listen: tuple[str, int] | None, args: argparse.Namespace) -> dict[str, str]:
+    """uvicorn's ssl options for ``--tls-cert``/``--tls-key`` (empty: plain HTTP). Plain
+    HTTP on TCP only on a loopback address, or with ``--insecure-http``."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if bool(cert) != bool(key):
+        raise StartupError("--tls-cert and --tls-key go together", 2)
+    if cert and listen is None:
+        raise StartupError("--tls-cert/--tls-key need --listen (the Unix socket has no TLS)", 2)
+    if not cert:
+        if listen is not None and not ipaddress.ip_address(listen[0]).is_loopback \
+                and not getattr(args, "insecure_http", False):
+            raise StartupError(f"--listen {args.listen}: a non-loopback address needs TLS (--tls-cert and "
+                               "--tls-key), or --insecure-http to serve plain HTTP anyway", 2)
+        return {}
+    import ssl
+
+    try:  # fail now, with the file's name, rather than when the first client connects
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(f"--tls-cert {cert} / --tls-key {key}: {e}", 2) from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -142,6 +164,7 @@ def _setup_logging(level: str) -> None:
 def build(args: argparse.Namespace) -> dict[str, Any]:
     """Everything up to serving: state, datapath, control plane, app. StartupError on failure."""
     from control.api import create_app
+    from control.api.guards import MAX_BODY_BYTES
     from control.datapaths import UserspaceIoPort, UserspacePort, XdpPort
     from control.health_probing import DirectProber, HealthRunner, plain_socket
     from control.metrics import Metrics
@@ -160,6 +183,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise StartupError(f"--listen {args.listen}: TCP needs --token-file (refusing to serve on "
                                f"{where} address without a bearer token)", 2)
         token = read_token(args.token_file)
+    tls = check_tls(listen, args)
+    max_body = MAX_BODY_BYTES if getattr(args, "max_body_bytes", None) is None else args.max_body_bytes
+    if max_body < 1:
+        raise StartupError(f"--max-body-bytes {max_body}: must be at least 1", 2)
 
     seed = None
     if args.config:
@@ -176,7 +203,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         store = open_store(getattr(args, "store", None), args.state_dir or os.path.join(DEFAULT_STATE_ROOT, name),
-                           args.netns)
+                           args.netns, ca_file=getattr(args, "store_ca", None),
+                           user_file=getattr(args, "store_user_file", None),
+                           plaintext=getattr(args, "store_plaintext", False))
     except ValueError as e:
         raise StartupError(str(e), 2) from None
     try:
@@ -257,7 +286,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             return run_in_netns(args.netns, plain_socket, fam, typ)
     else:
         factory = plain_socket
-    metrics = Metrics(core)
+    metrics = Metrics(core, getattr(store, "info", None))
     transport = args.probe_transport or ("tunnel" if args.datapath == "xdp" else "direct")
     encap = None
     if transport == "tunnel":
@@ -295,9 +324,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         rows = asyncio.run_coroutine_threadsafe(snap(), loop).result(timeout=5)
         return {(r["vip"], r["real"]): r for r in rows}
 
-    app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info)
+    app = create_app(plane, token=token, metrics=metrics, health_details=health_details, info=info,
+                     max_body=max_body)
     return {"plane": plane, "app": app, "runner": runner, "bal": bal, "store": store,
-            "listen": listen, "holder": holder, "port": port, "encap": encap}
+            "listen": listen, "tls": tls, "holder": holder, "port": port, "encap": encap}
 
 
 async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
@@ -308,12 +338,12 @@ async def _serve(args: argparse.Namespace, parts: dict[str, Any]) -> None:
     parts["holder"]["loop"] = loop
     if parts["listen"] is not None:
         sock = tcp_listener(*parts["listen"])
-        where = f"http://{args.listen} (bearer token required)"
+        where = f"{'https' if parts['tls'] else 'http'}://{args.listen} (bearer token required)"
     else:
         sock = unix_listener(args.socket)
         where = f"unix:{args.socket}"
     config = uvicorn.Config(parts["app"], log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, **parts["tls"])
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign] - ours below
     stop = asyncio.Event()
@@ -384,7 +414,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "interface (tests, dry runs, simulate)")
     p.add_argument("--state-dir", help=f"desired state and health (default {DEFAULT_STATE_ROOT}/[NETNS-]IF)")
     p.add_argument("--store", help="where the desired state lives: file (default: --state-dir) or "
-                                   "etcd://HOST:PORT/PREFIX (shared by a fleet; see docs/fleet.md)")
+                                   "etcds://HOST:PORT/PREFIX (etcd over TLS, shared by a fleet; see docs/fleet.md)")
+    p.add_argument("--store-ca", help="etcds://: PEM file of the CA that signed etcd's certificate "
+                                      "(default: the system's CAs)")
+    p.add_argument("--store-user-file", help="etcd user and password, the first line USER:PASSWORD (file mode 600)")
+    p.add_argument("--store-plaintext", action="store_true",
+                   help="allow etcd:// (no TLS) to a non-loopback address")
     p.add_argument("--pin-dir", help=f"bpffs directory of the pinned maps (default {DEFAULT_PIN_ROOT}/[NETNS-]IF)")
     p.add_argument("--netns", help="network namespace (under /run/netns) the interface is in; "
                                    "health probes are sent from there too")
@@ -392,6 +427,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket of the API (default {DEFAULT_SOCKET})")
     p.add_argument("--listen", metavar="HOST:PORT", help="serve the API on TCP instead (needs --token-file)")
     p.add_argument("--token-file", help="bearer token for --listen (first line; file mode 600)")
+    p.add_argument("--tls-cert", help="--listen over HTTPS: the certificate chain (PEM)")
+    p.add_argument("--tls-key", help="--listen over HTTPS: the certificate's private key (PEM)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow plain HTTP on a non-loopback --listen address (default: refused without TLS)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body the API accepts (default 1 MiB; larger: 413)")
     p.add_argument("--from-config", action="store_true",
                    help="discard the saved state and start from --config")
     p.add_argument("--detach-on-exit", action="store_true",

@@ -69,8 +69,12 @@ class PreconditionFailed(CallerError):
 
 
 class SystemError_(ControlError):  # noqa: N801 - the builtin name is taken
+    """Ours. The API answers with :attr:`public` (and a request id), never the message:
+    that names files, addresses and exception text, and goes to the log."""
+
     status = 500
     kind = "internal"
+    public = "internal error"
 
 
 class DatapathFailure(SystemError_):
@@ -78,6 +82,7 @@ class DatapathFailure(SystemError_):
 
     status = 503
     kind = "datapath"
+    public = "writing the datapath failed; the change was undone"
 
 
 class PersistFailure(SystemError_):
@@ -85,3 +90,4 @@ class PersistFailure(SystemError_):
 
     status = 503
     kind = "persist"
+    public = "saving the desired state failed; the change was undone"

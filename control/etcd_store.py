@@ -1,8 +1,10 @@
 """The desired state in etcd: one configuration shared by a fleet of balancers.
 
-``lbctl serve --store etcd://HOST:PORT/PREFIX`` keeps the desired state (the same JSON
+``lbctl serve --store etcds://HOST:PORT/PREFIX`` keeps the desired state (the same JSON
 document :class:`control.store.Store` writes to ``state.json``) under the key
-``PREFIX/state`` in etcd instead of the local file. Every balancer of the fleet points at
+``PREFIX/state`` in etcd instead of the local file, over TLS (``--store-ca``) as an etcd
+user (``--store-user-file``: ``USER:PASSWORD``, mode 0600). Plain ``etcd://`` only to a
+loopback address or with ``--store-plaintext``. Every balancer of the fleet points at
 the same key:
 
 * **writes through**: a change accepted by any balancer's API is written to etcd (a
@@ -13,48 +15,63 @@ the same key:
 * **watches**: a thread polls the key (every ``interval`` s, default 0.2) and, when
   another balancer has written a newer generation, makes it this balancer's desired
   state and reconciles the datapath: every balancer converges to the same rings;
-* **etcd down**: the balancer keeps forwarding with the last state it has; ``GET
-  /v1/status`` says ``store.reachable: false`` (and since when); when etcd returns the
-  watcher picks up whatever changed meanwhile. Nothing is lost: a change is either in
+* **etcd lost**: the balancer keeps forwarding with the last state it has; ``GET
+  /v1/status`` says ``store.reachable: false`` (and since when), the metrics
+  ``lb_store_reachable 0``, the log warns once; when etcd returns the watcher picks up
+  whatever changed meanwhile. Nothing is lost: a change is either in
   etcd or was refused.
 
 Health results, the lock and temporaries stay local (``--state-dir``): health is what
 *this* balancer observes.
 
-etcd is spoken to through its v3 JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``) with a
-small HTTP/1.1 client over sockets created in ``netns`` if given (the lab's etcd listens
+etcd is spoken to through its v3 JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``,
+``/v3/auth/authenticate``) with a small HTTP/1.1 client (TLS by :mod:`ssl`) over sockets
+created in ``netns`` if given (the lab's etcd listens
 only inside the lab's namespaces), so no etcd client library is needed.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from control.secret_files import private_first_line
 from control.store import DesiredState, StateError, Store, _state_bytes
 
 log = logging.getLogger("lb.etcd_store")
 
-__all__ = ["EtcdClient", "EtcdStore", "EtcdUnavailable", "open_store", "parse_etcd_url"]
+__all__ = ["EtcdClient", "EtcdStore", "EtcdUnavailable", "open_store", "parse_etcd_url", "read_credentials"]
 
 
 class EtcdUnavailable(OSError):
     """etcd did not answer (or answered with an error)."""
 
 
-def parse_etcd_url(url: str) -> tuple[str, int, str]:
-    """'etcd://198.18.11.1:2379/lb/fleet' -> ('198.18.11.1', 2379, '/lb/fleet')."""
+def parse_etcd_url(url: str) -> tuple[str, int, str, bool]:
+    """'etcds://198.18.10.1:2379/lb/fleet' -> ('198.18.10.1', 2379, '/lb/fleet', True):
+    host, port, key prefix and whether to speak TLS (``etcds``) or not (``etcd``)."""
     u = urlsplit(url)
-    if u.scheme != "etcd" or not u.hostname or not u.port:
-        raise ValueError(f"{url!r}: expected etcd://HOST:PORT/PREFIX")
+    if u.scheme not in ("etcd", "etcds") or not u.hostname or not u.port:
+        raise ValueError(f"{url!r}: expected etcds://HOST:PORT/PREFIX (or etcd:// without TLS)")
     prefix = u.path.rstrip("/") or "/lb"
-    return u.hostname, u.port, prefix
+    return u.hostname, u.port, prefix, u.scheme == "etcds"
+
+
+def read_credentials(path: str) -> tuple[str, str]:
+    """An etcd user and password from the first line of ``path`` (``USER:PASSWORD``);
+    refused if others can read the file."""
+    user, sep, password = private_first_line(path, "--store-user-file").partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"--store-user-file {path}: the first line must be USER:PASSWORD")
+    return user, password
 
 
 def _b64(b: bytes | str) -> str:
@@ -62,10 +79,18 @@ def _b64(b: bytes | str) -> str:
 
 
 class EtcdClient:
-    """The few etcd v3 calls we need, over the JSON gateway, one connection per call."""
+    """The few etcd v3 calls we need, over the JSON gateway, one connection per call.
 
-    def __init__(self, host: str, port: int, netns: str | None = None, timeout: float = 2.0) -> None:
+    ``tls``: an SSL context (verifying etcd's certificate) or None for plain HTTP;
+    ``credentials``: (user, password) when etcd has authentication on: the client gets a
+    token from ``/v3/auth/authenticate`` and sends it with every call, and gets a new one
+    when etcd no longer accepts it (expired, or etcd restarted)."""
+
+    def __init__(self, host: str, port: int, netns: str | None = None, timeout: float = 2.0,
+                 tls: ssl.SSLContext | None = None, credentials: tuple[str, str] | None = None) -> None:
         self.host, self.port, self.netns, self.timeout = host, port, netns, timeout
+        self.tls, self.credentials = tls, credentials
+        self._token: str | None = None
 
     def _socket(self) -> socket.socket:
         fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -75,16 +100,20 @@ class EtcdClient:
             return run_in_netns(self.netns, socket.socket, fam, socket.SOCK_STREAM)
         return socket.socket(fam, socket.SOCK_STREAM)
 
-    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], token: str | None) -> tuple[str, bytes]:
+        """(status code, payload) of one POST."""
         data = json.dumps(body).encode()
         host = f"[{self.host}]" if ":" in self.host else self.host
+        auth = f"Authorization: {token}\r\n" if token else ""
         req = (f"POST {path} HTTP/1.1\r\nHost: {host}:{self.port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+               f"{auth}Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
         try:
             s = self._socket()
             try:
                 s.settimeout(self.timeout)
                 s.connect((self.host, self.port))
+                if self.tls is not None:
+                    s = self.tls.wrap_socket(s, server_hostname=self.host)
                 s.sendall(req)
                 chunks = []
                 while True:
@@ -94,7 +123,7 @@ class EtcdClient:
                     chunks.append(c)
             finally:
                 s.close()
-        except OSError as e:
+        except OSError as e:  # ssl.SSLError included: a certificate etcd's CA did not sign
             raise EtcdUnavailable(f"etcd {self.host}:{self.port}: {e}") from None
         raw = b"".join(chunks)
         head, _, payload = raw.partition(b"\r\n\r\n")
@@ -102,8 +131,26 @@ class EtcdClient:
         if b"transfer-encoding: chunked" in head.lower():
             payload = _unchunk(payload)
         parts = status_line.split()
-        if len(parts) < 2 or parts[1] != "200":
-            raise EtcdUnavailable(f"etcd {path}: {status_line} {payload[:200]!r}")
+        return (parts[1] if len(parts) >= 2 else "?"), payload
+
+    def _authenticate(self) -> str:
+        assert self.credentials is not None
+        user, password = self.credentials
+        code, payload = self._post("/v3/auth/authenticate", {"name": user, "password": password}, None)
+        if code != "200":
+            raise EtcdUnavailable(f"etcd: authenticating as {user!r} failed: HTTP {code} {payload[:200]!r}")
+        self._token = str(json.loads(payload).get("token", ""))
+        return self._token
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        token = self._token
+        if self.credentials is not None and token is None:
+            token = self._authenticate()
+        code, payload = self._post(path, body, token)
+        if code == "401" and self.credentials is not None:  # the token expired or etcd restarted
+            code, payload = self._post(path, body, self._authenticate())
+        if code != "200":
+            raise EtcdUnavailable(f"etcd {path}: HTTP {code} {payload[:200]!r}")
         try:
             return json.loads(payload or b"{}")
         except ValueError as e:
@@ -144,11 +191,12 @@ class EtcdStore:
     docstring). ``local_dir``: lock, health, temporaries (a plain Store)."""
 
     def __init__(self, url: str, local_dir: str, netns: str | None = None, interval: float = 0.2,
-                 fsync: bool = True) -> None:
-        host, port, prefix = parse_etcd_url(url)
+                 fsync: bool = True, tls: ssl.SSLContext | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
+        host, port, prefix, _ = parse_etcd_url(url)
         self.url = url
         self.key = f"{prefix}/state"
-        self.client = EtcdClient(host, port, netns)
+        self.client = EtcdClient(host, port, netns, tls=tls, credentials=credentials)
         self.local = Store(local_dir, fsync=fsync)
         self.dir = self.local.dir
         self.interval = interval
@@ -157,7 +205,8 @@ class EtcdStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # live, shown by GET /v1/status as "store" (the daemon puts this dict in its info)
-        self.info: dict[str, Any] = {"kind": "etcd", "url": url, "key": self.key, "reachable": None,
+        self.info: dict[str, Any] = {"kind": "etcd", "url": url, "key": self.key, "tls": tls is not None,
+                                     "user": credentials[0] if credentials else None, "reachable": None,
                                      "unreachable_since": None, "last_error": None, "revision": 0,
                                      "adopted": 0, "conflicts": 0}
 
@@ -300,10 +349,33 @@ class EtcdStore:
                 log.error("applying the state from etcd failed (will retry): %s", e)
 
 
-def open_store(spec: str | None, local_dir: str, netns: str | None = None) -> Any:
-    """``--store``: None or 'file' -> the local Store; 'etcd://...' -> EtcdStore."""
+def open_store(spec: str | None, local_dir: str, netns: str | None = None, *, ca_file: str | None = None,
+               user_file: str | None = None, plaintext: bool = False) -> Any:
+    """``--store``: None or 'file' -> the local Store; 'etcds://...' (TLS, verified with
+    ``ca_file``, else the system's CAs) or 'etcd://...' -> EtcdStore. ``user_file``: the
+    etcd user and password (``USER:PASSWORD``, mode 0600). Plain ``etcd://`` only to a
+    loopback address or with ``plaintext``: the state and the password would cross the
+    network in the clear. ValueError names the option at fault."""
     if not spec or spec == "file":
+        if ca_file or user_file:
+            raise ValueError("--store-ca/--store-user-file need --store etcds://...")
         return Store(local_dir)
-    if spec.startswith("etcd://"):
-        return EtcdStore(spec, local_dir, netns=netns)
-    raise ValueError(f"--store {spec!r}: expected file or etcd://HOST:PORT/PREFIX")
+    host, _, _, tls = parse_etcd_url(spec)
+    if not tls:
+        if ca_file:
+            raise ValueError(f"--store-ca with {spec}: TLS is etcds://")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback and not plaintext:
+            raise ValueError(f"--store {spec}: plain etcd:// only to a loopback address; use etcds:// (TLS) "
+                             "or --store-plaintext")
+    ctx = None
+    if tls:
+        try:
+            ctx = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"--store-ca {ca_file}: {e}") from None
+    creds = read_credentials(user_file) if user_file else None
+    return EtcdStore(spec, local_dir, netns=netns, tls=ctx, credentials=creds)

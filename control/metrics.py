@@ -31,10 +31,17 @@ Kept by the control plane: ``lb_healthcheck_results_total{vip,real,result}``,
 ``lb_healthcheck_duration_seconds{vip,real}`` (histogram, completed probes),
 ``lb_health_transitions_total{vip,real,to}``, ``lb_control_changes_total{result}``,
 ``lb_ring_slots_written_total``, ``lb_control_generation``.
+
+With a shared store (``--store etcds://...``): ``lb_store_reachable`` (1, or 0 while the
+store is lost: forwarding goes on with the last state), ``lb_store_unreachable_seconds``
+(how long it has been lost, 0 while reachable), ``lb_store_adopted_total`` (states
+written by another balancer and adopted), ``lb_store_conflicts_total`` (writes that lost
+a race with another balancer).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,12 +150,37 @@ class _DatapathCollector(Collector):
         yield ch
 
 
-class Metrics:
-    """The daemon's registry: datapath collector + health-check metrics."""
+class _StoreCollector(Collector):
+    """The shared store's reachability, from the live ``info`` dict the store keeps
+    (control.etcd_store.EtcdStore.info)."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    def collect(self) -> Iterator[Any]:
+        i = self.info
+        if i.get("reachable") is None:  # not asked yet
+            return
+        yield GaugeMetricFamily("lb_store_reachable", "1 while the shared desired-state store answers",
+                                value=1 if i["reachable"] else 0)
+        since = i.get("unreachable_since")
+        yield GaugeMetricFamily("lb_store_unreachable_seconds", "Seconds since the store was lost (0: reachable)",
+                                value=0 if since is None else max(0.0, time.time() - since))
+        yield CounterMetricFamily("lb_store_adopted", "States written by another balancer and adopted",
+                                  value=i.get("adopted", 0))
+        yield CounterMetricFamily("lb_store_conflicts", "Writes refused: another balancer wrote first",
+                                  value=i.get("conflicts", 0))
+
+
+class Metrics:
+    """The daemon's registry: datapath collector + health-check metrics; with
+    ``store_info`` (a shared store's live status), the store's reachability."""
+
+    def __init__(self, core: Core, store_info: dict[str, Any] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_DatapathCollector(core))
+        if store_info is not None:
+            self.registry.register(_StoreCollector(store_info))
         self.hc_results = Counter("lb_healthcheck_results", "Health-check probe results",
                                   ["vip", "real", "result"], registry=self.registry)
         self.hc_latency = Histogram("lb_healthcheck_duration_seconds", "Duration of completed probes",

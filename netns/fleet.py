@@ -13,6 +13,12 @@ with pinned maps) with the VIP routing done by BGP instead of static routes:
 The router's end of every balancer link gets the same MAC, so one configuration
 (``gateway_mac``) is valid on every balancer: the fleet shares one config.
 
+With ``etcd=True`` the config lives in etcd, in the router's namespace on its own
+address (:data:`ETCD_ADDR`): TLS only (a throwaway CA, :mod:`netns.pki`), authentication
+on, one user and role per balancer confined to the lab's key prefix, every password in a
+0600 file, none on a command line. :meth:`FleetLab.partition_store` cuts one balancer
+off etcd alone.
+
 Names: ``lbf`` + 6 hex (per run), everything recorded in the lab's state file before it
 exists, every process (daemons, BIRDs, announcers) killed on teardown, also on failure.
 """
@@ -36,8 +42,12 @@ from netns.errors import LabError
 from netns.lab import Lab
 from netns.lab_bpf import load_xdp_action
 from netns.netconfig import ip_batch, link_macs
+from netns.topology import BALANCER_SEG0, seg4
 
 FLEET_PREFIX = "lbf"
+# etcd's client address: on the router's loopback, in segment 10, which no link uses
+ETCD_ADDR = seg4(BALANCER_SEG0, 1)
+ETCD_PORT = 2379
 ROUTER_ASN = 65000
 BALANCER_ASN = 65001
 
@@ -88,7 +98,7 @@ class FleetLab(Lab):
         if self.etcd:
             self.start_etcd()
         for h in self.balancers():
-            self._start_daemon(h, self.store_url(h.name))
+            self._start_daemon(h)
         for h in self.balancers():
             self._wait_daemon(h)
         for h in self.balancers():
@@ -108,7 +118,7 @@ class FleetLab(Lab):
                 "bird_socket": os.path.join(d, f"{name}.bird.ctl"), "conf_dir": os.path.join(d, f"{name}.vips"),
                 "drain_file": os.path.join(d, f"{name}.drain")}
 
-    def daemon_argv(self, name: str, store: str | None = None) -> list[str]:
+    def daemon_argv(self, name: str) -> list[str]:
         from lb.config import config_to_dict
 
         h = self.host(name)
@@ -116,15 +126,12 @@ class FleetLab(Lab):
         if not os.path.exists(p["config"]):
             with open(p["config"], "w") as f:
                 yaml.safe_dump(config_to_dict(self.config), f)
-        argv = [sys.executable, "-m", "lb.cli", "serve", "--interface", h.ifname, "--netns", h.ns,
+        return [sys.executable, "-m", "lb.cli", "serve", "--interface", h.ifname, "--netns", h.ns,
                 "--datapath", "xdp", "--pin-dir", self.state["pin_dirs"][name], "--config", p["config"],
-                "--state-dir", p["state_dir"], "--socket", p["socket"]]
-        if store:
-            argv += ["--store", store]
-        return argv
+                "--state-dir", p["state_dir"], "--socket", p["socket"], *self.store_argv(name)]
 
-    def _start_daemon(self, h: Any, store: str | None = None) -> None:
-        self._spawn_logged(f"daemon-{h.name}", None, self.daemon_argv(h.name, store), f"{h.name}.daemon.log")
+    def _start_daemon(self, h: Any) -> None:
+        self._spawn_logged(f"daemon-{h.name}", None, self.daemon_argv(h.name), f"{h.name}.daemon.log")
 
     def _wait_daemon(self, h: Any, timeout: float = 120) -> None:
         from control.client import Client
@@ -145,29 +152,99 @@ class FleetLab(Lab):
 
     def start_daemon(self, name: str) -> None:
         h = self.host(name)
-        self._start_daemon(h, self.store_url(name))
+        self._start_daemon(h)
         self._wait_daemon(h)
 
     # ---- etcd: the fleet's shared configuration ---------------------------------------------------
 
     def store_url(self, name: str) -> str | None:
-        """The daemon's --store: etcd on the router's address of this balancer's link."""
-        return f"etcd://{self.host(name).gw4}:2379/{self.name}" if self.etcd else None
+        """The daemon's --store: etcd over TLS at the fleet's etcd address."""
+        return f"etcds://{ETCD_ADDR}:{ETCD_PORT}/{self.name}" if self.etcd else None
 
-    def etcd_client(self) -> Any:
-        from control.etcd_store import EtcdClient
+    def store_argv(self, name: str) -> list[str]:
+        """--store and its credentials: the lab CA's certificate and this balancer's
+        user file (``lbN:PASSWORD``, mode 0600): no secret on a command line."""
+        if not self.etcd:
+            return []
+        return ["--store", str(self.store_url(name)), "--store-ca", self.etcd_paths()["ca"],
+                "--store-user-file", self.etcd_paths()[f"{name}.cred"]]
 
-        return EtcdClient(self.balancers()[0].gw4, 2379, netns=self.router_ns)
+    def etcd_paths(self) -> dict[str, str]:
+        d = os.path.join(self.log_dir, "pki")
+        out = {"dir": d, "ca": os.path.join(d, "ca.pem"), "cert": os.path.join(d, "etcd-server.pem"),
+               "key": os.path.join(d, "etcd-server.key"), "root.cred": os.path.join(d, "root.cred")}
+        out.update({f"{h.name}.cred": os.path.join(d, f"{h.name}.cred") for h in self.balancers()})
+        return out
+
+    def etcd_client(self, user: str = "root") -> Any:
+        """A client of the lab's etcd from the router's namespace, as ``user`` (its
+        credentials file) once authentication is on."""
+        import ssl
+
+        from control.etcd_store import EtcdClient, read_credentials
+
+        p = self.etcd_paths()
+        creds = read_credentials(p[f"{user}.cred"]) if self.state["fleet"].get("etcd_auth") else None
+        return EtcdClient(ETCD_ADDR, ETCD_PORT, netns=self.router_ns, credentials=creds,
+                          tls=ssl.create_default_context(cafile=p["ca"]))
+
+    def _etcd_pki(self) -> None:
+        """The lab's CA, etcd's server certificate (CN names no etcd user), and a random
+        password per etcd user, each in its own 0600 file."""
+        import secrets
+
+        from netns.pki import LabCA
+
+        p = self.etcd_paths()
+        LabCA(p["dir"], f"{self.name} CA").issue("etcd-server", [ETCD_ADDR], server=True)
+        for user in ["root", *(h.name for h in self.balancers())]:
+            fd = os.open(p[f"{user}.cred"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{user}:{secrets.token_urlsafe(24)}\n")
+
+    def _etcd_auth(self) -> None:
+        """Users and roles, then authentication on: ``root`` (the lab's admin) and per
+        balancer a user and a role of the same name that may read and write the fleet's
+        key prefix only."""
+        from control.etcd_store import _b64, read_credentials
+
+        c = self.etcd_client()
+        p = self.etcd_paths()
+        _, root_pw = read_credentials(p["root.cred"])
+        c.call("/v3/auth/user/add", {"name": "root", "password": root_pw})
+        c.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        prefix = f"/{self.name}/"
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # every key that starts with the prefix
+        for h in self.balancers():
+            _, pw = read_credentials(p[f"{h.name}.cred"])
+            c.call("/v3/auth/user/add", {"name": h.name, "password": pw})
+            c.call("/v3/auth/role/add", {"name": h.name})
+            c.call("/v3/auth/role/grant", {"name": h.name, "perm": {"permType": "READWRITE", "key": _b64(prefix),
+                                                                     "range_end": _b64(end)}})
+            c.call("/v3/auth/user/grant", {"user": h.name, "role": h.name})
+        c.call("/v3/auth/enable", {})
+        self.state["fleet"]["etcd_auth"] = True
+        self._save()
 
     def start_etcd(self, timeout: float = 30) -> None:
-        """etcd in the router's namespace, clients on the router's balancer-link addresses
-        only, peers on the router namespace's loopback; data under the lab's log dir."""
+        """etcd in the router's namespace: clients over TLS on the fleet's etcd address
+        (the router's loopback, reached by the balancers through their links), the peer
+        URL on the namespace's loopback; data under the lab's log dir. The first start
+        makes the certificates, the users and roles, and turns authentication on."""
         from control.etcd_store import EtcdUnavailable
 
-        clients = ",".join(f"http://{h.gw4}:2379" for h in self.balancers())
+        first = not os.path.exists(self.etcd_paths()["ca"])
+        if first:
+            self._etcd_pki()
+            ip_batch(self.router_ns, [f"addr add {ETCD_ADDR}/32 dev lo"], "the fleet's etcd address")
+            for h in self.balancers():  # a balancer routes nothing else (no default route)
+                ip_batch(h.ns, [f"route add {ETCD_ADDR}/32 via {h.gw4}"], f"{h.name}'s route to etcd")
+        p = self.etcd_paths()
+        clients = f"https://{ETCD_ADDR}:{ETCD_PORT}"
         peer = "http://127.0.0.1:2380"
         argv = ["etcd", "--name", "fleet", "--data-dir", os.path.join(self.log_dir, "etcd"),
                 "--listen-client-urls", clients, "--advertise-client-urls", clients,
+                "--cert-file", p["cert"], "--key-file", p["key"],
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"fleet={peer}", "--log-level", "warn"]
         proc = self._spawn_logged("etcd", self.router_ns, argv, "etcd.log")
@@ -175,12 +252,23 @@ class FleetLab(Lab):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                c.get("/probe")
-                return
+                c.get(f"/{self.name}/probe")
+                break
             except EtcdUnavailable:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise LabError("etcd did not start: " + self.log_tail("etcd.log")) from None
                 time.sleep(0.1)
+        if first:
+            self._etcd_auth()
+
+    def partition_store(self, name: str, cut: bool = True) -> None:
+        """Cut (or heal) balancer ``name`` off etcd, and only off etcd: its packets to the
+        etcd address go to a neighbour that does not exist on its link, so they vanish
+        silently as in a real partition; BGP and the data path are untouched."""
+        h = self.host(name)
+        via = h.gw4.rsplit(".", 1)[0] + ".254" if cut else h.gw4
+        ip_batch(h.ns, [f"route replace {ETCD_ADDR}/32 via {via}"],
+                 f"{'cutting' if cut else 'healing'} {name}'s path to etcd")
 
     def log_tail(self, log: str, n: int = 2000) -> str:
         try:
@@ -293,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up")
     up.add_argument("--reals", type=int, default=3)
     up.add_argument("--balancers", type=int, default=2)
-    up.add_argument("--etcd", action="store_true", help="shared config in etcd (lbctl serve --store etcd://...)")
+    up.add_argument("--etcd", action="store_true", help="shared config in etcd over TLS with a user per balancer (lbctl serve --store etcds://...)")
     args = p.parse_args(argv)
     lab = FleetLab(args.reals, balancers=args.balancers, etcd=args.etcd)
     lab.build()

@@ -278,6 +278,7 @@ KATRAN_ENV = "LB_BENCH_KATRAN"
 @pytest.mark.bpf
 @pytest.mark.netns
 @pytest.mark.slow
+@pytest.mark.external("a Katran source tree ($LB_BENCH_KATRAN)")
 @pytest.mark.skipif(not os.environ.get(KATRAN_ENV),
                     reason=f"no Katran source tree: set {KATRAN_ENV} to a Katran checkout or git "
                            "dir to build and measure Katran's balancer")
@@ -330,6 +331,7 @@ def test_trex_profile_imports_without_trex() -> None:
         tp.flow_mix(6, "tcp", 10, size=64)  # IPv6 TCP needs 74 bytes
 
 
+@pytest.mark.external("TRex's trex_stl_lib")
 def test_trex_profile_builds_streams() -> None:
     tp = importlib.import_module("bench.trex_profile")
     if not tp.HAVE_TREX:

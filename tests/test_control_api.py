@@ -222,13 +222,103 @@ def test_put_config(env, tmp_path) -> None:
     assert plan(port, ctl.core.tables).empty
 
 
-def test_a_datapath_failure_is_503_and_changes_nothing(env) -> None:
+def test_a_datapath_failure_is_503_and_changes_nothing(env, caplog) -> None:
+    """A 5xx names no exception: the log has it, under the request id the answer carries."""
     api, ctl, port = env
-    port.fail = lambda op: isinstance(op, PutVip)
-    r = api.post("/v1/vips", json=vip_dict(3, [4]))
-    assert r.status_code == 503 and r.json()["kind"] == "datapath" and "undone" in r.json()["error"]
+
+    def fail(op):
+        if isinstance(op, PutVip):
+            raise OSError("bpf map /sys/fs/bpf/secret: EPERM")
+        return False
+
+    port.fail = fail
+    with caplog.at_level("ERROR", logger="lb.api"):
+        r = api.post("/v1/vips", json=vip_dict(3, [4]))
+    body = r.json()
+    assert r.status_code == 503 and body["kind"] == "datapath" and "undone" in body["error"]
+    assert "secret" not in r.text and "OSError" not in r.text and "EPERM" not in r.text
+    rid = r.headers["x-request-id"]
+    assert body["request_id"] == rid and len(rid) == 16
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert logged and "secret" in logged[0].getMessage() + str(logged[0].exc_info)
     port.fail = None
     assert ctl.core.generation == 1 and len(api.get("/v1/vips").json()) == 1
+    assert api.get("/v1/vips").headers["x-request-id"] != rid  # every response has its own
+
+
+def test_an_unexpected_exception_is_500_without_its_text(env, caplog) -> None:
+    import asyncio
+
+    import httpx
+
+    _, ctl, _ = env
+
+    def boom() -> None:
+        raise RuntimeError("password=hunter2 in /etc/lb")
+
+    ctl.views.list_vips = boom
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(ctl), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://lb") as c:
+            return await c.get("/v1/vips")
+
+    with caplog.at_level("ERROR", "lb.api"):
+        r = asyncio.run(get())
+    assert r.status_code == 500 and r.json()["kind"] == "internal" and r.json()["error"] == "internal error"
+    assert "hunter2" not in r.text and "RuntimeError" not in r.text
+    rid = r.headers["x-request-id"]
+    assert r.json()["request_id"] == rid
+    assert any(rid in rec.getMessage() and "hunter2" in rec.getMessage() for rec in caplog.records)
+
+
+def test_request_bodies_are_capped() -> None:
+    """Over ``max_body`` bytes: 413, whether the length is announced or the body is
+    chunked; at the limit: accepted. Nothing changes on a 413."""
+    cfg = make_config([vip_dict(0, [0])])
+    ctl = open_plane(UserspacePort(Sizes.of(cfg.settings)), None, cfg)
+    import json
+
+    limit = 4096
+    with ApiClient(create_app(ctl, max_body=limit)) as api:
+        ok = json.dumps(vip_dict(1, [1])).encode()
+        at_limit = ok + b" " * (limit - len(ok))
+        big = ok + b" " * (limit + 1 - len(ok))
+        r = api.post("/v1/vips", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["kind"] == "too_large", r.text
+        assert r.json()["problems"] == [{"path": "(body)", "message": f"at most {limit} bytes"}]
+
+        async def chunks():
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        r = api.post("/v1/vips", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["kind"] == "too_large", r.text
+        assert ctl.core.generation == 1
+        r = api.post("/v1/vips", content=at_limit, headers={"content-type": "application/json"})
+        assert r.status_code == 201, r.text
+        assert ctl.core.generation == 2
+
+
+def test_lists_are_paged() -> None:
+    from control.api.http import MAX_PAGE
+
+    cfg = make_config([vip_dict(i, [i]) for i in range(7)], max_vips=8)
+    ctl = open_plane(UserspacePort(Sizes.of(cfg.settings)), None, cfg)
+    with ApiClient(create_app(ctl)) as api:
+        every = api.get("/v1/vips")
+        assert len(every.json()) == 7 and every.headers["x-total-count"] == "7" and "link" not in every.headers
+        r = api.get("/v1/vips", params={"limit": 3})
+        assert [v["id"] for v in r.json()] == [v["id"] for v in every.json()[:3]]
+        assert r.headers["x-total-count"] == "7" and r.headers["link"] == '</v1/vips?limit=3&offset=3>; rel="next"'
+        last = api.get("/v1/vips", params={"limit": 3, "offset": 6})
+        assert [v["id"] for v in last.json()] == [every.json()[6]["id"]] and "link" not in last.headers
+        for path in ("/v1/vips", "/v1/health", "/v1/stats/vips", "/v1/stats/reals", "/v1/quic-servers",
+                     "/v1/source-routes", V0 + "/reals"):
+            assert api.get(path, params={"limit": MAX_PAGE + 1}).status_code == 422, path
+            assert api.get(path, params={"limit": 0}).status_code == 422, path
+            assert api.get(path, params={"offset": -1}).status_code == 422, path
+            assert api.get(path, params={"limit": 1}).status_code == 200, path
 
 
 def test_concurrent_clients_end_consistent(env) -> None:
@@ -329,9 +419,11 @@ def test_openapi_document(env) -> None:
         assert name in schemas
     assert set(schemas) == {
         "Config", "ConfigView", "ConnEntryView", "ConnTableView", "ErrorBody", "FlowQuery", "GueSettings",
-        "HTTPValidationError", "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
+        "HealthCheck", "HealthView", "HttpCheck", "Problem", "QuicServer", "QuicServerView",
         "Real", "RealOfVip", "RealPatch", "RealStats", "RealView", "Settings", "SimulateView", "SourceRoute",
-        "SourceRouteView", "StatsView", "UdpCheck", "ValidationError", "Vip", "VipPatch", "VipStats", "VipView"}
+        "SourceRouteView", "StatsView", "UdpCheck", "Vip", "VipPatch", "VipStats", "VipView"}
+    # every 422 is declared as ErrorBody (what the API answers), so FastAPI's own
+    # HTTPValidationError appears nowhere
     # every referenced schema exists
     import json
     import re

@@ -5,6 +5,7 @@ program forwards while the daemon is down."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -368,3 +369,88 @@ def test_userspace_io_daemon_forwards_and_takes_changes(tmp_path, daemons) -> No
         assert None not in fresh and drained not in fresh
         d.stop()
         assert "userspace datapath running on" in d.log.read_text()
+
+
+def test_the_token_is_the_first_line_and_its_length_is_checked(tmp_path) -> None:
+    from control.daemon import StartupError, read_token
+
+    tok = tmp_path / "token"
+    tok.write_text("short\n" + "x" * 40 + "\n")  # the long second line does not count
+    os.chmod(tok, 0o600)
+    with pytest.raises(StartupError, match="first line"):
+        read_token(str(tok))
+    tok.write_text("  0123456789abcdef  \nanything\n")
+    assert read_token(str(tok)) == "0123456789abcdef"
+    tok.write_text("")
+    with pytest.raises(StartupError, match="at least 16"):
+        read_token(str(tok))
+
+
+@pytest.mark.netns
+@pytest.mark.root
+def test_tls_on_a_non_loopback_address(tmp_path, daemons) -> None:
+    """TCP on a non-loopback address: refused without TLS unless --insecure-http; with
+    --tls-cert/--tls-key the client and lbctl talk HTTPS, trusting --ca-file only."""
+    from lb.kernel.netns import run_in_netns
+    from netns.ns import Netns
+    from netns.pki import LabCA
+
+    tok = tmp_path / "token"
+    tok.write_text("0123456789abcdef0123\n")
+    os.chmod(tok, 0o600)
+    ca = LabCA(tmp_path / "pki")
+    srv = ca.issue("lbd", ["198.18.0.1"], server=True)
+    stranger = LabCA(tmp_path / "other")
+    cfg = {"settings": small_settings(), "vips": [vip_dict(i, [i]) for i in range(3)]}
+    with Netns("lbc") as ns:
+        ns.exec(["ip", "link", "set", "lo", "up"])
+        ns.exec(["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"])
+        plain = ["--listen", "198.18.0.1:18080", "--token-file", str(tok)]
+        p = subprocess.run(["ip", "netns", "exec", ns.name, *Daemon(tmp_path, config=cfg).argv, *plain], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 2 and "a non-loopback address needs TLS" in p.stderr, p.stderr
+
+        d = Daemon(tmp_path, "--listen", "198.18.0.1:18443", "--token-file", str(tok), "--tls-cert", srv.cert,
+                   "--tls-key", srv.key, config=cfg, netns=ns.name)
+        daemons.append(d.start(wait=False))
+
+        def ask(ca_file: str, page: int | None = None) -> list:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    with Client(url="https://198.18.0.1:18443", token="0123456789abcdef0123", ca_file=ca_file) as c:
+                        return c.get_all("/v1/vips", page=page)
+                except Unavailable as e:
+                    if "CERTIFICATE_VERIFY_FAILED" in str(e) or time.monotonic() > deadline or d.proc.poll():
+                        raise
+                    time.sleep(0.2)
+
+        vips = run_in_netns(ns, ask, ca.ca_path)
+        assert [v["id"] for v in vips] == [f"198.18.100.{i + 1}:80/tcp" for i in range(3)]
+        assert run_in_netns(ns, ask, ca.ca_path, 1) == vips  # three pages of one
+        with pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            run_in_netns(ns, ask, stranger.ca_path)
+        cli = subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "lb.cli", "vip", "list", "--json",
+                              "--url", "https://198.18.0.1:18443", "--token-file", str(tok), "--ca-file", ca.ca_path],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        assert cli.returncode == 0 and len(json.loads(cli.stdout)) == 3, cli.stderr
+        d.stop()
+
+        d = Daemon(tmp_path, *plain, "--insecure-http", config=cfg, netns=ns.name)
+        daemons.append(d.start(wait=False))
+
+        def ask_plain() -> int:
+            import httpx
+
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    return httpx.get("http://198.18.0.1:18080/v1/vips", timeout=5,
+                                     headers={"Authorization": "Bearer 0123456789abcdef0123"}).status_code
+                except httpx.ConnectError:
+                    if time.monotonic() > deadline or d.proc.poll() is not None:
+                        raise
+                    time.sleep(0.2)
+
+        assert run_in_netns(ns, ask_plain) == 200
+        d.stop()

@@ -4,8 +4,6 @@ through the program goes where the desired tables say."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from control_helpers import make_config, real_addr, tables_for, vip_dict
@@ -18,9 +16,6 @@ from control.reconcile import ApplyError, PutVip, apply, plan
 from control.tables import Sizes
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
-
-if os.geteuid() != 0:  # pragma: no cover
-    pytest.skip("loading XDP programs needs root", allow_module_level=True)
 
 SIZES = Sizes(ring_size=13, max_vips=8, max_reals=32, conn_table_size=64)
 

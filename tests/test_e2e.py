@@ -7,9 +7,9 @@ weight 1 and r4 built but not configured (each test sets the configuration it ne
 
 Figures worth reading are printed with "MEASURED" (shown in pytest's output).
 
-Every test is parametrized by the balancer's datapath. "userspace" needs
-lb/userspace_io.py (UserspaceBalancer); while that is absent its cases are expected to
-fail (xfail, not strict), so they start counting the day it lands.
+Every test is parametrized by the balancer's datapath: "xdp" (the program on the
+balancer's link) and "userspace" (lb/userspace_io.py: the numba twin on an AF_PACKET
+socket); both must pass.
 """
 
 from __future__ import annotations
@@ -49,19 +49,7 @@ BASE = {"r1": 1, "r2": 1, "r3": 1}
 FAMILIES = [pytest.param(4, id="v4"), pytest.param(6, id="v6")]
 
 
-def _userspace_present() -> bool:
-    try:
-        from lb.userspace_io import UserspaceBalancer  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-DATAPATHS = [
-    pytest.param("xdp"),
-    pytest.param("userspace", marks=pytest.mark.xfail(
-        not _userspace_present(), reason="userspace I/O not yet", strict=False)),
-]
+DATAPATHS = ["xdp", "userspace"]
 
 
 def measured(capsys, text: str) -> None:

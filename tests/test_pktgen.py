@@ -208,6 +208,7 @@ def test_live_sink_key_table_is_bounded(gen: PacketGenerator, bed) -> None:
 
 
 @netns_test
+@pytest.mark.external("a second CPU")
 @pytest.mark.skipif(OTHER_CPU is None, reason="needs two CPUs to separate the sink's NAPI")
 def test_live_threaded_napi_loss_is_accounted(gen: PacketGenerator, bed) -> None:
     """Sink NAPI in its own kthread on another CPU: frames the generator makes faster
@@ -237,6 +238,7 @@ def test_live_threaded_napi_loss_is_accounted(gen: PacketGenerator, bed) -> None
 
 
 @netns_test
+@pytest.mark.external("a second CPU")
 @pytest.mark.skipif(OTHER_CPU is None, reason="needs two CPUs")
 def test_live_two_threads(gen: PacketGenerator, bed) -> None:
     _lab, gns, a, b = bed

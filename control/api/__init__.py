@@ -9,8 +9,11 @@ Request bodies are read as JSON and validated by the commands through lb.config'
 models, so the API accepts exactly what a config file accepts and its errors name the
 field the same way. Errors are ``{"error": "...", "kind": "...", "problems": [{"path",
 "message"}]}`` with 4xx for the caller's fault (422 invalid, 404 unknown, 409 conflict,
-412 stale If-Match, 401 missing token) and 5xx for ours (503: a datapath write or the
-state file failed and the change was undone).
+412 stale If-Match, 401 missing token, 413 body over the cap) and 5xx for ours (503: a
+datapath write or the state file failed and the change was undone; 500: a bug). A 5xx
+says what failed in a fixed sentence and ``request_id``; the exception itself goes to the
+log under that id (:mod:`.guards` gives every request one, in ``X-Request-Id``). List
+endpoints are paged (``?limit=`` up to 1000, ``?offset=``).
 
 Every change answers with the new generation in ``ETag``; sending ``If-Match: <gen>``
 makes a change conditional on nobody having changed anything since.
@@ -27,6 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from control.api.config import config_router
+from control.api.guards import (
+    MAX_BODY_BYTES,
+    REQUEST_ID_HEADER,
+    RequestGuard,
+    request_id,
+)
 from control.api.openapi import openapi_document
 from control.api.reals import reals_router
 from control.api.routing import quic_servers_router, source_routes_router
@@ -34,17 +43,30 @@ from control.api.simulate import simulate_router
 from control.api.stats import HealthDetails, health_router, stats_router
 from control.api.status import metrics_router, status_router
 from control.api.vips import vips_router
-from control.errors import ControlError
+from control.errors import ControlError, SystemError_
 from control.metrics import Metrics
 from control.plane import ControlPlane
 
-__all__ = ["create_app", "API_VERSION"]
+__all__ = ["API_VERSION", "create_app"]
 
 log = logging.getLogger("lb.api")
 API_VERSION = "1"
 
 
+def _server_error(request: Request, status: int, kind: str, public: str, exc: BaseException, detail: str
+                  ) -> JSONResponse:
+    """A 5xx: the exception goes to the log under the request id; the caller gets the id
+    and ``public``, never exception text."""
+    rid = request_id(request)
+    log.error("request %s: %s %s failed (%s): %s", rid, request.method, request.url.path, kind, detail,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return JSONResponse({"error": public, "kind": kind, "problems": [], "request_id": rid},
+                        status_code=status, headers={REQUEST_ID_HEADER: rid})
+
+
 async def _control_error(request: Request, exc: ControlError) -> JSONResponse:
+    if isinstance(exc, SystemError_):
+        return _server_error(request, exc.status, exc.kind, exc.public, exc, exc.message)
     return JSONResponse(exc.to_json(), status_code=exc.status)
 
 
@@ -61,9 +83,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "kind": "internal",
-                         "problems": []}, status_code=500)
+    # runs in Starlette's outermost middleware, outside RequestGuard: the header is set here
+    return _server_error(request, 500, "internal", SystemError_.public, exc, f"{type(exc).__name__}: {exc}")
 
 
 def _require_bearer(app: FastAPI, token: str) -> None:
@@ -87,10 +108,11 @@ def create_app(
     metrics: Metrics | None = None,
     health_details: HealthDetails | None = None,
     info: dict[str, Any] | None = None,
+    max_body: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The API over ``plane``'s commands and views. With ``token``, every request needs
     ``Authorization: Bearer <token>`` (TCP listeners); without, the listener itself must
-    be private (the Unix socket, mode 0600)."""
+    be private (the Unix socket, mode 0600). Bodies over ``max_body`` bytes: 413."""
     app = FastAPI(
         title="lb control plane",
         version=API_VERSION,
@@ -102,6 +124,7 @@ def create_app(
     app.add_exception_handler(Exception, _internal)
     if token is not None:
         _require_bearer(app, token)
+    app.add_middleware(RequestGuard, max_body=max_body)  # outermost: before the token check
 
     commands, views = plane.commands, plane.views
     for router in (status_router(views, dict(info or {})), vips_router(commands, views),

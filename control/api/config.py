@@ -20,7 +20,8 @@ def config_router(commands: Commands, views: Views) -> APIRouter:
     router = APIRouter(tags=["config"])
 
     @router.get("/v1/config", summary="Export the desired config (JSON, or YAML with ?format=yaml)",
-                responses=responses(ConfigView))
+                responses={200: {"model": ConfigView, "content": {"application/yaml": {  # the config file
+                    "schema": {"$ref": "#/components/schemas/Config"}}}}, **responses(None, 422)})
     def export_config(format: Literal["json", "yaml"] = "json") -> Response:  # noqa: A002
         if format == "yaml":
             gen, text = views.export_yaml()

@@ -6,13 +6,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import Request
+from fastapi import Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from control.api.models import ErrorBody
 from control.errors import Invalid
 
-__all__ = ["json_body", "if_match", "etag", "problems_of", "json_body_schema", "responses"]
+__all__ = [
+    "MAX_PAGE",
+    "etag",
+    "if_match",
+    "json_body",
+    "json_body_schema",
+    "page_params",
+    "paged",
+    "problems_of",
+    "responses",
+]
+
+MAX_PAGE = 1000  # entries per page of a list endpoint (the default and the maximum of ?limit=)
 
 
 def json_body_schema(name: str, array: bool = False) -> dict[str, Any]:
@@ -68,3 +81,21 @@ def etag(gen: int) -> dict[str, str]:
     """The ``ETag`` header naming generation ``gen``."""
     return {"ETag": f'"{gen}"'}
 
+
+def page_params(limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE, description=f"at most this many entries "
+                                                                             f"(1..{MAX_PAGE})"),
+                offset: int = Query(0, ge=0, le=2**32, description="skip this many entries first")
+                ) -> tuple[int, int]:
+    """A list endpoint's ``?limit=&offset=`` (a FastAPI dependency)."""
+    return limit, offset
+
+
+def paged(request: Request, rows: list[Any], page: tuple[int, int], headers: dict[str, str] | None = None
+          ) -> JSONResponse:
+    """One page of ``rows``: ``X-Total-Count`` says how many there are, ``Link: <...>;
+    rel="next"`` where the next page is (absent on the last)."""
+    limit, offset = page
+    out = {**(headers or {}), "X-Total-Count": str(len(rows))}
+    if offset + limit < len(rows):
+        out["Link"] = f'<{request.url.path}?limit={limit}&offset={offset + limit}>; rel="next"'
+    return JSONResponse(rows[offset:offset + limit], headers=out)

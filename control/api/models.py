@@ -23,8 +23,10 @@ class Problem(BaseModel):
 class ErrorBody(BaseModel):
     error: str = Field(description="one line naming the fields")
     kind: str = Field(description="invalid | not_found | conflict | precondition_failed | unauthorized | "
-                                  "bad_request | datapath | persist | internal")
+                                  "bad_request | too_large | datapath | persist | internal")
     problems: list[Problem]
+    request_id: str | None = Field(None, description="5xx only: the id of the log line that tells what failed "
+                                                     "(also the X-Request-Id header of every response)")
 
 
 class VipPatch(BaseModel):

@@ -64,6 +64,13 @@ def openapi_document(app: FastAPI, bearer: bool) -> dict[str, Any]:
     for name, s in defs.get("$defs", {}).items():
         comps.setdefault(name, s)
     _refine(comps)
+    err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            if "requestBody" in op:
+                op["responses"].setdefault("413", {**err, "description": "request body too large"})
+            if bearer:
+                op["responses"].setdefault("401", {**err, "description": "missing or wrong bearer token"})
     if bearer:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from control.api.http import etag, if_match, json_body, json_body_schema, responses
+from control.api.http import (
+    etag,
+    if_match,
+    json_body,
+    json_body_schema,
+    page_params,
+    paged,
+    responses,
+)
 from control.api.models import RealOfVip, RealView
 from control.api.vips import VIP
 from control.commands import Commands
@@ -22,12 +30,13 @@ REAL = REALS + "/{real}"
 def reals_router(commands: Commands, views: Views) -> APIRouter:
     router = APIRouter(tags=["reals"])
 
-    @router.get(REALS, summary="List a VIP's reals", responses=responses(None, 404, 422),
+    @router.get(REALS, summary="List a VIP's reals (paged)", responses=responses(None, 404, 422),
                 response_model=list[RealView])
-    def list_reals(address: str, port: str, protocol: str) -> JSONResponse:
+    def list_reals(address: str, port: str, protocol: str, request: Request,
+                   page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
         key = parse_vip_key(address, port, protocol)
         gen, view = views.at_generation(views.vip_view, key)
-        return JSONResponse(view["reals"], headers=etag(gen))
+        return paged(request, view["reals"], page, etag(gen))
 
     @router.post(REALS, summary="Add a real to a VIP", status_code=201, openapi_extra=json_body_schema("Real"),
                  responses={201: {"model": RealOfVip}, **responses(None, 404, 409, 412, 422, 503)})

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from control.api.http import etag, if_match, json_body, json_body_schema, responses
+from control.api.http import (
+    etag,
+    if_match,
+    json_body,
+    json_body_schema,
+    page_params,
+    paged,
+    responses,
+)
 from control.api.models import QuicServerView, SourceRouteView
 from control.commands import Commands
 from control.keys import parse_prefix, parse_quic_id
@@ -28,10 +36,11 @@ class _Table:
         self.commands, self.views, self.section = commands, views, section
         self.router = APIRouter(tags=[base.rsplit("/", 1)[1]])
 
-        @self.router.get(base, summary=f"List the {what}", response_model=list[view])
-        def list_all() -> JSONResponse:
+        @self.router.get(base, summary=f"List the {what} (paged)", response_model=list[view],
+                         responses=responses(None, 422))
+        def list_all(request: Request, page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
             gen, body = views.at_generation(views.routing_view, section)
-            return JSONResponse(body, headers=etag(gen))
+            return paged(request, body, page, etag(gen))
 
         @self.router.put(base, summary=f"Replace the whole table of {what}",
                          openapi_extra=json_body_schema(model, array=True),

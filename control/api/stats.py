@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from control.api.http import responses
+from control.api.http import page_params, paged, responses
 from control.api.models import ConnTableView, HealthView, RealStats, StatsView, VipStats
 from control.views import Views
 
@@ -33,13 +33,15 @@ def stats_router(views: Views) -> APIRouter:
         s = views.stats()
         return {"counters": s["counters"], "conn_table": s["conn_table"]}
 
-    @router.get("/v1/stats/vips", summary="Packets and bytes per VIP", response_model=list[VipStats])
-    def stats_vips() -> JSONResponse:
-        return JSONResponse(views.stats()["vips"])
+    @router.get("/v1/stats/vips", summary="Packets and bytes per VIP (paged)", response_model=list[VipStats],
+                responses=responses(None, 422))
+    def stats_vips(request: Request, page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
+        return paged(request, views.stats()["vips"], page)
 
-    @router.get("/v1/stats/reals", summary="Packets and bytes per real", response_model=list[RealStats])
-    def stats_reals() -> JSONResponse:
-        return JSONResponse(views.stats()["reals"])
+    @router.get("/v1/stats/reals", summary="Packets and bytes per real (paged)", response_model=list[RealStats],
+                responses=responses(None, 422))
+    def stats_reals(request: Request, page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
+        return paged(request, views.stats()["reals"], page)
 
     @router.get("/v1/stats/conntable", summary="Connection-table size and a sample of entries",
                 responses=responses(ConnTableView, 422))
@@ -53,14 +55,15 @@ def health_router(views: Views, details: HealthDetails | None) -> APIRouter:
     """``details``: the health runner's counters and last results, merged into each row."""
     router = APIRouter(tags=["health"])
 
-    @router.get("/v1/health", summary="Health-check state of every checked real", response_model=list[HealthView])
-    def health() -> JSONResponse:
+    @router.get("/v1/health", summary="Health-check state of every checked real (paged)",
+                response_model=list[HealthView], responses=responses(None, 422))
+    def health(request: Request, page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
         rows = views.health()
         more = details() if details is not None else {}
         out = []
         for r in rows:
             d = more.get((r["vip"], r["real"]), {})
             out.append({**r, **{k: d[k] for k in _DETAILS if k in d}})
-        return JSONResponse(out)
+        return paged(request, out, page)
 
     return router

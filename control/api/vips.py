@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from control.api.http import etag, if_match, json_body, json_body_schema, responses
+from control.api.http import (
+    etag,
+    if_match,
+    json_body,
+    json_body_schema,
+    page_params,
+    paged,
+    responses,
+)
 from control.api.models import VipView
 from control.commands import Commands
 from control.keys import parse_vip_key
@@ -20,10 +28,10 @@ VIP = "/v1/vips/{address}/{port}/{protocol}"
 def vips_router(commands: Commands, views: Views) -> APIRouter:
     router = APIRouter(tags=["vips"])
 
-    @router.get("/v1/vips", summary="List VIPs", responses=responses(None), response_model=list[VipView])
-    def list_vips() -> JSONResponse:
+    @router.get("/v1/vips", summary="List VIPs (paged)", responses=responses(None, 422), response_model=list[VipView])
+    def list_vips(request: Request, page: tuple[int, int] = Depends(page_params)) -> JSONResponse:
         gen, body = views.at_generation(views.list_vips)
-        return JSONResponse(body, headers=etag(gen))
+        return paged(request, body, page, etag(gen))
 
     @router.post("/v1/vips", summary="Create a VIP", status_code=201,
                  openapi_extra=json_body_schema("Vip"), responses={201: {"model": VipView},
