@@ -37,6 +37,8 @@ from lb.constants import (
     ETH_P_IP,
     ETH_P_IPV6,
     GUE_DEFAULT_PORT,
+    GUE_HLEN,
+    GUE_HOPLIST_HLEN,
     GUE_HOPLIST_TYPE,
     GUE_MAX_HOPS,
     IP_MF,
@@ -50,8 +52,6 @@ from lb.constants import (
     VLAN_HLEN,
 )
 
-GUE_HLEN = 4  # GUE variant 0 base header
-HOPLIST_HLEN = 4  # type (2), next_hop (1), hop_count (1)
 TCP_HLEN = 20
 
 DELIVER, FORWARD, DROP, OTHER = "deliver", "forward", "drop", "other"
@@ -185,7 +185,7 @@ def _forwarded(frame: bytes, p: _Parsed, next_hop: int, hop_count: int) -> Decis
     l3 = p.l2_len
     hl = p.udp_off + UDP_HLEN + GUE_HLEN
     alen = 16 if p.outer_v6 else 4
-    hop = bytes(frame[hl + HOPLIST_HLEN + next_hop * alen:][:alen])
+    hop = bytes(frame[hl + GUE_HOPLIST_HLEN + next_hop * alen:][:alen])
     daddr_off = l3 + (24 if p.outer_v6 else 16)
     old_daddr = bytes(frame[daddr_off:daddr_off + alen])
     ttl_off = l3 + (7 if p.outer_v6 else 8)
@@ -219,12 +219,12 @@ def second_chance(frame: bytes, has_local_socket: bool, *,
     priv_len = p.gue_len - GUE_HLEN if p else 0
     if p is None or priv_len < 2 or struct.unpack_from("!H", frame, priv)[0] != GUE_HOPLIST_TYPE:
         return Decision(OTHER, frame, None)
-    if priv_len < HOPLIST_HLEN:
+    if priv_len < GUE_HOPLIST_HLEN:
         return Decision(DROP, frame, "hoplist_malformed")
     next_hop, hop_count = frame[priv + 2], frame[priv + 3]
     alen = 16 if p.outer_v6 else 4
     if not 1 <= hop_count <= GUE_MAX_HOPS or next_hop > hop_count \
-            or priv_len != HOPLIST_HLEN + hop_count * alen:
+            or priv_len != GUE_HOPLIST_HLEN + hop_count * alen:
         return Decision(DROP, frame, "hoplist_malformed")
     (ulen,) = struct.unpack_from("!H", frame, p.udp_off + 4)
     if not _inner_ok(frame, p, ulen - UDP_HLEN - p.gue_len):

@@ -18,6 +18,7 @@ the real's interface, byte for byte the pure function's output.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 import time
@@ -402,3 +403,144 @@ def test_bpf_socket_states_decide(sockets, prog):
         assert run_in(None, prog, frame)[0] == FORWARD  # this namespace: no such socket
     assert run_in(s.ns.name, prog, hop_frame(tcp_inner(4, sport=s.established[4] + 1)))[0] \
         == FORWARD
+
+
+# ---- part 3: live traffic over a veth pair ------------------------------------------------
+
+ROUTER4, REAL4 = "198.18.0.1", "198.18.0.2"  # the real's next hop (hops[1]) is elsewhere
+PACKET_OUTGOING = 4
+
+
+class Live:
+    """router ns <-veth-> real ns. The real has VIP4 on lo and a server on VIP4:80; the
+    router reaches VIP4 through the real (plain TCP, which the decap passes) and also plays
+    the balancer, sending hop-list GUE frames from its end of the veth."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        from lb.constants import XDP_PASS
+        from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach
+        from netns.lab_bpf import load_xdp_action
+
+        self.router, self.real = sb.netns("lbscr"), sb.netns("lbscs")
+        self.r_if, self.s_if = sb.veth(self.router, self.real, "sc",
+                                       addrs=(ROUTER4 + "/24", REAL4 + "/24"))
+        for ns in (self.router, self.real):
+            ns.exec(["ip", "link", "set", "lo", "up"])
+        self.real.exec(["ip", "addr", "add", VIP4 + "/32", "dev", "lo"])
+        self.router.exec(["ip", "route", "add", VIP4 + "/32", "via", REAL4])
+        # Segments the test forges carry no TCP timestamps: have the connection not use them.
+        self.router.exec(["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"])
+        # veth hands XDP_TX'd frames only to a peer whose NAPI is on (an XDP program).
+        fd = load_xdp_action(XDP_PASS, "sc_xdp_pass")
+        try:
+            xdp_attach(self.r_if.name, fd, XDP_FLAGS_DRV_MODE, netns=self.router.name)
+        finally:
+            os.close(fd)  # the attachment holds the program
+        self.r_mac, self.s_mac = self.r_if.mac, self.s_if.mac
+
+    def packet_socket(self) -> socket.socket:
+        from lb.kernel.netns import in_netns
+
+        with in_netns(self.router.name):
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s.bind((self.r_if.name, 0))
+        s.settimeout(0.2)
+        return s
+
+
+def _frames(s: socket.socket, seconds: float) -> list[tuple[bytes, int]]:
+    """Frames the packet socket has seen, until it has been quiet for ``seconds``."""
+    out = []
+    while True:
+        try:
+            data, addr = s.recvfrom(65535)
+        except TimeoutError:
+            return out
+        out.append((data, addr[2]))
+        s.settimeout(seconds)
+
+
+@pytest.fixture(scope="module")
+def live():
+    with Sandbox() as sb:
+        yield Live(sb)
+
+
+@pytest.mark.bpf
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", ["xdp", "tc"])
+def test_live_second_chance(live, mode):
+    """A forged non-SYN segment of a live connection, GUE-encapsulated with a hop list,
+    reaches the server; the same for a 4-tuple without a connection comes back out of the
+    real towards hops[1] (byte for byte the pure function's frame); on its last hop it is
+    delivered (last resort)."""
+    from lb.decap_loader import DecapProgram
+    from lb.kernel.netns import in_netns
+
+    with DecapProgram(mode) as prog:
+        prog.attach(live.s_if.name, netns=live.real.name)
+        cap = live.packet_socket()
+        with in_netns(live.real.name):
+            srv = socket.socket()
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((VIP4, 80))
+            srv.listen(4)
+        with in_netns(live.router.name):
+            cli = socket.socket()
+        try:
+            cli.settimeout(5)
+            srv.settimeout(5)
+            cli.connect((VIP4, 80))
+            conn, _ = srv.accept()
+            conn.settimeout(5)
+            conn.sendall(b"hello")
+            assert cli.recv(10) == b"hello"
+            cport = cli.getsockname()[1]
+            # the client's last segment (the ACK of "hello"): its seq / ack continue here
+            last = [Ether(f) for f, t in _frames(cap, 0.3)
+                    if t == PACKET_OUTGOING and Ether(f).haslayer(TCP)
+                    and Ether(f)[TCP].sport == cport]
+            assert last, "no client segment captured"
+            seq, ack = last[-1][TCP].seq, last[-1][TCP].ack
+
+            def forged(sport: int, next_hop: int = 1, payload: bytes = b"second chance") -> bytes:
+                inner = bytes(IP(src=ROUTER4, dst=VIP4, ttl=60) /
+                              TCP(sport=sport, dport=80, flags="PA", seq=seq, ack=ack,
+                                  window=502) / Raw(payload))
+                return hop_frame(inner, hops=[REAL4, HOPS4[1]], next_hop=next_hop,
+                                 src_mac=live.r_mac, dst_mac=live.s_mac)
+
+            def send(frame: bytes) -> list[bytes]:
+                """Sends frame; returns the GUE frames that came back to the router."""
+                before = prog.read_stats()
+                cap.send(frame)
+                back = [f for f, t in _frames(cap, 0.3) if t != PACKET_OUTGOING
+                        and Ether(f).haslayer(UDP) and Ether(f)[UDP].dport == GUE_PORT]
+                after = prog.read_stats()
+                # (plain TCP the connection exchanges meanwhile is "passed": not counted here)
+                send.moved = {k: after[k] - before[k] for k in after
+                              if after[k] != before[k] and k != "passed"}
+                return back
+
+            # 1. the connection's own segment: delivered, the server reads it
+            assert send(forged(cport)) == []
+            assert send.moved == {"hoplist_delivered": 1}
+            assert conn.recv(100) == b"second chance"
+
+            # 2. no connection here (only the listener): back out towards hops[1]
+            frame = forged(cport + 1)
+            back = send(frame)
+            want = second_chance(frame, has_local_socket=False)
+            assert want.action == FORWARD
+            assert back == [want.output]
+            assert Ether(back[0])[IP].dst == HOPS4[1]
+            assert send.moved == {"hoplist_forwarded": 1}
+
+            # 3. the same on its last hop: delivered anyway
+            assert send(forged(cport + 1, next_hop=2)) == []
+            assert send.moved == {"hoplist_last_resort": 1}
+        finally:
+            cap.close()
+            cli.close()
+            srv.close()

@@ -66,6 +66,8 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define GUE_SPORT_MASK 16383
 #define GUE_HOPLIST_TYPE 19522
 #define GUE_MAX_HOPS 3
+#define GUE_HLEN 4
+#define GUE_HOPLIST_HLEN 4
 _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants");
 #define IP_DF 16384
 #define ICMP_TOO_BIG_QUOTE_V4 128
