@@ -459,7 +459,8 @@ class Live:
         self.router.exec(["ip", "route", "add", VIP4 + "/32", "via", REAL4])
         # Segments the test forges carry no TCP timestamps: have the connection not use them.
         self.router.exec(["sysctl", "-qw", "net.ipv4.tcp_timestamps=0"])
-        # veth hands XDP_TX'd frames only to a peer whose NAPI is on (an XDP program).
+        # veth hands XDP_TX'd frames only to a peer whose NAPI is on: XDP_PASS there, as
+        # the lab does (GRO on, which should do too, did not on this kernel).
         fd = load_xdp_action(XDP_PASS, "sc_xdp_pass")
         try:
             xdp_attach(self.r_if.name, fd, XDP_FLAGS_DRV_MODE, netns=self.router.name)
