@@ -322,17 +322,6 @@ class Lab:
         self._save()
         for h in self.reals():
             self._decap.attach(h.ifname, netns=h.ns)
-        # The router's end of each real's link runs XDP_PASS, as the balancers' do: the
-        # decap's second-chance step sends a stateless VIP's packet back to the router
-        # with XDP_TX, and veth hands XDP_TX'd frames only to a peer whose NAPI is on.
-        fd = load_xdp_action(XDP_PASS, "lab_xdp_pass")
-        try:
-            self.state["prog_ids"].append(int(prog_info(fd)["id"]))
-            self._save()
-            for h in self.reals():
-                xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
-        finally:
-            os.close(fd)  # the attachments hold the program
         os.makedirs(self.pin_root, exist_ok=True)
         path = os.path.join(self.pin_root, "decap_stats")
         pin_prog_map(self._decap.prog_fd, "decap_stats", path)
