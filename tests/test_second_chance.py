@@ -26,7 +26,7 @@ import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
@@ -158,6 +158,19 @@ def test_delivered_cases(outer_v):
         assert (d.action, d.counter) == (DELIVER, counter)
         assert d.output[12:14] == b"\x08\x00" and d.output[14:] == frame[-len(d.output) + 14:]
         assert d.output[:12] == frame[:12]
+
+
+# Not looked up, delivered: an inner first fragment (MF set) and an inner IPv6 packet with
+# an extension header before its TCP header, both carrying a non-SYN segment.
+INNER_FRAGMENT = bytes(IP(src=CLIENT4, dst=VIP4, flags="MF") / TCP(sport=2, dport=80, flags="A"))
+INNER_V6_EXT = bytes(IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrHopByHop() /
+                     TCP(sport=2, dport=80, flags="A"))
+
+
+@pytest.mark.parametrize("inner", [INNER_FRAGMENT, INNER_V6_EXT], ids=["fragment", "v6-ext"])
+def test_not_looked_up_is_delivered(inner):
+    d = second_chance(hop_frame(inner), has_local_socket=False)
+    assert (d.action, d.counter) == (DELIVER, "hoplist_delivered")
 
 
 def test_zero_udp_checksum_stays_zero_and_vlan_kept():
@@ -415,6 +428,8 @@ def _cases(s: Sockets) -> list[tuple[str, bytes, bool]]:
         ("time-wait", hop_frame(tcp_inner(4, sport=s.time_wait())), True),
         ("syn-recv", hop_frame(tcp_inner(4, src=SYN_RECV_SRC, sport=s.syn_recv(), seq=2)), True),
         ("no-udp-checksum", hop_frame(tcp_inner(4, sport=1), udp_csum=False), False),
+        ("inner-fragment", hop_frame(INNER_FRAGMENT), False),
+        ("inner-v6-ext-header", hop_frame(INNER_V6_EXT, outer_v=6), False),
         ("udp-checksum-sums-to-0-o4", zero_sum_frame(4)[0], False),
         ("udp-checksum-sums-to-0-o6", zero_sum_frame(6)[0], False),
         ("vlan", hop_frame(tcp_inner(4, sport=1), vlan=True), False),
