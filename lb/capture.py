@@ -274,8 +274,8 @@ def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEF
             stop: Callable[[], bool] | None = None,
             on_event: Callable[[CaptureEvent], None] | None = None) -> CaptureResult:
     """Capture ``events`` into the pcapng file ``path`` until ``count`` records, ``duration``
-    seconds, ``stop()`` returning True, or KeyboardInterrupt; the events are off again
-    when it returns (or raises). Refuses to start while another capture has events on,
+    seconds, ``stop()`` returning True, or KeyboardInterrupt (Ctrl-C: returns what was
+    captured); the events are off again when it returns (or raises). Refuses to start while another capture has events on,
     unless ``force`` (then takes them over: e.g. after a capture that was killed)."""
     if count is not None and count < 1:
         raise CaptureError(f"count must be >= 1 (got {count})")
@@ -297,7 +297,7 @@ def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEF
         reader.poll(0)  # records left by an earlier capture are not ours
         records.clear()
         maps.word = word
-        while True:
+        while True:  # KeyboardInterrupt (Ctrl-C) ends it too: see below
             reader.poll(100)
             for raw in records:
                 ev = CaptureEvent.decode(raw)
@@ -316,6 +316,8 @@ def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEF
                     or (t_end is not None and time.monotonic() >= t_end)
                     or (stop is not None and stop())):
                 break
+    except KeyboardInterrupt:
+        pass  # the operator's way to stop: what was captured is kept
     finally:
         maps.word = 0
         reader.close()
