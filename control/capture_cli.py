@@ -15,7 +15,7 @@ from typing import Any
 
 from lb import constants as C
 
-__all__ = ["add_capture_arguments", "run_capture", "register_capture"]
+__all__ = ["add_capture_arguments", "register_capture", "run_capture"]
 
 
 def _events(text: str) -> list[str]:

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -203,7 +204,7 @@ class CaptureMaps:
             os.close(fd)
         self.fds = {}
 
-    def __enter__(self) -> CaptureMaps:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

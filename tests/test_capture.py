@@ -269,3 +269,50 @@ def _tshark_hex(path: str) -> list[str]:
             continue
         cur.append("".join(line[6:6 + 48].split()))
     return packets
+
+
+def test_lbctl_capture_on_pinned_maps(tmp_path) -> None:
+    """``lbctl capture --pin-dir`` end to end: another process switches the events on,
+    writes what the program sends and switches them off; a second one started meanwhile is
+    refused (exit 2) and changes nothing."""
+    import secrets
+    import sys
+
+    from scapy.utils import PcapNgReader
+
+    from lb.bpf_loader import XdpBalancer
+    from lb.kernel.objects import BPFFS
+    from lb.kernel.testrun import test_run
+
+    pin_dir = os.path.join(BPFFS, f"lbtest-cap-{secrets.token_hex(4)}")
+    path = tmp_path / "cli.pcapng"
+    lbctl = [sys.executable, "-m", "lb.cli", "capture", "--pin-dir", pin_dir]
+    bal = XdpBalancer.from_tables(FIXTURE_SETS["main"][0](), pin_dir=pin_dir)
+    proc = None
+    try:
+        with CaptureMaps.pinned(pin_dir) as maps:
+            proc = subprocess.Popen([*lbctl, "--event", "drop", "-c", "2", "--duration", "60", "-w", str(path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while maps.word == 0 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            assert maps.word == capture_word({C.CAPTURE_EV_DROP}, 1000)
+            second = subprocess.run([*lbctl, "-w", str(tmp_path / "second.pcapng")], check=False, capture_output=True,
+                                    text=True, timeout=60)
+            assert second.returncode == 2 and "another capture is running" in second.stderr
+            assert maps.word == capture_word({C.CAPTURE_EV_DROP}, 1000)
+            bad = b"\x00" * 12 + b"\x81\x00"  # a cut VLAN tag: dropped as malformed
+            for _ in range(2):
+                test_run(bal.prog_fd, bad)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert "2 packets written" in err and "drop 2" in err
+            assert maps.word == 0
+        pkts = list(PcapNgReader(str(path)))
+        assert [bytes(p) for p in pkts] == [bad, bad]
+        assert all(len(p.comments) == 1 and p.comments[0].startswith(b"lb event=drop reason=drop_malformed cpu=")
+                   for p in pkts)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        bal.close(unpin=True)
