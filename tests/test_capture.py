@@ -111,8 +111,9 @@ def test_off_by_default_no_records(loaded) -> None:
 @pytest.mark.parametrize(("table_set", "fx"), CASES,
                          ids=[f"{name}-row{fx.row}-{fx.description}" for name, fx in CASES])
 def test_fixture_events(loaded, table_set: str, fx: Fixture) -> None:
-    """With every event on, each golden fixture's frame yields exactly the records its
-    counters imply: event, reason, VIP, real, original length and first bytes."""
+    """With every event on, each golden fixture's frame still does what the fixture says
+    (action, output, counters) and yields exactly the records its counters imply: event,
+    reason, VIP, real, original length and first bytes."""
     from lb.kernel.testrun import test_run
 
     bal, tables, maps, reader, records = loaded(table_set)
@@ -123,11 +124,16 @@ def test_fixture_events(loaded, table_set: str, fx: Fixture) -> None:
     drain(reader, records)
     maps.word = capture_word(ALL, MAX_RATE)
     try:
+        before = bal.read_stats().counters
         t0 = time.monotonic_ns()
-        test_run(bal.prog_fd, fx.frame)
+        action, out, _ = test_run(bal.prog_fd, fx.frame)
         evs = drain(reader, records)
+        after = bal.read_stats().counters
     finally:
         maps.word = 0
+    # capture changes nothing the frame does
+    assert C.ACTION_NAMES[action] == fx.action and (fx.output is None or out == fx.output)
+    assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
     assert [(e.event, e.reason) for e in evs] == expected_events(fx)
     for e in evs:
         assert e.frame_len == len(fx.frame)
