@@ -143,7 +143,9 @@ static __always_inline void capture(struct xdp_md *ctx, __u32 ev, __u32 reason, 
 		return;
 	now = bpf_ktime_get_ns();
 	interval = word >> CAPTURE_INTERVAL_SHIFT;
-	tat = b->tat > now ? b->tat : now;
+	tat = b->tat;
+	if (tat < now || tat - now > CAPTURE_BURST * interval)
+		tat = now; /* idle, or left by an earlier capture at a lower rate */
 	if (tat - now > (CAPTURE_BURST - 1) * interval) {
 		b->limited += 1;
 		return;
@@ -769,7 +771,7 @@ int balancer_xdp(struct xdp_md *ctx)
 
 	stat_inc(STAT_RX_PACKETS);
 	stat_inc(stat);
-	if (action == XDP_DROP) /* the frame is as it arrived: drops happen before any rewrite */
+	if (action == XDP_DROP) /* decided before any rewrite: the frame is as it arrived */
 		capture(ctx, CAPTURE_EV_DROP, stat, CAPTURE_NO_VIP, 0);
 	return action;
 }
