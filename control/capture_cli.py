@@ -10,7 +10,9 @@ call. The userspace datapath has no capture: the command says so.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Any
 
 from lb import constants as C
@@ -54,24 +56,29 @@ def run_capture(pin_dir: str, args: argparse.Namespace) -> int:
         print(f"lbctl: {pin_dir}: {e}", file=sys.stderr)
         return 1
 
-    with maps:
-        vips, reals = maps.names()
+    def show(ev: Any, comment: str) -> None:
+        if not args.quiet:
+            print(f"{ev.frame_len:5d} bytes  {comment}", file=sys.stderr, flush=True)
 
-        def show_named(ev: Any) -> None:
-            if not args.quiet:
-                print(f"{ev.frame_len:5d} bytes  {ev.comment(vips, reals)}", file=sys.stderr, flush=True)
-
-        try:
+    # Ctrl-C / SIGTERM end the capture between two polls (never inside the ring buffer's
+    # callback, where an exception would be lost): the file is closed and the events off.
+    stopping = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with maps:
             print(f"capturing {', '.join(sorted(n for n, c in C.CAPTURE_EVENTS.items() if c in events))} "
                   f"from {pin_dir} into {args.write} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             r = capture(maps, args.write, events, rate=args.rate, count=args.count,
-                        duration=args.duration, force=args.force, on_event=show_named)
-        except CaptureError as e:
-            print(f"lbctl: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:
-            print(f"lbctl: {e}", file=sys.stderr)
-            return 1
+                        duration=args.duration, force=args.force, stop=stopping.is_set, on_event=show)
+    except CaptureError as e:
+        print(f"lbctl: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"lbctl: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     per = ", ".join(f"{k} {v}" for k, v in sorted(r.by_event.items())) or "none"
     print(f"{r.written} packets written to {args.write} ({per}); held back by the rate limit: "
           f"{r.limited}, lost to a full ring: {r.lost}", file=sys.stderr)

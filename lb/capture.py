@@ -256,6 +256,9 @@ class PcapngFile:
         pkt.comments = [comment.encode()]
         self._w.write_packet(pkt, sec=wall_ns / 1e9, wirelen=max(wirelen, len(data)))
 
+    def flush(self) -> None:
+        self._w.flush()
+
     def close(self) -> None:
         self._w.close()
 
@@ -273,10 +276,11 @@ class CaptureResult:
 def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEFAULT_RATE,
             count: int | None = None, duration: float | None = None, force: bool = False,
             stop: Callable[[], bool] | None = None,
-            on_event: Callable[[CaptureEvent], None] | None = None) -> CaptureResult:
+            on_event: Callable[[CaptureEvent, str], None] | None = None) -> CaptureResult:
     """Capture ``events`` into the pcapng file ``path`` until ``count`` records, ``duration``
-    seconds, ``stop()`` returning True, or KeyboardInterrupt (Ctrl-C: returns what was
-    captured); the events are off again when it returns (or raises). Refuses to start while another capture has events on,
+    seconds, ``stop()`` returning True (checked every 100 ms), or KeyboardInterrupt
+    (returns what was captured); the events are off again when it returns (or raises).
+    ``on_event(event, comment)`` sees each record as it is written. Refuses to start while another capture has events on,
     unless ``force`` (then takes them over: e.g. after a capture that was killed)."""
     if count is not None and count < 1:
         raise CaptureError(f"count must be >= 1 (got {count})")
@@ -305,13 +309,16 @@ def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEF
                 if ((ev.vip_num != C.CAPTURE_NO_VIP and ev.vip_num not in vips)
                         or (ev.real_id and ev.real_id not in reals)):
                     vips, reals = maps.names()  # a VIP or real added since
-                out.write(ev.data, ev.ts_ns + to_wall, ev.frame_len, ev.comment(vips, reals))
+                comment = ev.comment(vips, reals)
+                out.write(ev.data, ev.ts_ns + to_wall, ev.frame_len, comment)
                 result.written += 1
                 result.by_event[ev.name] = result.by_event.get(ev.name, 0) + 1
                 if on_event is not None:
-                    on_event(ev)
+                    on_event(ev, comment)
                 if count is not None and result.written >= count:
                     break
+            if records:
+                out.flush()  # readable while the capture runs (tshark -r, tail)
             records.clear()
             if ((count is not None and result.written >= count)
                     or (t_end is not None and time.monotonic() >= t_end)

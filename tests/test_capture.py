@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -288,7 +289,7 @@ def _tshark_hex(path: str) -> list[str]:
 def test_lbctl_capture_on_pinned_maps(tmp_path) -> None:
     """``lbctl capture --pin-dir`` end to end: another process switches the events on,
     writes what the program sends and switches them off; a second one started meanwhile is
-    refused (exit 2) and changes nothing."""
+    refused (exit 2) and changes nothing; Ctrl-C ends one cleanly."""
     import secrets
     import sys
 
@@ -322,6 +323,18 @@ def test_lbctl_capture_on_pinned_maps(tmp_path) -> None:
             assert proc.returncode == 0, err
             assert "2 packets written" in err and "drop 2" in err
             assert maps.word == 0
+            # Ctrl-C: exit 0, the file closed, the events off
+            proc = subprocess.Popen([*lbctl, "-w", str(tmp_path / "int.pcapng")], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 30
+            while maps.word == 0 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            assert maps.word != 0
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and "0 packets written" in err, err
+            assert maps.word == 0
+            assert list(PcapNgReader(str(tmp_path / "int.pcapng"))) == []
         pkts = list(PcapNgReader(str(path)))
         assert [bytes(p) for p in pkts] == [bad, bad]
         assert all(len(p.comments) == 1 and p.comments[0].startswith(b"lb event=drop reason=drop_malformed cpu=")
