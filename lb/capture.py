@@ -292,8 +292,12 @@ def capture(maps: CaptureMaps, path: str, events: set[int], *, rate: float = DEF
                            f"{maps.word:#x}); stop it, or take over with --force")
     vips, reals = maps.names()
     records: list[bytes] = []
-    reader = RingReader(maps.fds["capture_ring"], records.append)
     out = PcapngFile(path)
+    try:
+        reader = RingReader(maps.fds["capture_ring"], records.append)
+    except BaseException:
+        out.close()
+        raise
     result = CaptureResult(0, {}, 0, 0)
     limited0, lost0 = maps.drops()
     to_wall = time.time_ns() - time.monotonic_ns()  # bpf_ktime_get_ns is CLOCK_MONOTONIC
