@@ -335,12 +335,14 @@ def _stats_tables(s: dict[str, Any], prev: dict[str, Any] | None, dt: float) -> 
         v_t.add_row(x["vip"], f"{x['packets']:,}", _human(x["bytes"]) + "B", rate(x["packets"], old.get("packets")),
                     rate(8 * x["bytes"], 8 * old["bytes"] if "bytes" in old else None))
     r_t = Table(title="per real")
-    for col in ("real", "id", "packets", "bytes", "pps"):
+    for col in ("real", "id", "packets", "bytes", "pps", "new flows (misses)", "misses/s"):
         r_t.add_column(col, justify="left" if col == "real" else "right")
     pr = {x["real"]: x for x in prev["reals"]} if prev else {}
     for x in s["reals"]:
+        old = pr.get(x["real"], {})
         r_t.add_row(x["real"], str(x["real_id"]), f"{x['packets']:,}", _human(x["bytes"]) + "B",
-                    rate(x["packets"], pr.get(x["real"], {}).get("packets")))
+                    rate(x["packets"], old.get("packets")), f"{x['lru_misses']:,}",
+                    rate(x["lru_misses"], old.get("lru_misses")))
     return Group(g, v_t, r_t)
 
 
@@ -438,8 +440,9 @@ def _client_args(p: argparse.ArgumentParser, changes: bool = False) -> None:
 
 
 def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    """Add ``serve``, ``vip``, ``real``, ``quic``, ``route``, ``stats``, ``health`` to lbctl's subcommands and
+    """Add ``serve``, ``vip``, ``real``, ``quic``, ``route``, ``stats``, ``health``, ``capture`` to lbctl's subcommands and
     ``export``/``apply`` to its ``config`` subcommands (``groups["config"]``, made by lb.commands)."""
+    from control.capture_cli import register_capture
     from control.daemon import add_arguments
 
     s = sub.add_parser("serve", help="run the control-plane daemon (datapath, API, health checks)",
@@ -562,6 +565,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
                        description="Health-check verdicts, counts and last results.")
     _client_args(x)
     x.set_defaults(func=_run(cmd_health))
+    register_capture(sub)
 
     config = groups["config"]
     x = config.add_parser("export", help="print the running daemon's desired config (YAML)",

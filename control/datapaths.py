@@ -85,7 +85,8 @@ def _write_ring(op: WriteRing, write: Callable[[np.ndarray, np.ndarray], None], 
         time.sleep(delay)
     write(op.slots, op.new)
 
-COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
+COLS = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1  # per VIP
+REAL_COLS = C.REAL_STAT_COLUMNS  # per real: the same two and connection-table misses
 # entries each routing map holds (as sized in lb.bpf_loader / xdp/maps.h)
 ROUTING_CAPACITY = {"quic_servers": C.MAX_QUIC_SERVER_IDS, "src_routes_v4": C.MAX_SRC_ROUTES,
                     "src_routes_v6": C.MAX_SRC_ROUTES}
@@ -93,8 +94,9 @@ ROUTING_CAPACITY = {"quic_servers": C.MAX_QUIC_SERVER_IDS, "src_routes_v4": C.MA
 
 @dataclass(frozen=True)
 class Stats:
-    """Cumulative counters. vip: int[max_vips, 2] by vip_num; real: int[max_reals, 2] by
-    real id; columns C.VIP_STAT_PACKETS / C.VIP_STAT_BYTES."""
+    """Cumulative counters. vip: int[max_vips, 2] by vip_num, columns C.VIP_STAT_PACKETS /
+    C.VIP_STAT_BYTES; real: int[max_reals, C.REAL_STAT_COLUMNS] by real id, the same
+    columns and C.REAL_STAT_LRU_MISS."""
 
     counters: dict[str, int]
     vip: np.ndarray
@@ -132,7 +134,7 @@ class MemoryPort:
         # lazily zero pages: costs memory only for the rows in use
         self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
         self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
-        self.real_stats = np.zeros((sizes.max_reals, COLS), dtype=np.int64)
+        self.real_stats = np.zeros((sizes.max_reals, REAL_COLS), dtype=np.int64)
         self.fail = fail
         self.writes: list[Op] = []
         self.commits = 0
@@ -393,8 +395,9 @@ class XdpPort:
             B.map_delete(self._fd(op.table), op.key)
         elif isinstance(op, ResetCounters):
             fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
-            for col in range(COLS):
-                B.map_update(fd, (op.index * COLS + col).to_bytes(4, "little"), self._zeros)
+            cols = COLS if op.table == "vip" else REAL_COLS
+            for col in range(cols):
+                B.map_update(fd, (op.index * cols + col).to_bytes(4, "little"), self._zeros)
         else:  # pragma: no cover
             raise TypeError(f"unknown op {op!r}")
 

@@ -22,6 +22,8 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
 ``lb_real_packets_total{real}``, ``lb_real_bytes_total{real}``  (per real, all VIPs)
+``lb_real_conn_table_misses_total{real}``  connection-table misses that sent a new flow
+                                            to the real (all VIPs)
 ``lb_real_up{vip,real}``                    1 up, 0 down (health-checked reals only)
 ``lb_real_effective_weight{vip,real}``      weight the ring is built with
 ``lb_vip_all_reals_down{vip}``              1 while every real of the VIP is down
@@ -116,11 +118,15 @@ class _DatapathCollector(Collector):
         yield vb
         rp = CounterMetricFamily("lb_real_packets", "Packets sent to a real (all VIPs)", labels=["real"])
         rb = CounterMetricFamily("lb_real_bytes", "Bytes sent to a real (input frames)", labels=["real"])
+        rm = CounterMetricFamily("lb_real_conn_table_misses", ("Connection-table misses that sent a "
+                                 "new flow to a real (all VIPs)"), labels=["real"])
         for addr, rid in st.ids.reals.items():
             rp.add_metric([addr], int(s.real[rid, C.VIP_STAT_PACKETS]))
             rb.add_metric([addr], int(s.real[rid, C.VIP_STAT_BYTES]))
+            rm.add_metric([addr], int(s.real[rid, C.REAL_STAT_LRU_MISS]))
         yield rp
         yield rb
+        yield rm
 
         up = GaugeMetricFamily("lb_real_up", "1 if the real passes its health check", labels=["vip", "real"])
         ew = GaugeMetricFamily("lb_real_effective_weight", "Weight the ring is built with",

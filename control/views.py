@@ -118,7 +118,8 @@ class Views:
         reals = []
         for addr, rid in sorted(st.ids.reals.items(), key=lambda kv: kv[1]):
             reals.append({"real": addr, "real_id": rid, "packets": int(s.real[rid, C.VIP_STAT_PACKETS]),
-                          "bytes": int(s.real[rid, C.VIP_STAT_BYTES])})
+                          "bytes": int(s.real[rid, C.VIP_STAT_BYTES]),
+                          "lru_misses": int(s.real[rid, C.REAL_STAT_LRU_MISS])})
         return {"generation": st.generation, "counters": s.counters, "conn_table": {"entries": conn},
                 "vips": vips, "reals": reals}
 

@@ -37,6 +37,7 @@ from lb.kernel.maps import (
     BPF_MAP_TYPE_HASH,
     BPF_MAP_TYPE_LPM_TRIE,
     BPF_MAP_TYPE_PERCPU_ARRAY,
+    BPF_MAP_TYPE_RINGBUF,
     map_delete,
     map_info,
     map_keys,
@@ -77,7 +78,8 @@ class BalancerStats:
 
     counters: name (lb.constants.STATS) -> value.
     vip: uint64 [max_vips, 2], columns VIP_STAT_PACKETS / VIP_STAT_BYTES, row = vip_num.
-    real: uint64 [max_reals, 2], same columns, row = real id.
+    real: uint64 [max_reals, REAL_STAT_COLUMNS], the same columns and REAL_STAT_LRU_MISS,
+    row = real id.
     """
 
     counters: dict[str, int]
@@ -112,7 +114,9 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
                           constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
         "stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, constants.N_STATS, 0),
         "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
-        "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * cols, 0),
+        "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * constants.REAL_STAT_COLUMNS, 0),
+        "capture_ring": (BPF_MAP_TYPE_RINGBUF, 0, 0, constants.CAPTURE_RING_BYTES, 0),
+        "capture_buckets": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, layout.CAPTURE_BUCKET.itemsize, 1, 0),
     }
 
 
@@ -415,7 +419,7 @@ class XdpBalancer:
         return BalancerStats(
             counters={name: int(glob[i]) for i, name in enumerate(constants.STATS)},
             vip=self._percpu_sum("vip_stats").reshape(self.max_vips, cols),
-            real=self._percpu_sum("real_stats").reshape(self.max_reals, cols),
+            real=self._percpu_sum("real_stats").reshape(self.max_reals, constants.REAL_STAT_COLUMNS),
         )
 
     def publish_vips(self) -> None:

@@ -206,6 +206,28 @@ N_STATS = len(STATS)
 VIP_STAT_PACKETS = 0
 VIP_STAT_BYTES = 1
 VIP_STAT_COLUMNS = 2
+# Per-real counters have one more column: connection-table misses that hashed (or
+# source-routed) a flow onto the real, for every VIP (Katran counts them for one VIP at a
+# time). real_stats is [real_id * REAL_STAT_COLUMNS + column].
+REAL_STAT_LRU_MISS = 2
+REAL_STAT_COLUMNS = 3
+
+# --- packet capture (lbctl capture, lb/capture.py): events through a BPF ring buffer ----
+# Off unless lb_runtime.capture has an event's bit set (1 << CAPTURE_EV_*); then each CPU
+# sends at most one record per lb_runtime.capture's interval (a token bucket of
+# CAPTURE_BURST records), the first CAPTURE_SNAPLEN bytes of the frame as it arrived.
+CAPTURE_EV_LRU_MISS = 1  # connection-table miss: a new flow hashed (or source-routed) to a real
+CAPTURE_EV_TOO_BIG = 2  # packet + encapsulation > settings.mtu (ICMP too-big sent, or dropped)
+CAPTURE_EV_QUIC_UNKNOWN = 3  # QUIC VIP: server id not in the table (or its real is gone)
+CAPTURE_EV_DROP = 4  # any XDP_DROP; the record's reason is the drop's STAT_* counter
+CAPTURE_EVENTS = {"lru-miss": CAPTURE_EV_LRU_MISS, "too-big": CAPTURE_EV_TOO_BIG,
+                  "quic-unknown": CAPTURE_EV_QUIC_UNKNOWN, "drop": CAPTURE_EV_DROP}
+CAPTURE_MASK = 0xFF  # lb_runtime.capture bits 0-7: the events on; bits 32-63: interval (ns)
+CAPTURE_INTERVAL_SHIFT = 32
+CAPTURE_SNAPLEN = 128  # bytes of each frame recorded (from its first byte, L2 included)
+CAPTURE_BURST = 16  # records a CPU may send back to back before the interval applies
+CAPTURE_RING_BYTES = 1 << 20  # the ring buffer map (a power of two, whole pages)
+CAPTURE_NO_VIP = 0xFFFFFFFF  # record.vip_num when no VIP is known (drops before the lookup)
 
 # --- the real servers' decapsulation program (xdp/decap.c, lb/decap_loader.py) ----------
 # Counters, one slot each in decap_stats: every frame the program sees bumps exactly one.

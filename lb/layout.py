@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lb import constants
+
 # VIP table key: (address, port, protocol, family). 20 bytes.
 VIP_KEY = np.dtype(
     {
@@ -97,11 +99,32 @@ VIP_SLOT = np.dtype(
 # Runtime words the datapath reads beside ctl (one entry, mmap-able). ``vip_index``: bit 0
 # = the live half of vip_slots, bits 32-63 = its hash seed (lb/xdp_tables.py); one aligned
 # u64, so the control plane switches half and seed in one store. ``conn_seed``: the
-# connection table's set-hash seed (random, chosen when the map is new). 16 bytes.
+# connection table's set-hash seed (random, chosen when the map is new). ``capture``:
+# bits 0-7 the capture events on (1 << constants.CAPTURE_EV_*), bits 32-63 the interval
+# between two records of one CPU in ns (lb/capture.py); 0 = off. 24 bytes.
 RUNTIME = np.dtype(
-    {"names": ["vip_index", "conn_seed"], "formats": ["<u8", "<u8"], "offsets": [0, 8],
-     "itemsize": 16}
+    {"names": ["vip_index", "conn_seed", "capture"], "formats": ["<u8", "<u8", "<u8"],
+     "offsets": [0, 8, 16], "itemsize": 24}
 )
+
+# A capture record, as the XDP program writes it into the capture ring buffer
+# (lb/capture.py reads it). ``ts_ns``: bpf_ktime_get_ns() (CLOCK_MONOTONIC); ``event``:
+# constants.CAPTURE_EV_*; ``reason``: the frame's outcome counter (STAT_*) where the event
+# knows it (drop, too-big), else 0; ``vip_num``: CAPTURE_NO_VIP when unknown; ``real_id``: 0
+# when unknown; ``frame_len``: the frame's length as it arrived; ``data``: its first
+# ``cap_len`` (<= CAPTURE_SNAPLEN) bytes. 32 + CAPTURE_SNAPLEN bytes.
+CAPTURE_RECORD = np.dtype(
+    {"names": ["ts_ns", "event", "reason", "cpu", "vip_num", "real_id", "frame_len", "cap_len",
+               "data"],
+     "formats": ["<u8", "<u2", "<u2", "<u4", "<u4", "<u4", "<u4", "<u4", ("u1", constants.CAPTURE_SNAPLEN)],
+     "offsets": [0, 8, 10, 12, 16, 20, 24, 28, 32], "itemsize": 32 + constants.CAPTURE_SNAPLEN}
+)
+
+# A CPU's capture state (per-CPU array, one entry): ``tat`` = the theoretical arrival time
+# (ns) of its next record (a GCRA token bucket); ``limited`` = records not sent because of
+# the rate; ``lost`` = records not sent because the ring buffer was full. 24 bytes.
+CAPTURE_BUCKET = np.dtype({"names": ["tat", "limited", "lost"], "formats": ["<u8", "<u8", "<u8"],
+                           "offsets": [0, 8, 16], "itemsize": 24})
 
 # Connection-table entry of the XDP program (xdp/generated/lb_shared.h): tag = the flow's 64-bit set
 # hash ^ real_id * MIX_K (lb/xdp_tables.py) with its low 2 bits the entry's slot in the
@@ -130,6 +153,8 @@ C_STRUCTS: dict[str, np.dtype] = {
     "vip_slot": VIP_SLOT,
     "lb_runtime": RUNTIME,
     "conn_entry": CONN_ENTRY,
+    "capture_record": CAPTURE_RECORD,
+    "capture_bucket": CAPTURE_BUCKET,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or

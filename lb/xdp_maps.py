@@ -42,7 +42,7 @@ class VipIndex:
         self.nslots = nslots
         self._slots_fd = slots_fd
         self._mm, raw = map_array(runtime_fd, layout.RUNTIME.itemsize, 1)
-        self._rt = raw.view(np.uint64).reshape(2)  # [vip_index, conn_seed]
+        self._rt = raw.view(np.uint64).ravel()  # [vip_index, conn_seed, capture]
         self._retired = 0.0  # when the half not live now was last switched off
         if self._rt[1] == 0:  # a new map: choose the connection table's seed once
             self._rt[1] = np.uint64(secrets.randbits(64) | 1)

@@ -98,7 +98,7 @@ def read_pinned_balancer(pin_dir: str, max_reals: int) -> tuple[dict[str, int], 
     from netns.lab_bpf import read_percpu_array
 
     glob = read_percpu_array(os.path.join(pin_dir, "stats"), C.N_STATS)
-    cols = max(C.VIP_STAT_PACKETS, C.VIP_STAT_BYTES) + 1
+    cols = C.REAL_STAT_COLUMNS
     flat = read_percpu_array(os.path.join(pin_dir, "real_stats"), max_reals * cols)
     reals = [(flat[r * cols + C.VIP_STAT_PACKETS], flat[r * cols + C.VIP_STAT_BYTES])
              for r in range(max_reals)]

@@ -176,6 +176,29 @@ def print_status(d: dict[str, Any]) -> None:
         print("  decap (all reals): " + ("  ".join(f"{k} {v}" for k, v in nz.items()) or "all 0"))
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    """``lbctl capture`` on a lab balancer's pinned maps."""
+    from control.capture_cli import run_capture
+    from netns.errors import LabError
+    from netns.lab_state import load_state
+
+    try:
+        state = load_state(args.name, args.state_dir)
+    except LabError as e:
+        print(f"lbctl lab capture: {e}", file=sys.stderr)
+        return 2
+    pins = {k: v for k, v in state.get("pin_dirs", {}).items() if k != "decap_stats"}
+    if not pins:
+        print(f"lbctl lab capture: lab {args.name} has no XDP balancer (datapath "
+              f"{state.get('datapath')}); capture needs the XDP datapath", file=sys.stderr)
+        return 2
+    name = args.balancer or (next(iter(pins)) if len(pins) == 1 else None)
+    if name not in pins:
+        print(f"lbctl lab capture: give --balancer, one of {', '.join(sorted(pins))}", file=sys.stderr)
+        return 2
+    return run_capture(pins[name], args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from netns.errors import LabError
     from netns.lab_state import describe, list_labs, load_state
@@ -319,8 +342,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 def register(subparsers: Any, groups: dict[str, Any]) -> argparse.ArgumentParser:
-    """Add ``lab`` (up|down|status|demo) to an argparse subparsers object. ``groups``:
+    """Add ``lab`` (up|down|status|capture|demo) to an argparse subparsers object. ``groups``:
     lbctl's shared command groups (see lb/cli.py); the lab adds to none."""
+    from control.capture_cli import add_capture_arguments
     from netns.datapaths import DATAPATHS
     from netns.lab_state import STATE_DIR
     from netns.topology import MAX_REALS
@@ -362,6 +386,16 @@ def register(subparsers: Any, groups: dict[str, Any]) -> argparse.ArgumentParser
     st.add_argument("--json", action="store_true")
     common(st)
     st.set_defaults(func=cmd_status)
+
+    ca = sub.add_parser("capture", help="lbctl capture on a lab balancer",
+                        description="Frames behind the balancer's datapath events (connection-table "
+                                    "misses, too-big, unknown QUIC ids, drops) into a pcapng file, as "
+                                    "lbctl capture does (XDP datapath).")
+    ca.add_argument("name", metavar="NAME", help="the lab")
+    ca.add_argument("--balancer", help="balancer host (default: the lab's only one)")
+    add_capture_arguments(ca)
+    common(ca)
+    ca.set_defaults(func=cmd_capture)
 
     dn = sub.add_parser("down", help="tear labs down",
                         description="Stop the servers, remove namespaces (and their links), "

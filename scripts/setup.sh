@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PKGS=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 clang llvm
-          iproute2 bpftool libbpf-dev tcpdump curl bird2 etcd-server etcd-client)
+          iproute2 bpftool libbpf-dev tcpdump tshark curl bird2 etcd-server etcd-client)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +25,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # wireshark-common (tshark's) asks whether non-root users may capture: no
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

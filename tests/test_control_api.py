@@ -168,6 +168,8 @@ def test_stats_health_simulate_config_metrics(env) -> None:
     assert s.conn_table["entries"] == 1
     assert [(v.vip, v.packets, v.bytes) for v in s.vips] == [("198.18.100.1:80/tcp", 3, 3 * 64)]
     assert {x.real_id: x.packets for x in s.reals}[real_id] == 3
+    # the SYN missed the connection table and hashed the flow onto its real; the ACKs hit
+    assert {x.real_id: x.lru_misses for x in s.reals} == {x.real_id: int(x.real_id == real_id) for x in s.reals}
     assert [VipStats.model_validate(x) for x in api.get("/v1/stats/vips").json()][0].packets == 3
     assert sum(RealStats.model_validate(x).packets for x in api.get("/v1/stats/reals").json()) == 3
     assert api.get("/v1/stats/global").json()["counters"]["pass_not_vip"] == 1
@@ -198,6 +200,8 @@ def test_stats_health_simulate_config_metrics(env) -> None:
 
     m = api.get("/metrics").text
     assert 'lb_vip_packets_total{vip="198.18.100.1:80/tcp"} 3.0' in m
+    real_addr_of = {x.real_id: x.real for x in s.reals}
+    assert f'lb_real_conn_table_misses_total{{real="{real_addr_of[real_id]}"}} 1.0' in m
     assert 'lb_vip_bytes_total{vip="198.18.100.1:80/tcp"} 192.0' in m
     assert 'lb_conn_table_lookups_total{result="hit"} 2.0' in m
     assert 'lb_pass_packets_total{reason="not_vip"} 1.0' in m

@@ -157,3 +157,14 @@ def test_quic_and_route_help(argv, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
     assert e.value.code == 0 and "usage: lbctl " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_capture_needs_the_xdp_datapath(daemon, capsys, tmp_path) -> None:
+    """``lbctl capture`` asks the daemon where its maps are; a userspace daemon has none:
+    exit 2, saying why, and no file."""
+    out = tmp_path / "x.pcapng"
+    rc, _, err = run(daemon, capsys, "capture", "-w", str(out), "-c", "1")
+    assert rc == 2 and "needs the XDP datapath" in err and "userspace" in err
+    assert not out.exists()
+    rc, _, err = run(daemon, capsys, "capture", "-w", str(out), "--event", "dorp", "--pin-dir", str(tmp_path))
+    assert rc == 2 and "unknown event 'dorp'" in err

@@ -227,9 +227,48 @@ def lbctl(*args: str, state_dir: str, timeout: float = 120) -> subprocess.Comple
                           text=True, timeout=timeout, check=False)
 
 
+def check_lab_capture(name: str, sd: str, state: dict, tmp_path) -> None:
+    """``lbctl lab capture`` (another process) while HTTP requests go through the lab:
+    one pcapng packet per new connection's SYN, named after its VIP and real; the capture
+    is off again afterwards."""
+    from scapy.layers.inet import TCP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import PcapNgReader
+
+    from lb.capture import CaptureMaps
+
+    cap = tmp_path / "lab.pcapng"
+    proc = subprocess.Popen([*LBCTL, "capture", name, "--event", "lru-miss", "-c", "5", "--duration", "60",
+                             "-w", str(cap), "--state-dir", sd], stderr=subprocess.PIPE, text=True)
+    try:
+        with CaptureMaps.pinned(state["pin_dirs"]["lb1"]) as maps:
+            deadline = time.monotonic() + 30
+            while maps.word == 0 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert maps.word != 0
+            res = http_requests(f"{name}-c1", "198.18.200.1", 8000, n=20)
+            assert not [x.error for x in res if x.error]
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert "5 packets written" in err and "lru-miss 5" in err
+            assert maps.word == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pkts = list(PcapNgReader(str(cap)))
+    assert len(pkts) == 5
+    for p in pkts:
+        comment = p.comments[0].decode()
+        assert comment.startswith("lb event=lru-miss cpu=") and "vip=198.18.200.1:8000/tcp" in comment
+        assert re.search(r"real=198\.19\.1\.[12]$", comment), comment
+        frame = Ether(bytes(p))
+        assert frame[TCP].dport == 8000 and frame[TCP].flags == "S"
+
+
 def test_lbctl_lab_up_status_down(tmp_path):
     """``lbctl lab up --config`` builds a lab that outlives the command; traffic from
-    this process goes through it; ``lbctl lab status`` (another process) reads the
+    this process goes through it (and ``lbctl lab capture`` records its new flows);
+    ``lbctl lab status`` (another process) reads the
     balancer's counters from the pinned maps; ``lbctl lab down`` removes all of it."""
     cfg = tmp_path / "lab.yaml"
     cfg.write_text(LAB_CONFIG)
@@ -255,6 +294,7 @@ def test_lbctl_lab_up_status_down(tmp_path):
         assert n4["198.19.1.2"] > n4["198.19.1.1"]  # weight 2 vs 1
         flows = udp_flows(client, "198.18.200.1", 53, flows=10, per_flow=2)
         assert all(len(set(v)) == 1 and None not in v for v in flows.values())
+        check_lab_capture(name, sd, state, tmp_path)
 
         r = lbctl("status", name, "--json", state_dir=sd)
         st = json.loads(r.stdout)[0]

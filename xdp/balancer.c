@@ -61,15 +61,25 @@ static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 
 static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 {
-	__u32 k = real_id * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
+	__u32 k = real_id * REAL_STAT_COLUMNS + VIP_STAT_PACKETS;
 	__u64 *v = real_stats.lookup(&k);
 
 	if (v)
 		*v += 1;
-	k = real_id * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
+	k = real_id * REAL_STAT_COLUMNS + VIP_STAT_BYTES;
 	v = real_stats.lookup(&k);
 	if (v)
 		*v += bytes;
+}
+
+/* A connection-table miss hashed (or source-routed) a flow onto real_id. */
+static __always_inline void real_miss_inc(__u32 real_id)
+{
+	__u32 k = real_id * REAL_STAT_COLUMNS + REAL_STAT_LRU_MISS;
+	__u64 *v = real_stats.lookup(&k);
+
+	if (v)
+		*v += 1;
 }
 
 /* ---- helper-free lookups: the VIP index and the connection table -------------------- */
@@ -105,6 +115,63 @@ static __always_inline struct vip_meta *vip_find(const struct vip_words *k)
 			return &s->meta;
 	}
 	return NULL;
+}
+
+/* ---- capture (lbctl capture) ---------------------------------------------------------- */
+
+/* Send the first bytes of the frame behind event ev (CAPTURE_EV_*) to capture_ring, if
+ * lb_runtime.capture has the event on and this CPU's token bucket allows (GCRA: one record
+ * per interval, CAPTURE_BURST back to back). Called on the rare paths only (a miss, a drop,
+ * too-big, an unknown QUIC id), before the frame is changed; with capture off it costs a
+ * lookup that the JIT inlines and one branch. */
+static __always_inline void capture(struct xdp_md *ctx, __u32 ev, __u32 reason, __u32 vip_num,
+				    __u32 real_id)
+{
+	struct lb_runtime *rt = runtime();
+	struct capture_bucket *b;
+	struct capture_record *r;
+	__u64 word, now, interval, tat, cap;
+	__u32 zero = 0, n;
+
+	if (!rt)
+		return;
+	word = rt->capture; /* one read: events and interval belong together */
+	if (!(word & (1u << ev)))
+		return;
+	b = capture_buckets.lookup(&zero);
+	if (!b)
+		return;
+	now = bpf_ktime_get_ns();
+	interval = word >> CAPTURE_INTERVAL_SHIFT;
+	tat = b->tat;
+	if (tat < now || tat - now > CAPTURE_BURST * interval)
+		tat = now; /* idle, or left by an earlier capture at a lower rate */
+	if (tat - now > (CAPTURE_BURST - 1) * interval) {
+		b->limited += 1;
+		return;
+	}
+	r = capture_ring.ringbuf_reserve(sizeof(*r));
+	if (!r) {
+		b->lost += 1;
+		return;
+	}
+	b->tat = tat + interval;
+	n = ctx->data_end - ctx->data;
+	cap = n > CAPTURE_SNAPLEN ? CAPTURE_SNAPLEN : n;
+	asm volatile("" : "+r"(cap)); /* the helper gets the clamped value, as the verifier wants */
+	if (cap < 1 || cap > CAPTURE_SNAPLEN || bpf_xdp_load_bytes(ctx, 0, r->data, cap)) {
+		capture_ring.ringbuf_discard(r, 0);
+		return;
+	}
+	r->ts_ns = now;
+	r->event = ev;
+	r->reason = reason;
+	r->cpu = bpf_get_smp_processor_id();
+	r->vip_num = vip_num;
+	r->real_id = real_id;
+	r->frame_len = n;
+	r->cap_len = cap;
+	capture_ring.ringbuf_submit(r, 0);
 }
 
 /* flow's set in the connection table, its index (*idx) and the flow's hash (*h), or
@@ -214,7 +281,7 @@ static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_fl
  * in the connection id, or NULL (then *real_id stays 0 and the connection table decides).
  * Counts quic_routed / quic_unknown / quic_fallback. */
 static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt_desc *pkt,
-						  __u32 *real_id)
+						  __u32 vip_num, __u32 *real_id)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -241,6 +308,7 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 		}
 	}
 	stat_inc(STAT_QUIC_UNKNOWN);
+	capture(ctx, CAPTURE_EV_QUIC_UNKNOWN, 0, vip_num, 0);
 	return NULL;
 }
 
@@ -318,7 +386,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 
 	/* 0. QUIC connection id */
 	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err)
-		real = quic_real(ctx, pkt, &real_id);
+		real = quic_real(ctx, pkt, vip_num, &real_id);
 
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
 	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
@@ -382,6 +450,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				way = conn_find(set, fh);
 			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
 		}
+		if (use_lru) {
+			real_miss_inc(real_id);
+			capture(ctx, CAPTURE_EV_LRU_MISS, 0, vip_num, real_id);
+		}
 	}
 	LB_STOP_AFTER(4);
 	if (!real) {
@@ -415,8 +487,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			__u32 quote = pkt->flow.family == FAMILY_V4 ? ICMP_TOO_BIG_QUOTE_V4
 								    : ICMP_TOO_BIG_QUOTE_V6;
 
-			if (pkt->icmp_err || pkt->pkt_len < quote ||
-			    (pkt->flow.family == FAMILY_V4 && !pkt->df)) {
+			int drop = pkt->icmp_err || pkt->pkt_len < quote ||
+				   (pkt->flow.family == FAMILY_V4 && !pkt->df);
+
+			capture(ctx, CAPTURE_EV_TOO_BIG, drop ? STAT_DROP_TOO_BIG : STAT_TX_ICMP_TOO_BIG,
+				vip_num, real_id);
+			if (drop) {
 				*stat = STAT_DROP_TOO_BIG; /* row 21 */
 				return XDP_DROP;
 			}
@@ -695,5 +771,7 @@ int balancer_xdp(struct xdp_md *ctx)
 
 	stat_inc(STAT_RX_PACKETS);
 	stat_inc(stat);
+	if (action == XDP_DROP) /* decided before any rewrite: the frame is as it arrived */
+		capture(ctx, CAPTURE_EV_DROP, stat, CAPTURE_NO_VIP, 0);
 	return action;
 }

@@ -82,5 +82,27 @@ LB_MAP("percpu_array", __u32, __u64, stats, N_STATS, 0);
  * Bytes are input frame lengths, L2 header included. */
 LB_MAP("percpu_array", __u32, __u64, vip_stats, MAX_VIPS * VIP_STAT_COLUMNS, 0);
 
-/* Per-real counters: [real_id * VIP_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU. */
-LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * VIP_STAT_COLUMNS, 0);
+/* Per-real counters: [real_id * REAL_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES /
+ * REAL_STAT_LRU_MISS], per CPU. */
+LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * REAL_STAT_COLUMNS, 0);
+
+/* Capture (lbctl capture, lb/capture.py): struct capture_record for the frames behind the
+ * events lb_runtime.capture turns on, rate-limited per CPU by capture_buckets. A ring
+ * buffer map, declared as bcc's BPF_RINGBUF_OUTPUT does, pinned like the others. */
+#ifdef LB_PIN_DIR
+#define LB_CAPTURE_RING_SECTION "maps/ringbuf:" LB_PIN_DIR "/capture_ring"
+#else
+#define LB_CAPTURE_RING_SECTION "maps/ringbuf"
+#endif
+struct capture_ring_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section(LB_CAPTURE_RING_SECTION)))
+struct capture_ring_table_t capture_ring = { .max_entries = CAPTURE_RING_BYTES };
+LB_MAP("percpu_array", __u32, struct capture_bucket, capture_buckets, 1, 0);

@@ -82,6 +82,7 @@ class RealStats(BaseModel):
     real_id: int
     packets: int
     bytes: int
+    lru_misses: int = Field(description="connection-table misses that sent a new flow to this real (all VIPs)")
 
 
 class StatsView(BaseModel):

@@ -33,7 +33,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
 
     Per frame: ``actions[i]``, the output frame in ``outs[i, :out_lens[i]]`` (TX and PASS)
     and the chosen ``real_ids[i]``; counters are incremented in ``stats``, ``vip_stats``,
-    ``real_stats``.
+    ``real_stats`` (``REAL_STAT_COLUMNS`` columns).
     """
     ((vip_keys, vip_used, vip_mask), vip_meta, (va_keys, va_used, va_mask),
      (real_addr, real_family, real_flags), (rings, ring_size, ch_seed, v6_seed),
@@ -270,6 +270,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             if use_lru and not is_icmp_err:
                 clock[0] += 1
                 conntable.insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])
+            if use_lru:
+                real_stats[real_id, C.REAL_STAT_LRU_MISS] += 1
 
         # ---- forwarding; local delivery needs no encapsulation, so it is decided first
         rfam = real_family[real_id]

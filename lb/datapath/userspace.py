@@ -24,7 +24,7 @@ class BatchResult:
     real_ids: np.ndarray  # uint32[n]; 0 when no real was chosen
     stats: np.ndarray  # int64[N_STATS] deltas
     vip_stats: np.ndarray | None  # int64[max_vips, 2] deltas (None: not collected)
-    real_stats: np.ndarray | None  # int64[max_reals, 2] deltas (None: not collected)
+    real_stats: np.ndarray | None  # int64[max_reals, REAL_STAT_COLUMNS] deltas (None: not collected)
 
     def output(self, i: int) -> bytes:
         """Output frame ``i`` (the unchanged input for PASS, empty for DROP)."""
@@ -52,7 +52,7 @@ class UserspaceDatapath:
         self.state = plain(self.maps)
         if not hasattr(self, "vip_stats") or self.vip_stats.shape[0] != tables.max_vips:
             self.vip_stats = np.zeros((tables.max_vips, 2), dtype=np.int64)
-            self.real_stats = np.zeros((tables.max_reals, 2), dtype=np.int64)
+            self.real_stats = np.zeros((tables.max_reals, C.REAL_STAT_COLUMNS), dtype=np.int64)
 
     def process(self, frames: np.ndarray, lengths: np.ndarray, now: int, deltas: bool = True) -> BatchResult:
         """Process a batch: ``frames`` uint8[n, stride], ``lengths`` int64[n] (<= stride).

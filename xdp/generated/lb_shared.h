@@ -146,6 +146,18 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
+#define REAL_STAT_LRU_MISS 2
+#define REAL_STAT_COLUMNS 3
+#define CAPTURE_EV_LRU_MISS 1
+#define CAPTURE_EV_TOO_BIG 2
+#define CAPTURE_EV_QUIC_UNKNOWN 3
+#define CAPTURE_EV_DROP 4
+#define CAPTURE_MASK 255
+#define CAPTURE_INTERVAL_SHIFT 32
+#define CAPTURE_SNAPLEN 128
+#define CAPTURE_BURST 16
+#define CAPTURE_RING_BYTES 1048576
+#define CAPTURE_NO_VIP 4294967295ULL
 #define DECAP_STAT_V4_IN_V4 0
 #define DECAP_STAT_V6_IN_V6 1
 #define DECAP_STAT_V4_IN_V6 2
@@ -308,14 +320,16 @@ _Static_assert(__builtin_offsetof(struct vip_slot, key) == 0 && sizeof(((struct 
 _Static_assert(__builtin_offsetof(struct vip_slot, meta) == 20 && sizeof(((struct vip_slot *)0)->meta) == 8, "vip_slot.meta");
 _Static_assert(__builtin_offsetof(struct vip_slot, pad) == 28 && sizeof(((struct vip_slot *)0)->pad) == 4, "vip_slot.pad");
 
-/* lb.layout.RUNTIME: 16 bytes. */
+/* lb.layout.RUNTIME: 24 bytes. */
 struct lb_runtime {
 	__u64 vip_index;
 	__u64 conn_seed;
+	__u64 capture;
 };
-_Static_assert(sizeof(struct lb_runtime) == 16, "sizeof(struct lb_runtime)");
+_Static_assert(sizeof(struct lb_runtime) == 24, "sizeof(struct lb_runtime)");
 _Static_assert(__builtin_offsetof(struct lb_runtime, vip_index) == 0 && sizeof(((struct lb_runtime *)0)->vip_index) == 8, "lb_runtime.vip_index");
 _Static_assert(__builtin_offsetof(struct lb_runtime, conn_seed) == 8 && sizeof(((struct lb_runtime *)0)->conn_seed) == 8, "lb_runtime.conn_seed");
+_Static_assert(__builtin_offsetof(struct lb_runtime, capture) == 16 && sizeof(((struct lb_runtime *)0)->capture) == 8, "lb_runtime.capture");
 
 /* lb.layout.CONN_ENTRY: 16 bytes. */
 struct conn_entry {
@@ -327,3 +341,37 @@ _Static_assert(sizeof(struct conn_entry) == 16, "sizeof(struct conn_entry)");
 _Static_assert(__builtin_offsetof(struct conn_entry, tag) == 0 && sizeof(((struct conn_entry *)0)->tag) == 8, "conn_entry.tag");
 _Static_assert(__builtin_offsetof(struct conn_entry, real_id) == 8 && sizeof(((struct conn_entry *)0)->real_id) == 4, "conn_entry.real_id");
 _Static_assert(__builtin_offsetof(struct conn_entry, atime) == 12 && sizeof(((struct conn_entry *)0)->atime) == 4, "conn_entry.atime");
+
+/* lb.layout.CAPTURE_RECORD: 160 bytes. */
+struct capture_record {
+	__u64 ts_ns;
+	__u16 event;
+	__u16 reason;
+	__u32 cpu;
+	__u32 vip_num;
+	__u32 real_id;
+	__u32 frame_len;
+	__u32 cap_len;
+	__u8 data[128];
+};
+_Static_assert(sizeof(struct capture_record) == 160, "sizeof(struct capture_record)");
+_Static_assert(__builtin_offsetof(struct capture_record, ts_ns) == 0 && sizeof(((struct capture_record *)0)->ts_ns) == 8, "capture_record.ts_ns");
+_Static_assert(__builtin_offsetof(struct capture_record, event) == 8 && sizeof(((struct capture_record *)0)->event) == 2, "capture_record.event");
+_Static_assert(__builtin_offsetof(struct capture_record, reason) == 10 && sizeof(((struct capture_record *)0)->reason) == 2, "capture_record.reason");
+_Static_assert(__builtin_offsetof(struct capture_record, cpu) == 12 && sizeof(((struct capture_record *)0)->cpu) == 4, "capture_record.cpu");
+_Static_assert(__builtin_offsetof(struct capture_record, vip_num) == 16 && sizeof(((struct capture_record *)0)->vip_num) == 4, "capture_record.vip_num");
+_Static_assert(__builtin_offsetof(struct capture_record, real_id) == 20 && sizeof(((struct capture_record *)0)->real_id) == 4, "capture_record.real_id");
+_Static_assert(__builtin_offsetof(struct capture_record, frame_len) == 24 && sizeof(((struct capture_record *)0)->frame_len) == 4, "capture_record.frame_len");
+_Static_assert(__builtin_offsetof(struct capture_record, cap_len) == 28 && sizeof(((struct capture_record *)0)->cap_len) == 4, "capture_record.cap_len");
+_Static_assert(__builtin_offsetof(struct capture_record, data) == 32 && sizeof(((struct capture_record *)0)->data) == 128, "capture_record.data");
+
+/* lb.layout.CAPTURE_BUCKET: 24 bytes. */
+struct capture_bucket {
+	__u64 tat;
+	__u64 limited;
+	__u64 lost;
+};
+_Static_assert(sizeof(struct capture_bucket) == 24, "sizeof(struct capture_bucket)");
+_Static_assert(__builtin_offsetof(struct capture_bucket, tat) == 0 && sizeof(((struct capture_bucket *)0)->tat) == 8, "capture_bucket.tat");
+_Static_assert(__builtin_offsetof(struct capture_bucket, limited) == 8 && sizeof(((struct capture_bucket *)0)->limited) == 8, "capture_bucket.limited");
+_Static_assert(__builtin_offsetof(struct capture_bucket, lost) == 16 && sizeof(((struct capture_bucket *)0)->lost) == 8, "capture_bucket.lost");
