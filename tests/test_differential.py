@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 
 import numpy as np
 import pytest
@@ -31,6 +32,16 @@ EXAMPLES = 3000
 MTU_EXAMPLES = 250  # per GUE / IPIP+mtu table set
 FRAMES_PER_EXAMPLE = 64
 FRAMES_COMPARED = [0]  # filled by the hypothesis tests, checked by the last test
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu():
+    """Every test run on one CPU: the flood guard counts new connections per CPU, and the
+    userspace datapath is one CPU's."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    yield
+    os.sched_setaffinity(0, cpus)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +104,16 @@ def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]):
     return r
 
 
+_TABLES: dict = {}
+
+
+def _tables(name: str):
+    """The tables of table set ``name`` (built once)."""
+    if name not in _TABLES:
+        _TABLES[name] = FIXTURE_SETS[name][0]()
+    return _TABLES[name]
+
+
 # Frames under 14 bytes can't be test-run (see the module docstring).
 XDP_FIXTURES = [(name, fx) for name, (_, fxs) in FIXTURE_SETS.items() for fx in fxs
                 if len(fx.frame) >= C.ETH_HLEN]
@@ -105,21 +126,35 @@ def test_fixture_through_xdp(balancers, table_set: str, fx: Fixture) -> None:
     from lb.kernel.testrun import test_run
 
     xdp, tables = balancers(table_set)
-    xdp.clear_conn_table()
-    dp = UserspaceDatapath(tables)
-    for s in fx.setup:
-        test_run(xdp.prog_fd, s)
-        dp.process_frames([s], now=1)
-    before = xdp.read_stats().counters
-    action, out, _ = test_run(xdp.prog_fd, fx.frame)
-    after = xdp.read_stats().counters
-    assert C.ACTION_NAMES[action] == fx.action
-    if fx.output is not None:
-        assert out == fx.output, _explain(fx.frame, "output vs golden", fx.output.hex(), out.hex())
-    assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
-    # and the same again, compared with the userspace datapath in lockstep
-    xdp.clear_conn_table()
-    _run_both(xdp, UserspaceDatapath(tables), list(fx.setup) + [fx.frame])
+    reloaded = _tables(fx.reload) if fx.reload else None
+    try:
+        xdp.clear_conn_table()
+        for s in fx.setup:
+            test_run(xdp.prog_fd, s)
+        if reloaded is not None:
+            xdp.load_tables(reloaded)
+        before = xdp.read_stats().counters
+        action, out, _ = test_run(xdp.prog_fd, fx.frame)
+        after = xdp.read_stats().counters
+        assert C.ACTION_NAMES[action] == fx.action
+        if fx.output is not None:
+            assert out == fx.output, _explain(fx.frame, "output vs golden", fx.output.hex(), out.hex())
+        assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
+        # and the same again, compared with the userspace datapath in lockstep
+        xdp.clear_conn_table()
+        if reloaded is None:
+            _run_both(xdp, UserspaceDatapath(tables), list(fx.setup) + [fx.frame])
+            return
+        xdp.load_tables(tables)
+        dp = UserspaceDatapath(tables)
+        if fx.setup:
+            _run_both(xdp, dp, list(fx.setup))
+        xdp.load_tables(reloaded)
+        dp.load_tables(reloaded)
+        _run_both(xdp, dp, [fx.frame])
+    finally:
+        if reloaded is not None:
+            xdp.load_tables(tables)
 
 
 def test_connection_table_wins_over_a_changed_source_route(xdp, tables) -> None:
