@@ -379,6 +379,10 @@ class Config(BaseModel):
             if "quic" in vip.flags and vip.protocol != "udp":
                 where = f"vips[{i}].flags[{vip.flags.index('quic')}]"
                 problems.append((where, f"'quic' needs protocol udp (got {vip.protocol})"))
+            if "migrate_down_tcp" in vip.flags and vip.protocol != "tcp":
+                where = f"vips[{i}].flags[{vip.flags.index('migrate_down_tcp')}]"
+                problems.append((where, f"'migrate_down_tcp' needs protocol tcp (got {vip.protocol};"
+                                        " UDP flows always leave a down real)"))
             if "local" in vip.flags and not self.settings.local_addresses:
                 where = f"vips[{i}].flags[{vip.flags.index('local')}]"
                 problems.append((where, "'local' needs settings.local_addresses, which is empty"))
