@@ -18,13 +18,25 @@ import os
 
 import numpy as np
 import pytest
-from fixtures import FIXTURE_SETS, SRC_VIP4, Fixture, tcp4
+from fixtures import (
+    FIXTURE_SETS,
+    G_BYPASS,
+    G_KEEP,
+    G_MIG,
+    G_SRC,
+    G_TCP,
+    G_UDP,
+    SRC_VIP4,
+    Fixture,
+    tcp4,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import MTU_VIPS, any_frame, mtu_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
+from lb.pktgen import build_frame
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
@@ -217,6 +229,43 @@ def test_random_frames_around_the_mtu_agree(balancers, table_set: str) -> None:
     # the frames did reach both sides of the MTU check
     for name in ("tx_icmp_too_big", "drop_too_big", "tx_encap"):
         assert after[name] - before[name] > 100, name
+
+
+GUARD_VIPS = [(G_TCP, 80, "tcp"), (G_SRC, 80, "tcp"), (G_BYPASS, 80, "tcp"), (G_UDP, 53, "udp"),
+              (G_MIG, 80, "tcp"), (G_KEEP, 80, "tcp")]
+guard_frame = st.builds(
+    lambda vip, src, sport, flags: build_frame(4, vip[2], 64, src=src, dst=vip[0], sport=sport, dport=vip[1],
+                                               tcp_flags=flags),
+    st.sampled_from(GUARD_VIPS), st.sampled_from(["198.18.0.10", "198.19.77.1"]), st.integers(1000, 1007),
+    st.sampled_from([0x02, 0x10, 0x12, 0x18, 0x04]))
+
+
+def test_random_flows_under_the_flood_guard_and_a_down_real_agree(balancers) -> None:
+    """Flows to the guard VIPs (max_conn_rate 3: most frames are over it), then the
+    reload that takes G_DOWN down and more of the same flows: both datapaths in lockstep,
+    every counter equal (flood_new_conns, down_real_migrated, src_routed, ...)."""
+    xdp, tables = balancers("guard")
+    down = _tables("guard_down")
+    totals = dict.fromkeys(("flood_new_conns", "down_real_migrated", "src_routed", "lru_hit"), 0)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(guard_frame, min_size=4, max_size=30), st.lists(guard_frame, min_size=1, max_size=30))
+    def run(before: list[bytes], after: list[bytes]) -> None:
+        xdp.load_tables(tables)
+        xdp.clear_conn_table()
+        dp = UserspaceDatapath(tables)
+        r1 = _run_both(xdp, dp, before)
+        xdp.load_tables(down)
+        dp.load_tables(down)
+        r2 = _run_both(xdp, dp, after)
+        for name in totals:
+            totals[name] += int(r1.stats[C.STAT_INDEX[name]] + r2.stats[C.STAT_INDEX[name]])
+
+    try:
+        run()
+    finally:
+        xdp.load_tables(tables)
+    assert all(totals.values()), totals  # every path was taken
 
 
 def test_at_least_100k_frames_were_compared() -> None:
