@@ -189,22 +189,20 @@ static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
 		*k = *flow;
 }
 
-/* The flood guard: counts one new connection on this CPU and says whether the CPU is
- * over max_conn_rate in the current window (then the flow is hashed without source
- * routing and not recorded). Windows are CONN_RATE_WINDOW_NS long; a new one starts with
- * its first connection. max_conn_rate 0: off, nothing is counted. */
-static __always_inline int conn_flood(const struct ctl_value *cfg)
+/* The flood guard: counts one new connection at now (ns) on this CPU and says whether
+ * the CPU is over max_conn_rate in the current window (then the flow is hashed without
+ * source routing and not recorded). Windows are CONN_RATE_WINDOW_NS long; a new one
+ * starts with its first connection. max_conn_rate 0: off, nothing is counted. */
+static __always_inline int conn_flood(const struct ctl_value *cfg, __u64 now)
 {
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct conn_rate *cr;
-	__u64 now;
 
 	if (!cfg || !cfg->max_conn_rate)
 		return 0;
 	cr = conn_rates.lookup(&cpu);
 	if (!cr)
 		return 0;
-	now = bpf_ktime_get_ns();
 	if (now - cr->window_start > CONN_RATE_WINDOW_NS) {
 		cr->window_start = now;
 		cr->count = 1;
@@ -391,8 +389,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	if (!real_id) {
 		__u32 pos, *slot;
 		int record = set && !pkt->icmp_err;
+		__u64 now = record ? bpf_ktime_get_ns() : 0;
 
-		if (record && conn_flood(ctl.lookup(&zero))) {
+		if (record && conn_flood(ctl.lookup(&zero), now)) {
 			record = 0;
 			stat_inc(STAT_FLOOD_NEW_CONNS);
 		} else if (flags & F_SRC_ROUTING) {
@@ -418,7 +417,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		if (record) {
 			if (pkt->tcp_syn)
 				way = conn_find(set, fh);
-			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
+			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, now);
 		}
 	}
 	LB_STOP_AFTER(4);
