@@ -16,11 +16,11 @@ VIPs that go (and addresses only they used) first — the VIP hash maps hold max
 entries, so adding before deleting could overflow them, and a VIP number handed to a new
 VIP must not be reachable through the old one while its ring is rewritten —; then real
 entries before the rings that name them, rings before the VIP entries that lead to them,
-and last the real entries no ring names any more, and the down flag of reals whose
-health checks took them down (after the rings moved off them; a real that comes back up
-loses the flag in the first step, before a ring names it again). Routing entries that go are deleted
-first (with the VIPs; they may name a real that is cleared at the end) and new or changed
-ones are written once the real entries they name are in place. Between two writes a packet sees
+and last the down flag of reals the health checks took down (once the rings moved off
+them; a real that comes back up loses the flag with the other real writes, before a ring
+names it again) and the real entries no ring names any more. Routing entries that go are
+deleted first (with the VIPs; they may name a real that is cleared at the end) and new or
+changed ones are written once the real entries they name are in place. Between two writes a packet sees
 either the old or the new value of each slot, never a VIP without its address entry or
 a ring slot naming an empty real. (One exception, only when every real id has been used
 once: an id freed and handed to a new real in the same change names the new real before
