@@ -18,6 +18,8 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_conn_table_lookups_total{result}``     ``hit``, ``miss``
 ``lb_quic_packets_total{result}``           ``routed``, ``fallback``, ``unknown``
 ``lb_src_routed_packets_total``             real taken from the source-route table
+``lb_flood_new_conns_total``                new flows over max_conn_rate (not recorded)
+``lb_down_real_migrated_total``             flows moved off a real that is down
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -74,6 +76,10 @@ _SINGLE = {
     "rx_packets": ("lb_rx_packets", "Frames seen by the datapath"),
     "icmp_error_forwarded": ("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real"),
     "src_routed": ("lb_src_routed_packets", "Packets whose real came from the source-route table"),
+    "flood_new_conns": ("lb_flood_new_conns", ("New flows over settings.max_conn_rate on their CPU: "
+                                               "hashed without source routing, not recorded")),
+    "down_real_migrated": ("lb_down_real_migrated", ("Connection-table entries naming a down real "
+                                                     "not honoured: flow re-hashed, entry rewritten")),
 }
 
 

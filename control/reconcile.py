@@ -16,9 +16,11 @@ VIPs that go (and addresses only they used) first — the VIP hash maps hold max
 entries, so adding before deleting could overflow them, and a VIP number handed to a new
 VIP must not be reachable through the old one while its ring is rewritten —; then real
 entries before the rings that name them, rings before the VIP entries that lead to them,
-and last the real entries no ring names any more. Routing entries that go are deleted
-first (with the VIPs; they may name a real that is cleared at the end) and new or changed
-ones are written once the real entries they name are in place. Between two writes a packet sees
+and last the down flag of reals the health checks took down (once the rings moved off
+them; a real that comes back up loses the flag with the other real writes, before a ring
+names it again) and the real entries no ring names any more. Routing entries that go are
+deleted first (with the VIPs; they may name a real that is cleared at the end) and new or
+changed ones are written once the real entries they name are in place. Between two writes a packet sees
 either the old or the new value of each slot, never a VIP without its address entry or
 a ring slot naming an empty real. (One exception, only when every real id has been used
 once: an id freed and handed to a new real in the same change names the new real before
@@ -37,6 +39,8 @@ from typing import Literal, Protocol
 import numpy as np
 
 from control.tables import EMPTY_REAL, ROUTING_TABLES, DesiredTables, Sizes
+from lb import constants as C
+from lb import layout
 
 __all__ = [
     "WriteReal", "WriteCtl", "WriteRing", "PutVipAddr", "DeleteVipAddr", "PutVip", "DeleteVip",
@@ -238,6 +242,15 @@ class RollbackError(ApplyError):
     The caller must reconcile again from a full read of the datapath."""
 
 
+_FLAGS = layout.REAL.fields["flags"][1]  # offset of the flags byte in a REAL record
+
+
+def _only_goes_down(old: bytes, new: bytes) -> bool:
+    """``new`` is ``old`` with REAL_F_DOWN set and nothing else changed."""
+    return (old[_FLAGS] | C.REAL_F_DOWN == new[_FLAGS] and not old[_FLAGS] & C.REAL_F_DOWN
+            and old[:_FLAGS] == new[:_FLAGS] and old[_FLAGS + 1:] == new[_FLAGS + 1:])
+
+
 def _meta_num(meta: bytes) -> int:
     return int.from_bytes(meta[4:8], "little")
 
@@ -274,13 +287,18 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
         for key in sorted(set(cur) - set(desired.routing[name])):
             ops.append(DeleteEntry(name, key, cur[key]))
 
-    # 2. real entries that are new or changed (before any ring names them)
+    # 2. real entries that are new or changed (before any ring names them); a real that
+    #    only goes down waits for step 6, after the rings no longer name it
+    going_down: list[WriteReal] = []
     for rid, rec in desired.reals.items():
         old = cur_reals.get(rid, EMPTY_REAL)
         if old != rec:
             if old[:17] != rec[:17]:  # another address (or family): the counts aren't its
                 ops.append(ResetCounters("real", rid))
-            ops.append(WriteReal(rid, rec, old))
+            if _only_goes_down(old, rec):
+                going_down.append(WriteReal(rid, rec, old))
+            else:
+                ops.append(WriteReal(rid, rec, old))
 
     # 3. control record
     old_ctl = view.ctl_entry()
@@ -313,7 +331,9 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
                 ops.append(ResetCounters("vip", _meta_num(meta)))
             ops.append(PutVip(key, meta, old))
 
-    # 6. real entries no ring names any more
+    # 6. reals flagged down once the rings have moved off them (a flow re-hashed away from
+    #    one must not land on it again), then real entries no ring names any more
+    ops += going_down
     for rid in sorted(set(cur_reals) - set(desired.reals)):
         ops.append(WriteReal(rid, EMPTY_REAL, cur_reals[rid]))
     return Plan(tuple(ops), rings_checked=len(nums))

@@ -14,6 +14,11 @@ traffic is down, the VIP's ``healthcheck.on_all_down`` decides: ``fail_open`` (d
 ignores health for that VIP, ``drop`` leaves the ring empty (the datapath drops and
 counts ``drop_no_real``).
 
+A real that is down for every VIP it serves (:func:`routed_out`) is flagged
+``REAL_F_DOWN`` in its real record: connection-table entries naming it are then not
+honoured for UDP (and TCP on VIPs flagged ``migrate_down_tcp``), the flow is re-hashed
+onto the healthy ring. A real down for some VIPs only keeps the flag clear.
+
 The routing tables (``quic_servers``: QUIC server id -> real id; ``src_routes_v4`` /
 ``src_routes_v6``: client prefix -> real id) hold every configured entry except those of
 a real that is down for every VIP it serves (:func:`routed_out`): such a packet then
@@ -103,12 +108,14 @@ def vip_meta_record(flags: int, vip_num: int) -> bytes:
 
 
 @lru_cache(maxsize=65536)
-def real_record(address: str, local: bool) -> bytes:
+def real_record(address: str, local: bool, down: bool = False) -> bytes:
+    """A REAL record; ``down``: health checks took it down for every VIP it serves
+    (REAL_F_DOWN: the datapath moves flows pinned to it, docs/datapath.md)."""
     rec = np.zeros(1, dtype=layout.REAL)
     raw, fam = addr16(ipaddress.ip_address(address))
     rec[0]["addr"] = raw
     rec[0]["family"] = fam
-    rec[0]["flags"] = C.REAL_F_LOCAL if local else 0
+    rec[0]["flags"] = (C.REAL_F_LOCAL if local else 0) | (C.REAL_F_DOWN if down else 0)
     return rec.tobytes()
 
 
@@ -385,12 +392,13 @@ def build_tables(
                                frozenset(drained_by[key]) if key in drained_by else none,
                                frozenset(down_by[key]) if key in down_by else none,
                                local, sizes.ring_size, prev_parts.get(key))
-    # every real in use, whatever its weight (ids.reals holds exactly those)
-    if prev is not None and prev.ids is ids and prev.local == local:
+    out = routed_out(parts)
+    # every real in use, whatever its weight (ids.reals holds exactly those); a real down
+    # for every VIP it serves is flagged, so flows pinned to it move
+    if prev is not None and prev.ids is ids and prev.local == local and prev.routed_out == out:
         reals = prev.reals
     else:
-        reals = {rid: real_record(addr, addr in local) for addr, rid in ids.reals.items()}
-    out = routed_out(parts)
+        reals = {rid: real_record(addr, addr in local, addr in out) for addr, rid in ids.reals.items()}
     routing, routing_input = _routing(cfg, ids, out, prev)
     return DesiredTables(
         sizes=sizes,

@@ -107,6 +107,7 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
                       ncpus * constants.conn_sets(conn_table_size) * constants.CONN_WAYS,
                       BPF_F_MMAPABLE),
         "ctl": (BPF_MAP_TYPE_ARRAY, 4, layout.CTL.itemsize, 1, 0),
+        "conn_rates": (BPF_MAP_TYPE_ARRAY, 4, layout.CONN_RATE.itemsize, ncpus, 0),
         "quic_servers": (BPF_MAP_TYPE_HASH, 4, 4, constants.MAX_QUIC_SERVER_IDS, 0),
         "src_routes_v4": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V4_KEY.itemsize, 4,
                           constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
@@ -445,7 +446,12 @@ class XdpBalancer:
         return self._conn.count()
 
     def clear_conn_table(self) -> int:
-        """Empty the connection table; returns how many entries it had."""
+        """Empty the connection table and restart the flood guard's per-CPU counts;
+        returns how many entries the table had."""
+        fd = self.map_fd("conn_rates")
+        zero = bytes(layout.CONN_RATE.itemsize)
+        for cpu in range(self.ncpus):
+            map_update(fd, cpu.to_bytes(4, "little"), zero)
         return self._conn.clear()
 
     # ---- lifetime -------------------------------------------------------------------------

@@ -63,6 +63,7 @@ KERNEL_NAMES = frozenset({
 PYTHON_ONLY = frozenset({
     "CONN_TABLE_WAYS",  # the userspace connection table's associativity
     "MAX_FRAME_SIZE",  # a run-time setting (ctl.max_frame), not a compile-time one
+    "MAX_CONN_RATE",  # likewise (ctl.max_conn_rate)
     # C reads tcphdr.syn; linux/tcp.h has an enum member of this name (another value).
     "TCP_FLAG_SYN",
 })

@@ -261,6 +261,10 @@ class Settings(BaseModel):
     # "packet too big" instead of being sent (docs/datapath.md). None: not checked.
     mtu: Annotated[int, int_range(C.MIN_MTU, MAX_FRAME_SIZE_RANGE[1])] | None = None
     local_addresses: Annotated[list[Address], BeforeValidator(_none_is_empty)] = []
+    # Flood guard: new connections per CPU per second above which a new flow is hashed
+    # without source routing and not written to the connection table, so a SYN flood
+    # cannot evict established flows (docs/datapath.md). 0 turns the guard off.
+    max_conn_rate: Annotated[int, int_range(0, 2**32 - 1)] = C.MAX_CONN_RATE
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -375,6 +379,10 @@ class Config(BaseModel):
             if "quic" in vip.flags and vip.protocol != "udp":
                 where = f"vips[{i}].flags[{vip.flags.index('quic')}]"
                 problems.append((where, f"'quic' needs protocol udp (got {vip.protocol})"))
+            if "migrate_down_tcp" in vip.flags and vip.protocol != "tcp":
+                where = f"vips[{i}].flags[{vip.flags.index('migrate_down_tcp')}]"
+                problems.append((where, f"'migrate_down_tcp' needs protocol tcp (got {vip.protocol};"
+                                        " UDP flows always leave a down real)"))
             if "local" in vip.flags and not self.settings.local_addresses:
                 where = f"vips[{i}].flags[{vip.flags.index('local')}]"
                 problems.append((where, "'local' needs settings.local_addresses, which is empty"))

@@ -27,6 +27,11 @@ LRU_UDP_TIMEOUT_NS = 30 * 1_000_000_000  # Katran: a UDP entry idle this long is
 # (~1.05 ms; wraps after ~52 days, compared modulo 2**32), so an entry is 16 bytes.
 CONN_TIME_SHIFT = 20
 CONN_UDP_TIMEOUT = LRU_UDP_TIMEOUT_NS >> CONN_TIME_SHIFT  # 28610 units = 29.9998 s
+# Flood guard (docs/datapath.md, real selection step 2): new connections are counted per
+# CPU in windows of this length; above settings.max_conn_rate in one window, a new flow
+# is hashed without source routing and not written to the connection table.
+CONN_RATE_WINDOW_NS = 1_000_000_000  # Katran's ONE_SEC
+MAX_CONN_RATE = 125_000  # Katran's MAX_CONN_RATE: new connections per CPU per window; configurable
 
 # --- hashing (Katran) ----------------------------------------------------------------
 JHASH_INITVAL = 0xDEADBEEF
@@ -147,6 +152,8 @@ F_QUIC = 1 << 2  # QUIC VIP (connection-id routing)
 F_DPORT_ONLY = 1 << 3  # hash on the destination port only
 F_SRC_ROUTING = 1 << 4  # LPM source routing before hashing
 F_LOCAL = 1 << 5  # packets whose real is this host go to the local stack
+# Our own flags start at bit 16, clear of Katran's (bits 0-9 are taken there).
+F_MIGRATE_DOWN_TCP = 1 << 16  # TCP non-SYN: a connection-table entry to a down real is re-hashed
 
 VIP_FLAGS = {
     "no_src_port": F_NO_SRC_PORT,
@@ -155,10 +162,12 @@ VIP_FLAGS = {
     "dport_only": F_DPORT_ONLY,
     "src_routing": F_SRC_ROUTING,
     "local": F_LOCAL,
+    "migrate_down_tcp": F_MIGRATE_DOWN_TCP,
 }
 
 # --- real flags -------------------------------------------------------------------------
 REAL_F_LOCAL = 1 << 0  # this real is the balancer host itself
+REAL_F_DOWN = 1 << 1  # health checks took this real down for every VIP it serves
 
 # --- global counters: index into the stats array ----------------------------------------
 # Every frame bumps STAT_RX_PACKETS and exactly one of the outcome counters below it
@@ -185,6 +194,8 @@ STAT_QUIC_ROUTED = 17  # QUIC VIP: real taken from the server id in the connecti
 STAT_QUIC_FALLBACK = 18  # QUIC VIP: no server id to route on (Initial, 0-RTT, id 0, ...)
 STAT_QUIC_UNKNOWN = 19  # QUIC VIP: server id not in the table (or its real is gone): hashed
 STAT_SRC_ROUTED = 20  # src_routing VIP: real taken from the client-prefix table
+STAT_FLOOD_NEW_CONNS = 21  # new flow above max_conn_rate on its CPU: hashed, not recorded
+STAT_DOWN_REAL_MIGRATED = 22  # connection-table entry named a down real: re-hashed, rewritten
 
 
 def _counter_names(prefix: str) -> tuple[str, ...]:

@@ -84,6 +84,7 @@ def ctl_array(settings) -> np.ndarray:
     ctl[0]["mtu"] = settings.mtu or 0
     ctl[0]["encap"] = C.ENCAP_GUE if settings.encap == "gue" else C.ENCAP_IPIP
     ctl[0]["gue_port"] = settings.gue.port
+    ctl[0]["max_conn_rate"] = settings.max_conn_rate
     if settings.gue.source_v4:
         ctl[0]["gue_src_v4"] = np.frombuffer(ipaddress.IPv4Address(settings.gue.source_v4).packed, np.uint8)
     if settings.gue.source_v6:

@@ -55,14 +55,16 @@ FLOW_KEY = np.dtype(
     }
 )
 
-# Control values (single entry). 36 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
-# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses.
+# Control values (single entry). 40 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
+# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses;
+# ``max_conn_rate``: new connections per CPU per second before the flood guard, 0 = off.
 CTL = np.dtype(
     {
-        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "gue_src_v4", "gue_src_v6"],
-        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", ("u1", 4), ("u1", 16)],
-        "offsets": [0, 6, 8, 10, 12, 16, 20],
-        "itemsize": 36,
+        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "gue_src_v4", "gue_src_v6",
+                  "max_conn_rate"],
+        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", ("u1", 4), ("u1", 16), "<u4"],
+        "offsets": [0, 6, 8, 10, 12, 16, 20, 36],
+        "itemsize": 40,
     }
 )
 
@@ -135,6 +137,14 @@ CONN_ENTRY = np.dtype(
      "offsets": [0, 8, 12], "itemsize": 16}
 )
 
+# The flood guard's state of one CPU (xdp/maps.h conn_rates, indexed by CPU): the start of
+# the current window (ns, bpf_ktime_get_ns) and the new connections counted in it. One
+# cache line each, so CPUs never share a line. 64 bytes.
+CONN_RATE = np.dtype(
+    {"names": ["window_start", "count"], "formats": ["<u8", "<u8"], "offsets": [0, 8],
+     "itemsize": 64}
+)
+
 # A connection-table entry as the control plane reports it (XdpBalancer.conn_table_entries):
 # real id and last access in ns.
 CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],
@@ -155,6 +165,7 @@ C_STRUCTS: dict[str, np.dtype] = {
     "conn_entry": CONN_ENTRY,
     "capture_record": CAPTURE_RECORD,
     "capture_bucket": CAPTURE_BUCKET,
+    "conn_rate": CONN_RATE,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or

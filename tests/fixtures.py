@@ -29,7 +29,7 @@ from scapy.packet import Raw, raw
 
 from lb import layout
 from lb.config import parse_config
-from lb.constants import F_LOCAL, IPPROTO_TCP
+from lb.constants import F_LOCAL, IPPROTO_TCP, REAL_F_DOWN
 from lb.datapath_tables import DatapathTables, addr16, compile_tables
 
 # The config shape the issue fixes as a contract: it must load, and `lbctl simulate` runs on it.
@@ -185,6 +185,9 @@ class Fixture:
     counters: dict[str, int]  # global counter deltas of this frame (others: 0)
     real: str | None = None  # address of the real chosen, if any
     setup: tuple[bytes, ...] = field(default=())  # frames processed first (same datapath)
+    # table set (FIXTURE_SETS name) loaded after the setup frames, connection table kept:
+    # the control plane changed the tables while the setup's flows were pinned
+    reload: str | None = None
 
 
 # --- frame builders ----------------------------------------------------------------------
@@ -819,11 +822,111 @@ def build_mtu_fixtures() -> list[Fixture]:
     return fx
 
 
+# --- the flood guard and down-real flow migration (their own table sets) -------------------
+
+GUARD_RATE = 3  # settings.max_conn_rate: the 4th new connection in a window is over it
+G_TCP = "198.18.130.1"  # tcp 80, ring: G_R1
+G_SRC = "198.18.130.2"  # tcp 80, src_routing (198.18.0.0/16 -> G_R2), ring: G_R1
+G_BYPASS = "198.18.130.3"  # tcp 80, src_routing + lru_bypass, ring: G_R1
+G_UDP = "198.18.130.4"  # udp 53: ring G_DOWN, then (guard_down) G_R1
+G_MIG = "198.18.130.5"  # tcp 80, migrate_down_tcp: ring G_DOWN, then G_R1
+G_KEEP = "198.18.130.6"  # tcp 80 without the flag: ring G_DOWN, then G_R1
+G_R1, G_R2, G_DOWN = "198.19.3.1", "198.19.3.2", "198.19.3.3"
+
+
+def _guard_config(down: bool) -> dict:
+    """The guard table sets' config; with ``down``, G_DOWN has left the rings of the VIPs
+    it served (weight 0 keeps every real id where it was)."""
+    moving = [{"address": G_DOWN, "weight": 0 if down else 1}, {"address": G_R1, "weight": 1 if down else 0}]
+    return {
+        "settings": {"gateway_mac": GW_MAC, "max_frame_size": MAX_FRAME, "conn_table_size": 1024,
+                     "ring_size": 4099, "max_vips": 16, "max_conn_rate": GUARD_RATE},
+        "vips": [
+            {"address": G_TCP, "port": 80, "protocol": "tcp", "reals": [{"address": G_R1}]},
+            {"address": G_SRC, "port": 80, "protocol": "tcp", "flags": ["src_routing"],
+             "reals": [{"address": G_R1}]},
+            {"address": G_BYPASS, "port": 80, "protocol": "tcp", "flags": ["src_routing", "lru_bypass"],
+             "reals": [{"address": G_R1}]},
+            {"address": G_UDP, "port": 53, "protocol": "udp", "reals": moving},
+            {"address": G_MIG, "port": 80, "protocol": "tcp", "flags": ["migrate_down_tcp"], "reals": moving},
+            {"address": G_KEEP, "port": 80, "protocol": "tcp", "reals": moving},
+            {"address": "198.18.130.9", "port": 80, "protocol": "tcp", "reals": [{"address": G_R2}]},
+        ],
+        "source_routes": [{"prefix": "198.18.0.0/16", "real": G_R2}],
+    }
+
+
+GUARD_CONFIG = _guard_config(down=False)
+
+
+def fixture_tables_guard() -> DatapathTables:
+    """max_conn_rate 3; G_DOWN healthy and on the rings of G_UDP, G_MIG, G_KEEP."""
+    return compile_tables(parse_config(GUARD_CONFIG))
+
+
+def fixture_tables_guard_down() -> DatapathTables:
+    """:func:`fixture_tables_guard` after the health checks took G_DOWN down: out of the
+    rings and flagged down in the reals table. Same real ids."""
+    t = compile_tables(parse_config(_guard_config(down=True)))
+    t.reals[t.real_ids[ipaddress.ip_address(G_DOWN)]]["flags"] |= REAL_F_DOWN
+    return t
+
+
+def _syn(dst: str, sport: int, tcp_flags: str = "S") -> bytes:
+    return tcp4(dst=dst, sport=sport, tcp_flags=tcp_flags)
+
+
+def build_guard_fixtures() -> list[Fixture]:
+    """Against :func:`fixture_tables_guard` (some reload :func:`fixture_tables_guard_down`).
+    Every fixture runs on one CPU: the flood guard counts per CPU."""
+    fx: list[Fixture] = []
+
+    def tx(desc: str, frame: bytes, real: str, sport: int, setup: tuple[bytes, ...] = (),
+           reload: str | None = None, **counters: int) -> None:
+        fx.append(Fixture(desc, 18, frame, "TX", encap(frame, real, CLIENT4, sport),
+                          C(tx_encap=1, **counters), real, setup, reload))
+
+    three = tuple(_syn(G_TCP, p) for p in (1001, 1002, 1003))
+    tx("flood guard: the 3rd new connection in a window is still recorded", _syn(G_TCP, 1003), G_R1, 1003,
+       three[:2], lru_miss=1)
+    tx("flood guard: the 4th is over max_conn_rate -> hashed, counted", _syn(G_TCP, 1004), G_R1, 1004,
+       three, lru_miss=1, flood_new_conns=1)
+    tx("flood guard: a flow that came over the rate was not recorded", _syn(G_TCP, 1004, "A"), G_R1, 1004,
+       (*three, _syn(G_TCP, 1004)), lru_miss=1, flood_new_conns=1)
+    tx("flood guard: an established flow keeps its entry through the flood", _syn(G_TCP, 1001, "A"), G_R1,
+       1001, (*three, _syn(G_TCP, 1004), _syn(G_TCP, 1005)), lru_hit=1)
+    tx("flood guard: no source routing over the rate (ring, not the route)", _syn(G_SRC, 2000), G_R1, 2000,
+       three, lru_miss=1, flood_new_conns=1)
+    tx("flood guard: under the rate the route is used", _syn(G_SRC, 2000), G_R2, 2000, three[:2],
+       lru_miss=1, src_routed=1)
+    tx("flood guard: lru_bypass VIPs are not counted and keep source routing", _syn(G_BYPASS, 2000), G_R2,
+       2000, (*three, _syn(G_TCP, 1004)), src_routed=1)
+
+    udp = raw(eth() / IP(src=CLIENT4, dst=G_UDP) / UDP(sport=5353, dport=53) / b"q")
+    fx.append(Fixture("down real: UDP flow pinned to it is re-hashed onto the healthy ring", 18, udp, "TX",
+                      encap(udp, G_R1, CLIENT4, 5353), C(tx_encap=1, lru_miss=1, down_real_migrated=1), G_R1,
+                      (udp,), "guard_down"))
+    tx("down real: UDP flow pinned to it before it went down (setup)", udp, G_DOWN, 5353, (udp,), lru_hit=1)
+    tx("down real: TCP non-SYN with migrate_down_tcp is re-hashed", _syn(G_MIG, 3000, "A"), G_R1, 3000,
+       (_syn(G_MIG, 3000),), "guard_down", lru_miss=1, down_real_migrated=1)
+    tx("down real: TCP without migrate_down_tcp keeps its real", _syn(G_KEEP, 3000, "A"), G_DOWN, 3000,
+       (_syn(G_KEEP, 3000),), "guard_down", lru_hit=1)
+    tx("down real: a SYN re-hashes anyway (not a migration)", _syn(G_MIG, 3000), G_R1, 3000,
+       (_syn(G_MIG, 3000),), "guard_down", lru_miss=1)
+    tx("down real: a migrated flow over the flood rate is re-hashed, not rewritten", _syn(G_MIG, 3000, "A"),
+       G_R1, 3000, (_syn(G_MIG, 3000), *three), "guard_down", lru_miss=1, down_real_migrated=1,
+       flood_new_conns=1)
+    return fx
+
+
 GUE_FIXTURES = build_gue_fixtures()
 MTU_FIXTURES = build_mtu_fixtures()
+GUARD_FIXTURES = build_guard_fixtures()
 # table set name -> (provisioning, fixtures); tests run each fixture against its own set
 FIXTURE_SETS = {
     "main": (fixture_tables, FIXTURES),
     "gue": (fixture_tables_gue, GUE_FIXTURES),
     "mtu": (fixture_tables_mtu, MTU_FIXTURES),
+    "guard": (fixture_tables_guard, GUARD_FIXTURES),
+    "guard_down": (fixture_tables_guard_down, []),
 }

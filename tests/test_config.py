@@ -342,6 +342,27 @@ def test_local_flag_needs_local_addresses() -> None:
     assert_error(d, "vips[0].flags[0]", "settings.local_addresses")
 
 
+def test_migrate_down_tcp_is_for_tcp_vips() -> None:
+    d = base()
+    d["vips"][0]["flags"] = ["migrate_down_tcp"]
+    assert parse_config(d).vips[0].flag_bits == C.F_MIGRATE_DOWN_TCP
+    d["vips"][0]["protocol"] = "udp"
+    assert_error(d, "vips[0].flags[0]", "'migrate_down_tcp' needs protocol tcp")
+
+
+def test_max_conn_rate() -> None:
+    d = base()
+    assert parse_config(d).settings.max_conn_rate == C.MAX_CONN_RATE == 125_000
+    d["settings"]["max_conn_rate"] = 0  # the flood guard off
+    from lb.datapath_tables import compile_tables
+
+    assert compile_tables(parse_config(d)).ctl[0]["max_conn_rate"] == 0
+    for bad, msg in ((-1, "must be 0..4294967295"), (2**32, "must be 0..4294967295"),
+                     ("100", "integer"), (1.5, "integer"), (True, "integer")):
+        d["settings"]["max_conn_rate"] = bad
+        assert_error(d, "settings.max_conn_rate", msg)
+
+
 def test_duplicate_local_address() -> None:
     d = base()
     d["settings"]["local_addresses"] = ["10.0.0.1", "10.0.0.1"]

@@ -264,6 +264,58 @@ def test_all_down_with_drop_empties_the_ring() -> None:
     assert set(port.ring(0)) == {1}
 
 
+def test_a_real_down_for_every_vip_is_flagged_and_its_udp_flows_move() -> None:
+    """REAL_F_DOWN: set once the health checks took a real down for every VIP it serves,
+    written after the rings moved off it (and cleared before they name it again); a UDP
+    flow pinned to it is re-hashed onto the healthy ring and its entry rewritten."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import raw
+
+    from control.datapaths import UserspacePort
+    from control.reconcile import WriteReal, WriteRing
+    from lb import constants as C
+
+    hc = {"type": "udp", "interval": 1.0, "timeout": 0.5}
+    cfg = make_config([vip_dict(0, [0, 1], port=53, protocol="udp", healthcheck=hc),
+                       vip_dict(1, [1, 2], healthcheck={"type": "tcp"})])
+    port = UserspacePort(Sizes.of(cfg.settings))
+    ctl = open_plane(port, None, cfg)
+    k_udp, k_tcp = ctl.core.state.config.vips[0].key, ctl.core.state.config.vips[1].key
+    shared = real_addr(1)
+    rid = ctl.core.state.ids.reals[shared]
+
+    def frame(sport: int) -> bytes:
+        return raw(Ether() / IP(src="198.18.0.10", dst=k_udp[0]) / UDP(sport=sport, dport=53) / b"q")
+
+    def send(sport: int, now: int):
+        r = port.dp.process_frames([frame(sport)], now=now)
+        return int(r.real_ids[0]), {n: int(r.stats[i]) for i, n in enumerate(C.STATS) if r.stats[i]}
+
+    sport = next(p for p in range(1000, 1100) if send(p, 1)[0] == rid)  # a flow pinned to it
+    flagged = lambda: bool(port.reals[rid]["flags"] & C.REAL_F_DOWN)  # noqa: E731
+
+    ctl.runtime.set_health({(k_udp, shared): False})
+    assert rid not in port.ring(0) and not flagged()  # still up for the TCP VIP
+    assert send(sport, 2) == (rid, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})
+
+    port.writes.clear()
+    ctl.runtime.set_health({(k_tcp, shared): False})
+    assert flagged()
+    kinds = [type(op) for op in port.writes]
+    assert kinds.index(WriteReal) > max(i for i, k in enumerate(kinds) if k is WriteRing)
+    moved, counts = send(sport, 3)
+    assert moved != rid and counts == {"rx_packets": 1, "lru_miss": 1, "down_real_migrated": 1, "tx_encap": 1}
+    assert send(sport, 4) == (moved, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})  # entry rewritten
+
+    port.writes.clear()
+    ctl.runtime.set_health({(k_udp, shared): True, (k_tcp, shared): True})
+    assert not flagged() and rid in port.ring(0)
+    kinds = [type(op) for op in port.writes]
+    assert kinds.index(WriteReal) < kinds.index(WriteRing)
+    assert send(sport, 5) == (moved, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})  # no move back
+
+
 # --- the direct prober, for real, inside a namespace of our own --------------------------------------
 
 needs_root = pytest.mark.root  # through conftest's guard: skipped as a user, a failure under CI

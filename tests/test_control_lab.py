@@ -11,6 +11,7 @@ request fails, and every long-lived connection stays on its real throughout.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -84,3 +85,77 @@ def test_restart_under_client_traffic(tmp_path) -> None:
               f"daemon was dead), {len(failed)} failed, by real {dict(sorted(by_real.items()))}")
         assert served_while_down > 0
         assert not failed, failed[:3]
+
+
+def test_udp_flow_leaves_a_dead_real_within_one_interval(tmp_path) -> None:
+    """A UDP flow pinned to a real whose server dies: once the daemon's health checks take
+    the real down (every VIP it serves is health-checked), the flow's next datagram is
+    re-hashed onto the healthy ring (down_real_migrated) — within one check interval of
+    the verdict — and stays on its new real."""
+    from test_control_tunnel import _default_routes
+
+    from lb.kernel.netns import run_in_netns
+    from netns.lab import Lab
+    from netns.topology import UDP_PORT, VIP4
+
+    interval = 0.5
+    hc = {"interval": interval, "timeout": 0.3, "rise": 2, "fall": 2}
+    with Lab(reals=3, datapath="xdp") as lab:
+        lb = lab.balancers()[0]
+        _default_routes(lb)
+        cfg = config_to_dict(lab.config)
+        for v in cfg["vips"]:
+            if v["address"] == VIP4:  # tcp 80 and udp 7: the real is down for both
+                v["healthcheck"] = {**hc, "type": "udp", "udp": {"send": "hc"}} if v["protocol"] == "udp" \
+                    else {**hc, "type": "tcp"}
+        d = Daemon(tmp_path, "--pin-dir", lab.state["pin_dirs"][lb.name], "--netns", lb.ns,
+                   interface=lb.ifname, datapath="xdp", config=cfg)
+        client = lab.client()
+        sock = run_in_netns(client.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sock.settimeout(0.1)
+        seen: list[tuple[float, str | None]] = []  # (time, real that answered)
+
+        def send() -> str | None:
+            sock.sendto(b"flow", (VIP4, UDP_PORT))
+            try:
+                data, _ = sock.recvfrom(2048)
+            except TimeoutError:
+                return None
+            return data.split(b" ", 1)[0].decode()
+
+        try:
+            d.start()
+            with d.client() as c:
+                deadline = time.monotonic() + 15
+                while not (len(h := c.health()) == 6 and all(x["state"] == "up" for x in h)):
+                    assert time.monotonic() < deadline, c.health()
+                    time.sleep(0.1)
+                owner = send()
+                assert owner is not None and all(send() == owner for _ in range(5))
+                victim = lab.host(owner)
+                before = c.stats()["counters"]["down_real_migrated"]
+                proc = lab._procs[f"server-{victim.name}"]
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+                t_kill = time.monotonic()
+                t_down = None
+                while time.monotonic() - t_kill < 10:
+                    seen.append((time.monotonic(), send()))
+                    if t_down is None and any(x["state"] == "down" for x in c.health()
+                                              if x["real"] == victim.real4 and x["vip"].endswith("/udp")):
+                        t_down = time.monotonic()
+                    if t_down is not None and time.monotonic() - t_down > 2 * interval:
+                        break
+                    time.sleep(0.05)
+                assert t_down is not None, "the real was never marked down"
+                moved = next(t for t, r in seen if r not in (None, owner))
+                after = [r for t, r in seen if t > moved]
+                migrated = c.stats()["counters"]["down_real_migrated"] - before
+        finally:
+            sock.close()
+            d.stop()
+        print(f"MEASURED dead real: marked down {t_down - t_kill:.2f} s after its server died; "
+              f"the UDP flow moved {moved - t_down:+.2f} s from the verdict; {migrated} datagram(s) migrated")
+        assert moved - t_down <= interval
+        assert after and all(r == after[0] for r in after) and after[0] != owner
+        assert migrated == 1  # the entry was rewritten: one migration, then hits

@@ -365,7 +365,8 @@ def test_every_datapath_counter_is_exported() -> None:
     for line in ('lb_tx_packets_total{action="icmp_too_big"}', 'lb_drop_packets_total{reason="too_big"}',
                  'lb_quic_packets_total{result="routed"}', 'lb_quic_packets_total{result="fallback"}',
                  'lb_quic_packets_total{result="unknown"}', "lb_src_routed_packets_total ",
-                 'lb_conn_table_lookups_total{result="hit"}', "lb_icmp_errors_forwarded_total "):
+                 'lb_conn_table_lookups_total{result="hit"}', "lb_icmp_errors_forwarded_total ",
+                 "lb_flood_new_conns_total ", "lb_down_real_migrated_total "):
         assert line in text, line
 
 

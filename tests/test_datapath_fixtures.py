@@ -22,6 +22,9 @@ def run_fixture(tables, fx: Fixture):
     dp = UserspaceDatapath(tables)
     if fx.setup:
         dp.process_frames(list(fx.setup), now=1)
+    if fx.reload:
+        tables = TABLES[fx.reload]
+        dp.load_tables(tables)
     return dp.process_frames([fx.frame], now=2)
 
 
@@ -33,6 +36,7 @@ def test_every_row_of_the_table_is_covered() -> None:
 def test_fixture(tables: str, fx: Fixture) -> None:
     t = TABLES[tables]
     r = run_fixture(t, fx)
+    t = TABLES[fx.reload or tables]
     got = r.output(0)
     assert C.ACTION_NAMES[int(r.actions[0])] == fx.action
     if fx.output is not None:

@@ -14,16 +14,29 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 
 import numpy as np
 import pytest
-from fixtures import FIXTURE_SETS, SRC_VIP4, Fixture, tcp4
+from fixtures import (
+    FIXTURE_SETS,
+    G_BYPASS,
+    G_KEEP,
+    G_MIG,
+    G_SRC,
+    G_TCP,
+    G_UDP,
+    SRC_VIP4,
+    Fixture,
+    tcp4,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import MTU_VIPS, any_frame, mtu_frame
 
 from lb import constants as C
 from lb.datapath import UserspaceDatapath
+from lb.pktgen import build_frame
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root]
 
@@ -31,6 +44,16 @@ EXAMPLES = 3000
 MTU_EXAMPLES = 250  # per GUE / IPIP+mtu table set
 FRAMES_PER_EXAMPLE = 64
 FRAMES_COMPARED = [0]  # filled by the hypothesis tests, checked by the last test
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu():
+    """Every test run on one CPU: the flood guard counts new connections per CPU, and the
+    userspace datapath is one CPU's."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    yield
+    os.sched_setaffinity(0, cpus)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +116,16 @@ def _run_both(xdp, dp: UserspaceDatapath, frames: list[bytes]):
     return r
 
 
+_TABLES: dict = {}
+
+
+def _tables(name: str):
+    """The tables of table set ``name`` (built once)."""
+    if name not in _TABLES:
+        _TABLES[name] = FIXTURE_SETS[name][0]()
+    return _TABLES[name]
+
+
 # Frames under 14 bytes can't be test-run (see the module docstring).
 XDP_FIXTURES = [(name, fx) for name, (_, fxs) in FIXTURE_SETS.items() for fx in fxs
                 if len(fx.frame) >= C.ETH_HLEN]
@@ -105,21 +138,35 @@ def test_fixture_through_xdp(balancers, table_set: str, fx: Fixture) -> None:
     from lb.kernel.testrun import test_run
 
     xdp, tables = balancers(table_set)
-    xdp.clear_conn_table()
-    dp = UserspaceDatapath(tables)
-    for s in fx.setup:
-        test_run(xdp.prog_fd, s)
-        dp.process_frames([s], now=1)
-    before = xdp.read_stats().counters
-    action, out, _ = test_run(xdp.prog_fd, fx.frame)
-    after = xdp.read_stats().counters
-    assert C.ACTION_NAMES[action] == fx.action
-    if fx.output is not None:
-        assert out == fx.output, _explain(fx.frame, "output vs golden", fx.output.hex(), out.hex())
-    assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
-    # and the same again, compared with the userspace datapath in lockstep
-    xdp.clear_conn_table()
-    _run_both(xdp, UserspaceDatapath(tables), list(fx.setup) + [fx.frame])
+    reloaded = _tables(fx.reload) if fx.reload else None
+    try:
+        xdp.clear_conn_table()
+        for s in fx.setup:
+            test_run(xdp.prog_fd, s)
+        if reloaded is not None:
+            xdp.load_tables(reloaded)
+        before = xdp.read_stats().counters
+        action, out, _ = test_run(xdp.prog_fd, fx.frame)
+        after = xdp.read_stats().counters
+        assert C.ACTION_NAMES[action] == fx.action
+        if fx.output is not None:
+            assert out == fx.output, _explain(fx.frame, "output vs golden", fx.output.hex(), out.hex())
+        assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
+        # and the same again, compared with the userspace datapath in lockstep
+        xdp.clear_conn_table()
+        if reloaded is None:
+            _run_both(xdp, UserspaceDatapath(tables), list(fx.setup) + [fx.frame])
+            return
+        xdp.load_tables(tables)
+        dp = UserspaceDatapath(tables)
+        if fx.setup:
+            _run_both(xdp, dp, list(fx.setup))
+        xdp.load_tables(reloaded)
+        dp.load_tables(reloaded)
+        _run_both(xdp, dp, [fx.frame])
+    finally:
+        if reloaded is not None:
+            xdp.load_tables(tables)
 
 
 def test_connection_table_wins_over_a_changed_source_route(xdp, tables) -> None:
@@ -182,6 +229,43 @@ def test_random_frames_around_the_mtu_agree(balancers, table_set: str) -> None:
     # the frames did reach both sides of the MTU check
     for name in ("tx_icmp_too_big", "drop_too_big", "tx_encap"):
         assert after[name] - before[name] > 100, name
+
+
+GUARD_VIPS = [(G_TCP, 80, "tcp"), (G_SRC, 80, "tcp"), (G_BYPASS, 80, "tcp"), (G_UDP, 53, "udp"),
+              (G_MIG, 80, "tcp"), (G_KEEP, 80, "tcp")]
+guard_frame = st.builds(
+    lambda vip, src, sport, flags: build_frame(4, vip[2], 64, src=src, dst=vip[0], sport=sport, dport=vip[1],
+                                               tcp_flags=flags),
+    st.sampled_from(GUARD_VIPS), st.sampled_from(["198.18.0.10", "198.19.77.1"]), st.integers(1000, 1007),
+    st.sampled_from([0x02, 0x10, 0x12, 0x18, 0x04]))
+
+
+def test_random_flows_under_the_flood_guard_and_a_down_real_agree(balancers) -> None:
+    """Flows to the guard VIPs (max_conn_rate 3: most frames are over it), then the
+    reload that takes G_DOWN down and more of the same flows: both datapaths in lockstep,
+    every counter equal (flood_new_conns, down_real_migrated, src_routed, ...)."""
+    xdp, tables = balancers("guard")
+    down = _tables("guard_down")
+    totals = dict.fromkeys(("flood_new_conns", "down_real_migrated", "src_routed", "lru_hit"), 0)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(guard_frame, min_size=4, max_size=30), st.lists(guard_frame, min_size=1, max_size=30))
+    def run(before: list[bytes], after: list[bytes]) -> None:
+        xdp.load_tables(tables)
+        xdp.clear_conn_table()
+        dp = UserspaceDatapath(tables)
+        r1 = _run_both(xdp, dp, before)
+        xdp.load_tables(down)
+        dp.load_tables(down)
+        r2 = _run_both(xdp, dp, after)
+        for name in totals:
+            totals[name] += int(r1.stats[C.STAT_INDEX[name]] + r2.stats[C.STAT_INDEX[name]])
+
+    try:
+        run()
+    finally:
+        xdp.load_tables(tables)
+    assert all(totals.values()), totals  # every path was taken
 
 
 def test_at_least_100k_frames_were_compared() -> None:

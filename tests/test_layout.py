@@ -42,6 +42,7 @@ MAP_TYPES = {
     "vip_slots": (None, layout.VIP_SLOT),
     "lb_runtime": (None, layout.RUNTIME),
     "ctl": (None, layout.CTL),
+    "conn_rates": (None, layout.CONN_RATE),
 }
 
 

@@ -729,7 +729,7 @@ def test_map_lookup_refuses_a_buffer_the_kernel_would_overrun(bal) -> None:
     from lb.kernel.maps import map_lookup
 
     fd = bal.map_fd("ctl")
-    with pytest.raises(ValueError, match="36-byte values"):
+    with pytest.raises(ValueError, match=f"{layout.CTL.itemsize}-byte values"):
         map_lookup(fd, bytes(4), 8)
     assert len(map_lookup(fd, bytes(4), layout.CTL.itemsize)) == layout.CTL.itemsize
     stats = bal.map_fd("stats")  # per CPU: 8 bytes x possible CPUs

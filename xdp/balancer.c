@@ -256,6 +256,29 @@ static __always_inline void conn_store(struct conn_set *set, __u32 idx, int w,
 		*k = *flow;
 }
 
+/* The flood guard: counts one new connection at now (ns) on this CPU and says whether
+ * the CPU is over max_conn_rate in the current window (then the flow is hashed without
+ * source routing and not recorded). Windows are CONN_RATE_WINDOW_NS long; a new one
+ * starts with its first connection. max_conn_rate 0: off, nothing is counted. */
+static __always_inline int conn_flood(const struct ctl_value *cfg, __u64 now)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	struct conn_rate *cr;
+
+	if (!cfg || !cfg->max_conn_rate)
+		return 0;
+	cr = conn_rates.lookup(&cpu);
+	if (!cr)
+		return 0;
+	if (now - cr->window_start > CONN_RATE_WINDOW_NS) {
+		cr->window_start = now;
+		cr->count = 1;
+		return 0;
+	}
+	cr->count += 1;
+	return cr->count > cfg->max_conn_rate;
+}
+
 /* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
 
 /* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
@@ -410,7 +433,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 						real_id = id;
 					}
 				}
-				if (real_id) {
+				/* a real the health checks took down: UDP, and TCP where the
+				 * VIP asks, re-hash (the entry is rewritten below) */
+				if (real_id && (r->flags & REAL_F_DOWN) &&
+				    (pkt->flow.proto == IPPROTO_UDP || (flags & F_MIGRATE_DOWN_TCP))) {
+					real_id = 0;
+					stat_inc(STAT_DOWN_REAL_MIGRATED);
+				} else if (real_id) {
 					real = r;
 					conn_promote(set, way);
 				}
@@ -422,12 +451,20 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	}
 	LB_STOP_AFTER(3);
 
-	/* 2. source routing, else the Maglev ring */
+	/* 2. source routing, else the Maglev ring; a new flow the connection table would
+	 * record counts towards the flood guard, and over the rate it is neither source-routed
+	 * nor recorded */
 	if (!real_id) {
 		__u32 pos, *slot;
+		int record = set && !pkt->icmp_err;
+		__u64 now = record ? bpf_ktime_get_ns() : 0;
 
-		if (flags & F_SRC_ROUTING)
+		if (record && conn_flood(ctl.lookup(&zero), now)) {
+			record = 0;
+			stat_inc(STAT_FLOOD_NEW_CONNS);
+		} else if (flags & F_SRC_ROUTING) {
 			real = src_route_real(&pkt->flow, &real_id);
+		}
 		if (!real_id) {
 			if (vip_num >= MAX_VIPS) {
 				*stat = STAT_DROP_NO_REAL;
@@ -445,10 +482,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				return XDP_DROP;
 			}
 		}
-		if (set && !pkt->icmp_err) {
+		if (record) {
 			if (pkt->tcp_syn)
 				way = conn_find(set, fh);
-			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, bpf_ktime_get_ns());
+			conn_store(set, set_idx, way, &pkt->flow, fh, real_id, now);
 		}
 		if (use_lru) {
 			real_miss_inc(real_id);

@@ -64,6 +64,10 @@ struct conn_set {
 LB_MAP("array", __u32, struct conn_set, conn_sets, LB_CONN_SETS_ALL, BPF_F_MMAPABLE);
 LB_MAP("array", __u32, struct flow_key, conn_keys, LB_CONN_SETS_ALL * CONN_WAYS, BPF_F_MMAPABLE);
 
+/* The flood guard's new-connection count, one entry per CPU (index: the CPU number), a
+ * cache line each (layout.CONN_RATE). Written on the miss path only. */
+LB_MAP("array", __u32, struct conn_rate, conn_rates, LB_NR_CPUS, 0);
+
 /* QUIC server id (from the connection id) -> real id. */
 LB_MAP("hash", __u32, __u32, quic_servers, MAX_QUIC_SERVER_IDS, 0);
 

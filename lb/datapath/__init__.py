@@ -1,8 +1,9 @@
 """The userspace datapath: docs/datapath.md in numba, frame by frame, mirroring xdp/.
 
 Pure: frames and tables in, actions, output frames and counter updates out. The only
-state it keeps between calls is the connection table (as the XDP program's LRU map), and
-the only clock is the ``now`` argument.
+state it keeps between calls is the connection table (as the XDP program's LRU map) and
+the flood guard's new-connection count beside it, and the only clock is the ``now``
+argument.
 
 One module per C file it mirrors: :mod:`.balancer` (xdp/balancer.c: the batch loop, row
 by row, with xdp/encap.h's encapsulation inline), :mod:`.parsing`, :mod:`.csum`,

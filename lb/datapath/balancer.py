@@ -37,9 +37,9 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
     """
     ((vip_keys, vip_used, vip_mask), vip_meta, (va_keys, va_used, va_mask),
      (real_addr, real_family, real_flags), (rings, ring_size, ch_seed, v6_seed),
-     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6), (quic_ids, quic_reals),
+     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, max_conn_rate), (quic_ids, quic_reals),
      (lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals), (lpm6_lens, lpm6_starts, lpm6_hi, lpm6_lo, lpm6_reals),
-     (ct_tags, ct_ent, ct_mask, clock)) = maps
+     (ct_tags, ct_ent, ct_mask, clock, ct_rate)) = maps
     gue = encap == C.ENCAP_GUE
     fk = np.zeros(5, dtype=np.uint64)  # the flow key, as 5 words
     for i in range(frames.shape[0]):
@@ -239,18 +239,30 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                     age = now - np.int64(ct_ent[bucket, w, conntable.E_ATIME])
                     fresh = proto != C.IPPROTO_UDP or age <= C.LRU_UDP_TIMEOUT_NS
                     if real_family[cand] != C.FAMILY_NONE and fresh:
-                        real_id = cand
-                        clock[0] += 1
-                        ct_ent[bucket, w, conntable.E_STAMP] = clock[0]
                         if proto == C.IPPROTO_UDP:
                             ct_ent[bucket, w, conntable.E_ATIME] = np.uint64(now)
+                        # a real the health checks took down: UDP, and TCP where the VIP
+                        # asks, re-hash (the entry is rewritten below)
+                        if (real_flags[cand] & C.REAL_F_DOWN) and (
+                                proto == C.IPPROTO_UDP or (vflags & C.F_MIGRATE_DOWN_TCP)):
+                            stats[C.STAT_DOWN_REAL_MIGRATED] += 1
+                        else:
+                            real_id = cand
+                            clock[0] += 1
+                            ct_ent[bucket, w, conntable.E_STAMP] = clock[0]
             if real_id != 0:
                 stats[C.STAT_LRU_HIT] += 1
             else:
                 stats[C.STAT_LRU_MISS] += 1
         if real_id == 0:
-            # 2. source routing, else the ring
-            if vflags & C.F_SRC_ROUTING:
+            # 2. source routing, else the ring; a new flow the connection table would
+            # record counts towards the flood guard, and over the rate it is neither
+            # source-routed nor recorded
+            record = use_lru and not is_icmp_err
+            if record and conntable.flood(ct_rate, max_conn_rate, now):
+                record = False
+                stats[C.STAT_FLOOD_NEW_CONNS] += 1
+            elif vflags & C.F_SRC_ROUTING:
                 if family == C.FAMILY_V4:
                     real_id = src_route_v4(lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals, p, src_off)
                 else:
@@ -267,7 +279,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                     stats[C.STAT_DROP_NO_REAL] += 1  # row 15
                     actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
                     continue
-            if use_lru and not is_icmp_err:
+            if record:
                 clock[0] += 1
                 conntable.insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])
             if use_lru:

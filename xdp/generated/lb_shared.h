@@ -48,6 +48,7 @@
 #define LRU_UDP_TIMEOUT_NS 30000000000ULL
 #define CONN_TIME_SHIFT 20
 #define CONN_UDP_TIMEOUT 28610
+#define CONN_RATE_WINDOW_NS 1000000000
 _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.constants");
 #define MIX_K 11400714819323198485ULL
 #define DEFAULT_TTL 64
@@ -120,7 +121,9 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define F_DPORT_ONLY 8
 #define F_SRC_ROUTING 16
 #define F_LOCAL 32
+#define F_MIGRATE_DOWN_TCP 65536
 #define REAL_F_LOCAL 1
+#define REAL_F_DOWN 2
 #define STAT_RX_PACKETS 0
 #define STAT_TX_ENCAP 1
 #define STAT_TX_ICMP_ECHO_REPLY 2
@@ -142,7 +145,9 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_QUIC_FALLBACK 18
 #define STAT_QUIC_UNKNOWN 19
 #define STAT_SRC_ROUTED 20
-#define N_STATS 21
+#define STAT_FLOOD_NEW_CONNS 21
+#define STAT_DOWN_REAL_MIGRATED 22
+#define N_STATS 23
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
@@ -270,7 +275,7 @@ _Static_assert(__builtin_offsetof(struct flow_key, proto) == 36 && sizeof(((stru
 _Static_assert(__builtin_offsetof(struct flow_key, family) == 37 && sizeof(((struct flow_key *)0)->family) == 1, "flow_key.family");
 _Static_assert(__builtin_offsetof(struct flow_key, pad) == 38 && sizeof(((struct flow_key *)0)->pad) == 2, "flow_key.pad");
 
-/* lb.layout.CTL: 36 bytes. */
+/* lb.layout.CTL: 40 bytes. */
 struct ctl_value {
 	__u8 gw_mac[6];
 	__u16 max_frame;
@@ -280,8 +285,9 @@ struct ctl_value {
 	__u8 pad[3];
 	__u8 gue_src_v4[4];
 	__u8 gue_src_v6[16];
+	__u32 max_conn_rate;
 };
-_Static_assert(sizeof(struct ctl_value) == 36, "sizeof(struct ctl_value)");
+_Static_assert(sizeof(struct ctl_value) == 40, "sizeof(struct ctl_value)");
 _Static_assert(__builtin_offsetof(struct ctl_value, gw_mac) == 0 && sizeof(((struct ctl_value *)0)->gw_mac) == 6, "ctl_value.gw_mac");
 _Static_assert(__builtin_offsetof(struct ctl_value, max_frame) == 6 && sizeof(((struct ctl_value *)0)->max_frame) == 2, "ctl_value.max_frame");
 _Static_assert(__builtin_offsetof(struct ctl_value, mtu) == 8 && sizeof(((struct ctl_value *)0)->mtu) == 2, "ctl_value.mtu");
@@ -290,6 +296,7 @@ _Static_assert(__builtin_offsetof(struct ctl_value, encap) == 12 && sizeof(((str
 _Static_assert(__builtin_offsetof(struct ctl_value, pad) == 13 && sizeof(((struct ctl_value *)0)->pad) == 3, "ctl_value.pad");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v4) == 16 && sizeof(((struct ctl_value *)0)->gue_src_v4) == 4, "ctl_value.gue_src_v4");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v6) == 20 && sizeof(((struct ctl_value *)0)->gue_src_v6) == 16, "ctl_value.gue_src_v6");
+_Static_assert(__builtin_offsetof(struct ctl_value, max_conn_rate) == 36 && sizeof(((struct ctl_value *)0)->max_conn_rate) == 4, "ctl_value.max_conn_rate");
 
 /* lb.layout.LPM_V4_KEY: 8 bytes. */
 struct lpm_v4_key {
@@ -375,3 +382,14 @@ _Static_assert(sizeof(struct capture_bucket) == 24, "sizeof(struct capture_bucke
 _Static_assert(__builtin_offsetof(struct capture_bucket, tat) == 0 && sizeof(((struct capture_bucket *)0)->tat) == 8, "capture_bucket.tat");
 _Static_assert(__builtin_offsetof(struct capture_bucket, limited) == 8 && sizeof(((struct capture_bucket *)0)->limited) == 8, "capture_bucket.limited");
 _Static_assert(__builtin_offsetof(struct capture_bucket, lost) == 16 && sizeof(((struct capture_bucket *)0)->lost) == 8, "capture_bucket.lost");
+
+/* lb.layout.CONN_RATE: 64 bytes. */
+struct conn_rate {
+	__u64 window_start;
+	__u64 count;
+	__u8 pad[48];
+};
+_Static_assert(sizeof(struct conn_rate) == 64, "sizeof(struct conn_rate)");
+_Static_assert(__builtin_offsetof(struct conn_rate, window_start) == 0 && sizeof(((struct conn_rate *)0)->window_start) == 8, "conn_rate.window_start");
+_Static_assert(__builtin_offsetof(struct conn_rate, count) == 8 && sizeof(((struct conn_rate *)0)->count) == 8, "conn_rate.count");
+_Static_assert(__builtin_offsetof(struct conn_rate, pad) == 16 && sizeof(((struct conn_rate *)0)->pad) == 48, "conn_rate.pad");
