@@ -16,6 +16,7 @@ import numpy as np
 from lb import constants as C
 from lb.datapath import conntable
 from lb.datapath.csum import ipv4_csum
+from lb.datapath.encap import gue_sport, gue_udp_csum
 from lb.datapath.icmp import echo_reply, too_big
 from lb.datapath.jitcache import cached_njit
 from lb.datapath.parsing import addr_words, be16, copy, icmp_inner, zero
@@ -358,9 +359,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                 out[o + 24 + k] = real_addr[real_id, k]
             o += C.ENCAP_IPV6_OVERHEAD
         if gue:
-            # UDP: source port varies with the client, checksum 0 (RFC 6935)
-            a = src_off + (2 if family == C.FAMILY_V4 else 14)
-            gsport = C.GUE_SPORT_BASE | ((be16(p, a) ^ sport) & C.GUE_SPORT_MASK)
+            # UDP: Katran's source port; the checksum once the inner packet is in place
+            gsport = gue_sport(p, src_off, family, sport, rfam == C.FAMILY_V6)
             ulen_field = pkt_len + C.UDP_HLEN
             out[o] = gsport >> 8
             out[o + 1] = gsport & 0xFF
@@ -373,6 +373,10 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             o += C.UDP_HLEN
         rest = n - l3
         copy(out, o, p, l3, rest)
+        if gue:
+            c = gue_udp_csum(out, l3, rfam == C.FAMILY_V6, o - C.UDP_HLEN, o, family)
+            out[o - 2] = c >> 8
+            out[o - 1] = c & 0xFF
         real_stats[real_id, C.VIP_STAT_PACKETS] += 1
         real_stats[real_id, C.VIP_STAT_BYTES] += n
         stats[C.STAT_TX_ENCAP] += 1  # row 18

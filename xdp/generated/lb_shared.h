@@ -62,8 +62,6 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define ENCAP_IPIP 0
 #define ENCAP_GUE 1
 #define GUE_DEFAULT_PORT 6080
-#define GUE_SPORT_BASE 49152
-#define GUE_SPORT_MASK 16383
 _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants");
 #define IP_DF 16384
 #define ICMP_TOO_BIG_QUOTE_V4 128
