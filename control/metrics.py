@@ -18,6 +18,8 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_conn_table_lookups_total{result}``     ``hit``, ``miss``
 ``lb_quic_packets_total{result}``           ``routed``, ``fallback``, ``unknown``
 ``lb_src_routed_packets_total``             real taken from the source-route table
+``lb_quic_conn_table_writes_total``         QUIC-routed packets that wrote their real into the
+                                            connection table (no entry, or another real)
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -65,6 +67,8 @@ _SINGLE = {
     "rx_packets": ("lb_rx_packets", "Frames seen by the datapath"),
     "icmp_error_forwarded": ("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real"),
     "src_routed": ("lb_src_routed_packets", "Packets whose real came from the source-route table"),
+    "quic_conn_written": ("lb_quic_conn_table_writes",
+                          "QUIC-routed packets that wrote their real into the connection table"),
 }
 
 
@@ -73,7 +77,7 @@ def _counter_families(counters: dict[str, int]) -> Iterator[Any]:
     grouped: dict[str, CounterMetricFamily] = {}
     for name in C.STATS:
         value = counters.get(name, 0)
-        prefix = next((p for p in _FAMILIES if name.startswith(p)), None)
+        prefix = None if name in _SINGLE else next((p for p in _FAMILIES if name.startswith(p)), None)
         if prefix is not None:
             fam, label, helptext = _FAMILIES[prefix]
             if fam not in grouped:

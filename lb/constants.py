@@ -177,6 +177,7 @@ STAT_QUIC_ROUTED = 17  # QUIC VIP: real taken from the server id in the connecti
 STAT_QUIC_FALLBACK = 18  # QUIC VIP: no server id to route on (Initial, 0-RTT, id 0, ...)
 STAT_QUIC_UNKNOWN = 19  # QUIC VIP: server id not in the table (or its real is gone): hashed
 STAT_SRC_ROUTED = 20  # src_routing VIP: real taken from the client-prefix table
+STAT_QUIC_CONN_WRITTEN = 21  # QUIC-routed: its real written into the connection table (new or changed)
 
 
 def _counter_names(prefix: str) -> tuple[str, ...]:

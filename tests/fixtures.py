@@ -529,7 +529,8 @@ def build_routing_fixtures() -> list[Fixture]:
         fx.append(Fixture(desc, row, frame, "TX", encap(frame, real, client, sport),
                           C(tx_encap=1, **counters), real, setup))
 
-    # -- QUIC: routed by the server id (no connection table, no lru_* counter)
+    # -- QUIC: routed by the server id (the connection table is not read, no lru_* counter;
+    #    the routed real is written into it: quic_conn_written)
     v1, v2, v3 = quic_cid(1, QUIC_ID_V1), quic_cid(2, QUIC_ID_V2), quic_cid(3, QUIC_ID_V3)
     for desc, payload, real in [
         ("QUIC short header, CID v1 -> its server's real", quic_short(v1), "198.19.1.2"),
@@ -541,15 +542,30 @@ def build_routing_fixtures() -> list[Fixture]:
          "198.19.1.2"),
         ("QUIC short header, exactly 9 payload bytes -> routed", quic_short(v1)[:9], "198.19.1.2"),
     ]:
-        tx(desc, udp_frame(QUIC_VIP4, payload), real, CLIENT4, 50000, quic_routed=1)
+        tx(desc, udp_frame(QUIC_VIP4, payload), real, CLIENT4, 50000, quic_routed=1, quic_conn_written=1)
     init = udp_frame(QUIC_VIP4, quic_long(QUIC_INITIAL, v1))
     routed = udp_frame(QUIC_VIP4, quic_short(v1))
-    tx("QUIC routed wins over a connection-table entry", routed, "198.19.1.2", CLIENT4, 50000,
-       setup=(init,), quic_routed=1)
-    tx("QUIC routed packet wrote no connection-table entry", udp_frame(QUIC_VIP4, quic_short(quic_cid(1, 0))),
-       RING4, CLIENT4, 50000, setup=(routed,), quic_fallback=1, lru_miss=1)
+    tx("QUIC routed wins over a connection-table entry, and takes it over", routed, "198.19.1.2", CLIENT4,
+       50000, setup=(init,), quic_routed=1, quic_conn_written=1)
+    tx("QUIC routed again: the entry already names its real, nothing written", routed, "198.19.1.2",
+       CLIENT4, 50000, setup=(routed,), quic_routed=1)
     tx("QUIC fallback uses the connection table", udp_frame(QUIC_VIP4, quic_long(QUIC_0RTT, v1)), RING4,
        CLIENT4, 50000, setup=(init,), quic_fallback=1, lru_hit=1)
+    # after a routed packet, the flow's packets without a usable id stay on the routed real
+    # (Katran: balancer.bpf.c writes the real into its LRU); the ring would say RING4
+    for desc, payload, counter in [
+        ("QUIC short header without a connection id after a routed one -> same real",
+         quic_short(v1)[:1], "quic_fallback"),
+        ("QUIC server id 0 after a routed packet -> same real", quic_short(quic_cid(1, 0)), "quic_fallback"),
+        ("QUIC unknown server id after a routed packet -> same real",
+         quic_short(quic_cid(1, QUIC_ID_UNKNOWN)), "quic_unknown"),
+        ("QUIC Initial after the routed packet took over the entry -> same real",
+         quic_long(QUIC_INITIAL, v1), "quic_fallback"),
+    ]:
+        tx(desc, udp_frame(QUIC_VIP4, payload), "198.19.1.2", CLIENT4, 50000, setup=(init, routed),
+           lru_hit=1, **{counter: 1})
+    tx("QUIC id 0 after a routed packet of another flow -> the ring", udp_frame(QUIC_VIP4, quic_short(
+        quic_cid(1, 0)), sport=50001), RING4, CLIENT4, 50001, setup=(routed,), quic_fallback=1, lru_miss=1)
 
     # -- QUIC: fallback (no id to route on) and unknown ids, then the ring
     good_long = quic_long(QUIC_HANDSHAKE, v1)
@@ -579,16 +595,22 @@ def build_routing_fixtures() -> list[Fixture]:
     tx("QUIC + lru_bypass -> routed", byp, "198.19.1.3", CLIENT4, 50000, setup=(byp,), quic_routed=1)
     tx("QUIC + lru_bypass, Initial -> fallback, no lru_* counter",
        udp_frame(QUIC_VIP4_BYPASS, quic_long(QUIC_INITIAL, v2)), RING4, CLIENT4, 50000, quic_fallback=1)
+    tx("QUIC + lru_bypass: a routed packet writes no entry, id 0 after it -> the ring",
+       udp_frame(QUIC_VIP4_BYPASS, quic_short(quic_cid(1, 0))), RING4, CLIENT4, 50000, setup=(byp,),
+       quic_fallback=1)
     tx("IPv6 QUIC short header, CID v3 -> routed", udp_frame(QUIC_VIP6, quic_short(v3)), "2001:db8:2::2",
-       CLIENT6, 50000, quic_routed=1)
+       CLIENT6, 50000, quic_routed=1, quic_conn_written=1)
     tx("IPv6 QUIC Handshake, CID v1 -> routed",
        udp_frame(QUIC_VIP6, quic_long(QUIC_HANDSHAKE, quic_cid(1, QUIC_ID_V6_V1))), "2001:db8:2::3",
-       CLIENT6, 50000, quic_routed=1)
+       CLIENT6, 50000, quic_routed=1, quic_conn_written=1)
+    tx("IPv6 QUIC unknown server id after a routed packet -> same real",
+       udp_frame(QUIC_VIP6, quic_short(quic_cid(2, QUIC_ID_UNKNOWN))), "2001:db8:2::2", CLIENT6, 50000,
+       setup=(udp_frame(QUIC_VIP6, quic_short(v3)),), quic_unknown=1, lru_hit=1)
     tx("IPv6 QUIC Initial -> fallback", udp_frame(QUIC_VIP6, quic_long(QUIC_INITIAL, v3)), RING6, CLIENT6,
        50000, quic_fallback=1, lru_miss=1)
-    fx.append(Fixture("IPv6 QUIC routed to an IPv4 real: counted, then row 16", 16,
+    fx.append(Fixture("IPv6 QUIC routed to an IPv4 real: counted, written, then row 16", 16,
                       udp_frame(QUIC_VIP6, quic_short(v1)), "DROP", None,
-                      C(drop_encap_failed=1, quic_routed=1)))
+                      C(drop_encap_failed=1, quic_routed=1, quic_conn_written=1)))
     err = raw(eth() / IP(src="198.18.0.1", dst=QUIC_VIP4) / ICMP(type=3, code=4)
               / IPerror(src=QUIC_VIP4, dst=CLIENT4) / UDPerror(sport=443, dport=50000) / Raw(quic_short(v1)))
     tx("ICMP error about a QUIC VIP flow: not parsed as QUIC", err, RING4, CLIENT4, 50000, row=19,

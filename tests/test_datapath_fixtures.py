@@ -7,7 +7,17 @@ import ipaddress
 
 import numpy as np
 import pytest
-from fixtures import FIXTURE_SETS, Fixture
+from fixtures import (
+    FIXTURE_SETS,
+    QUIC_INITIAL,
+    QUIC_VIP4,
+    RING4,
+    Fixture,
+    quic_cid,
+    quic_long,
+    quic_short,
+    udp_frame,
+)
 from scapy.layers.l2 import Ether
 
 from lb import constants as C
@@ -54,3 +64,26 @@ def test_fixture(tables: str, fx: Fixture) -> None:
         assert int(r.vip_stats[:, 0].sum()) == 1 and int(r.vip_stats[:, 1].sum()) == len(fx.frame)
     else:
         assert not np.any(r.vip_stats)
+
+
+def test_quic_routed_entry_times() -> None:
+    """The atime of what a QUIC-routed packet writes into the connection table (userspace
+    only: the XDP clock cannot be set). A new entry counts from the routed packet; an
+    entry it takes over keeps its atime, as Katran's update does (balancer.bpf.c
+    check_and_update_real_index_in_lru), so the UDP timeout runs from the flow's last
+    connection-table use."""
+    t, timeout = TABLES["main"], C.LRU_UDP_TIMEOUT_NS
+    routed = udp_frame(QUIC_VIP4, quic_short(quic_cid(1, 1000)))
+    init = udp_frame(QUIC_VIP4, quic_long(QUIC_INITIAL, quic_cid(1, 1000)))
+    no_id = udp_frame(QUIC_VIP4, quic_short(quic_cid(1, 0)))
+
+    def real(dp: UserspaceDatapath, frame: bytes, now: int) -> str:
+        return str(t.real_address(int(dp.process_frames([frame], now=now).real_ids[0])))
+
+    dp = UserspaceDatapath(t)
+    assert real(dp, routed, 1) == "198.19.1.2"  # new entry, atime 1
+    assert real(dp, no_id, 1 + timeout) == "198.19.1.2"  # just in time: a hit
+    dp = UserspaceDatapath(t)
+    assert real(dp, init, 1) == RING4  # the ring's real, atime 1
+    assert real(dp, routed, timeout) == "198.19.1.2"  # taken over, atime still 1
+    assert real(dp, no_id, timeout + 2) == RING4  # expired: hashed again

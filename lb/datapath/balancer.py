@@ -225,9 +225,23 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                 if rid >= 0 and real_family[rid] != C.FAMILY_NONE:
                     real_id = rid
                     stats[C.STAT_QUIC_ROUTED] += 1
+                    if (vflags & C.F_LRU_BYPASS) == 0:
+                        # Katran's: the routed real goes into the connection table, so a
+                        # later packet of the flow without a usable id stays on it
+                        bucket, tag = conntable.slot(ct_mask, fk)
+                        clock[0] += 1
+                        w = conntable.find(ct_tags, ct_ent, bucket, tag, fk)
+                        if w < 0:
+                            conntable.insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])
+                            stats[C.STAT_QUIC_CONN_WRITTEN] += 1
+                        else:
+                            ct_ent[bucket, w, conntable.E_STAMP] = clock[0]
+                            if ct_ent[bucket, w, conntable.E_REAL] != np.uint64(real_id):
+                                ct_ent[bucket, w, conntable.E_REAL] = np.uint64(real_id)  # atime kept
+                                stats[C.STAT_QUIC_CONN_WRITTEN] += 1
                 else:
                     stats[C.STAT_QUIC_UNKNOWN] += 1
-        # 1. the connection table; a QUIC-routed packet neither reads nor writes it
+        # 1. the connection table; a QUIC-routed packet does not read it
         use_lru = (vflags & C.F_LRU_BYPASS) == 0 and real_id == 0
         bucket = 0
         tag = np.uint64(0)

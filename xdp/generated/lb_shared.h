@@ -136,7 +136,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_QUIC_FALLBACK 18
 #define STAT_QUIC_UNKNOWN 19
 #define STAT_SRC_ROUTED 20
-#define N_STATS 21
+#define STAT_QUIC_CONN_WRITTEN 21
+#define N_STATS 22
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
