@@ -367,13 +367,18 @@ def build_fixtures() -> list[Fixture]:
         # request checksum 0xFFFE: + 0x0800 carries out of 16 bits (end-around carry)
         ("ICMP echo, checksum update carries (request 0xFFFE -> 0x07FF)",
          raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0xF800, seq=0)), 0x07FF),
+        # carries out of both bytes (Katran's update gives 0x0000 here, which fails)
+        ("ICMP echo, request checksum 0xF8FF -> 0x0100",
+         raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0xFEFF, seq=0)), 0x0100),
     ]:
         add(Fixture(desc, 11, ping, "TX", echo_reply(ping, check), C(tx_icmp_echo_reply=1)))
     base6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / ICMPv6EchoRequest(id=0, seq=0))
     add(Fixture("ICMPv6 echo, all zero after the type (the pseudo header is not)", 11, base6, "TX",
                 echo_reply(base6), C(tx_icmp_echo_reply=1)))
     for desc, check in [("ICMPv6 echo, reply summing to 0xFFFF -> checksum 0x0000 (verifies)", 0x0000),
-                        ("ICMPv6 echo, checksum update borrows (reply 0xFF7F)", 0xFF7F)]:
+                        ("ICMPv6 echo, checksum update borrows (reply 0xFF7F)", 0xFF7F),
+                        # request checksum 0x0000 (Katran's update gives 0xFFFF, which fails)
+                        ("ICMPv6 echo, request checksum 0x0000 -> 0xFEFF", 0xFEFF)]:
         p6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1")
                  / ICMPv6EchoRequest(id=echo_id_for(base6, check), seq=0))
         add(Fixture(desc, 11, p6, "TX", echo_reply(p6, check), C(tx_icmp_echo_reply=1)))

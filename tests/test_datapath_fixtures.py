@@ -149,17 +149,20 @@ def test_gue_checksum_is_katrans(fx: Fixture) -> None:
 
 
 @pytest.mark.parametrize("fx", [fx for fx in FIXTURE_SETS["main"][1] if fx.row == 11], ids=lambda fx: fx.description)
-def test_echo_checksum_is_katrans_but_where_it_wraps(fx: Fixture) -> None:
-    """Katran updates the echo reply's checksum by a plain 16-bit add (handle_icmp.h:
-    + 0x0800 for ICMPv4 on the wire, - 0x0100 for ICMPv6): ours is that value, except
-    where the add wraps and Katran misses the end-around carry (off by one, fails
-    verification); there ours is one more (less)."""
+def test_echo_checksum_is_katrans_but_where_it_fails(fx: Fixture) -> None:
+    """Katran updates the echo reply's checksum as a little-endian 16-bit number
+    (handle_icmp.h: + 0x0008 for ICMPv4, - 0x0001 for ICMPv6; x86): a carry (borrow) out
+    of the first byte lands in the second, right, but one out of the second is lost.
+    Ours is that value except there (request checksum 0xF8FF-0xFFFF ending in 0xFF, or
+    ICMPv6 0x0000), where Katran's is off by 0x0100 (fails verification) and ours is a
+    full recomputation's."""
     l3 = 18 if fx.frame[12:14] == b"\x81\x00" else 14
     l4 = l3 + (20 if fx.frame[l3 - 2:l3] == b"\x08\x00" else 40)
-    req = int.from_bytes(fx.frame[l4 + 2:l4 + 4], "big")
+    req = int.from_bytes(fx.frame[l4 + 2:l4 + 4], "little")  # as Katran loads it
     got = int.from_bytes(fx.output[l4 + 2:l4 + 4], "big")
-    if fx.frame[l4] == C.ICMP_ECHO_REQUEST:
-        katran, wraps, fix = (req + 0x0800) & 0xFFFF, req + 0x0800 > 0xFFFF, 1
-    else:
-        katran, wraps, fix = (req - 0x0100) & 0xFFFF, req < 0x0100, -1
-    assert got == ((katran + fix) & 0xFFFF if wraps else katran)
+    delta = 0x0008 if fx.frame[l4] == C.ICMP_ECHO_REQUEST else -0x0001
+    katran = int.from_bytes(((req + delta) & 0xFFFF).to_bytes(2, "little"), "big")
+    lost = not 0 <= req + delta <= 0xFFFF
+    assert lost == (fx.description.startswith(("ICMP echo, request checksum 0xF8FF",
+                                               "ICMPv6 echo, request checksum 0x0000")))
+    assert got == (katran + (0x0100 if delta > 0 else -0x0100)) & 0xFFFF if lost else got == katran
