@@ -11,19 +11,6 @@ static __always_inline __u16 lb_csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* Header checksum of a 20-byte IPv4 header whose check field is already 0. Unrolled:
- * ten 16-bit words. */
-static __always_inline __u16 lb_ipv4_csum(const void *iph)
-{
-	const __u16 *w = iph;
-	__u32 sum = 0;
-
-#pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += w[i];
-	return lb_csum_fold(sum);
-}
-
 /* Unfolded sum of n 16-bit words at p, as loaded (n a constant: unrolled). */
 static __always_inline __u32 lb_csum_words(const void *p, int n)
 {
@@ -34,6 +21,13 @@ static __always_inline __u32 lb_csum_words(const void *p, int n)
 	for (int i = 0; i < n; i++)
 		sum += w[i];
 	return sum;
+}
+
+/* Header checksum of a 20-byte IPv4 header whose check field is already 0: ten 16-bit
+ * words. */
+static __always_inline __u16 lb_ipv4_csum(const void *iph)
+{
+	return lb_csum_fold(lb_csum_words(iph, 10));
 }
 
 /* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one 16-bit word changed from m to m'. */
