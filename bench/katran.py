@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from lb import constants as C
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import BPF_MAP_TYPE_LRU_HASH, map_create, map_lookup, map_update, map_update_batch
 from lb.kernel.objects import BPFFS
@@ -45,6 +44,7 @@ RING_SIZE = 65537
 MAX_VIPS = 512
 F_IPV6 = 1 << 0  # real_definition.flags
 F_LRU_BYPASS = 1 << 1  # vip_meta.flags
+F_QUIC_VIP = 1 << 2
 LRU_CNTRS = 0  # stats[MAX_VIPS + LRU_CNTRS]: (VIP frames, frames routed by the ring)
 FLOW_KEY_SIZE, REAL_POS_LRU_SIZE = 40, 16
 # IPIP outer sources: 198.18.<hash> (IPIP_V4_PREFIX is the first two bytes as a
@@ -70,9 +70,11 @@ def katran_tree(src: Path, work: Path) -> tuple[Path, str]:
     return work, rev
 
 
-def build_balancer(tree: Path, out: Path, clang: str = "clang", llc: str = "llc") -> Path:
-    """Compile Katran's balancer.bpf.c into ``out`` (clang | llc, as Makefile-bpf)."""
-    cc = [clang, f"-I{tree}", *IPIP_PREFIX_CFLAGS, *CFLAGS, str(tree / BALANCER_SRC), "-o", "-"]
+def build_balancer(tree: Path, out: Path, clang: str = "clang", llc: str = "llc",
+                   defines: tuple[str, ...] = IPIP_PREFIX_CFLAGS) -> Path:
+    """Compile Katran's balancer.bpf.c into ``out`` (clang | llc, as Makefile-bpf), with
+    ``defines`` (by default the benchmark's IPIP source prefixes)."""
+    cc = [clang, f"-I{tree}", *defines, *CFLAGS, str(tree / BALANCER_SRC), "-o", "-"]
     ir = subprocess.run(cc, capture_output=True, check=False)
     if ir.returncode:
         raise RuntimeError(f"clang failed on Katran's balancer:\n{ir.stderr.decode()[-2000:]}")
@@ -162,7 +164,7 @@ class KatranBalancer:
         for key, meta in zip(tables.vip_keys, tables.vip_metas):
             # struct vip_definition: address, port (network order), proto, padding
             kkey = bytes(key["addr"]) + int(key["port"]).to_bytes(2, "big") + bytes([int(key["proto"]), 0])
-            flags = F_LRU_BYPASS if int(meta["flags"]) & C.F_LRU_BYPASS else 0
+            flags = int(meta["flags"]) & (F_LRU_BYPASS | F_QUIC_VIP)  # same bits as ours
             map_update(vips, kkey, _u32(flags) + _u32(int(meta["vip_num"])))
         reals = self.map_fd("reals")
         for rid in range(1, len(tables.reals)):

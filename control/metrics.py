@@ -20,6 +20,8 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_src_routed_packets_total``             real taken from the source-route table
 ``lb_flood_new_conns_total``                new flows over max_conn_rate (not recorded)
 ``lb_down_real_migrated_total``             flows moved off a real that is down
+``lb_quic_conn_table_writes_total``         QUIC-routed packets that wrote their real into the
+                                            connection table (no entry, or another real)
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -80,6 +82,8 @@ _SINGLE = {
                                                "hashed without source routing, not recorded")),
     "down_real_migrated": ("lb_down_real_migrated", ("Connection-table entries naming a down real "
                                                      "not honoured: flow re-hashed, entry rewritten")),
+    "quic_conn_written": ("lb_quic_conn_table_writes",
+                          "QUIC-routed packets that wrote their real into the connection table"),
 }
 
 
@@ -88,7 +92,7 @@ def _counter_families(counters: dict[str, int]) -> Iterator[Any]:
     grouped: dict[str, CounterMetricFamily] = {}
     for name in C.STATS:
         value = counters.get(name, 0)
-        prefix = next((p for p in _FAMILIES if name.startswith(p)), None)
+        prefix = None if name in _SINGLE else next((p for p in _FAMILIES if name.startswith(p)), None)
         if prefix is not None:
             fam, label, helptext = _FAMILIES[prefix]
             if fam not in grouped:

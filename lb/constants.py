@@ -74,10 +74,8 @@ ENCAP_MAX_OVERHEAD = 48  # room the output buffer keeps for the outer headers (G
 ENCAP_IPIP = 0  # ctl.encap
 ENCAP_GUE = 1
 GUE_DEFAULT_PORT = 6080  # Katran's GUE_DPORT
-# Outer UDP source port: GUE_SPORT_BASE | (v & GUE_SPORT_MASK), v varies with the flow
-# (docs/datapath.md), so a real's NIC can spread tunnels over its receive queues.
-GUE_SPORT_BASE = 0xC000
-GUE_SPORT_MASK = 0x3FFF
+# The outer UDP source port is Katran's: the flow's source port XORed with two client
+# address bytes (docs/datapath.md), so a real's NIC can spread tunnels over its queues.
 # Stateless VIPs (docs/datapath.md, "Stateless VIPs"): a GUE variant-0 header whose
 # private data is a hop list, [type u16][next_hop u8][hop_count u8][hops...].
 GUE_HOPLIST_TYPE = 0x4C42  # "LB": the private data is our hop list
@@ -196,6 +194,7 @@ STAT_QUIC_UNKNOWN = 19  # QUIC VIP: server id not in the table (or its real is g
 STAT_SRC_ROUTED = 20  # src_routing VIP: real taken from the client-prefix table
 STAT_FLOOD_NEW_CONNS = 21  # new flow above max_conn_rate on its CPU: hashed, not recorded
 STAT_DOWN_REAL_MIGRATED = 22  # connection-table entry named a down real: re-hashed, rewritten
+STAT_QUIC_CONN_WRITTEN = 23  # QUIC-routed: its real written into the connection table (new or changed)
 
 
 def _counter_names(prefix: str) -> tuple[str, ...]:

@@ -270,7 +270,7 @@ def run_demo(requests: int = 3000, reals: int = 3, datapath: str = "xdp",
             t.add_row(h.name, str(lab.weights.get(h.name, 0)), str(n4), str(n6), str(n4 + n6),
                       f"{(n4 + n6) / max(total_ok, 1):.1%}")
         con.print(t)
-        con.print(f"{total_ok} answered, {errors} failed; {katran}/{total_ok} on the real "
+        con.print(f"{total_ok} answered, {errors} failed; {katran}/{total_ok} on the real our model of "
                   f"Katran's hash picks for their flow; replies went real -> router -> client (DSR)")
         report["http"] = {"requests": requests, "ok": total_ok, "errors": errors,
                           "seconds": round(http_s, 2), "katran_match": katran,

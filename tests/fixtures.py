@@ -240,8 +240,9 @@ def encap(frame: bytes, real: str, client: str, sport: int) -> bytes:
     return raw(l2 / outer6 / Raw(inner))
 
 
-def echo_reply(frame: bytes) -> bytes:
-    """ICMP(v6) echo reply as the balancer builds it from the request ``frame``."""
+def echo_reply(frame: bytes, check: int | None = None) -> bytes:
+    """ICMP(v6) echo reply as the balancer builds it from the request ``frame``: its
+    checksum is a full recomputation's, or ``check``."""
     p = Ether(frame)
     p.src, p.dst = p.dst, p.src
     if IP in p:
@@ -249,16 +250,26 @@ def echo_reply(frame: bytes) -> bytes:
         ip.src, ip.dst, ip.ttl = ip.dst, ip.src, 64
         del ip.chksum
         p[ICMP].type = 0
-        del p[ICMP].chksum  # a full recompute equals the incremental update
+        p[ICMP].chksum = check  # None: a full recompute equals the incremental update
     else:
         ip6 = p[IPv6]
         ip6.src, ip6.dst, ip6.hlim = ip6.dst, ip6.src, 64
         p[ICMPv6EchoRequest].type = 129
-        del p[ICMPv6EchoRequest].cksum
+        p[ICMPv6EchoRequest].cksum = check
     return raw(p)
 
 
-def C(**kw: int) -> dict[str, int]:  # noqa: N802 - reads as a table column
+def echo_id_for(frame: bytes, reply_check: int) -> int:
+    """The echo id that, in place of the id 0 of the echo request ``frame``, makes the
+    reply's full-recomputation checksum ``reply_check``: ids add straight into the sum."""
+    l4 = 34 if IP in Ether(frame) else 54  # untagged frames only
+    c0 = int.from_bytes(echo_reply(frame)[l4 + 2:l4 + 4], "big")
+    # sum' = sum0 + id must be ~reply_check: id = ~reply_check - sum0 = ~reply_check + c0
+    s = (~reply_check & 0xFFFF) + c0
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def C(**kw: int) -> dict[str, int]:
     """Counter deltas of one frame: rx_packets plus the ones named."""
     return {"rx_packets": 1, **kw}
 
@@ -282,15 +293,15 @@ def build_fixtures() -> list[Fixture]:
 
     # rows 3-4: IP sanity
     add(Fixture("IPv4 header cut at 10 bytes", 3, syn[:24], "DROP", None, C(drop_malformed=1)))
-    bad = bytearray(syn); bad[14] = 0x55  # noqa: E702
+    bad = bytearray(syn); bad[14] = 0x55
     add(Fixture("IPv4 version 5", 3, bytes(bad), "DROP", None, C(drop_malformed=1)))
-    bad = bytearray(syn); bad[14] = 0x44  # noqa: E702
+    bad = bytearray(syn); bad[14] = 0x44
     add(Fixture("IPv4 IHL 4", 3, bytes(bad), "DROP", None, C(drop_malformed=1)))
     add(Fixture("IPv4 tot_len beyond frame", 3, tcp4(len=400), "DROP", None, C(drop_malformed=1)))
     add(Fixture("IPv4 tot_len < header", 3, tcp4(len=12), "DROP", None, C(drop_malformed=1)))
     syn6 = tcp6()
     add(Fixture("IPv6 header cut at 30 bytes", 4, syn6[:44], "DROP", None, C(drop_malformed=1)))
-    bad = bytearray(syn6); bad[14] = 0x40  # noqa: E702
+    bad = bytearray(syn6); bad[14] = 0x40
     add(Fixture("IPv6 version 4", 4, bytes(bad), "DROP", None, C(drop_malformed=1)))
     add(Fixture("IPv6 payload_len beyond frame", 4, tcp6(plen=200), "DROP", None, C(drop_malformed=1)))
 
@@ -347,6 +358,33 @@ def build_fixtures() -> list[Fixture]:
     vping = raw(eth() / Dot1Q(vlan=42) / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(code=3) / b"x")
     add(Fixture("802.1Q ICMP echo (code 3) to a VIP address", 11, vping, "TX", echo_reply(vping),
                 C(tx_icmp_echo_reply=1)))
+    # the checksum's edges: the reply's checksum is the one that verifies (a full
+    # recomputation's), also where an addition carries or the sum is zero
+    for desc, ping, check in [
+        # all zero after the type byte: only 0xFFFF verifies (eqn. 3 alone gives 0x0000)
+        ("ICMP echo, reply all zero after the type -> checksum 0xFFFF",
+         raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0, seq=0)), 0xFFFF),
+        # nonzero reply summing to zero: a full recompute gives 0x0000; 0xFFFF verifies too
+        ("ICMP echo, nonzero reply summing to 0xFFFF -> checksum 0xFFFF",
+         raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0xFFFF, seq=0)), 0xFFFF),
+        # request checksum 0xFFFE: + 0x0800 carries out of 16 bits (end-around carry)
+        ("ICMP echo, checksum update carries (request 0xFFFE -> 0x07FF)",
+         raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0xF800, seq=0)), 0x07FF),
+        # carries out of both bytes (Katran's update gives 0x0000 here, which fails)
+        ("ICMP echo, request checksum 0xF8FF -> 0x0100",
+         raw(eth() / IP(src=CLIENT4, dst="198.18.100.1") / ICMP(id=0xFEFF, seq=0)), 0x0100),
+    ]:
+        add(Fixture(desc, 11, ping, "TX", echo_reply(ping, check), C(tx_icmp_echo_reply=1)))
+    base6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1") / ICMPv6EchoRequest(id=0, seq=0))
+    add(Fixture("ICMPv6 echo, all zero after the type (the pseudo header is not)", 11, base6, "TX",
+                echo_reply(base6), C(tx_icmp_echo_reply=1)))
+    for desc, check in [("ICMPv6 echo, reply summing to 0xFFFF -> checksum 0x0000 (verifies)", 0x0000),
+                        ("ICMPv6 echo, checksum update borrows (reply 0xFF7F)", 0xFF7F),
+                        # request checksum 0x0000 (Katran's update gives 0xFFFF, which fails)
+                        ("ICMPv6 echo, request checksum 0x0000 -> 0xFEFF", 0xFEFF)]:
+        p6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:100::1")
+                 / ICMPv6EchoRequest(id=echo_id_for(base6, check), seq=0))
+        add(Fixture(desc, 11, p6, "TX", echo_reply(p6, check), C(tx_icmp_echo_reply=1)))
 
     # rows 12-13: ICMP errors and other ICMP
     err_inner = IPerror(src="198.18.100.1", dst=CLIENT4) / TCPerror(sport=80, dport=31337)
@@ -499,7 +537,8 @@ def build_routing_fixtures() -> list[Fixture]:
         fx.append(Fixture(desc, row, frame, "TX", encap(frame, real, client, sport),
                           C(tx_encap=1, **counters), real, setup))
 
-    # -- QUIC: routed by the server id (no connection table, no lru_* counter)
+    # -- QUIC: routed by the server id (the connection table is not read, no lru_* counter;
+    #    the routed real is written into it: quic_conn_written)
     v1, v2, v3 = quic_cid(1, QUIC_ID_V1), quic_cid(2, QUIC_ID_V2), quic_cid(3, QUIC_ID_V3)
     for desc, payload, real in [
         ("QUIC short header, CID v1 -> its server's real", quic_short(v1), "198.19.1.2"),
@@ -511,15 +550,30 @@ def build_routing_fixtures() -> list[Fixture]:
          "198.19.1.2"),
         ("QUIC short header, exactly 9 payload bytes -> routed", quic_short(v1)[:9], "198.19.1.2"),
     ]:
-        tx(desc, udp_frame(QUIC_VIP4, payload), real, CLIENT4, 50000, quic_routed=1)
+        tx(desc, udp_frame(QUIC_VIP4, payload), real, CLIENT4, 50000, quic_routed=1, quic_conn_written=1)
     init = udp_frame(QUIC_VIP4, quic_long(QUIC_INITIAL, v1))
     routed = udp_frame(QUIC_VIP4, quic_short(v1))
-    tx("QUIC routed wins over a connection-table entry", routed, "198.19.1.2", CLIENT4, 50000,
-       setup=(init,), quic_routed=1)
-    tx("QUIC routed packet wrote no connection-table entry", udp_frame(QUIC_VIP4, quic_short(quic_cid(1, 0))),
-       RING4, CLIENT4, 50000, setup=(routed,), quic_fallback=1, lru_miss=1)
+    tx("QUIC routed wins over a connection-table entry, and takes it over", routed, "198.19.1.2", CLIENT4,
+       50000, setup=(init,), quic_routed=1, quic_conn_written=1)
+    tx("QUIC routed again: the entry already names its real, nothing written", routed, "198.19.1.2",
+       CLIENT4, 50000, setup=(routed,), quic_routed=1)
     tx("QUIC fallback uses the connection table", udp_frame(QUIC_VIP4, quic_long(QUIC_0RTT, v1)), RING4,
        CLIENT4, 50000, setup=(init,), quic_fallback=1, lru_hit=1)
+    # after a routed packet, the flow's packets without a usable id stay on the routed real
+    # (Katran: balancer.bpf.c writes the real into its LRU); the ring would say RING4
+    for desc, payload, counter in [
+        ("QUIC short header without a connection id after a routed one -> same real",
+         quic_short(v1)[:1], "quic_fallback"),
+        ("QUIC server id 0 after a routed packet -> same real", quic_short(quic_cid(1, 0)), "quic_fallback"),
+        ("QUIC unknown server id after a routed packet -> same real",
+         quic_short(quic_cid(1, QUIC_ID_UNKNOWN)), "quic_unknown"),
+        ("QUIC Initial after the routed packet took over the entry -> same real",
+         quic_long(QUIC_INITIAL, v1), "quic_fallback"),
+    ]:
+        tx(desc, udp_frame(QUIC_VIP4, payload), "198.19.1.2", CLIENT4, 50000, setup=(init, routed),
+           lru_hit=1, **{counter: 1})
+    tx("QUIC id 0 after a routed packet of another flow -> the ring", udp_frame(QUIC_VIP4, quic_short(
+        quic_cid(1, 0)), sport=50001), RING4, CLIENT4, 50001, setup=(routed,), quic_fallback=1, lru_miss=1)
 
     # -- QUIC: fallback (no id to route on) and unknown ids, then the ring
     good_long = quic_long(QUIC_HANDSHAKE, v1)
@@ -549,16 +603,22 @@ def build_routing_fixtures() -> list[Fixture]:
     tx("QUIC + lru_bypass -> routed", byp, "198.19.1.3", CLIENT4, 50000, setup=(byp,), quic_routed=1)
     tx("QUIC + lru_bypass, Initial -> fallback, no lru_* counter",
        udp_frame(QUIC_VIP4_BYPASS, quic_long(QUIC_INITIAL, v2)), RING4, CLIENT4, 50000, quic_fallback=1)
+    tx("QUIC + lru_bypass: a routed packet writes no entry, id 0 after it -> the ring",
+       udp_frame(QUIC_VIP4_BYPASS, quic_short(quic_cid(1, 0))), RING4, CLIENT4, 50000, setup=(byp,),
+       quic_fallback=1)
     tx("IPv6 QUIC short header, CID v3 -> routed", udp_frame(QUIC_VIP6, quic_short(v3)), "2001:db8:2::2",
-       CLIENT6, 50000, quic_routed=1)
+       CLIENT6, 50000, quic_routed=1, quic_conn_written=1)
     tx("IPv6 QUIC Handshake, CID v1 -> routed",
        udp_frame(QUIC_VIP6, quic_long(QUIC_HANDSHAKE, quic_cid(1, QUIC_ID_V6_V1))), "2001:db8:2::3",
-       CLIENT6, 50000, quic_routed=1)
+       CLIENT6, 50000, quic_routed=1, quic_conn_written=1)
+    tx("IPv6 QUIC unknown server id after a routed packet -> same real",
+       udp_frame(QUIC_VIP6, quic_short(quic_cid(2, QUIC_ID_UNKNOWN))), "2001:db8:2::2", CLIENT6, 50000,
+       setup=(udp_frame(QUIC_VIP6, quic_short(v3)),), quic_unknown=1, lru_hit=1)
     tx("IPv6 QUIC Initial -> fallback", udp_frame(QUIC_VIP6, quic_long(QUIC_INITIAL, v3)), RING6, CLIENT6,
        50000, quic_fallback=1, lru_miss=1)
-    fx.append(Fixture("IPv6 QUIC routed to an IPv4 real: counted, then row 16", 16,
+    fx.append(Fixture("IPv6 QUIC routed to an IPv4 real: counted, written, then row 16", 16,
                       udp_frame(QUIC_VIP6, quic_short(v1)), "DROP", None,
-                      C(drop_encap_failed=1, quic_routed=1)))
+                      C(drop_encap_failed=1, quic_routed=1, quic_conn_written=1)))
     err = raw(eth() / IP(src="198.18.0.1", dst=QUIC_VIP4) / ICMP(type=3, code=4)
               / IPerror(src=QUIC_VIP4, dst=CLIENT4) / UDPerror(sport=443, dport=50000) / Raw(quic_short(v1)))
     tx("ICMP error about a QUIC VIP flow: not parsed as QUIC", err, RING4, CLIENT4, 50000, row=19,
@@ -661,10 +721,20 @@ def fixture_tables_mtu() -> DatapathTables:
     return t
 
 
-def gue_sport(client: str, sport: int) -> int:
-    """Outer UDP source port: 0xC000 | ((last two client address bytes) ^ sport) & 0x3FFF."""
+def gue_sport(client: str, sport: int, real: str) -> int:
+    """Katran's outer UDP source port (pckt_encap.h gue_encap_v4 / gue_encap_v6), computed
+    the way its u16 arithmetic runs on a little-endian host: fields are read from memory
+    little-endian, the result is stored as is and read off the wire big-endian."""
     a = ipaddress.ip_address(client).packed
-    return 0xC000 | (((a[-2] << 8) | a[-1]) ^ sport) & 0x3FFF
+    port16 = int.from_bytes(sport.to_bytes(2, "big"), "little")  # flow.port16[0]
+    src = int.from_bytes(a[:4], "little")  # flow.src (an IPv6 client's srcv6[0])
+    if ipaddress.ip_address(real).version == 4:
+        v = int.from_bytes(port16.to_bytes(2, "little"), "big") ^ ((src >> 16) & 0xFFFF)  # htons
+    elif len(a) == 4:
+        v = ((src >> 16) & 0xFFFF) ^ port16
+    else:
+        v = (int.from_bytes(a[12:], "little") & 0xFFFF) ^ port16  # srcv6[3]
+    return int.from_bytes(v.to_bytes(2, "little"), "big")
 
 
 def _l3_first(frame: bytes):
@@ -675,19 +745,36 @@ def _l3_first(frame: bytes):
     return inp, vlan, (18 if vlan else 14), first, plen
 
 
-def gue_encap(frame: bytes, real: str, client: str, sport: int) -> bytes:
-    """The frame as docs/datapath.md encapsulates it in GUE (variant 1) for ``real``."""
+def gue_encap(frame: bytes, real: str, client: str, sport: int, chksum: int | None = None) -> bytes:
+    """The frame as docs/datapath.md encapsulates it in GUE (variant 1) for ``real``; the
+    UDP checksum is scapy's, over the whole datagram, or ``chksum``."""
     inp, vlan, l3, first, plen = _l3_first(frame)
     tos = first.tos if isinstance(first, IP) else first.tc
     l2 = Ether(dst=GW_MAC, src=inp.dst)
     if vlan:
         l2 = l2 / Dot1Q(prio=inp[Dot1Q].prio, dei=inp[Dot1Q].dei, vlan=inp[Dot1Q].vlan)
-    udp = UDP(sport=gue_sport(client, sport), dport=GUE_PORT, len=plen + 8, chksum=0)
+    udp = UDP(sport=gue_sport(client, sport, real), dport=GUE_PORT, len=plen + 8, chksum=chksum)
     if ipaddress.ip_address(real).version == 4:
         outer = IP(src=GUE_SRC4, dst=real, proto=17, ttl=64, id=0, flags=0, tos=tos, len=plen + 28)
     else:
         outer = IPv6(src=GUE_SRC6, dst=real, nh=17, hlim=64, tc=tos, fl=0, plen=plen + 8)
-    return raw(l2 / outer / udp / Raw(frame[l3:]))
+    # the packet only: its Ethernet padding goes after the checksummed datagram
+    (l2[Dot1Q] if vlan else l2).type = 0x0800 if isinstance(outer, IP) else 0x86DD
+    return raw(l2) + raw(outer / udp / Raw(frame[l3:l3 + plen])) + frame[l3 + plen:]
+
+
+def gue_zero_sum_sport(vip: str, real: str) -> int:
+    """A client source port whose GUE frame (a TCP SYN from CLIENT4 to ``vip`` port 80,
+    sent to ``real``) has an outer UDP sum of zero: the checksum field must say 0xFFFF."""
+    c0 = Ether(gue_encap(_tcp(vip, sport=0), real, CLIENT4, 0))[UDP].chksum
+    # One's complement: the sum is K + g for source port field g (the inner packet adds a
+    # constant: its own checksum cancels its bytes). At port 0, K + g0 = ~c0; so the sum
+    # is zero (mod 0xFFFF) for g = g0 + c0.
+    want = (gue_sport(CLIENT4, 0, real) + c0) % 0xFFFF
+    for p in range(65536):
+        if gue_sport(CLIENT4, p, real) % 0xFFFF == want:
+            return p
+    raise AssertionError("no such port")
 
 
 def too_big(frame: bytes, next_hop_mtu: int) -> bytes:
@@ -743,6 +830,25 @@ def build_gue_fixtures() -> list[Fixture]:
               / IPerror(src="198.18.110.1", dst=CLIENT4) / TCPerror(sport=80, dport=31337))
     add(Fixture("GUE: ICMP error forwarded to the flow's real", 19, err, "TX",
                 gue_encap(err, r1, CLIENT4, 31337), C(tx_encap=1, lru_miss=1, icmp_error_forwarded=1), r1))
+    # the outer UDP checksum (scapy's, over the whole datagram) on its edges
+    err6 = raw(eth() / IPv6(src="2001:db8::1", dst="2001:db8:110::1") / ICMPv6PacketTooBig(mtu=1280)
+               / IPerror6(src="2001:db8:110::1", dst=CLIENT6) / TCPerror(sport=80, dport=4242))
+    add(Fixture("GUE: ICMPv6 error forwarded, checksum over it", 19, err6, "TX",
+                gue_encap(err6, r6b, CLIENT6, 4242), C(tx_encap=1, lru_miss=1, icmp_error_forwarded=1), r6b))
+    odd6 = _tcp("2001:db8:110::1", sport=4242, payload=b"x" * 33, tcp_flags="PA")
+    add(Fixture("GUE: IPv6 TCP with an odd payload length", 18, odd6, "TX", gue_encap(odd6, r6b, CLIENT6, 4242),
+                C(tx_encap=1, lru_miss=1), r6b))
+    nock = raw(eth() / IP(src=CLIENT4, dst="198.18.110.1") / UDP(sport=5000, dport=53, chksum=0) / b"no csum")
+    add(Fixture("GUE: IPv4 UDP without a checksum -> outer UDP checksum 0 as well", 18, nock, "TX",
+                gue_encap(nock, r2, CLIENT4, 5000, chksum=0), C(tx_encap=1, lru_miss=1), r2))
+    zsum = _tcp("198.18.110.1", sport=gue_zero_sum_sport("198.18.110.1", r1))
+    add(Fixture("GUE: outer UDP checksum summing to zero -> 0xFFFF", 18, zsum, "TX",
+                gue_encap(zsum, r1, CLIENT4, gue_zero_sum_sport("198.18.110.1", r1)),
+                C(tx_encap=1, lru_miss=1), r1))
+    v4in6z = _tcp("198.18.110.3", sport=gue_zero_sum_sport("198.18.110.3", r6))
+    add(Fixture("GUE: IPv6 outer, checksum summing to zero -> 0xFFFF", 18, v4in6z, "TX",
+                gue_encap(v4in6z, r6, CLIENT4, gue_zero_sum_sport("198.18.110.3", r6)),
+                C(tx_encap=1, lru_miss=1), r6))
 
     # MTU 1400: IPv4 real 28 bytes of overhead (1372 fit), IPv6 real 48 (1352 fit)
     at = _tcp("198.18.110.1", size=1372, flags="DF")

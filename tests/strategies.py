@@ -86,20 +86,39 @@ def _client(draw, v6: bool) -> bytes:
     return net + draw(st.binary(min_size=4 - len(net), max_size=4 - len(net)))
 
 
+def _with_l4_checksum(l4: bytes, pnum: int, src: bytes, dst: bytes) -> bytes:
+    """``l4`` with its checksum filled in (TCP, UDP and ICMPv6 over the pseudo header)."""
+    off = {6: 16, 17: 6}.get(pnum, 2)
+    start = 0 if pnum == 1 else sum(struct.unpack(f"!{len(src + dst) // 2}H", src + dst)) + pnum + len(l4)
+    c = internet_checksum(l4[:off] + b"\0\0" + l4[off + 2:], start)
+    if pnum == 17 and c == 0:
+        c = 0xFFFF
+    return l4[:off] + struct.pack("!H", c) + l4[off + 2:]
+
+
+# QUIC flows come from few clients and ports, so a list of frames holds several packets of
+# one flow (routed ones writing the connection table, then others reading it)
+_QUIC_SPORTS = [50000, 50001]
+
+
 @st.composite
 def valid_flow_frame(draw, vips: list[tuple[str, int, str]] = VIPS, big: bool = False) -> bytes:
     """A well-formed TCP/UDP/ICMP frame to one of ``vips``' addresses (sometimes another
     port), IPv4 or IPv6 as the VIP, optionally 802.1Q-tagged, with Ethernet padding
-    sometimes; QUIC VIPs get QUIC payloads. ``big``: often 1150-1480 bytes of payload
-    more, around any MTU the fixtures set."""
+    sometimes, its L4 checksum right or 0; QUIC VIPs get QUIC payloads, often from one of
+    a few flows. ``big``: often 1150-1480 bytes of payload more, around any MTU the
+    fixtures set."""
     vip, port, proto = draw(st.sampled_from(vips))
     dst = _addr(vip)
     v6 = len(dst) == 16
+    quic = (vip, port, proto) in QUIC_VIPS
     src = _client(draw, v6)
+    if quic and draw(st.booleans()):
+        src = (b"\x20\x01\x0d\xb8" + bytes(11) + b"\x07") if v6 else b"\xc6\x12\x00\x07"
     l4kind = draw(st.sampled_from([proto, proto, proto, "udp", "tcp", "icmp"]))
-    sport = draw(st.integers(0, 65535))
+    sport = draw(st.sampled_from(_QUIC_SPORTS) if quic and draw(st.booleans()) else st.integers(0, 65535))
     dport = port if draw(st.booleans()) or port == 0 and draw(st.booleans()) else draw(st.integers(0, 65535))
-    if (vip, port, proto) in QUIC_VIPS and draw(st.integers(0, 3)):
+    if quic and draw(st.integers(0, 3)):
         payload = draw(quic_payload())
     else:
         payload = draw(st.binary(max_size=64))
@@ -116,6 +135,8 @@ def valid_flow_frame(draw, vips: list[tuple[str, int, str]] = VIPS, big: bool = 
         itype = draw(st.sampled_from([8, 0, 3, 13] if not v6 else [128, 129, 1, 2, 135]))
         l4 = bytes([itype, draw(st.integers(0, 15)), 0, 0, 0, 0, 0, 0]) + payload
         pnum = 58 if v6 else 1
+    if draw(st.booleans()):
+        l4 = _with_l4_checksum(l4, pnum, src, dst)
     if v6:
         tc, hlim = draw(st.integers(0, 255)), draw(st.integers(1, 255))
         ip = struct.pack("!IHBB", (6 << 28) | (tc << 20), len(l4), pnum, hlim) + src + dst

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import os
 import signal
 import socket
@@ -39,6 +38,7 @@ import time
 from collections import Counter
 
 import pytest
+from fixtures import gue_sport
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
@@ -125,11 +125,9 @@ def _probe(client_v: int) -> tuple[bytes, bytes]:
 
 def _expected_gue(client_v: int, real_v: int, inner: bytes) -> bytes:
     """docs/datapath.md "Outputs", GUE, rebuilt with scapy: the L2 header kept (ethertype of
-    the outer family), outer IP from the configured source, UDP source port from the
-    client address's last two bytes and the source port, checksum 0."""
-    a = ipaddress.ip_address(CLIENT[client_v]).packed
-    sport = 0xC000 | (((a[-2] << 8) | a[-1]) ^ SPORT) & 0x3FFF
-    udp = UDP(sport=sport, dport=GUE_PORT, len=len(inner) + 8, chksum=0)
+    the outer family), outer IP from the configured source, Katran's UDP source port (from
+    the client address and the source port), the UDP checksum over the whole datagram."""
+    udp = UDP(sport=gue_sport(CLIENT[client_v], SPORT, REAL[real_v]), dport=GUE_PORT, len=len(inner) + 8)
     if real_v == 4:
         outer = IP(src=GUE_SRC[4], dst=REAL[4], tos=TOS, id=0, flags=0, ttl=64, proto=17)
     else:

@@ -1,8 +1,8 @@
 """End to end: what the balancer emits with ``encap: gue`` is what our decap program
-(xdp/decap.c) accepts. GUE frames made by the XDP balancer (and, identically, by the
-userspace datapath) for every family pair, IPv6-in-IPv4 included, go through the decap
-program's XDP and tc entries by BPF_PROG_TEST_RUN; the inner packet must come out byte
-for byte as the client sent it.
+(xdp/decap.c) accepts, with its UDP checksum filled in or 0. GUE frames made by the XDP
+balancer (and, identically, by the userspace datapath) for every family pair,
+IPv6-in-IPv4 included, go through the decap program's XDP and tc entries by
+BPF_PROG_TEST_RUN; the inner packet must come out byte for byte as the client sent it.
 """
 
 from __future__ import annotations
@@ -62,16 +62,21 @@ def test_balancer_gue_output_decapsulates_to_the_client_packet(balancer, decap, 
     outer_ip = Ether(gue_frame).payload
     assert isinstance(outer_ip, IP if outer == 4 else IPv6) and UDP in outer_ip
     assert outer_ip[UDP].dport == GUE_PORT
+    assert outer_ip[UDP].chksum != 0  # filled in, as Katran does
+    # the same frame with checksum 0 (RFC 6935 tunnels; what we sent before): accepted too
+    csum_at = 14 + (20 if outer == 4 else 40) + 6
+    zeroed = gue_frame[:csum_at] + b"\0\0" + gue_frame[csum_at + 2:]
 
-    decap.reset_stats()
-    action, out, _ = test_run(decap.prog_fd, gue_frame, out_size=len(gue_frame) + 512)
-    assert action == (C.XDP_PASS if decap.mode == "xdp" else TC_ACT_OK)
-    inner = frame[14:]
-    ethertype = C.ETH_P_IPV6 if inner[0] >> 4 == 6 else C.ETH_P_IP
-    # the outer frame's MACs stay, the ethertype becomes the inner family's
-    assert out == gue_frame[:12] + ethertype.to_bytes(2, "big") + inner
-    stats = decap.read_stats()
-    assert stats["gue"] == 1 and sum(stats.values()) == 1, stats
+    for sent in (gue_frame, zeroed):
+        decap.reset_stats()
+        action, out, _ = test_run(decap.prog_fd, sent, out_size=len(sent) + 512)
+        assert action == (C.XDP_PASS if decap.mode == "xdp" else TC_ACT_OK)
+        inner = frame[14:]
+        ethertype = C.ETH_P_IPV6 if inner[0] >> 4 == 6 else C.ETH_P_IP
+        # the outer frame's MACs stay, the ethertype becomes the inner family's
+        assert out == sent[:12] + ethertype.to_bytes(2, "big") + inner
+        stats = decap.read_stats()
+        assert stats["gue"] == 1 and sum(stats.values()) == 1, stats
 
 
 

@@ -335,6 +335,46 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
 	return NULL;
 }
 
+/* After step 0 (not with lru_bypass), as Katran does (balancer.bpf.c,
+ * check_and_update_real_index_in_lru): a QUIC-routed packet writes its real into the
+ * connection table, so that a later packet of the flow without a usable id (fallback,
+ * unknown id) stays on it. The flow's entry with this real is only made the most recent;
+ * with another real it takes this one (atime kept); none: a new entry, atime now (Katran
+ * writes atime 0, which leaves a UDP entry it creates expired). Counts quic_conn_written
+ * when it writes; a new entry counts towards the flood guard (flood_new_conns over it). */
+static __always_inline void quic_conn_write(const struct flow_key *flow, __u32 real_id)
+{
+	struct conn_set *set;
+	__u32 idx = 0, zero = 0;
+	__u64 h = 0, now;
+	int w;
+
+	set = conn_set_of(flow, &h, &idx);
+	if (!set)
+		return;
+	w = conn_find(set, h);
+	if (w >= 0 && w < CONN_WAYS) {
+		struct conn_entry *e = &set->way[w];
+
+		if (e->real_id != real_id) {
+			e->tag = conn_tag(h, real_id) | (e->tag & CONN_KEY_SLOT_MASK);
+			e->real_id = real_id;
+			stat_inc(STAT_QUIC_CONN_WRITTEN);
+		}
+		conn_promote(set, w);
+		return;
+	}
+	/* a new entry is a new connection: over the flood guard's rate it is not written
+	 * (as Katran's check_and_update_real_index_in_lru) */
+	now = bpf_ktime_get_ns();
+	if (conn_flood(ctl.lookup(&zero), now)) {
+		stat_inc(STAT_FLOOD_NEW_CONNS);
+		return;
+	}
+	conn_store(set, idx, -1, flow, h, real_id, now);
+	stat_inc(STAT_QUIC_CONN_WRITTEN);
+}
+
 /* Step 2, source routing: the real of the longest prefix of the client address in the
  * family's source-route table, or NULL when there is no match or its real is gone (a
  * shorter prefix is not tried: the ring decides). Counts src_routed. */
@@ -408,10 +448,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	LB_STOP_AFTER(2);
 
 	/* 0. QUIC connection id */
-	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err)
+	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err) {
 		real = quic_real(ctx, pkt, vip_num, &real_id);
+		if (real_id && !(flags & F_LRU_BYPASS))
+			quic_conn_write(&pkt->flow, real_id);
+	}
 
-	/* 1. connection table (a QUIC-routed packet neither reads nor writes it) */
+	/* 1. connection table (a QUIC-routed packet does not read it) */
 	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
 	if (use_lru)
 		set = conn_set_of(&pkt->flow, &fh, &set_idx);

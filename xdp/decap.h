@@ -12,7 +12,8 @@
  *   IPv4/IPv6 outer, UDP to GUE_PORT:
  *     GUE variant 1 (first two payload bits 01): the inner IP header follows the UDP
  *       header directly; its version nibble (4/6) tells the family. Katran's GUE encap
- *       (GUE_ENCAP) writes exactly this: outer IP + UDP (checksum 0) + inner packet.
+ *       (GUE_ENCAP) writes exactly this: outer IP + UDP + inner packet. The UDP checksum
+ *       is not verified: filled in (Katran, our balancer) or 0 (RFC 6935), both are taken.
  *     GUE variant 0 (bits 00), data message (C = 0): 4-byte GUE header + Hlen * 4 bytes
  *       of optional fields, then the inner packet; Proto/ctype 4 or 41 picks the family.
  *       Optional fields that start with GUE_HOPLIST_TYPE are a stateless VIP's hop list

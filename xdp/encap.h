@@ -131,24 +131,141 @@ static __always_inline int encap_write_ipv6(void *l3, void *data_end,
 	return 0;
 }
 
-/* GUE's UDP header: source port 0xC000 | ((a14 << 8 | a15) ^ sport) & 0x3FFF (a14, a15
- * the client address's last two bytes) so a real's NIC can spread tunnels over its
- * queues; destination = the GUE port; checksum 0 (RFC 6935). */
+/* GUE's UDP source port, Katran's (pckt_encap.h gue_encap_v4 / gue_encap_v6): the flow's
+ * host-order source port P XORed with two client address bytes, in the byte order
+ * Katran's u16 arithmetic leaves on the wire. c = the client address (for the IPv4 outer
+ * header its first 4 bytes, an IPv6 client's too):
+ *   IPv4 outer:               [(P & 0xff) ^ c2, (P >> 8) ^ c3]
+ *   IPv6 outer, IPv4 client:  [(P >> 8) ^ c2, (P & 0xff) ^ c3]
+ *   IPv6 outer, IPv6 client:  [(P >> 8) ^ c12, (P & 0xff) ^ c13]
+ * Returned in network order. */
+static __always_inline __be16 gue_sport(const struct flow_key *flow, int outer_v6)
+{
+	__u16 p = bpf_ntohs(flow->sport);
+	const __u8 *c = flow->src.bytes;
+	__u8 hi, lo;
+
+	if (!outer_v6) {
+		hi = (p & 0xff) ^ c[2];
+		lo = (p >> 8) ^ c[3];
+	} else if (flow->family == FAMILY_V4) {
+		hi = (p >> 8) ^ c[2];
+		lo = (p & 0xff) ^ c[3];
+	} else {
+		hi = (p >> 8) ^ c[12];
+		lo = (p & 0xff) ^ c[13];
+	}
+	return bpf_htons(((__u16)hi << 8) | lo);
+}
+
+/* GUE's UDP header: Katran's source port, destination = the GUE port, length; the
+ * checksum is gue_udp_csum()'s, written once the rest is in place. */
 static __always_inline int encap_write_udp(void *l4, void *data_end,
-					   const struct pkt_desc *pkt, __be16 gue_port)
+					   const struct pkt_desc *pkt, __be16 gue_port, int outer_v6)
 {
 	struct udphdr *udp = l4;
-	__u16 sport = bpf_ntohs(pkt->flow.sport);
-	/* the last 4 address bytes in wire order, read as a little-endian u32 */
-	__u32 last = pkt->flow.family == FAMILY_V4 ? pkt->flow.src.v4 : pkt->flow.src.v6[3];
-	__u16 tail = (((last >> 16) & 0xff) << 8) | (last >> 24);
 
 	if ((void *)(udp + 1) > data_end)
 		return -1;
-	udp->source = bpf_htons(GUE_SPORT_BASE | ((tail ^ sport) & GUE_SPORT_MASK));
+	udp->source = gue_sport(&pkt->flow, outer_v6);
 	udp->dest = gue_port;
 	udp->len = bpf_htons(pkt->pkt_len + UDP_HLEN);
 	udp->check = 0;
+	return 0;
+}
+
+/* GUE's outer UDP checksum (docs/datapath.md), by Katran's method (csum_helpers.h
+ * gue_csum_v4 / _v6 / _v4_in_v6): a valid inner TCP, UDP or ICMPv6 checksum makes the inner
+ * L4 bytes sum to minus the inner pseudo header (an ICMPv4 message: to zero), so the sum
+ * over outer pseudo header + UDP header (check 0) + inner packet is the outer pseudo header
+ * + UDP header + inner IP header - inner pseudo header: no payload byte is read. It holds
+ * as well for a packet whose inner checksum is filled in later (hc_encap.c, offload).
+ * outer_addrs = the outer header's source and destination words, summed; udp = the UDP
+ * header written so far; inner = the inner IP header (20 / 40 bytes readable);
+ * no_csum = the inner packet is UDP over IPv4 with checksum 0: then 0 here too (nothing
+ * to vouch for; Katran's value would be wrong). Unlike Katran: ICMPv4 inside (Katran
+ * subtracts a pseudo header there too) and IPv6 in IPv4 (Katran reads the IPv6 header
+ * as IPv4) are right, and a sum of zero is sent as 0xFFFF (RFC 768), not 0x0000.
+ * Returns the checksum in network order. */
+static __always_inline __be16 gue_udp_csum(__u32 outer_addrs, const struct udphdr *udp,
+					   const void *inner, int inner_v6, int no_csum)
+{
+	__u32 sum = outer_addrs;
+	__u16 c;
+
+	if (no_csum)
+		return 0;
+	/* outer pseudo header: addresses, protocol, UDP length; then the UDP header */
+	sum += bpf_htons(IPPROTO_UDP) + udp->len;
+	sum += udp->source + udp->dest + udp->len;
+	if (inner_v6) {
+		const struct ipv6hdr *ip6h = inner;
+
+		/* the inner header minus its pseudo header; the addresses and payload length are
+		 * in both and cancel */
+		sum += lb_csum_words(ip6h, 2);
+		sum += *(const __u16 *)&ip6h->nexthdr; /* next header and hop limit */
+		sum += (__u16)~bpf_htons(ip6h->nexthdr);
+	} else {
+		const struct iphdr *iph = inner;
+
+		if (iph->protocol == IPPROTO_ICMP) {
+			sum += lb_csum_words(iph, IPV4_HLEN / 2); /* no pseudo header */
+		} else {
+			/* the addresses are in both and cancel */
+			sum += lb_csum_words(iph, 6);
+			sum += (__u16)~bpf_htons(iph->protocol);
+			sum += (__u16)~bpf_htons((__u16)(bpf_ntohs(iph->tot_len) - IPV4_HLEN));
+		}
+	}
+	c = lb_csum_fold(sum);
+	return c ? c : 0xffff;
+}
+
+/* GUE after the outer IP header at l3 (written): the UDP header, then its checksum over
+ * the inner packet already in place behind it. */
+static __always_inline int encap_write_gue(void *l3, void *data_end, const struct pkt_desc *pkt,
+					   __be16 gue_port, int outer_v6)
+{
+	__u32 ip_len = outer_v6 ? ENCAP_IPV6_OVERHEAD : ENCAP_IPV4_OVERHEAD;
+	struct udphdr *udp = l3 + ip_len;
+	__u32 addrs;
+	int no_csum = 0;
+
+	if (encap_write_udp(udp, data_end, pkt, gue_port, outer_v6))
+		return -1;
+	if (outer_v6) {
+		struct ipv6hdr *ip6h = l3;
+
+		if ((void *)(ip6h + 1) > data_end)
+			return -1;
+		addrs = lb_csum_words(&ip6h->saddr, 16);
+	} else {
+		struct iphdr *iph = l3;
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		addrs = lb_csum_words(&iph->saddr, 4);
+	}
+	if (pkt->flow.family == FAMILY_V6) {
+		struct ipv6hdr *inner6 = (void *)(udp + 1);
+
+		if ((void *)(inner6 + 1) > data_end)
+			return -1;
+		udp->check = gue_udp_csum(addrs, udp, inner6, 1, 0);
+	} else {
+		struct iphdr *inner4 = (void *)(udp + 1);
+		struct udphdr *iu = (void *)(inner4 + 1);
+
+		if ((void *)(inner4 + 1) > data_end)
+			return -1;
+		if (inner4->protocol == IPPROTO_UDP) {
+			if ((void *)(iu + 1) > data_end)
+				return -1;
+			no_csum = !iu->check;
+		}
+		udp->check = gue_udp_csum(addrs, udp, inner4, 0, no_csum);
+	}
 	return 0;
 }
 
@@ -204,5 +321,5 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 	}
 	if (!gue)
 		return 0;
-	return encap_write_udp(l3 + ip_len, data_end, pkt, cfg->gue_port);
+	return encap_write_gue(l3, data_end, pkt, cfg->gue_port, real_family == FAMILY_V6);
 }

@@ -8,8 +8,10 @@
  * would (xdp/encap.h), following the balancer's settings in hc_ctl (written by the prober
  * from settings.encap / settings.gue): IPIP (IPv4-in-IPv4, IPv4-in-IPv6, IPv6-in-IPv6) with
  * Katran's outer source derived from the packet's source address and port, or GUE (outer
- * IP from gue.source_v4/v6 + UDP to gue.port, source port from the client address and
- * port; then also IPv6-in-IPv4), outer TTL / hop limit DEFAULT_TTL, inner TOS copied.
+ * IP from gue.source_v4/v6 + UDP to gue.port, Katran's source port from the client address
+ * and port, the UDP checksum as the datapath computes it (from the headers: a probe whose
+ * own checksum the NIC fills in later gets a right one too; none for a GSO packet); then
+ * also IPv6-in-IPv4), outer TTL / hop limit DEFAULT_TTL, inner TOS copied.
  * The real decapsulates it and answers from the VIP straight to the balancer's address
  * (DSR): an ordinary reply for the connected socket, and the balancer's own XDP program
  * passes it (its destination is not a VIP address).
@@ -77,6 +79,12 @@ int hc_encap_tc(struct __sk_buff *skb)
 	__be16 proto;
 	__u64 flags;
 	int olen;
+	/* the probe's IP header, and whether its L4 checksum cannot vouch for its bytes */
+	union {
+		struct iphdr v4;
+		struct ipv6hdr v6;
+	} in = {};
+	int no_csum = 0;
 
 	if (mark < HC_MARK_BASE || mark >= HC_MARK_BASE + MAX_REALS) {
 		hc_stat(HC_STAT_PASSED);
@@ -98,7 +106,7 @@ int hc_encap_tc(struct __sk_buff *skb)
 	proto = eth.h_proto;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr iph;
-		struct l4_ports ports = {};
+		struct udphdr ports = {}; /* TCP: the ports; UDP: the whole header */
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN, &iph, sizeof(iph)) < 0 || iph.version != 4 ||
 		    iph.ihl < 5)
@@ -107,6 +115,11 @@ int hc_encap_tc(struct __sk_buff *skb)
 			if (bpf_skb_load_bytes(skb, ETH_HLEN + iph.ihl * 4, &ports,
 					       sizeof(ports)) < 0)
 				goto malformed;
+		/* gue_udp_csum() knows TCP, UDP (0: no checksum) and ICMP, without options */
+		no_csum = iph.ihl != 5 || (iph.protocol == IPPROTO_UDP && !ports.check) ||
+			  (iph.protocol != IPPROTO_TCP && iph.protocol != IPPROTO_UDP &&
+			   iph.protocol != IPPROTO_ICMP);
+		in.v4 = iph;
 		pkt.flow.family = FAMILY_V4;
 		pkt.flow.src.v4 = iph.saddr;
 		pkt.flow.dst.v4 = iph.daddr;
@@ -124,6 +137,9 @@ int hc_encap_tc(struct __sk_buff *skb)
 		if (ip6h.nexthdr == IPPROTO_TCP || ip6h.nexthdr == IPPROTO_UDP)
 			if (bpf_skb_load_bytes(skb, ETH_HLEN + IPV6_HLEN, &ports, sizeof(ports)) < 0)
 				goto malformed;
+		no_csum = ip6h.nexthdr != IPPROTO_TCP && ip6h.nexthdr != IPPROTO_UDP &&
+			  ip6h.nexthdr != IPPROTO_ICMPV6;
+		in.v6 = ip6h;
 		pkt.flow.family = FAMILY_V6;
 		__builtin_memcpy(&pkt.flow.src, &ip6h.saddr, 16);
 		__builtin_memcpy(&pkt.flow.dst, &ip6h.daddr, 16);
@@ -138,6 +154,8 @@ int hc_encap_tc(struct __sk_buff *skb)
 	}
 
 	gue = cfg.encap == ENCAP_GUE;
+	/* A GSO packet's segments would each need their own checksum: send them without */
+	no_csum |= skb->gso_size != 0;
 	if (real.family == FAMILY_V4 && pkt.flow.family == FAMILY_V6 && !gue) {
 		/* IPv6 in IPv4 only with GUE, as in the datapath (docs/datapath.md row 16) */
 		hc_stat(HC_STAT_DROP_NO_REAL);
@@ -158,8 +176,12 @@ int hc_encap_tc(struct __sk_buff *skb)
 		if (encap_write_ipv4(&outer.ip, (void *)(&outer + 1), &pkt, real.addr.v4, saddr,
 				     gue ? IPPROTO_UDP : IPPROTO_IPIP, udp_len))
 			goto failed;
-		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
-			goto failed;
+		if (gue) {
+			if (encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port, 0))
+				goto failed;
+			outer.udp.check = gue_udp_csum(lb_csum_words(&outer.ip.saddr, 4), &outer.udp,
+						       &in, pkt.flow.family == FAMILY_V6, no_csum);
+		}
 		if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	} else {
@@ -172,8 +194,12 @@ int hc_encap_tc(struct __sk_buff *skb)
 		if (encap_write_ipv6(&outer.ip6, (void *)(&outer + 1), &pkt, &real.addr, gue,
 				     cfg.gue_src_v6))
 			goto failed;
-		if (gue && encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port))
-			goto failed;
+		if (gue) {
+			if (encap_write_udp(&outer.udp, (void *)(&outer + 1), &pkt, cfg.gue_port, 1))
+				goto failed;
+			outer.udp.check = gue_udp_csum(lb_csum_words(&outer.ip6.saddr, 16), &outer.udp,
+						       &in, pkt.flow.family == FAMILY_V6, no_csum);
+		}
 		if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, olen, BPF_F_INVALIDATE_HASH))
 			goto failed;
 	}

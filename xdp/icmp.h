@@ -23,15 +23,18 @@ static __always_inline void swap_macs(struct ethhdr *eth)
 }
 
 /* Type (and code) live in the first 16-bit word of an ICMP/ICMPv6 header; the reply
- * changes only the type, so the checksum is updated incrementally (RFC 1624). */
-static __always_inline void icmp_set_type(void *icmp, __u8 type)
+ * changes only the type, so the checksum is updated incrementally (RFC 1624), to what a
+ * full recomputation gives. ICMPv6 sums a pseudo header (never zero): eqn. 3. An ICMPv4
+ * message can sum to zero: lb_csum_replace2_nz (0xFFFF, not 0x0000, for that sum). */
+static __always_inline void icmp_set_type(void *icmp, __u8 type, int v4)
 {
 	__u16 *word = icmp;
 	__u16 *check = icmp + 2;
 	__u16 old = *word;
 
 	*(__u8 *)icmp = type;
-	*check = lb_csum_replace2(*check, old, *word);
+	*check = v4 ? lb_csum_replace2_nz(*check, old, *word)
+		    : lb_csum_replace2(*check, old, *word);
 }
 
 /* Echo request -> echo reply, same length: MACs swapped (802.1Q tag kept), addresses
@@ -48,7 +51,7 @@ static __always_inline void icmp4_echo_reply(struct ethhdr *eth, struct iphdr *i
 	iph->ttl = DEFAULT_TTL;
 	iph->check = 0;
 	iph->check = lb_ipv4_csum(iph);
-	icmp_set_type(icmp, ICMP_ECHO_REPLY);
+	icmp_set_type(icmp, ICMP_ECHO_REPLY, 1);
 }
 
 /* ICMPv6 echo request -> echo reply: MACs and addresses swapped, hop limit 64, type 129.
@@ -62,7 +65,7 @@ static __always_inline void icmp6_echo_reply(struct ethhdr *eth, struct ipv6hdr 
 	ip6h->saddr = ip6h->daddr;
 	ip6h->daddr = tmp;
 	ip6h->hop_limit = DEFAULT_TTL;
-	icmp_set_type(icmp, ICMPV6_ECHO_REPLY);
+	icmp_set_type(icmp, ICMPV6_ECHO_REPLY, 0);
 }
 
 /* Row 20 reply sizes: ICMP header + quote, summed by bpf_csum_diff (multiples of 4,

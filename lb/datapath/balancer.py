@@ -16,6 +16,7 @@ import numpy as np
 from lb import constants as C
 from lb.datapath import conntable
 from lb.datapath.csum import ipv4_csum
+from lb.datapath.encap import gue_sport, gue_udp_csum
 from lb.datapath.icmp import echo_reply, too_big
 from lb.datapath.jitcache import cached_njit
 from lb.datapath.parsing import addr_words, be16, copy, icmp_inner, zero
@@ -224,9 +225,27 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                 if rid >= 0 and real_family[rid] != C.FAMILY_NONE:
                     real_id = rid
                     stats[C.STAT_QUIC_ROUTED] += 1
+                    if (vflags & C.F_LRU_BYPASS) == 0:
+                        # Katran's: the routed real goes into the connection table, so a
+                        # later packet of the flow without a usable id stays on it
+                        bucket, tag = conntable.slot(ct_mask, fk)
+                        clock[0] += 1
+                        w = conntable.find(ct_tags, ct_ent, bucket, tag, fk)
+                        if w < 0:
+                            # a new entry is a new connection: not written over the flood rate
+                            if conntable.flood(ct_rate, max_conn_rate, now):
+                                stats[C.STAT_FLOOD_NEW_CONNS] += 1
+                            else:
+                                conntable.insert(ct_tags, ct_ent, bucket, tag, fk, real_id, now, clock[0])
+                                stats[C.STAT_QUIC_CONN_WRITTEN] += 1
+                        else:
+                            ct_ent[bucket, w, conntable.E_STAMP] = clock[0]
+                            if ct_ent[bucket, w, conntable.E_REAL] != np.uint64(real_id):
+                                ct_ent[bucket, w, conntable.E_REAL] = np.uint64(real_id)  # atime kept
+                                stats[C.STAT_QUIC_CONN_WRITTEN] += 1
                 else:
                     stats[C.STAT_QUIC_UNKNOWN] += 1
-        # 1. the connection table; a QUIC-routed packet neither reads nor writes it
+        # 1. the connection table; a QUIC-routed packet does not read it
         use_lru = (vflags & C.F_LRU_BYPASS) == 0 and real_id == 0
         bucket = 0
         tag = np.uint64(0)
@@ -372,9 +391,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                 out[o + 24 + k] = real_addr[real_id, k]
             o += C.ENCAP_IPV6_OVERHEAD
         if gue:
-            # UDP: source port varies with the client, checksum 0 (RFC 6935)
-            a = src_off + (2 if family == C.FAMILY_V4 else 14)
-            gsport = C.GUE_SPORT_BASE | ((be16(p, a) ^ sport) & C.GUE_SPORT_MASK)
+            # UDP: Katran's source port; the checksum once the inner packet is in place
+            gsport = gue_sport(p, src_off, family, sport, rfam == C.FAMILY_V6)
             ulen_field = pkt_len + C.UDP_HLEN
             out[o] = gsport >> 8
             out[o + 1] = gsport & 0xFF
@@ -387,6 +405,10 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             o += C.UDP_HLEN
         rest = n - l3
         copy(out, o, p, l3, rest)
+        if gue:
+            c = gue_udp_csum(out, l3, rfam == C.FAMILY_V6, o - C.UDP_HLEN, o, family)
+            out[o - 2] = c >> 8
+            out[o - 1] = c & 0xFF
         real_stats[real_id, C.VIP_STAT_PACKETS] += 1
         real_stats[real_id, C.VIP_STAT_BYTES] += n
         stats[C.STAT_TX_ENCAP] += 1  # row 18

@@ -39,3 +39,10 @@ def csum_replace16(old_csum, old_word, new_word):
     """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')."""
     s = ((~old_csum) & 0xFFFF) + ((~old_word) & 0xFFFF) + new_word
     return (~csum_fold(s)) & 0xFFFF
+
+
+@nb.njit(inline="always")
+def csum_replace16_nz(old_csum, old_word, new_word):
+    """The same for a message that may sum to zero (ICMPv4): HC' = HC + m + ~m', which is
+    0 only if m is, so a zero sum gets 0xFFFF where eqn. 3 gives 0x0000 (xdp/csum.h)."""
+    return csum_fold(old_csum + old_word + ((~new_word) & 0xFFFF))

@@ -8,14 +8,21 @@ import numba as nb
 import numpy as np
 
 from lb import constants as C
-from lb.datapath.csum import csum_fold, csum_replace16, ipv4_csum, sum16
+from lb.datapath.csum import (
+    csum_fold,
+    csum_replace16,
+    csum_replace16_nz,
+    ipv4_csum,
+    sum16,
+)
 from lb.datapath.parsing import be16, copy, zero
 
 
 @nb.njit(inline="always")
 def echo_reply(p, n, out, l3, l4, family):
     """Row 11: the frame with MACs and IP addresses swapped, TTL / hop limit reset, the
-    ICMP type turned into a reply and its checksum updated incrementally."""
+    ICMP type turned into a reply and its checksum updated incrementally to what a full
+    recomputation gives (0xFFFF for an ICMPv4 reply that sums to zero)."""
     copy(out, 0, p, 0, n)
     copy(out, 0, p, 6, 6)
     copy(out, 6, p, 0, 6)
@@ -34,7 +41,11 @@ def echo_reply(p, n, out, l3, l4, family):
         new_type = C.ICMPV6_ECHO_REPLY
     code = np.int64(p[l4 + 1])
     out[l4] = new_type
-    c = csum_replace16(be16(p, l4 + 2), (np.int64(p[l4]) << 8) | code, (new_type << 8) | code)
+    old_word = (np.int64(p[l4]) << 8) | code
+    if family == C.FAMILY_V4:  # no pseudo header: the message may sum to zero
+        c = csum_replace16_nz(be16(p, l4 + 2), old_word, (new_type << 8) | code)
+    else:
+        c = csum_replace16(be16(p, l4 + 2), old_word, (new_type << 8) | code)
     out[l4 + 2] = c >> 8
     out[l4 + 3] = c & 0xFF
     return n

@@ -63,8 +63,6 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define ENCAP_IPIP 0
 #define ENCAP_GUE 1
 #define GUE_DEFAULT_PORT 6080
-#define GUE_SPORT_BASE 49152
-#define GUE_SPORT_MASK 16383
 #define GUE_HOPLIST_TYPE 19522
 #define GUE_MAX_HOPS 3
 #define GUE_HLEN 4
@@ -147,7 +145,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_SRC_ROUTED 20
 #define STAT_FLOOD_NEW_CONNS 21
 #define STAT_DOWN_REAL_MIGRATED 22
-#define N_STATS 23
+#define STAT_QUIC_CONN_WRITTEN 23
+#define N_STATS 24
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
