@@ -122,6 +122,8 @@ def test_fixture_events(loaded, table_set: str, fx: Fixture) -> None:
     maps.word = 0
     for s in fx.setup:
         test_run(bal.prog_fd, s)
+    if fx.reload:  # the fixture's tables change between its setup and its frame
+        bal.load_tables(FIXTURE_SETS[fx.reload][0]())
     drain(reader, records)
     maps.word = capture_word(ALL, MAX_RATE)
     try:
@@ -132,6 +134,8 @@ def test_fixture_events(loaded, table_set: str, fx: Fixture) -> None:
         after = bal.read_stats().counters
     finally:
         maps.word = 0
+        if fx.reload:
+            bal.load_tables(tables)
     # capture changes nothing the frame does
     assert C.ACTION_NAMES[action] == fx.action and (fx.output is None or out == fx.output)
     assert {n: after[n] - before[n] for n in C.STATS if after[n] != before[n]} == fx.counters
