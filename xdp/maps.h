@@ -64,6 +64,12 @@ struct conn_set {
 LB_MAP("array", __u32, struct conn_set, conn_sets, LB_CONN_SETS_ALL, BPF_F_MMAPABLE);
 LB_MAP("array", __u32, struct flow_key, conn_keys, LB_CONN_SETS_ALL * CONN_WAYS, BPF_F_MMAPABLE);
 
+/* Stateless VIPs' previous rings: MAX_PREV_RINGS slots of RING_SIZE real ids, mmap-able
+ * like ch_rings; prev_ref[vip_num] names the slots of a VIP's previous rings (layout
+ * PREV_REF; all zero for most VIPs). Written only by the control plane. */
+LB_MAP("array", __u32, __u32, prev_rings, MAX_PREV_RINGS * RING_SIZE, BPF_F_MMAPABLE);
+LB_MAP("array", __u32, struct prev_ref, prev_ref, MAX_VIPS, 0);
+
 /* QUIC server id (from the connection id) -> real id. */
 LB_MAP("hash", __u32, __u32, quic_servers, MAX_QUIC_SERVER_IDS, 0);
 

@@ -58,12 +58,19 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define ENCAP_IPV4_OVERHEAD 20
 #define ENCAP_IPV6_OVERHEAD 40
 #define UDP_HLEN 8
-#define ENCAP_MAX_OVERHEAD 48
+#define ENCAP_MAX_OVERHEAD 104
 #define ENCAP_IPIP 0
 #define ENCAP_GUE 1
 #define GUE_DEFAULT_PORT 6080
 #define GUE_SPORT_BASE 49152
 #define GUE_SPORT_MASK 16383
+#define GUE_HOPLIST_TYPE 19522
+#define GUE_MAX_HOPS 3
+#define GUE_HLEN 4
+#define GUE_HOPLIST_HLEN 4
+#define MAX_PREV_RINGS 16
+#define PREV_RINGS_PER_VIP 2
+#define SECOND_CHANCE_S 600
 _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants");
 #define IP_DF 16384
 #define ICMP_TOO_BIG_QUOTE_V4 128
@@ -116,6 +123,7 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define F_DPORT_ONLY 8
 #define F_SRC_ROUTING 16
 #define F_LOCAL 32
+#define F_STATELESS 65536
 #define REAL_F_LOCAL 1
 #define STAT_RX_PACKETS 0
 #define STAT_TX_ENCAP 1
@@ -138,7 +146,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_QUIC_FALLBACK 18
 #define STAT_QUIC_UNKNOWN 19
 #define STAT_SRC_ROUTED 20
-#define N_STATS 21
+#define STAT_TX_HOPLIST 21
+#define N_STATS 22
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
@@ -318,3 +327,12 @@ _Static_assert(sizeof(struct conn_entry) == 16, "sizeof(struct conn_entry)");
 _Static_assert(__builtin_offsetof(struct conn_entry, tag) == 0 && sizeof(((struct conn_entry *)0)->tag) == 8, "conn_entry.tag");
 _Static_assert(__builtin_offsetof(struct conn_entry, real_id) == 8 && sizeof(((struct conn_entry *)0)->real_id) == 4, "conn_entry.real_id");
 _Static_assert(__builtin_offsetof(struct conn_entry, atime) == 12 && sizeof(((struct conn_entry *)0)->atime) == 4, "conn_entry.atime");
+
+/* lb.layout.PREV_REF: 4 bytes. */
+struct prev_ref {
+	__u16 prev0;
+	__u16 prev1;
+};
+_Static_assert(sizeof(struct prev_ref) == 4, "sizeof(struct prev_ref)");
+_Static_assert(__builtin_offsetof(struct prev_ref, prev0) == 0 && sizeof(((struct prev_ref *)0)->prev0) == 2, "prev_ref.prev0");
+_Static_assert(__builtin_offsetof(struct prev_ref, prev1) == 2 && sizeof(((struct prev_ref *)0)->prev1) == 2, "prev_ref.prev1");
