@@ -232,6 +232,12 @@ DECAP_STAT_PASSED_FRAGMENT = 7  # fragmented tunnel packet (not reassembled here
 DECAP_STAT_DROPPED_MALFORMED = 8  # tunnel packet with truncated / inconsistent headers
 DECAP_STAT_DROPPED_UNSUPPORTED = 9  # GUE control message, reserved variant, other inner protocol
 DECAP_STAT_DROPPED_ERROR = 10  # a helper failed while decapsulating (should stay 0)
+# GUE packets with a hop list (stateless VIPs; the second-chance step, lb/second_chance.py):
+DECAP_STAT_HOPLIST_DELIVERED = 11  # decapsulated: local socket, SYN, not TCP, ... (not last resort)
+DECAP_STAT_HOPLIST_FORWARDED = 12  # TCP non-SYN, no local socket: sent on to the next hop
+DECAP_STAT_HOPLIST_LAST_RESORT = 13  # TCP non-SYN, no local socket, no hop left: decapsulated
+DECAP_STAT_HOPLIST_MALFORMED = 14  # hop list with a bad count / next hop / length: dropped
+DECAP_STAT_HOPLIST_TTL_EXPIRED = 15  # would be forwarded, outer TTL / hop limit <= 1: dropped
 DECAP_STATS = _counter_names("DECAP_STAT_")
 DECAP_N_STATS = len(DECAP_STATS)
 DECAP_ALLOW_MAX = 64  # entries per family in the allow-list maps

@@ -15,6 +15,9 @@
  *       (GUE_ENCAP) writes exactly this: outer IP + UDP (checksum 0) + inner packet.
  *     GUE variant 0 (bits 00), data message (C = 0): 4-byte GUE header + Hlen * 4 bytes
  *       of optional fields, then the inner packet; Proto/ctype 4 or 41 picks the family.
+ *       Optional fields that start with GUE_HOPLIST_TYPE are a stateless VIP's hop list
+ *       (docs/datapath.md): checked here (bad ones are dropped), acted on by decap.c's
+ *       second-chance step, which needs the inner TCP 4-tuple this parser extracts.
  *
  * Wire constants (ETH_P_*, IPPROTO_*, IP_MF, ...) and the counter indexes (DECAP_STAT_*)
  * come from lb/constants.py through xdp/generated/lb_shared.h; GUE_PORT is a -D flag
@@ -23,10 +26,12 @@
 #pragma once
 
 #include <linux/types.h>
+#include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/udp.h>
+#include <linux/tcp.h>
 
 #include "generated/lb_shared.h"
 
@@ -51,6 +56,13 @@ struct decap_plan {
 	__be16 inner_proto;  /* ethertype of the inner packet, network order */
 	__u8 outer_v6;       /* outer header is IPv6 */
 	__u8 inner_v6;       /* inner header is IPv6 */
+	/* GUE v0 with a hop list (stateless VIP); the rest is only set when hoplist is. */
+	__u8 hoplist;
+	__u8 hop_count;      /* 1..GUE_MAX_HOPS */
+	__u8 next_hop;       /* 0..hop_count */
+	__u8 tcp_non_syn;    /* inner TCP segment without SYN, not a fragment: tuple is set */
+	__u32 outer_ip_len;  /* outer IP header length: the UDP header follows */
+	struct bpf_sock_tuple tuple; /* inner 4-tuple as the packet has it, network order */
 };
 
 /* An IPv6 address as an allow-list key. */
@@ -63,6 +75,14 @@ struct decap_gue_hdr {
 	__u8 ver_c_hlen;
 	__u8 proto;
 	__be16 flags;
+};
+
+/* A hop list's fixed part: the first 4 bytes of the GUE optional fields; the addresses
+ * (hop_count of them, the outer header's family) follow. */
+struct decap_hoplist_hdr {
+	__be16 type;         /* GUE_HOPLIST_TYPE */
+	__u8 next_hop;
+	__u8 hop_count;
 };
 
 /* Allow-list check, implemented by decap.c (maps live there). Returns nonzero if the
@@ -101,6 +121,73 @@ static __always_inline int decap_check_inner(void *inner, void *data_end, __u32 
 		plan->inner_proto = bpf_htons(ETH_P_IP);
 	}
 	return DECAP_STRIP;
+}
+
+/* The hop list at `priv` (the GUE optional fields, priv_len bytes, which the caller
+ * checked lie inside the frame's UDP payload). Not a hop list: plan untouched, STRIP.
+ * A hop list: consistent -> plan->hoplist etc. set, STRIP; else DROP (counted). */
+static __always_inline int decap_parse_hoplist(void *priv, void *data_end, __u32 priv_len,
+					       int outer_v6, struct decap_plan *plan)
+{
+	struct decap_hoplist_hdr *hl = priv;
+	__u32 addr_len = outer_v6 ? 16 : 4;
+
+	if (priv_len < sizeof(hl->type) || (void *)(&hl->type + 1) > data_end ||
+	    hl->type != bpf_htons(GUE_HOPLIST_TYPE))
+		return DECAP_STRIP;
+	plan->stat = DECAP_STAT_HOPLIST_MALFORMED;
+	if (priv_len < sizeof(*hl) || (void *)(hl + 1) > data_end)
+		return DECAP_DROP;
+	if (hl->hop_count == 0 || hl->hop_count > GUE_MAX_HOPS || hl->next_hop > hl->hop_count ||
+	    priv_len != sizeof(*hl) + hl->hop_count * addr_len)
+		return DECAP_DROP;
+	plan->hoplist = 1;
+	plan->hop_count = hl->hop_count;
+	plan->next_hop = hl->next_hop;
+	plan->stat = DECAP_STAT_DROPPED_MALFORMED;
+	return DECAP_STRIP;
+}
+
+/* Fills plan->tuple and sets plan->tcp_non_syn if the (checked) inner packet at `inner`
+ * is a TCP segment without SYN whose header lies inside it: the only packets the
+ * second-chance step looks up a socket for. Fragments and IPv6 extension headers are
+ * left to the kernel (not eligible). */
+static __always_inline void decap_inner_tcp(void *inner, void *data_end, struct decap_plan *plan)
+{
+	struct tcphdr *th;
+
+	if (plan->inner_v6) {
+		struct ipv6hdr *ip6h = inner;
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_TCP ||
+		    bpf_ntohs(ip6h->payload_len) < sizeof(*th))
+			return;
+		th = (void *)(ip6h + 1);
+		if ((void *)(th + 1) > data_end || th->syn)
+			return;
+		__builtin_memcpy(plan->tuple.ipv6.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(plan->tuple.ipv6.daddr, &ip6h->daddr, 16);
+		plan->tuple.ipv6.sport = th->source;
+		plan->tuple.ipv6.dport = th->dest;
+	} else {
+		struct iphdr *iph = inner;
+		__u32 ihl;
+
+		if ((void *)(iph + 1) > data_end || iph->protocol != IPPROTO_TCP ||
+		    (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET_MASK)))
+			return;
+		ihl = (__u32)iph->ihl * 4;
+		if (bpf_ntohs(iph->tot_len) < ihl + sizeof(*th))
+			return;
+		th = inner + ihl;
+		if ((void *)(th + 1) > data_end || th->syn)
+			return;
+		plan->tuple.ipv4.saddr = iph->saddr;
+		plan->tuple.ipv4.daddr = iph->daddr;
+		plan->tuple.ipv4.sport = th->source;
+		plan->tuple.ipv4.dport = th->dest;
+	}
+	plan->tcp_non_syn = 1;
 }
 
 /* GUE payload at `gue` (after the UDP header), `room` = UDP payload bytes. `*skip` gets
@@ -297,6 +384,13 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 			return v;
 		if (gue_skip > DECAP_MAX_OUTER) /* bound for the verifier; cannot happen */
 			return DECAP_DROP;
+		if (gue_skip > sizeof(struct decap_gue_hdr)) { /* variant 0 with optional fields */
+			v = decap_parse_hoplist(payload + sizeof(*u) + sizeof(struct decap_gue_hdr),
+						data_end, gue_skip - sizeof(struct decap_gue_hdr),
+						outer_v6, plan);
+			if (v != DECAP_STRIP)
+				return v;
+		}
 		gue = 1;
 		payload += sizeof(*u) + gue_skip;
 		payload_room = ulen - sizeof(*u) - gue_skip;
@@ -310,7 +404,11 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 		return v;
 	plan->outer_len = ip_hlen;
 	plan->outer_v6 = outer_v6;
-	if (gue)
+	if (plan->hoplist) {
+		plan->outer_ip_len = ip_hlen - sizeof(struct udphdr) - gue_skip;
+		decap_inner_tcp(payload, data_end, plan);
+		plan->stat = DECAP_STAT_HOPLIST_DELIVERED;
+	} else if (gue)
 		plan->stat = DECAP_STAT_GUE;
 	else if (!outer_v6)
 		plan->stat = inner_v6 ? DECAP_STAT_V6_IN_V4 : DECAP_STAT_V4_IN_V4;
