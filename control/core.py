@@ -22,8 +22,8 @@ from typing import Any
 from control.errors import DatapathFailure, Invalid
 from control.health_probing import Target, TargetKey
 from control.reconcile import ApplyError, DatapathPort, RollbackError, apply, plan
-from control.store import DesiredState, StateError, Store
 from control.ring_history import merge, next_history, prev_ring_tables
+from control.store import DesiredState, StateError, Store
 from control.tables import DesiredTables, Sizes, build_tables, ring_of, vip_label
 
 __all__ = ["Core"]

@@ -398,8 +398,8 @@ def _stateless(cfg: Config, i: int, vip: Vip) -> list[tuple[str, str]]:
         out.append((where, f"'stateless' needs settings.encap: gue (got {cfg.settings.encap})"))
     versions = {r.ip.version for r in vip.reals}
     if len(versions) > 1:
-        out.append((f"vips[{i}].reals", "a stateless VIP's reals must all be IPv4 or all IPv6"
-                    " (the hop list carries addresses of one family)"))
+        why = "a stateless VIP's reals must all be IPv4 or all IPv6 (the hop list carries addresses of one family)"
+        out.append((f"vips[{i}].reals", why))
     return out
 
 

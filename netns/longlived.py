@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Self
 
 from lb.kernel.netns import NetnsRef, run_in_netns
 from netns.servers import format_endpoint, parse_ident
@@ -50,7 +51,7 @@ class LongLived:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self, timeout: float = 60.0) -> LongLived:
+    def start(self, timeout: float = 60.0) -> Self:
         """Open every connection (each answers once) and start the request loops; raises
         if they are not all up within ``timeout``."""
         self._thread = threading.Thread(target=self._run, name=f"longlived-{self.port}", daemon=True)
@@ -107,7 +108,7 @@ class LongLived:
             t0 = time.monotonic()
             try:
                 real = await asyncio.wait_for(self._get(r, w, request), self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 c.broken_at, c.why = time.monotonic(), f"no answer in {self.timeout} s"
             except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as e:
                 c.broken_at, c.why = time.monotonic(), f"{type(e).__name__}: {e}"
@@ -142,7 +143,7 @@ class LongLived:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def __enter__(self) -> LongLived:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,12 @@ from scapy.packet import raw
 
 from control.datapaths import UserspacePort
 from control.plane import open_plane
-from control.ring_history import PrevRing, history_from_json, history_to_json, next_history
+from control.ring_history import (
+    PrevRing,
+    history_from_json,
+    history_to_json,
+    next_history,
+)
 from control.store import DesiredState, Store
 from control.tables import Sizes
 from lb import constants as C
@@ -148,7 +153,7 @@ def test_a_restarted_balancer_with_wiped_maps_knows_the_previous_ring(tmp_path) 
 
 
 def test_the_slots_of_the_maps_are_not_reused_while_named() -> None:
-    plane, clock = _plane(_cfg(weights=(1, 1, 1)))
+    plane, _ = _plane(_cfg(weights=(1, 1, 1)))
     plane.commands.update_real(_key(), real_addr(0), {"weight": 2})
     first = dict(plane.core.tables.prev.inputs)
     plane.commands.update_real(_key(), real_addr(1), {"weight": 2})

@@ -188,7 +188,7 @@ def test_fleet_stateless_vip_survives_losing_a_balancer_after_a_ring_change() ->
             while time.monotonic() < deadline:
                 with Client(socket=lab.paths("lb2")["socket"], timeout=30) as c2:
                     if c2.status()["generation"] == gen:
-                        return None
+                        return
                 time.sleep(0.2)
             raise AssertionError("lb2 did not adopt the change")
 

@@ -276,13 +276,14 @@ static __always_inline struct real_def *src_route_real(const struct flow_key *fl
 }
 
 /* Stateless VIPs: the reals the VIP's previous rings pick at ring position pos, added to
- * hl (which holds the ring's real, of family family) when valid, of that family and not
- * there yet. */
-static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u8 family,
+ * hl (which holds the ring's real real_id, of family family) when valid, of that family
+ * and not there yet. Most flows keep their real: an id equal to one in the list is
+ * skipped before its entry is read. */
+static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u32 real_id, __u8 family,
 					   struct hop_list *hl)
 {
 	struct prev_ref *ref = prev_ref.lookup(&vip_num);
-	__u32 slots, i;
+	__u32 slots, i, seen = real_id, seen2 = real_id;
 
 	if (!ref)
 		return;
@@ -302,7 +303,7 @@ static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u8 family
 		if (!slot)
 			continue;
 		id = *slot;
-		if (!id)
+		if (!id || id == seen || id == seen2)
 			continue;
 		r = reals.lookup(&id);
 		if (!r || r->family != family)
@@ -320,6 +321,7 @@ static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u8 family
 		else
 			hl->hop[2] = r->addr;
 		hl->count++;
+		seen2 = id;
 	}
 }
 
@@ -462,7 +464,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	    !pkt->icmp_err && c.encap == ENCAP_GUE) {
 		hl.hop[0] = real->addr;
 		hl.count = 1;
-		prev_ring_hops(vip_num, ring_pos, real->family, &hl);
+		prev_ring_hops(vip_num, ring_pos, real_id, real->family, &hl);
 		if (hl.count > 1) {
 			if (hoplist_inner_sum(ctx, pkt, &inner_sum))
 				hl.count = 0; /* unreachable: a TCP packet has 40 bytes */

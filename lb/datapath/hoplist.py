@@ -46,7 +46,7 @@ def prev_ring_hops(hops, prev_rings, prev_refs, vip_num, pos, real_addr, real_fa
         if cand == 0 or cand >= real_family.shape[0] or real_family[cand] != family:
             continue
         dup = False
-        for j in range(count):
+        for j in range(count):  # (xdp/balancer.c compares the ids first: the same result)
             if _same_addr(real_addr, hops[j], cand):
                 dup = True
         if dup or count >= C.GUE_MAX_HOPS:
