@@ -205,3 +205,18 @@ def test_prev_rings_reach_the_tables_of_both_datapaths() -> None:
     (slot, ring), = plane.core.tables.prev.rings.items()
     assert np.array_equal(t.prev_rings[slot], ring)
     assert t.prev_refs[plane.core.tables.vip_nums[_key()]] == slot + 1
+
+
+def test_metrics_and_status_count_previous_rings() -> None:
+    from prometheus_client import generate_latest
+
+    from control.metrics import Metrics
+
+    plane, clock = _plane(_cfg(weights=(1, 1, 1)))
+    for i, w in enumerate((2, 3, 4)):  # three changes inside the window
+        clock.now += 1
+        plane.commands.update_real(_key(), real_addr(i), {"weight": w})
+    text = generate_latest(Metrics(plane.core).registry).decode()
+    assert "lb_prev_rings 2.0" in text
+    assert 'lb_prev_rings_lost_total{reason="dropped_early"} 1.0' in text
+    assert plane.views.status()["counters"]["prev_rings_dropped_early"] == 1
