@@ -1,7 +1,7 @@
 """The second-chance step at a real, as a pure function (the decap program's, xdp/decap.c).
 
 A stateless VIP's packets reach a real as GUE variant 0 with a hop list (docs/datapath.md,
-"Hop list"): hops[0] is the real the balancer chose, hops[1..] the reals older rings chose
+"Hop list (stateless VIPs)"): hops[0] is the real the balancer chose, hops[1..] the reals older rings chose
 for the same flow, next_hop the one to try after this real. A real that receives a TCP
 segment without SYN for a connection it does not have sends the packet on to the next
 hop instead of answering it with a reset; the real that has the connection delivers it.
@@ -212,7 +212,7 @@ def _forwarded(frame: bytes, p: _Parsed, next_hop: int, hop_count: int) -> Decis
 def second_chance(frame: bytes, has_local_socket: bool, *,
                   gue_port: int = GUE_DEFAULT_PORT) -> Decision:
     """What the decap program does with ``frame`` (module docstring): decision table in
-    docs/datapath.md, "Second chance at the real"."""
+    docs/datapath.md, "Second chance"."""
     frame = bytes(frame)
     p = _parse_outer(frame, gue_port)
     priv = p.udp_off + UDP_HLEN + GUE_HLEN if p else 0

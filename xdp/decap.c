@@ -170,8 +170,8 @@ static __always_inline int decap_forward(void *data, void *data_end, struct deca
 	}
 	if ((void *)(u + 1) > data_end)
 		return DECAP_SC_DROP;
-	/* A zero IPv4 UDP checksum means "none" and stays so; a computed 0 goes out as
-	 * 0xffff (RFC 768). */
+	/* A zero UDP checksum means "none" (IPv4; RFC 6935 allows it for tunnels over
+	 * IPv6) and stays so; a computed 0 goes out as 0xffff (RFC 768). */
 	if (u->check) {
 		u->check = decap_csum_apply(u->check, usum);
 		if (!u->check)
@@ -195,17 +195,16 @@ static __always_inline int decap_forward(void *data, void *data_end, struct deca
 static __always_inline int decap_second_chance(void *ctx, void *data, void *data_end,
 					       struct decap_plan *plan)
 {
+	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
 	int local = 0;
 
-	if (!plan->tcp_non_syn)
+	if (!decap_inner_tcp(data, data_end, plan, &tuple))
 		return DECAP_SC_DELIVER; /* SYN, UDP, ...: this host's to take */
 	if (plan->inner_v6)
-		sk = bpf_skc_lookup_tcp(ctx, &plan->tuple, sizeof(plan->tuple.ipv6),
-					BPF_F_CURRENT_NETNS, 0);
+		sk = bpf_skc_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	else
-		sk = bpf_skc_lookup_tcp(ctx, &plan->tuple, sizeof(plan->tuple.ipv4),
-					BPF_F_CURRENT_NETNS, 0);
+		sk = bpf_skc_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		/* Established (and the other connected states), a request socket
 		 * (NEW_SYN_RECV) or TIME-WAIT: a connection of ours. A listener matches any

@@ -17,7 +17,7 @@
  *       of optional fields, then the inner packet; Proto/ctype 4 or 41 picks the family.
  *       Optional fields that start with GUE_HOPLIST_TYPE are a stateless VIP's hop list
  *       (docs/datapath.md): checked here (bad ones are dropped), acted on by decap.c's
- *       second-chance step, which needs the inner TCP 4-tuple this parser extracts.
+ *       second-chance step, to which decap_inner_tcp gives the inner TCP 4-tuple.
  *
  * Wire constants (ETH_P_*, IPPROTO_*, IP_MF, ...) and the counter indexes (DECAP_STAT_*)
  * come from lb/constants.py through xdp/generated/lb_shared.h; GUE_PORT is a -D flag
@@ -60,9 +60,7 @@ struct decap_plan {
 	__u8 hoplist;
 	__u8 hop_count;      /* 1..GUE_MAX_HOPS */
 	__u8 next_hop;       /* 0..hop_count */
-	__u8 tcp_non_syn;    /* inner TCP segment without SYN, not a fragment: tuple is set */
 	__u32 outer_ip_len;  /* outer IP header length: the UDP header follows */
-	struct bpf_sock_tuple tuple; /* inner 4-tuple as the packet has it, network order */
 };
 
 /* An IPv6 address as an allow-list key. */
@@ -84,6 +82,9 @@ struct decap_hoplist_hdr {
 	__u8 next_hop;
 	__u8 hop_count;
 };
+_Static_assert(sizeof(struct decap_gue_hdr) == GUE_HLEN, "GUE header: decap.h != lb.constants");
+_Static_assert(sizeof(struct decap_hoplist_hdr) == GUE_HOPLIST_HLEN,
+	       "hop list header: decap.h != lb.constants");
 
 /* Allow-list check, implemented by decap.c (maps live there). Returns nonzero if the
  * outer destination may be decapsulated. */
@@ -148,46 +149,54 @@ static __always_inline int decap_parse_hoplist(void *priv, void *data_end, __u32
 	return DECAP_STRIP;
 }
 
-/* Fills plan->tuple and sets plan->tcp_non_syn if the (checked) inner packet at `inner`
- * is a TCP segment without SYN whose header lies inside it: the only packets the
- * second-chance step looks up a socket for. Fragments and IPv6 extension headers are
- * left to the kernel (not eligible). */
-static __always_inline void decap_inner_tcp(void *inner, void *data_end, struct decap_plan *plan)
+/* For a frame decap_parse said to STRIP: if the (checked) inner packet is a TCP segment
+ * without SYN whose header lies inside it -- the only packets the second-chance step
+ * looks up a socket for -- fills *tuple (the 4-tuple as the packet has it, network order)
+ * and returns 1. Fragments and IPv6 extension headers are left to the kernel (0). */
+static __always_inline int decap_inner_tcp(void *data, void *data_end,
+					   const struct decap_plan *plan,
+					   struct bpf_sock_tuple *tuple)
 {
+	__u32 off = plan->l2_len + plan->outer_len;
+	void *inner;
 	struct tcphdr *th;
+
+	if (off > DECAP_L2_MAX + DECAP_MAX_OUTER)
+		return 0; /* bound for the verifier; cannot happen */
+	inner = data + off;
 
 	if (plan->inner_v6) {
 		struct ipv6hdr *ip6h = inner;
 
 		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_TCP ||
 		    bpf_ntohs(ip6h->payload_len) < sizeof(*th))
-			return;
+			return 0;
 		th = (void *)(ip6h + 1);
 		if ((void *)(th + 1) > data_end || th->syn)
-			return;
-		__builtin_memcpy(plan->tuple.ipv6.saddr, &ip6h->saddr, 16);
-		__builtin_memcpy(plan->tuple.ipv6.daddr, &ip6h->daddr, 16);
-		plan->tuple.ipv6.sport = th->source;
-		plan->tuple.ipv6.dport = th->dest;
+			return 0;
+		__builtin_memcpy(tuple->ipv6.saddr, &ip6h->saddr, 16);
+		__builtin_memcpy(tuple->ipv6.daddr, &ip6h->daddr, 16);
+		tuple->ipv6.sport = th->source;
+		tuple->ipv6.dport = th->dest;
 	} else {
 		struct iphdr *iph = inner;
 		__u32 ihl;
 
 		if ((void *)(iph + 1) > data_end || iph->protocol != IPPROTO_TCP ||
 		    (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET_MASK)))
-			return;
+			return 0;
 		ihl = (__u32)iph->ihl * 4;
 		if (bpf_ntohs(iph->tot_len) < ihl + sizeof(*th))
-			return;
+			return 0;
 		th = inner + ihl;
 		if ((void *)(th + 1) > data_end || th->syn)
-			return;
-		plan->tuple.ipv4.saddr = iph->saddr;
-		plan->tuple.ipv4.daddr = iph->daddr;
-		plan->tuple.ipv4.sport = th->source;
-		plan->tuple.ipv4.dport = th->dest;
+			return 0;
+		tuple->ipv4.saddr = iph->saddr;
+		tuple->ipv4.daddr = iph->daddr;
+		tuple->ipv4.sport = th->source;
+		tuple->ipv4.dport = th->dest;
 	}
-	plan->tcp_non_syn = 1;
+	return 1;
 }
 
 /* GUE payload at `gue` (after the UDP header), `room` = UDP payload bytes. `*skip` gets
@@ -406,7 +415,6 @@ static __always_inline int decap_parse(void *data, void *data_end, __u64 frame_l
 	plan->outer_v6 = outer_v6;
 	if (plan->hoplist) {
 		plan->outer_ip_len = ip_hlen - sizeof(struct udphdr) - gue_skip;
-		decap_inner_tcp(payload, data_end, plan);
 		plan->stat = DECAP_STAT_HOPLIST_DELIVERED;
 	} else if (gue)
 		plan->stat = DECAP_STAT_GUE;
