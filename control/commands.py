@@ -19,7 +19,6 @@ The clock that times a change is handed in (:class:`Commands` reads none of its 
 
 from __future__ import annotations
 
-
 import functools
 import ipaddress
 import logging

@@ -15,7 +15,9 @@ The order keeps a live datapath consistent at every step and within the maps' si
 VIPs that go (and addresses only they used) first — the VIP hash maps hold max_vips
 entries, so adding before deleting could overflow them, and a VIP number handed to a new
 VIP must not be reachable through the old one while its ring is rewritten —; then real
-entries before the rings that name them, rings before the VIP entries that lead to them,
+entries before the rings that name them, stateless VIPs' previous rings (``prev_rings``
+slots, then the ``prev_ref`` words naming them) before the rings change, rings before the
+VIP entries that lead to them,
 and last the real entries no ring names any more. Routing entries that go are deleted
 first (with the VIPs; they may name a real that is cleared at the end) and new or changed
 ones are written once the real entries they name are in place. Between two writes a packet sees
