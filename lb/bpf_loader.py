@@ -401,11 +401,14 @@ class XdpBalancer:
         many were written. Each slot is one aligned 32-bit store (atomic for readers)."""
         if not 0 <= vip_num < self.max_vips:
             raise IndexError(f"vip_num {vip_num} outside 0..{self.max_vips - 1}")
+        assert self._rings is not None
+        return self._write_slots(self._rings[vip_num], new_ring)
+
+    def _write_slots(self, cur: np.ndarray, new_ring: np.ndarray) -> int:
+        """Write the slots of the mapped ring ``cur`` that differ from ``new_ring``."""
         new = np.asarray(new_ring, dtype=np.uint32)
         if new.shape != (self.ring_size,):
             raise ValueError(f"ring has shape {new.shape}, need ({self.ring_size},)")
-        assert self._rings is not None
-        cur = self._rings[vip_num]
         changed = np.flatnonzero(cur != new)
         cur[changed] = new[changed]
         return int(changed.size)
@@ -424,14 +427,8 @@ class XdpBalancer:
         """Write the slots of previous ring ``slot`` that differ; returns how many."""
         if not 0 <= slot < constants.MAX_PREV_RINGS:
             raise IndexError(f"previous-ring slot {slot} outside 0..{constants.MAX_PREV_RINGS - 1}")
-        new = np.asarray(new_ring, dtype=np.uint32)
-        if new.shape != (self.ring_size,):
-            raise ValueError(f"ring has shape {new.shape}, need ({self.ring_size},)")
         assert self._prev is not None
-        cur = self._prev[slot]
-        changed = np.flatnonzero(cur != new)
-        cur[changed] = new[changed]
-        return int(changed.size)
+        return self._write_slots(self._prev[slot], new_ring)
 
     def prev_ref(self, vip_num: int) -> int:
         """The prev_ref word of VIP ``vip_num`` (0: no previous ring)."""

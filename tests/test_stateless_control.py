@@ -220,3 +220,29 @@ def test_metrics_and_status_count_previous_rings() -> None:
     assert "lb_prev_rings 2.0" in text
     assert 'lb_prev_rings_lost_total{reason="dropped_early"} 1.0' in text
     assert plane.views.status()["counters"]["prev_rings_dropped_early"] == 1
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_the_xdp_port_holds_what_the_userspace_port_holds() -> None:
+    """The same changes on the XDP port (prev_rings mmap'ed, prev_ref map) and on the
+    userspace port give the same previous rings and refs."""
+    from control.datapaths import XdpPort
+    from lb.bpf_loader import XdpBalancer
+
+    cfg = _cfg()
+    s = cfg.settings
+    bal = XdpBalancer(s.ring_size, s.max_vips, s.max_reals, s.conn_table_size)
+    try:
+        planes = {}
+        for name, port in (("xdp", XdpPort(bal)), ("user", UserspacePort(Sizes.of(s)))):
+            plane = open_plane(port, None, cfg)
+            plane.commands.add_real(_key(), {"address": real_addr(2), "weight": 1})
+            planes[name] = plane
+        x, u = planes["xdp"].core, planes["user"].core
+        assert x.port.prev_refs() == u.port.prev_refs() != {}
+        for slot in x.tables.prev.rings:
+            assert np.array_equal(x.port.prev_ring(slot), u.port.prev_ring(slot))
+        assert bal.prev_ref(x.tables.vip_nums[_key()]) == next(iter(x.port.prev_refs().values()))
+    finally:
+        bal.close()
