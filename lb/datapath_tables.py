@@ -57,6 +57,10 @@ class DatapathTables:
     src_routes_v6: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V6))
     real_ids: dict[IPAddress, int] = field(default_factory=dict)
     vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
+    # stateless VIPs' previous rings: uint32[MAX_PREV_RINGS, ring_size] and the per-VIP
+    # refs, uint32[max_vips] (layout.PREV_REF read as one u32); None = none at all
+    prev_rings: np.ndarray | None = None
+    prev_refs: np.ndarray | None = None
 
     def real_address(self, real_id: int) -> IPAddress | None:
         """The address of a real id, or None for 0 / an unused id."""
@@ -74,6 +78,26 @@ def routing_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         getattr(tables, "src_routes_v4", np.zeros(0, layout.SRC_ROUTE_V4)),
         getattr(tables, "src_routes_v6", np.zeros(0, layout.SRC_ROUTE_V6)),
     )
+
+
+def prev_ring_tables(tables: object) -> tuple[np.ndarray, np.ndarray]:
+    """(prev_rings, prev_refs) of ``tables``, all zero (no previous ring) where they are
+    left out. np.zeros maps its pages lazily: unused slots cost no memory."""
+    rings = getattr(tables, "prev_rings", None)
+    refs = getattr(tables, "prev_refs", None)
+    if rings is None:
+        rings = np.zeros((C.MAX_PREV_RINGS, int(tables.ring_size)), dtype=np.uint32)
+    if refs is None:
+        refs = np.zeros(int(tables.max_vips), dtype=np.uint32)
+    return np.ascontiguousarray(rings, dtype=np.uint32), np.ascontiguousarray(refs, dtype=np.uint32)
+
+
+def prev_ref_value(slots: tuple[int, ...] | list[int]) -> int:
+    """The prev_ref word of a VIP whose previous rings (newest first) are in prev_rings
+    slots ``slots`` (at most constants.PREV_RINGS_PER_VIP)."""
+    if len(slots) > C.PREV_RINGS_PER_VIP:
+        raise ValueError(f"at most {C.PREV_RINGS_PER_VIP} previous rings per VIP")
+    return sum((s + 1) << (16 * i) for i, s in enumerate(slots))
 
 
 def ctl_array(settings) -> np.ndarray:
