@@ -1022,6 +1022,7 @@ def build_guard_fixtures() -> list[Fixture]:
     tx("down real: a migrated flow over the flood rate is re-hashed, not rewritten", _syn(G_MIG, 3000, "A"),
        G_R1, 3000, (_syn(G_MIG, 3000), *three), "guard_down", lru_miss=1, down_real_migrated=1,
        flood_new_conns=1)
+    return fx
 
 
 # --- stateless VIPs: hop lists from previous rings (encap gue, mtu 1400) ------------------
