@@ -73,6 +73,20 @@ LPM_V6_KEY = np.dtype(
     {"names": ["prefixlen", "addr"], "formats": ["<u4", ("u1", 16)], "offsets": [0, 4], "itemsize": 20}
 )
 
+# CIDR VIP key (BPF_MAP_TYPE_LPM_TRIE vip_prefixes: -> VIP_META; vip_prefix_addrs, with
+# port and proto 0: -> u32 1). ``prefixlen`` (host order) counts the 32 bits of (port,
+# proto, family), matched exactly, plus the address prefix length, so one trie holds both
+# families and a lookup finds the longest prefix among the VIPs of one (port, proto). The
+# address is stored as in VIP_KEY (IPv4 in the first 4 bytes). 24 bytes.
+VIP_LPM_KEY = np.dtype(
+    {
+        "names": ["prefixlen", "port", "proto", "family", "addr"],
+        "formats": ["<u4", ">u2", "u1", "u1", ("u1", 16)],
+        "offsets": [0, 4, 6, 7, 8],
+        "itemsize": 24,
+    }
+)
+
 # Source-routing table entries (userspace form): LPM key + real id.
 SRC_ROUTE_V4 = np.dtype([("key", LPM_V4_KEY), ("real_id", "<u4")])
 SRC_ROUTE_V6 = np.dtype([("key", LPM_V6_KEY), ("real_id", "<u4")])
@@ -130,6 +144,7 @@ C_STRUCTS: dict[str, np.dtype] = {
     "vip_slot": VIP_SLOT,
     "lb_runtime": RUNTIME,
     "conn_entry": CONN_ENTRY,
+    "vip_lpm_key": VIP_LPM_KEY,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or
@@ -139,6 +154,7 @@ C_ADDR_FIELDS: dict[str, tuple[str, ...]] = {
     "vip_addr_key": ("addr",),
     "real_def": ("addr",),
     "flow_key": ("src", "dst"),
+    "vip_lpm_key": ("addr",),
 }
 
 # Structs the C side reads as 64-bit words on the stack (where the verifier wants aligned

@@ -80,6 +80,9 @@ _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants"
 #define QUIC_CID_V3 3
 #define MAX_QUIC_SERVER_IDS 65536
 #define MAX_QUIC_SERVER_ID 4294967295ULL
+#define VIP_PREFIX_MIN_V4 8
+#define VIP_PREFIX_MIN_V6 16
+#define VIP_LPM_KEY_HEAD_BITS 32
 #define MAX_SRC_ROUTES 16384
 _Static_assert(ETH_HLEN == 14, "ETH_HLEN: kernel != lb.constants");
 #define VLAN_HLEN 4
@@ -138,7 +141,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_QUIC_FALLBACK 18
 #define STAT_QUIC_UNKNOWN 19
 #define STAT_SRC_ROUTED 20
-#define N_STATS 21
+#define STAT_VIP_PREFIX_MATCHED 21
+#define N_STATS 22
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
@@ -318,3 +322,18 @@ _Static_assert(sizeof(struct conn_entry) == 16, "sizeof(struct conn_entry)");
 _Static_assert(__builtin_offsetof(struct conn_entry, tag) == 0 && sizeof(((struct conn_entry *)0)->tag) == 8, "conn_entry.tag");
 _Static_assert(__builtin_offsetof(struct conn_entry, real_id) == 8 && sizeof(((struct conn_entry *)0)->real_id) == 4, "conn_entry.real_id");
 _Static_assert(__builtin_offsetof(struct conn_entry, atime) == 12 && sizeof(((struct conn_entry *)0)->atime) == 4, "conn_entry.atime");
+
+/* lb.layout.VIP_LPM_KEY: 24 bytes. */
+struct vip_lpm_key {
+	__u32 prefixlen;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	union lb_addr addr;
+};
+_Static_assert(sizeof(struct vip_lpm_key) == 24, "sizeof(struct vip_lpm_key)");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, prefixlen) == 0 && sizeof(((struct vip_lpm_key *)0)->prefixlen) == 4, "vip_lpm_key.prefixlen");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, port) == 4 && sizeof(((struct vip_lpm_key *)0)->port) == 2, "vip_lpm_key.port");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, proto) == 6 && sizeof(((struct vip_lpm_key *)0)->proto) == 1, "vip_lpm_key.proto");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, family) == 7 && sizeof(((struct vip_lpm_key *)0)->family) == 1, "vip_lpm_key.family");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, addr) == 8 && sizeof(((struct vip_lpm_key *)0)->addr) == 16, "vip_lpm_key.addr");
