@@ -43,6 +43,8 @@ MAP_TYPES = {
     "vip_slots": (None, layout.VIP_SLOT),
     "lb_runtime": (None, layout.RUNTIME),
     "ctl": (None, layout.CTL),
+    "vip_prefixes": (layout.VIP_LPM_KEY, layout.VIP_META),
+    "vip_prefix_addrs": (layout.VIP_LPM_KEY, None),
 }
 
 

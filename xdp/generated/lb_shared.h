@@ -80,8 +80,6 @@ _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants"
 #define QUIC_CID_V3 3
 #define MAX_QUIC_SERVER_IDS 65536
 #define MAX_QUIC_SERVER_ID 4294967295ULL
-#define VIP_PREFIX_MIN_V4 8
-#define VIP_PREFIX_MIN_V6 16
 #define VIP_LPM_KEY_HEAD_BITS 32
 #define MAX_SRC_ROUTES 16384
 _Static_assert(ETH_HLEN == 14, "ETH_HLEN: kernel != lb.constants");
