@@ -464,12 +464,14 @@ class Lab:
         rings_only = (old is not None and np.array_equal(old.reals, tables.reals)
                       and np.array_equal(old.vip_keys, tables.vip_keys)
                       and np.array_equal(old.vip_metas, tables.vip_metas)
+                      and np.array_equal(old.vip_prefix_keys, tables.vip_prefix_keys)
+                      and np.array_equal(old.vip_prefix_metas, tables.vip_prefix_metas)
                       and np.array_equal(old.ctl, tables.ctl))  # settings (encap, mtu) too
         changed: int | None = 0 if rings_only else None
         for h in self.balancers():
             b = self._backends[h.name]
             if rings_only and hasattr(b, "update_ring"):
-                for num in range(len(tables.vip_keys)):
+                for num in range(len(tables.vip_keys) + len(tables.vip_prefix_keys)):
                     changed += b.update_ring(num, tables.rings[num])
             else:
                 b.load_tables(with_gateway(tables, h.gw_mac))
