@@ -337,7 +337,10 @@ class Lab:
         for v in self.vips:
             port = v.port or (HTTP_PORT if v.protocol == "tcp" else UDP_PORT)
             kind = "quic" if "quic" in v.flags else v.protocol
-            argv += [f"--{kind}", format_endpoint(v.address, port)]
+            # a CIDR VIP (tcp, checked): a wildcard socket answers every address of the
+            # prefix, each connection from the address it was made to
+            host = ("::" if v.version == 6 else "0.0.0.0") if v.is_prefix else v.address
+            argv += [f"--{kind}", format_endpoint(host, port)]
         for q in (self._user_config.quic_servers if self._user_config is not None else ()):
             if q.real in (h.real4, h.real6):
                 argv += ["--quic-id", f"{q.real}={q.id}"]
