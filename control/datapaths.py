@@ -38,7 +38,13 @@ from control.reconcile import (
     WriteReal,
     WriteRing,
 )
-from control.tables import ROUTING_TABLES, Sizes, is_prefix_record, routing_arrays, vip_arrays
+from control.tables import (
+    ROUTING_TABLES,
+    Sizes,
+    is_prefix_record,
+    routing_arrays,
+    vip_arrays,
+)
 from lb import constants as C
 from lb import layout
 from lb.datapath_tables import DatapathTables

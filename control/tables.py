@@ -38,7 +38,14 @@ import numpy as np
 from control.ids import Ids, VipKey
 from lb import constants as C
 from lb import layout
-from lb.datapath_tables import PROTOCOLS, DatapathTables, addr16, ctl_array, vip_address, vip_lpm_key
+from lb.datapath_tables import (
+    PROTOCOLS,
+    DatapathTables,
+    addr16,
+    ctl_array,
+    vip_address,
+    vip_lpm_key,
+)
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
 

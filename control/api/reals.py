@@ -34,20 +34,20 @@ def _real_routes(router: APIRouter, commands: Commands, views: Views, vip_path: 
 
     @router.get(reals_path, summary="List a VIP's reals", responses=responses(None, 404, 422),
                 response_model=list[RealView])
-    def list_reals(key: VipKey = Depends(key_of)) -> JSONResponse:
+    def list_reals(key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         gen, view = views.at_generation(views.vip_view, key)
         return JSONResponse(view["reals"], headers=etag(gen))
 
     @router.post(reals_path, summary="Add a real to a VIP", status_code=201, openapi_extra=json_body_schema("Real"),
                  responses={201: {"model": RealOfVip}, **responses(None, 404, 409, 412, 422, 503)})
-    async def add_real(request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:
+    async def add_real(request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         body = await json_body(request)
         addr, res = await run_in_threadpool(commands.add_real, key, body, if_match(request))
         return JSONResponse(await run_in_threadpool(views.real_view, key, addr), status_code=201,
                             headers=etag(res.generation))
 
     @router.get(real_path, summary="Get one real of a VIP", responses=responses(RealOfVip, 404, 422))
-    def get_real(real: str, key: VipKey = Depends(key_of)) -> JSONResponse:
+    def get_real(real: str, key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         addr = parse_real_address(real)
         gen, view = views.at_generation(views.real_view, key, addr)
         return JSONResponse(view, headers=etag(gen))
@@ -55,7 +55,7 @@ def _real_routes(router: APIRouter, commands: Commands, views: Views, vip_path: 
     @router.patch(real_path, summary="Set a real's weight, drain or undrain it",
                   openapi_extra=json_body_schema("RealPatch"),
                   responses=responses(RealOfVip, 404, 409, 412, 422, 503))
-    async def patch_real(real: str, request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:
+    async def patch_real(real: str, request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         addr = parse_real_address(real)
         body = await json_body(request)
         res = await run_in_threadpool(commands.update_real, key, addr, body, if_match(request))
@@ -63,7 +63,7 @@ def _real_routes(router: APIRouter, commands: Commands, views: Views, vip_path: 
 
     @router.delete(real_path, summary="Remove a real from a VIP", status_code=204,
                    responses=responses(None, 404, 412, 422, 503))
-    async def delete_real(real: str, request: Request, key: VipKey = Depends(key_of)) -> Response:
+    async def delete_real(real: str, request: Request, key: VipKey = Depends(key_of)) -> Response:  # noqa: B008
         addr = parse_real_address(real)
         res = await run_in_threadpool(commands.remove_real, key, addr, if_match(request))
         return Response(status_code=204, headers=etag(res.generation))

@@ -66,21 +66,23 @@ def vips_router(commands: Commands, views: Views) -> APIRouter:
 
 def _vip_routes(router: APIRouter, commands: Commands, views: Views, path: str,
                 key_of: Callable[..., VipKey]) -> None:
-    """GET, PATCH, DELETE of one VIP at ``path``, its key read by ``key_of``."""
+    """GET, PATCH, DELETE of one VIP at ``path``, its key read by ``key_of``. (``Depends``
+    as a default is FastAPI's form; an Annotated one would not resolve ``key_of``, a local,
+    under postponed annotations.)"""
 
     @router.get(path, summary="Get a VIP", responses=responses(VipView, 404, 422))
-    def get_vip(key: VipKey = Depends(key_of)) -> JSONResponse:
+    def get_vip(key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         gen, view = views.at_generation(views.vip_view, key)
         return JSONResponse(view, headers=etag(gen))
 
     @router.patch(path, summary="Change a VIP's flags, hash or health check",
                   openapi_extra=json_body_schema("VipPatch"), responses=responses(VipView, 404, 409, 412, 422, 503))
-    async def patch_vip(request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:
+    async def patch_vip(request: Request, key: VipKey = Depends(key_of)) -> JSONResponse:  # noqa: B008
         body = await json_body(request)
         res = await run_in_threadpool(commands.update_vip, key, body, if_match(request))
         return JSONResponse(await run_in_threadpool(views.vip_view, key), headers=etag(res.generation))
 
     @router.delete(path, summary="Delete a VIP", status_code=204, responses=responses(None, 404, 412, 422, 503))
-    async def delete_vip(request: Request, key: VipKey = Depends(key_of)) -> Response:
+    async def delete_vip(request: Request, key: VipKey = Depends(key_of)) -> Response:  # noqa: B008
         res = await run_in_threadpool(commands.delete_vip, key, if_match(request))
         return Response(status_code=204, headers=etag(res.generation))
