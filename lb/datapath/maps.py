@@ -145,7 +145,15 @@ def _vip_tables(tables: DatapathTables) -> tuple[KeyTable, np.ndarray, KeyTable]
     return vips, meta, addrs
 
 
+def _netmask16(family: int, plen: int) -> np.ndarray:
+    """The netmask of a prefix length as a 16-byte table address."""
+    bits = 32 if family == C.FAMILY_V4 else 128
+    mask = ((1 << bits) - (1 << (bits - plen))).to_bytes(bits // 8, "big")
+    return np.frombuffer(mask.ljust(16, b"\0"), dtype=np.uint8)
+
+
 def _prefix_vips(tables: DatapathTables) -> PrefixVips:
+    """The CIDR VIP tables of ``tables`` (maps.PrefixVips)."""
     keys, metas, addr_keys = prefix_tables(tables)
     groups: set[tuple[int, int]] = set()
 
@@ -168,9 +176,7 @@ def _prefix_vips(tables: DatapathTables) -> PrefixVips:
         meta[i] = (m["flags"], m["vip_num"])
     addrs, _ = table(addr_keys, False)
     order = sorted(groups, key=lambda g: -g[1])  # longest first
-    bits = {C.FAMILY_V4: 32, C.FAMILY_V6: 128}
-    masks = [addr_words(np.frombuffer(((1 << bits[f]) - (1 << (bits[f] - n))).to_bytes(bits[f] // 8, "big")
-                                      .ljust(16, b"\0"), np.uint8), f) for f, n in order]
+    masks = [addr_words(_netmask16(f, n), f) for f, n in order]
     return PrefixVips(vips, meta, addrs, np.array([f for f, _ in order], dtype=np.int64),
                       np.array([n for _, n in order], dtype=np.int64),
                       np.array([m[0] for m in masks], dtype=np.uint64),

@@ -1,6 +1,7 @@
 """Real selection's lookups (xdp/balancer.c ``forward``; docs/datapath.md, "The flow" and
-"Real selection"): the VIP tables (exact, and CIDR VIPs by longest prefix), the QUIC server-id table (step 0), the source-route
-longest-prefix match (step 2) and the Maglev ring with Katran's flow hash.
+"Real selection"): the VIP tables (exact, and CIDR VIPs by longest prefix), the QUIC
+server-id table (step 0), the source-route longest-prefix match (step 2) and the Maglev
+ring with Katran's flow hash.
 
 The VIP and VIP-address tables are open-addressing hash tables of (lo, hi, tail) key
 words (``used[i]`` = 0: empty); their hash is internal, never on the wire.
