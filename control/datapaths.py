@@ -165,7 +165,8 @@ class MemoryPort:
         s = self.sizes
         return DatapathTables(
             ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
-            conn_table_size=s.conn_table_size, **vip_arrays(self.vips, self.addrs), reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
+            conn_table_size=s.conn_table_size, **vip_arrays(self.vips, self.addrs),
+            reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
             ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
             **routing_arrays(self.routing))

@@ -50,7 +50,8 @@ from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
-           "vip_key_record", "is_prefix_record", "vip_arrays", "real_record", "vip_label", "ROUTING_TABLES", "routed_out",
+           "vip_key_record", "is_prefix_record", "vip_arrays", "real_record", "vip_label",
+           "ROUTING_TABLES", "routed_out",
            "quic_key_record", "src_route_key_record", "id_record"]
 
 # The routing maps, by their map names (xdp/maps.h): key -> u32 real id.
