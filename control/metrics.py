@@ -18,6 +18,7 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_conn_table_lookups_total{result}``     ``hit``, ``miss``
 ``lb_quic_packets_total{result}``           ``routed``, ``fallback``, ``unknown``
 ``lb_src_routed_packets_total``             real taken from the source-route table
+``lb_vip_prefix_matched_packets_total``     VIP found by prefix (a CIDR VIP)
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -65,6 +66,7 @@ _SINGLE = {
     "rx_packets": ("lb_rx_packets", "Frames seen by the datapath"),
     "icmp_error_forwarded": ("lb_icmp_errors_forwarded", "ICMP errors sent to the flow's real"),
     "src_routed": ("lb_src_routed_packets", "Packets whose real came from the source-route table"),
+    "vip_prefix_matched": ("lb_vip_prefix_matched_packets", "Packets whose VIP was a CIDR VIP (found by prefix)"),
 }
 
 

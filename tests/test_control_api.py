@@ -406,6 +406,7 @@ def test_cidr_vip_through_the_api(env) -> None:
     assert res.real_ids.tolist() == [rid, rid, 0]
     assert [int(res.stats[C.STAT_INDEX[n]]) for n in ("tx_encap", "vip_prefix_matched", "pass_not_vip")] == [2, 2, 1]
     assert api.get("/v1/stats/global").json()["counters"]["vip_prefix_matched"] == 2
+    assert "lb_vip_prefix_matched_packets_total 2.0" in api.get("/metrics").text
     sim = api.post("/v1/simulate", json={"src": "198.18.0.9", "dst": "198.18.64.77", "sport": 1, "dport": 80,
                                         "protocol": "tcp"}).json()
     assert sim["action"] == "TX" and sim["real_id"] == rid
