@@ -10,8 +10,7 @@ from typing import Any
 from control.errors import Invalid
 from control.ids import VipKey
 from lb import constants as C
-from lb.config import _canonical_prefix  # the config's own prefix rule, for prefixes in URLs
-from lb.config import _canonical_vip_address  # and its VIP address rule (an address or a prefix)
+from lb.config import _canonical_prefix, _canonical_vip_address  # the config's own rules, for URLs
 
 __all__ = ["ROUTING_SECTIONS", "parse_vip_key", "parse_real_address", "parse_quic_id", "parse_prefix",
            "routing_key"]
