@@ -10,7 +10,10 @@ from typing import Any
 from control.errors import Invalid
 from control.ids import VipKey
 from lb import constants as C
-from lb.config import _canonical_prefix, _canonical_vip_address  # the config's own rules, for URLs
+from lb.config import (  # the config's own rules, for URLs
+    _canonical_prefix,
+    _canonical_vip_address,
+)
 
 __all__ = ["ROUTING_SECTIONS", "parse_vip_key", "parse_real_address", "parse_quic_id", "parse_prefix",
            "routing_key"]
