@@ -132,8 +132,8 @@ def real_record(address: str, local: bool) -> bytes:
     return rec.tobytes()
 
 
-def ctl_record(settings: Any) -> bytes:
-    return ctl_array(settings).tobytes()
+def ctl_record(settings: Any, cidr_vips: bool = False) -> bytes:
+    return ctl_array(settings, cidr_vips).tobytes()
 
 
 EMPTY_REAL = bytes(layout.REAL.itemsize)
@@ -440,7 +440,7 @@ def build_tables(
         vips=_frozen({p.key_rec: p.meta_rec for p in parts.values()}),
         vip_addrs=frozenset(p.addr_rec for p in parts.values()),
         reals=_frozen(reals),
-        ctl=ctl_record(s),
+        ctl=ctl_record(s, any(is_prefix_record(p.key_rec) for p in parts.values())),
         rings=_frozen({p.num: p.ring for p in parts.values()}),
         ring_inputs=_frozen({p.num: p.ring_input for p in parts.values()}),
         vip_nums=_frozen({k: p.num for k, p in parts.items()}),

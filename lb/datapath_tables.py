@@ -110,9 +110,11 @@ def prefix_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def ctl_array(settings) -> np.ndarray:
-    """The single ctl entry (layout.CTL) for an :class:`lb.config.Settings`."""
+def ctl_array(settings, cidr_vips: bool = False) -> np.ndarray:
+    """The single ctl entry (layout.CTL) for an :class:`lb.config.Settings`; ``cidr_vips``:
+    whether any VIP is a CIDR VIP."""
     ctl = np.zeros(1, dtype=layout.CTL)
+    ctl[0]["cidr_vips"] = int(cidr_vips)
     ctl[0]["gw_mac"] = np.frombuffer(mac_bytes(settings.gateway_mac), dtype=np.uint8)
     ctl[0]["max_frame"] = settings.max_frame_size
     ctl[0]["mtu"] = settings.mtu or 0
@@ -219,7 +221,7 @@ def compile_tables(cfg) -> DatapathTables:
         vip_addr_keys=vip_addr_keys,
         reals=reals,
         rings=rings,
-        ctl=ctl_array(s),
+        ctl=ctl_array(s, cidr_vips=bool(prefix_keys)),
         quic_servers=quic_servers,
         src_routes_v4=src_v4,
         src_routes_v6=src_v6,

@@ -54,12 +54,15 @@ FLOW_KEY = np.dtype(
 )
 
 # Control values (single entry). 36 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
-# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses.
+# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; ``cidr_vips`` 1 if any CIDR
+# VIP exists (else the prefix lookups are skipped: without CIDR VIPs no frame pays for
+# them); GUE outer source addresses.
 CTL = np.dtype(
     {
-        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "gue_src_v4", "gue_src_v6"],
-        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", ("u1", 4), ("u1", 16)],
-        "offsets": [0, 6, 8, 10, 12, 16, 20],
+        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "cidr_vips", "gue_src_v4",
+                  "gue_src_v6"],
+        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", "u1", ("u1", 4), ("u1", 16)],
+        "offsets": [0, 6, 8, 10, 12, 13, 16, 20],
         "itemsize": 36,
     }
 )

@@ -318,17 +318,19 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		vip_num = pkt->vip.vip_num;
 	} else {
 		const __u64 *dst = (const __u64 *)&pkt->flow.dst;
+		struct ctl_value *cc = ctl.lookup(&zero);
+		int cidr = cc && cc->cidr_vips; /* no CIDR VIP: no prefix lookup */
 
 		vk.w0 = dst[0];
 		vk.w1 = dst[1];
 		vk.w2 = vip_tail(pkt->flow.dport, pkt->flow.proto, pkt->flow.family);
 		meta = vip_find(&vk);
-		if (!meta) /* then the longest prefix with the port */
+		if (!meta && cidr) /* then the longest prefix with the port */
 			meta = vip_prefix_find(&pkt->flow, pkt->flow.dport);
 		if (!meta) {
 			vk.w2 = vip_tail(0, pkt->flow.proto, pkt->flow.family);
 			meta = vip_find(&vk);
-			if (!meta)
+			if (!meta && cidr)
 				meta = vip_prefix_find(&pkt->flow, 0);
 			if (!meta) {
 				*stat = STAT_PASS_NOT_VIP; /* row 14 */
@@ -531,12 +533,12 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 
 	if (LB_SKIP_VIP_LOOKUP)
 		return 0;
-	if (!pkt->vip_found && !vip_addrs.lookup(ak) && !vip_prefix_addr(ak)) {
+	c = ctl.lookup(&zero);
+	if (!pkt->vip_found && !vip_addrs.lookup(ak) && !(c && c->cidr_vips && vip_prefix_addr(ak))) {
 		*stat = STAT_PASS_NOT_VIP; /* row 5 */
 		*action = XDP_PASS;
 		return -1;
 	}
-	c = ctl.lookup(&zero);
 	if (!c || pkt->frame_len > c->max_frame) {
 		*stat = STAT_DROP_OVERSIZE; /* row 6 */
 		*action = XDP_DROP;

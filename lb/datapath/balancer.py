@@ -45,7 +45,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
     """
     ((vip_keys, vip_used, vip_mask), vip_meta, (va_keys, va_used, va_mask),
      (real_addr, real_family, real_flags), (rings, ring_size, ch_seed, v6_seed),
-     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6), (quic_ids, quic_reals),
+     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, cidr_vips), (quic_ids, quic_reals),
      (lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals), (lpm6_lens, lpm6_starts, lpm6_hi, lpm6_lo, lpm6_reals),
      ((pv_keys, pv_used, pv_mask), pv_meta, (pa_keys, pa_used, pa_mask), pg_fam, pg_len, pg_mlo, pg_mhi),
      (ct_tags, ct_ent, ct_mask, clock)) = maps
@@ -115,8 +115,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
 
         dlo, dhi = addr_words(p, dst_off, family)
         if (key_lookup(va_keys, va_used, va_mask, dlo, dhi, np.uint64(family)) < 0
-                and prefix_lookup(pa_keys, pa_used, pa_mask, pg_fam, pg_len, pg_mlo, pg_mhi, family,
-                                  dlo, dhi, family) < 0):
+                and (cidr_vips == 0 or prefix_lookup(pa_keys, pa_used, pa_mask, pg_fam, pg_len, pg_mlo,
+                                                     pg_mhi, family, dlo, dhi, family) < 0)):
             stats[C.STAT_PASS_NOT_VIP] += 1  # row 5
             copy(out, 0, p, 0, n)
             actions[i], out_lens[i], real_ids[i] = C.XDP_PASS, n, 0
@@ -199,13 +199,13 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
         # ---- VIP lookup: exact, longest prefix; then both again with port 0
         vi = key_lookup(vip_keys, vip_used, vip_mask, dlo, dhi, vip_tail(dport, proto, family))
         by_prefix = False
-        if vi < 0:
+        if vi < 0 and cidr_vips != 0:
             vi = prefix_lookup(pv_keys, pv_used, pv_mask, pg_fam, pg_len, pg_mlo, pg_mhi, family,
                                dlo, dhi, vip_tail(dport, proto, family))
             by_prefix = vi >= 0
         if vi < 0:
             vi = key_lookup(vip_keys, vip_used, vip_mask, dlo, dhi, vip_tail(0, proto, family))
-            if vi < 0:
+            if vi < 0 and cidr_vips != 0:
                 vi = prefix_lookup(pv_keys, pv_used, pv_mask, pg_fam, pg_len, pg_mlo, pg_mhi, family,
                                    dlo, dhi, vip_tail(0, proto, family))
                 by_prefix = vi >= 0

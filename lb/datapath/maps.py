@@ -50,6 +50,7 @@ class Ctl(NamedTuple):
     gue_port: int  # host order
     gue_src_v4: np.ndarray  # uint8[4]
     gue_src_v6: np.ndarray  # uint8[16]
+    cidr_vips: int  # 1: some VIP is a CIDR VIP (the prefix lookups run)
 
 
 class QuicServers(NamedTuple):
@@ -240,7 +241,7 @@ def build_maps(tables: DatapathTables, conn: ConnTable) -> Maps:
               tables.max_vips),
         Ctl(np.array(ctl["gw_mac"], dtype=np.uint8), int(ctl["max_frame"]), int(ctl["mtu"]),
             int(ctl["encap"]), int(ctl["gue_port"]), np.array(ctl["gue_src_v4"], dtype=np.uint8),
-            np.array(ctl["gue_src_v6"], dtype=np.uint8)),
+            np.array(ctl["gue_src_v6"], dtype=np.uint8), int(ctl["cidr_vips"])),
         QuicServers(np.ascontiguousarray(quic["server_id"][order], dtype=np.int64),
                     np.ascontiguousarray(quic["real_id"][order], dtype=np.int64)),
         _src_routes_v4(src_v4), _src_routes_v6(src_v6), _prefix_vips(tables), conn,

@@ -258,7 +258,8 @@ struct ctl_value {
 	__u16 mtu;
 	__be16 gue_port;
 	__u8 encap;
-	__u8 pad[3];
+	__u8 cidr_vips;
+	__u8 pad[2];
 	__u8 gue_src_v4[4];
 	__u8 gue_src_v6[16];
 };
@@ -268,7 +269,8 @@ _Static_assert(__builtin_offsetof(struct ctl_value, max_frame) == 6 && sizeof(((
 _Static_assert(__builtin_offsetof(struct ctl_value, mtu) == 8 && sizeof(((struct ctl_value *)0)->mtu) == 2, "ctl_value.mtu");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_port) == 10 && sizeof(((struct ctl_value *)0)->gue_port) == 2, "ctl_value.gue_port");
 _Static_assert(__builtin_offsetof(struct ctl_value, encap) == 12 && sizeof(((struct ctl_value *)0)->encap) == 1, "ctl_value.encap");
-_Static_assert(__builtin_offsetof(struct ctl_value, pad) == 13 && sizeof(((struct ctl_value *)0)->pad) == 3, "ctl_value.pad");
+_Static_assert(__builtin_offsetof(struct ctl_value, cidr_vips) == 13 && sizeof(((struct ctl_value *)0)->cidr_vips) == 1, "ctl_value.cidr_vips");
+_Static_assert(__builtin_offsetof(struct ctl_value, pad) == 14 && sizeof(((struct ctl_value *)0)->pad) == 2, "ctl_value.pad");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v4) == 16 && sizeof(((struct ctl_value *)0)->gue_src_v4) == 4, "ctl_value.gue_src_v4");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v6) == 20 && sizeof(((struct ctl_value *)0)->gue_src_v6) == 16, "ctl_value.gue_src_v6");
 
