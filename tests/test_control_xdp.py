@@ -4,6 +4,8 @@ through the program goes where the desired tables say."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from control_helpers import make_config, real_addr, tables_for, vip_dict
