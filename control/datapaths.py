@@ -9,7 +9,7 @@
   :class:`lb.userspace_io.UserspaceBalancer` (hosts without XDP);
 * :class:`XdpPort` writes the BPF maps of an :class:`lb.bpf_loader.XdpBalancer`:
   element updates for VIPs, reals and the routing maps (QUIC server ids, source-route
-  LPM tries), the mmap'ed ring array for slots.
+  LPM tries), the mmap'ed ring array for slots and the mmap'ed down set for its words.
 
 Every port can describe its current contents (the :class:`~control.reconcile.DatapathView`
 half), so the reconciler can diff against what is really there, e.g. pinned maps left by
@@ -38,13 +38,14 @@ from control.reconcile import (
     PutVipAddr,
     ResetCounters,
     WriteCtl,
+    WriteDownWord,
     WriteReal,
     WriteRing,
 )
 from control.tables import ROUTING_TABLES, Sizes, routing_arrays
 from lb import constants as C
 from lb import layout
-from lb.datapath_tables import DatapathTables
+from lb.datapath_tables import DatapathTables, empty_down_set
 
 __all__ = ["FAULT_RING_WRITE_DELAY", "ConnEntry", "MemoryPort", "Stats", "UserspaceIoPort", "UserspacePort",
            "XdpPort", "fault_ring_write_delay"]
@@ -133,6 +134,7 @@ class MemoryPort:
         self.routing: dict[str, dict[bytes, bytes]] = {name: {} for name in ROUTING_TABLES}
         # lazily zero pages: costs memory only for the rows in use
         self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
+        self.down = empty_down_set(sizes.max_vips, sizes.max_reals)  # written in place, as rings
         self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
         self.real_stats = np.zeros((sizes.max_reals, REAL_COLS), dtype=np.int64)
         self.fail = fail
@@ -159,6 +161,10 @@ class MemoryPort:
 
     def routing_entries(self, table: str) -> dict[bytes, bytes]:
         return dict(self.routing[table])
+
+    def down_words(self) -> dict[int, int]:
+        flat = self.down.reshape(-1)
+        return {int(i): int(flat[i]) for i in np.flatnonzero(flat)}
 
     # writes
     def apply(self, op: Op) -> None:
@@ -189,6 +195,8 @@ class MemoryPort:
             entries[op.key] = op.new
         elif isinstance(op, DeleteEntry):
             self.routing[op.table].pop(op.key, None)
+        elif isinstance(op, WriteDownWord):
+            self.down.reshape(-1)[op.index] = np.uint64(op.new)
         elif isinstance(op, ResetCounters):
             (self.vip_stats if op.table == "vip" else self.real_stats)[op.index] = 0
         else:  # pragma: no cover
@@ -211,7 +219,7 @@ class MemoryPort:
             vip_addr_keys=addrs, reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
             ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
-            **routing_arrays(self.routing))
+            **routing_arrays(self.routing), down_set=self.down)
 
     # stats
     def read_stats(self) -> Stats:
@@ -251,9 +259,9 @@ class UserspacePort(MemoryPort):
 
 class UserspaceIoPort(MemoryPort):
     """The numba datapath on a real interface (:class:`lb.userspace_io.UserspaceBalancer`:
-    AF_PACKET ring in, frames out of the same interface). Ring slots are written in place
-    in the array its loop reads (each an aligned 32-bit store, as with XDP); VIP, real and
-    control changes take effect at :meth:`commit`, between two batches. Its connection
+    AF_PACKET ring in, frames out of the same interface). Ring slots and down-set words
+    are written in place in the arrays its loop reads (aligned 32-/64-bit stores, as with
+    XDP); VIP, real and control changes take effect at :meth:`commit`, between two batches. Its connection
     table and counters live in the process: a restart starts them afresh."""
 
     kind = "userspace"
@@ -349,6 +357,9 @@ class XdpPort:
     def ring(self, vip_num: int) -> np.ndarray:
         return self.bal.ring(vip_num)
 
+    def down_words(self) -> dict[int, int]:
+        return self.bal.down_words()
+
     def routing_entries(self, table: str) -> dict[bytes, bytes]:
         if table == "quic_servers":  # a hash map: one batch lookup
             return self._hash_entries(table, 4, 4)
@@ -393,6 +404,8 @@ class XdpPort:
             B.map_update(self._fd(op.table), op.key, op.new)
         elif isinstance(op, DeleteEntry):
             B.map_delete(self._fd(op.table), op.key)
+        elif isinstance(op, WriteDownWord):
+            self.bal.write_down_word(op.index, op.new)
         elif isinstance(op, ResetCounters):
             fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
             cols = COLS if op.table == "vip" else REAL_COLS

@@ -57,6 +57,13 @@ class DatapathTables:
     src_routes_v6: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V6))
     real_ids: dict[IPAddress, int] = field(default_factory=dict)
     vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
+    # uint64[max_vips, down_row_words(max_reals)] (layout.DOWN_WORD): the (VIP, real) pairs
+    # the health checks hold down; None: none (an all-zero set is made)
+    down_set: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.down_set is None:
+            self.down_set = empty_down_set(self.max_vips, self.max_reals)
 
     def real_address(self, real_id: int) -> IPAddress | None:
         """The address of a real id, or None for 0 / an unused id."""
@@ -64,6 +71,26 @@ class DatapathTables:
         if real_id == 0 or entry["family"] == C.FAMILY_NONE:
             return None
         return addr_from16(entry["addr"], int(entry["family"]))
+
+
+def empty_down_set(max_vips: int, max_reals: int) -> np.ndarray:
+    """An all-zero down set (lazily zero pages: it costs memory only where bits are set)."""
+    return np.zeros((max_vips, C.down_row_words(max_reals)), dtype=layout.DOWN_WORD)
+
+
+def down_bit(vip_num: int, real_id: int, max_reals: int) -> tuple[int, int]:
+    """(word index, bit mask) of the pair (``vip_num``, ``real_id``) in the flat down set."""
+    return (vip_num * C.down_row_words(max_reals) + real_id // C.DOWN_WORD_BITS,
+            1 << (real_id % C.DOWN_WORD_BITS))
+
+
+def down_set_of(tables: object) -> np.ndarray:
+    """The down set of ``tables`` (2-D, layout.DOWN_WORD), all zero where a hand-built
+    table set (tests, benchmarks) has none."""
+    down = getattr(tables, "down_set", None)
+    if down is None:
+        return empty_down_set(tables.max_vips, tables.max_reals)  # type: ignore[attr-defined]
+    return down
 
 
 def routing_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
