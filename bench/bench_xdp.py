@@ -118,6 +118,14 @@ FRAME_SIZE = 64
 MIN_TCP_FRAME = {4: 64, 6: 74}  # Ethernet + IP + TCP headers (IPv6: 14 + 40 + 20)
 VIPS = {(4, "lru"): "198.19.200.1", (4, "lru_bypass"): "198.19.200.2",
         (6, "lru"): "2001:db8:200::1", (6, "lru_bypass"): "2001:db8:200::2"}
+# Stateless VIPs (part s), on a second balancer loaded with encap gue, which they need:
+# a default LRU VIP under GUE for reference, a stateless VIP without a previous ring and
+# one whose previous ring lacks the 100th real (the ring after adding a real: ~1% of the
+# flows carry a hop list of two reals, every frame reads the previous ring).
+STATELESS_VIPS = {(4, "gue_lru"): "198.19.201.1", (4, "stateless"): "198.19.201.2",
+                  (4, "stateless_prev"): "198.19.201.3", (6, "gue_lru"): "2001:db8:201::1",
+                  (6, "stateless"): "2001:db8:201::2", (6, "stateless_prev"): "2001:db8:201::3"}
+STATELESS_KINDS = ("gue_lru", "stateless", "stateless_prev")
 REALS = {4: [f"198.19.250.{i + 1}" for i in range(100)],
          6: [f"2001:db8:300::{i + 1:x}" for i in range(100)]}
 SRC = {4: "198.18.0.1", 6: "2001:db8:1::1"}
@@ -148,6 +156,31 @@ def bench_config(gateway_mac: str, conn_table_size: int = C.CONN_TABLE_SIZE):
     return parse_config({"settings": {"gateway_mac": gateway_mac,
                                       "conn_table_size": conn_table_size},
                          "vips": vips})
+
+
+def stateless_tables(gateway_mac: str, conn_table_size: int):
+    """The stateless balancer's tables (STATELESS_VIPS, encap gue, 100 reals each): the
+    ``stateless_prev`` VIPs get a previous ring built without their last real."""
+    from lb.datapath_tables import prev_ref_value
+    from lb.maglev import ring_for
+
+    vips = [{"address": addr, "port": DPORT, "protocol": "tcp",
+             "flags": [] if kind == "gue_lru" else ["stateless"],
+             "reals": [{"address": r} for r in REALS[family]]}
+            for (family, kind), addr in STATELESS_VIPS.items()]
+    cfg = parse_config({"settings": {"gateway_mac": gateway_mac, "conn_table_size": conn_table_size,
+                                     "encap": "gue", "gue": {"source_v4": "198.18.0.254",
+                                                             "source_v6": "2001:db8:fffe::254"}},
+                        "vips": vips})
+    t = compile_tables(cfg)
+    t.prev_rings = np.zeros((C.MAX_PREV_RINGS, t.ring_size), dtype=np.uint32)
+    t.prev_refs = np.zeros(t.max_vips, dtype=np.uint32)
+    for slot, family in enumerate((4, 6)):
+        reals = [(a, 1, t.real_ids[ipaddress.ip_address(a)]) for a in REALS[family][:-1]]
+        t.prev_rings[slot] = ring_for(reals, t.ring_size)
+        num = list(STATELESS_VIPS).index((family, "stateless_prev"))
+        t.prev_refs[num] = prev_ref_value([slot])
+    return t
 
 
 @dataclass(frozen=True)
@@ -374,10 +407,12 @@ class XdpBench:
         self.frames, self.reps = frames, reps
         self.conn_table_size = conn_table_size
         self.load_high, self.max_reruns = load_high, max_reruns
+        self._gateway = "02:00:00:00:00:01"
         self.warm_frames = warm_frames
         self.console = console or Console()
         self.gen = PacketGenerator()
         self.bal = None
+        self._stateless = None  # loaded on first use (part s)
         try:
             tables = compile_tables(bench_config("02:00:00:00:00:01", conn_table_size))
             self.bal = XdpBalancer.from_tables(tables)
@@ -389,6 +424,9 @@ class XdpBench:
         if self.bal is not None:
             self.bal.close()
         self.bal = None
+        if self._stateless is not None:
+            self._stateless.close()
+        self._stateless = None
         if self.gen is not None:
             self.gen.close()
             self.gen = None
@@ -408,9 +446,25 @@ class XdpBench:
             self.bal.close()
         self.bal = None
         self.bal = XdpBalancer.from_tables(tables)
+        if self._stateless is not None:
+            self._stateless.close()
+        self._stateless = None
+
+    def stateless_balancer(self) -> Any:
+        """The second balancer (encap gue) with the STATELESS_VIPS, loaded on first use
+        with the gateway of the last set_gateway."""
+        from lb.bpf_loader import XdpBalancer
+
+        if self._stateless is None:
+            self._stateless = XdpBalancer.from_tables(
+                stateless_tables(self._gateway, self.conn_table_size))
+        return self._stateless
 
     def set_gateway(self, mac: str) -> None:
+        self._gateway = mac
         self.bal.load_tables(compile_tables(bench_config(mac, self.conn_table_size)))
+        if self._stateless is not None:
+            self._stateless.load_tables(stateless_tables(mac, self.conn_table_size))
 
     # --- one run ---------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 (s) side by side: the no-balancer stub, Katran's balancer (``--katran DIR``, see
     bench/katran.py: its VIP flag LRU bypass as a second program) and the project's
-    balancer in each mode (default LRU VIP, lru_bypass VIP, per-CPU connection-table
-    maps) in harness (a) (generator -> tail call -> program -> XDP_TX -> veth -> sink,
-    sink NAPI in softirq: generator, program and sink on --gen-cpu). Short runs
+    balancer in each mode (default LRU VIP, lru_bypass VIP; and on a second balancer with
+    encap gue, which stateless VIPs need: a default LRU VIP, a stateless VIP, and a
+    stateless VIP with a previous ring, ~1% of its flows sent with a hop list) in harness
+    (a) (generator -> tail call -> program -> XDP_TX -> veth -> sink, sink NAPI in
+    softirq: generator, program and sink on --gen-cpu). Short runs
     (--round-frames, 300k) of every program one after the other make a round; after a
     warm-up pass that fills the connection tables, --rounds (15) rounds are measured.
     Reported per program: median and best Mpps (frames / the kernel's run time), and
@@ -41,7 +43,8 @@ STAGE_FLOWS = (1_000, 100_000)
 ROUNDS = 15
 ROUND_FRAMES = 300_000
 LABELS = {"stub": "no balancer", "katran": "Katran", "katran_lru_bypass": "Katran lru_bypass",
-          "lru": "ours (default)", "lru_bypass": "ours lru_bypass"}
+          "lru": "ours (default)", "lru_bypass": "ours lru_bypass", "gue_lru": "ours GUE (default)",
+          "stateless": "ours stateless", "stateless_prev": "ours stateless, previous ring"}
 STAGES = ("parse", "vip_lookup", "conn_table", "ring", "encap")
 # stage -> (program, base program) of part t
 STAGE_PAIRS = {"parse": ("s1", "stub"), "vip_lookup": ("s2", "s1"), "conn_table": ("s3", "s2"),
@@ -91,6 +94,10 @@ def side_programs(xb: bx.XdpBench, stub_fd: int, family: int,
                   bx.Program("katran_lru_bypass", katran.prog_fd, bypass)]
     progs += [bx.Program("lru", xb.bal.prog_fd, lru, xb.bal, True),
               bx.Program("lru_bypass", xb.bal.prog_fd, bypass, xb.bal)]
+    # stateless VIPs need encap gue: a second balancer, with a GUE default VIP beside them
+    sl = xb.stateless_balancer()
+    progs += [bx.Program(k, sl.prog_fd, bx.STATELESS_VIPS[(family, k)], sl, k == "gue_lru")
+              for k in bx.STATELESS_KINDS]
     return progs
 
 

@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from control.core import Core
@@ -104,6 +104,8 @@ class Commands:
                     raise Conflict(str(e)) from None
             new = DesiredState(cfg, ids, drained, old.generation + 1, old.seed_digest)
             tables = core.build(new, core.tables)
+            # the stateless VIPs' previous rings go with the change into the store
+            new = replace(new, ring_history=tables.history)
             summary = core.write(tables, core.tables)
             if core.store is not None:
                 try:

@@ -12,16 +12,19 @@ rebuilt from the desired state and the verdicts together (:meth:`Core.build`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from control.errors import DatapathFailure, Invalid
 from control.health_probing import Target, TargetKey
 from control.reconcile import ApplyError, DatapathPort, RollbackError, apply, plan
+from control.ring_history import merge, next_history, prev_ring_tables
 from control.store import DesiredState, StateError, Store
-from control.tables import DesiredTables, Sizes, build_tables, vip_label
+from control.tables import DesiredTables, Sizes, build_tables, ring_of, vip_label
 
 __all__ = ["Core"]
 
@@ -33,7 +36,8 @@ class Core:
     reader and writer holds :attr:`lock`."""
 
     def __init__(self, port: DatapathPort, state: DesiredState, store: Store | None = None,
-                 health: Mapping[TargetKey, bool] | None = None) -> None:
+                 health: Mapping[TargetKey, bool] | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if Sizes.of(state.config.settings) != port.sizes:
             raise StateError(f"the state's sizes {Sizes.of(state.config.settings)} differ from the "
                              f"datapath's {port.sizes}")
@@ -47,7 +51,11 @@ class Core:
         self.dirty = True  # the datapath may differ from self.tables: reconcile fully
         self.last_reconcile: dict[str, Any] | None = None
         self.counters: dict[str, int] = {"changes": 0, "changes_failed": 0, "health_transitions": 0,
-                                         "ring_slots_written": 0, "rollbacks": 0}
+                                         "ring_slots_written": 0, "rollbacks": 0,
+                                         "prev_rings_dropped_early": 0, "prev_rings_no_slot": 0}
+        # stateless VIPs' previous rings expire by this clock (seconds since the epoch: the
+        # history is persisted and shared); injected so tests need not wait
+        self.wall_clock = wall_clock
         self.on_health: list[Callable[[TargetKey, bool, str], None]] = []
         # called with the settings whenever the datapath was written with settings other
         # than the last ones announced (the tunnel prober follows settings.encap / gue)
@@ -82,9 +90,37 @@ class Core:
         targets = self.targets(state)
         down = {k for k, up in self.health.items() if not up and k in targets}
         try:
-            return build_tables(state.config, state.ids, state.drained, down, prev)
+            tables = build_tables(state.config, state.ids, state.drained, down, prev)
         except ValueError as e:  # e.g. more reals than ring slots
             raise Invalid([("reals", str(e))], "cannot build the rings") from None
+        return self._with_prev_rings(state, tables, prev if prev is not None else self.tables)
+
+    def _with_prev_rings(self, state: DesiredState, tables: DesiredTables, ref: DesiredTables | None
+                         ) -> DesiredTables:
+        """``tables`` with the stateless VIPs' previous rings (control.ring_history): a ring
+        that differs from ``ref``'s (the tables in the datapath) is kept for
+        settings.second_chance_s. The state's stored history counts when ``ref`` was not
+        built from it (start-up, a state adopted from the fleet)."""
+        base = ref.history if ref is not None else {}
+        if ref is None or ref.generation != state.generation:
+            base = merge(base, state.ring_history)
+        now = self.wall_clock()
+        history, dropped = next_history(base, ref.parts if ref is not None else None, tables.parts,
+                                        now, state.config.settings.second_chance_s)
+        if not history and (ref is None or not ref.prev.rings):
+            return dataclasses.replace(tables, generation=state.generation)
+        prev = prev_ring_tables(history, tables.vip_nums, tables.real_ids, tables.sizes.ring_size,
+                                ref.prev if ref is not None else None, ring_of)
+        for key in dropped:
+            self.counters["prev_rings_dropped_early"] += 1
+            log.warning("%s: a third ring change inside settings.second_chance_s: its oldest previous"
+                        " ring is dropped early; connections begun under it whose real no ring keeps"
+                        " may break", vip_label(key))
+        for key in prev.skipped:
+            self.counters["prev_rings_no_slot"] += 1
+            log.error("%s: no free previous-ring slot (%d in use): its ring change is not softened;"
+                      " connections whose real changed may break", vip_label(key), len(prev.rings))
+        return dataclasses.replace(tables, history=history, prev=prev, generation=state.generation)
 
     def write(self, tables: DesiredTables, prev: DesiredTables | None) -> dict[str, int]:
         """Write the differences between the datapath and ``tables`` (only the rings and

@@ -39,6 +39,8 @@ from control.reconcile import (
     ResetCounters,
     WriteCtl,
     WriteDownWord,
+    WritePrevRef,
+    WritePrevRing,
     WriteReal,
     WriteRing,
 )
@@ -135,6 +137,8 @@ class MemoryPort:
         # lazily zero pages: costs memory only for the rows in use
         self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
         self.down = empty_down_set(sizes.max_vips, sizes.max_reals)  # written in place, as rings
+        self.prev_rings = np.zeros((C.MAX_PREV_RINGS, sizes.ring_size), dtype=np.uint32)
+        self.prev_ref_words = np.zeros(sizes.max_vips, dtype=np.uint32)
         self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
         self.real_stats = np.zeros((sizes.max_reals, REAL_COLS), dtype=np.int64)
         self.fail = fail
@@ -165,6 +169,12 @@ class MemoryPort:
     def down_words(self) -> dict[int, int]:
         flat = self.down.reshape(-1)
         return {int(i): int(flat[i]) for i in np.flatnonzero(flat)}
+
+    def prev_ring(self, slot: int) -> np.ndarray:
+        return self.prev_rings[slot].copy()
+
+    def prev_refs(self) -> dict[int, int]:
+        return {int(i): int(self.prev_ref_words[i]) for i in np.flatnonzero(self.prev_ref_words)}
 
     # writes
     def apply(self, op: Op) -> None:
@@ -199,6 +209,10 @@ class MemoryPort:
             self.down.reshape(-1)[op.index] = np.uint64(op.new)
         elif isinstance(op, ResetCounters):
             (self.vip_stats if op.table == "vip" else self.real_stats)[op.index] = 0
+        elif isinstance(op, WritePrevRing):
+            self.prev_rings[op.slot, op.slots] = op.new
+        elif isinstance(op, WritePrevRef):
+            self.prev_ref_words[op.vip_num] = op.new
         else:  # pragma: no cover
             raise TypeError(f"unknown op {op!r}")
         self.writes.append(op)
@@ -219,7 +233,8 @@ class MemoryPort:
             vip_addr_keys=addrs, reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
             ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
-            **routing_arrays(self.routing), down_set=self.down)
+            **routing_arrays(self.routing), prev_rings=self.prev_rings, prev_refs=self.prev_ref_words,
+            down_set=self.down)
 
     # stats
     def read_stats(self) -> Stats:
@@ -360,6 +375,15 @@ class XdpPort:
     def down_words(self) -> dict[int, int]:
         return self.bal.down_words()
 
+    def prev_ring(self, slot: int) -> np.ndarray:
+        return self.bal.prev_ring(slot)
+
+    def prev_refs(self) -> dict[int, int]:
+        keys, values, n = self._B.map_lookup_batch(self._fd("prev_ref"), 4, 4)
+        nums = np.frombuffer(keys, dtype="<u4", count=n)
+        words = np.frombuffer(values, dtype="<u4", count=n)
+        return {int(nums[i]): int(words[i]) for i in np.flatnonzero(words)}
+
     def routing_entries(self, table: str) -> dict[bytes, bytes]:
         if table == "quic_servers":  # a hash map: one batch lookup
             return self._hash_entries(table, 4, 4)
@@ -411,6 +435,12 @@ class XdpPort:
             cols = COLS if op.table == "vip" else REAL_COLS
             for col in range(cols):
                 B.map_update(fd, (op.index * cols + col).to_bytes(4, "little"), self._zeros)
+        elif isinstance(op, WritePrevRing):
+            ring = self.bal.prev_ring(op.slot)
+            ring[op.slots] = op.new
+            self.bal.update_prev_ring(op.slot, ring)
+        elif isinstance(op, WritePrevRef):
+            self.bal.set_prev_ref(op.vip_num, op.new)
         else:  # pragma: no cover
             raise TypeError(f"unknown op {op!r}")
 

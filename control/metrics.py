@@ -164,6 +164,13 @@ class _DatapathCollector(Collector):
         ch.add_metric(["refused_or_failed"], core.counters["changes_failed"])
         ch.add_metric(["rolled_back"], core.counters["rollbacks"])
         yield ch
+        yield GaugeMetricFamily("lb_prev_rings", "Previous rings of stateless VIPs in the datapath",
+                                value=len(tb.prev.rings) if tb is not None else 0)
+        pl = CounterMetricFamily("lb_prev_rings_lost", "Previous rings of stateless VIPs not kept for"
+                                 " their whole window", labels=["reason"])
+        pl.add_metric(["dropped_early"], core.counters["prev_rings_dropped_early"])
+        pl.add_metric(["no_slot"], core.counters["prev_rings_no_slot"])
+        yield pl
 
 
 class _StoreCollector(Collector):

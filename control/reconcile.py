@@ -16,15 +16,17 @@ The order keeps a live datapath consistent at every step and within the maps' si
 VIPs that go (and addresses only they used) first — the VIP hash maps hold max_vips
 entries, so adding before deleting could overflow them, and a VIP number handed to a new
 VIP must not be reachable through the old one while its ring is rewritten —; then real
-entries before the rings that name them, rings before the VIP entries that lead to them,
-and last the real entries no ring names any more. Routing entries that go are deleted
-first (with the VIPs; they may name a real that is cleared at the end) and new or changed
-ones are written once the real entries they name are in place. Between two writes a
-packet sees either the old or the new value of each slot, never a VIP without its address
-entry, a ring slot naming an empty real, or a ring naming a real that is down for its VIP.
-(One exception, only when every real id has been used once: an id freed and handed to a
-new real in the same change names the new real before the old VIP rings are rewritten;
-the allocator reuses the id freed longest ago to make that rare.)
+entries before the rings that name them, stateless VIPs' previous rings (``prev_rings``
+slots, then the ``prev_ref`` words naming them) before the rings change, rings before the
+VIP entries that lead to them, and last the real entries no ring names any more. Routing
+entries that go are deleted first (with the VIPs; they may name a real that is cleared at
+the end) and new or changed ones are written once the real entries they name are in
+place. Between two writes a packet sees either the old or the new value of each slot,
+never a VIP without its address entry, a ring slot naming an empty real, or a ring naming
+a real that is down for its VIP. (One exception, only when every real id has been used
+once: an id freed and handed to a new real in the same change names the new real before
+the old VIP rings are rewritten; the allocator reuses the id freed longest ago to make
+that rare.)
 
 Down reals: the datapath moves a flow off a real only when it sees both the real's
 ``REAL_F_DOWN`` hint and the (VIP, real) bit of the down set, so each write alone is
@@ -52,7 +54,8 @@ from lb import layout
 
 __all__ = [
     "WriteReal", "WriteCtl", "WriteRing", "PutVipAddr", "DeleteVipAddr", "PutVip", "DeleteVip",
-    "PutEntry", "DeleteEntry", "WriteDownWord", "ResetCounters", "Op", "Plan", "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
+    "PutEntry", "DeleteEntry", "WriteDownWord", "ResetCounters", "WritePrevRing", "WritePrevRef", "Op", "Plan",
+    "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
     "plan", "apply", "inverse",
 ]
 
@@ -142,8 +145,27 @@ class ResetCounters:
     index: int
 
 
+@dataclass(frozen=True, eq=False)
+class WritePrevRing:
+    """Slots ``slots`` of previous-ring slot ``slot`` (stateless VIPs) get ``new``."""
+
+    slot: int
+    slots: np.ndarray  # int64 slot indexes
+    new: np.ndarray  # uint32
+    old: np.ndarray  # uint32
+
+
+@dataclass(frozen=True)
+class WritePrevRef:
+    """VIP ``vip_num``'s prev_ref word (layout.PREV_REF) gets ``new``."""
+
+    vip_num: int
+    new: int
+    old: int
+
+
 Op = (WriteReal | WriteCtl | WriteRing | PutVipAddr | DeleteVipAddr | PutVip | DeleteVip | PutEntry | DeleteEntry
-      | WriteDownWord | ResetCounters)
+      | WriteDownWord | ResetCounters | WritePrevRing | WritePrevRef)
 
 
 def inverse(op: Op) -> Op | None:
@@ -169,6 +191,10 @@ def inverse(op: Op) -> Op | None:
         return PutEntry(op.table, op.key, op.old, None)
     if isinstance(op, WriteDownWord):
         return WriteDownWord(op.index, op.old, op.new)
+    if isinstance(op, WritePrevRing):
+        return WritePrevRing(op.slot, op.slots, op.old, op.new)
+    if isinstance(op, WritePrevRef):
+        return WritePrevRef(op.vip_num, op.old, op.new)
     return None
 
 
@@ -192,7 +218,8 @@ class Plan:
         src_routes_v4, src_routes_v6) the entries put or deleted."""
         out = {"ring_slots": 0, "rings": 0, "reals": 0, "ctl": 0, "vip_addrs_put": 0,
                "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "down_words": 0,
-               "counter_resets": 0, **{name: 0 for name in ROUTING_TABLES}}
+               "counter_resets": 0, **{name: 0 for name in ROUTING_TABLES}, "prev_ring_slots": 0,
+               "prev_refs": 0}
         for op in self.ops:
             if isinstance(op, WriteRing):
                 out["ring_slots"] += int(op.slots.size)
@@ -213,6 +240,10 @@ class Plan:
                 out[op.table] += 1
             elif isinstance(op, WriteDownWord):
                 out["down_words"] += 1
+            elif isinstance(op, WritePrevRing):
+                out["prev_ring_slots"] += int(op.slots.size)
+            elif isinstance(op, WritePrevRef):
+                out["prev_refs"] += 1
             else:
                 out["counter_resets"] += 1
         return out
@@ -239,6 +270,10 @@ class DatapathView(Protocol):
     def routing_entries(self, table: str) -> dict[bytes, bytes]: ...  # a ROUTING_TABLES map
 
     def down_words(self) -> dict[int, int]: ...  # the down set: index -> word, non-zero only
+
+    def prev_ring(self, slot: int) -> np.ndarray: ...  # a copy of a prev_rings slot
+
+    def prev_refs(self) -> dict[int, int]: ...  # vip_num -> prev_ref word, nonzero only
 
 
 class DatapathPort(DatapathView, Protocol):
@@ -346,7 +381,20 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
             if old != value:
                 ops.append(PutEntry(name, key, value, old))
 
-    # 4. ring slots
+    # 4. stateless VIPs: previous rings, then the refs that name them, before the rings
+    #    change (a slot still named is never rewritten: control.ring_history)
+    for slot, want in sorted(desired.prev.rings.items()):
+        have = view.prev_ring(slot)
+        diff = np.flatnonzero(have != want)
+        if diff.size:
+            ops.append(WritePrevRing(slot, diff, want[diff].copy(), have[diff].copy()))
+    cur_refs = view.prev_refs()
+    for num in sorted({*cur_refs, *desired.prev.refs}):
+        want_ref, have_ref = desired.prev.refs.get(num, 0), cur_refs.get(num, 0)
+        if want_ref != have_ref:
+            ops.append(WritePrevRef(num, want_ref, have_ref))
+
+    #    ring slots
     nums = sorted(desired.rings) if ring_nums is None else sorted(set(ring_nums) & set(desired.rings))
     for num in nums:
         want = desired.rings[num]

@@ -24,6 +24,7 @@ from control.errors import DatapathFailure
 from control.health_probing import Target, TargetKey, target_label
 from control.ids import EMPTY, allocate
 from control.reconcile import ApplyError, DatapathPort, apply, plan
+from control.ring_history import next_expiry
 from control.store import DesiredState, StateError, Store, config_digest
 from control.validation import extra_checks
 from lb.config import Config, ConfigError
@@ -132,6 +133,24 @@ class Runtime:
                     await asyncio.to_thread(self.reconcile_if_dirty)
                 except Exception as e:  # noqa: BLE001 - keep trying
                     log.error("reconcile failed, will retry: %s", e)
+            try:
+                await asyncio.to_thread(self.expire_prev_rings)
+            except Exception as e:  # noqa: BLE001 - keep trying
+                log.error("dropping expired previous rings failed, will retry: %s", e)
+
+    def expire_prev_rings(self) -> bool:
+        """Drop the stateless VIPs' previous rings whose settings.second_chance_s is over
+        (rebuild and write the tables); True if any went."""
+        core = self.core
+        with core.lock:
+            cur = core.tables
+            due = next_expiry(cur.history) if cur is not None else None
+            if cur is None or due is None or due > core.wall_clock():
+                return False
+            tables = core.build(core.state, cur)
+            core.write(tables, cur)
+            core.tables = tables
+            return True
 
     # --- health (the sink of control.health.HealthRunner) -----------------------------------------
 

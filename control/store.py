@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from control.ids import Ids, VipKey
+from control.ring_history import PrevRing, history_from_json, history_to_json
 from lb.config import Config, ConfigError, config_to_dict, parse_config
 
 __all__ = ["DesiredState", "Store", "StateError", "StateLocked", "atomic_write", "config_digest",
@@ -60,6 +61,9 @@ class DesiredState:
     drained: frozenset[tuple[VipKey, str]] = frozenset()  # (VIP key, real address)
     generation: int = 0  # +1 per accepted change
     seed_digest: str | None = None  # config_digest of the --config file this state started from
+    # stateless VIPs' previous rings as of this change (control.ring_history), so that a
+    # restarted balancer, or another one of the fleet, knows them too
+    ring_history: Mapping[VipKey, tuple[PrevRing, ...]] = field(default_factory=dict)
 
     def head_json(self) -> dict[str, Any]:
         """Everything but the config."""
@@ -69,6 +73,7 @@ class DesiredState:
             "seed_digest": self.seed_digest,
             "drained": sorted([a, p, proto, r] for (a, p, proto), r in self.drained),
             "ids": self.ids.to_json(),
+            "ring_history": history_to_json(self.ring_history),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +91,7 @@ class DesiredState:
             ids = Ids.from_json(data["ids"])
             drained = frozenset(((str(a), int(p), str(proto)), str(r)) for a, p, proto, r in data["drained"])
             generation = int(data["generation"])
+            history = history_from_json(data.get("ring_history"))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"{source}: {e}") from None
         keys = {v.key for v in cfg.vips}
@@ -93,7 +99,7 @@ class DesiredState:
             r.address for v in cfg.vips for r in v.reals if r.address not in ids.reals]
         if missing:
             raise StateError(f"{source}: no number stored for {missing[:3]}")
-        return cls(cfg, ids, drained, generation, data.get("seed_digest"))
+        return cls(cfg, ids, drained, generation, data.get("seed_digest"), history)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -251,7 +257,8 @@ def _state_chunks(state: DesiredState) -> list[bytes]:
         for k in [k for k in _vip_json_cache if k not in live]:
             del _vip_json_cache[k]
     head = {"format": STATE_FORMAT, "generation": state.generation, "seed_digest": state.seed_digest,
-            "drained": sorted([a, p, proto, r] for (a, p, proto), r in state.drained)}
+            "drained": sorted([a, p, proto, r] for (a, p, proto), r in state.drained),
+            "ring_history": history_to_json(state.ring_history)}
     settings = json.dumps(cfg.settings.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
     out = [json.dumps(head, separators=(",", ":"))[:-1].encode(), b',"ids":', _ids_json(state.ids),
            b',"config":{"settings":', settings.encode(), b',"vips":[']

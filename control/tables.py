@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 
 from control.ids import Ids, VipKey
+from control.ring_history import EMPTY as NO_PREV_RINGS
+from control.ring_history import History, PrevTables
 from lb import constants as C
 from lb import layout
 from lb.datapath_tables import (
@@ -245,6 +247,10 @@ class DesiredTables:
     down: Mapping[int, int] = field(default_factory=dict)
     down_reals: frozenset[str] = frozenset()  # reals down for at least one VIP (REAL_F_DOWN)
     routing_input: tuple = ()  # what built ``routing`` (reused by the next build when equal)
+    # stateless VIPs: their previous rings (control.ring_history) and where they are
+    history: History = field(default_factory=dict)
+    prev: PrevTables = NO_PREV_RINGS
+    generation: int = -1  # of the desired state these tables were built from
 
     def ring_for_num(self, num: int) -> np.ndarray:
         """The desired ring of VIP ``num`` (all zeros for a number not in use)."""
@@ -269,6 +275,12 @@ class DesiredTables:
         for num, ring in self.rings.items():
             rings[num] = ring
         ctl = np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1)
+        prev_rings = np.zeros((C.MAX_PREV_RINGS, s.ring_size), dtype=np.uint32)
+        for slot, ring in self.prev.rings.items():
+            prev_rings[slot] = ring
+        prev_refs = np.zeros(s.max_vips, dtype=np.uint32)
+        for num, ref in self.prev.refs.items():
+            prev_refs[num] = ref
         down = empty_down_set(s.max_vips, s.max_reals)
         flat = down.reshape(-1)
         for i, word in self.down.items():
@@ -280,7 +292,7 @@ class DesiredTables:
             **routing_arrays(self.routing),
             real_ids={ipaddress.ip_address(a): i for a, i in self.real_ids.items()},
             vip_nums={(ipaddress.ip_address(a), p, proto): n for (a, p, proto), n in self.vip_nums.items()},
-            down_set=down,
+            prev_rings=prev_rings, prev_refs=prev_refs, down_set=down,
         )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from lb import constants, layout
 from lb.c_header import c_flags
-from lb.datapath_tables import down_set_of, routing_tables
+from lb.datapath_tables import down_set_of, prev_ring_tables, routing_tables
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
@@ -120,6 +120,8 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * constants.REAL_STAT_COLUMNS, 0),
         "capture_ring": (BPF_MAP_TYPE_RINGBUF, 0, 0, constants.CAPTURE_RING_BYTES, 0),
         "capture_buckets": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, layout.CAPTURE_BUCKET.itemsize, 1, 0),
+        "prev_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, constants.MAX_PREV_RINGS * ring_size, BPF_F_MMAPABLE),
+        "prev_ref": (BPF_MAP_TYPE_ARRAY, 4, layout.PREV_REF.itemsize, max_vips, 0),
     }
 
 
@@ -155,6 +157,8 @@ class XdpBalancer:
         self._rings: np.ndarray | None = None
         self._down_mm: mmap.mmap | None = None
         self._down: np.ndarray | None = None  # uint64[max_vips, down_row_words]
+        self._prev_mm: mmap.mmap | None = None
+        self._prev: np.ndarray | None = None
         if self.pin_dir is not None:
             os.makedirs(self.pin_dir, exist_ok=True)
             self._check_pinned(self.pin_dir)
@@ -219,17 +223,22 @@ class XdpBalancer:
                 + "; ".join(problems))
 
     def _map_rings(self) -> None:
-        """mmap ch_rings. The kernel stores array elements round_up(value_size, 8) bytes
-        apart, so the u32 slots are every other u32 of the mapping."""
-        fd = self.map_fd("ch_rings")
-        n = self.max_vips * self.ring_size
+        """mmap ch_rings and prev_rings."""
+        self._rings_mm, self._rings = self._mmap_u32_rows("ch_rings", self.max_vips)
+        self._prev_mm, self._prev = self._mmap_u32_rows("prev_rings", constants.MAX_PREV_RINGS)
+
+    def _mmap_u32_rows(self, name: str, rows: int) -> tuple[mmap.mmap, np.ndarray]:
+        """mmap a u32 array map of rows x ring_size slots as a [rows, ring_size] view. The
+        kernel stores array elements round_up(value_size, 8) bytes apart, so the u32
+        slots are every other u32 of the mapping."""
+        fd = self.map_fd(name)
+        n = rows * self.ring_size
         stride = (4 + 7) // 8 * 8
         size = n * stride
         mm_size = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        self._rings_mm = mmap.mmap(fd, mm_size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
-        words = np.frombuffer(self._rings_mm, dtype=np.uint32, count=size // 4)
-        self._rings = words.reshape(self.max_vips, self.ring_size, stride // 4)[:, :, 0]
+        mm = mmap.mmap(fd, mm_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        words = np.frombuffer(mm, dtype=np.uint32, count=size // 4)
+        return mm, words.reshape(rows, self.ring_size, stride // 4)[:, :, 0]
 
     @property
     def prog_fd(self) -> int:
@@ -347,12 +356,17 @@ class XdpBalancer:
         only once their rings are in place), then stale VIPs and addresses are deleted.
         Counters and the connection table are left alone."""
         self._check_sizes(tables)
-        assert self._rings is not None and self._down is not None
+        assert self._rings is not None and self._down is not None and self._prev is not None
         down = np.asarray(down_set_of(tables), dtype=layout.DOWN_WORD)
         self._down &= down
         reals = as_layout(tables.reals, layout.REAL)
         map_update_batch(self.map_fd("reals"), np.arange(self.max_reals, dtype=np.uint32),
                          reals)
+        # previous rings before the refs that name them, both before the rings change
+        prev_rings, prev_refs = prev_ring_tables(tables)
+        np.copyto(self._prev, prev_rings)
+        map_update_batch(self.map_fd("prev_ref"), np.arange(self.max_vips, dtype=np.uint32),
+                         prev_refs.astype("<u4"))
         np.copyto(self._rings, np.asarray(tables.rings, dtype=np.uint32))
         np.copyto(self._down, down)
         ctl = as_layout(tables.ctl, layout.CTL)
@@ -406,11 +420,14 @@ class XdpBalancer:
         many were written. Each slot is one aligned 32-bit store (atomic for readers)."""
         if not 0 <= vip_num < self.max_vips:
             raise IndexError(f"vip_num {vip_num} outside 0..{self.max_vips - 1}")
+        assert self._rings is not None
+        return self._write_slots(self._rings[vip_num], new_ring)
+
+    def _write_slots(self, cur: np.ndarray, new_ring: np.ndarray) -> int:
+        """Write the slots of the mapped ring ``cur`` that differ from ``new_ring``."""
         new = np.asarray(new_ring, dtype=np.uint32)
         if new.shape != (self.ring_size,):
             raise ValueError(f"ring has shape {new.shape}, need ({self.ring_size},)")
-        assert self._rings is not None
-        cur = self._rings[vip_num]
         changed = np.flatnonzero(cur != new)
         cur[changed] = new[changed]
         return int(changed.size)
@@ -433,6 +450,29 @@ class XdpBalancer:
         if not 0 <= index < flat.size:
             raise IndexError(f"down_set word {index} outside 0..{flat.size - 1}")
         flat[index] = np.uint64(value)
+    def prev_ring(self, slot: int) -> np.ndarray:
+        """A copy of previous-ring slot ``slot`` (stateless VIPs) as the datapath sees it."""
+        assert self._prev is not None
+        return self._prev[slot].copy()
+
+    def update_prev_ring(self, slot: int, new_ring: np.ndarray) -> int:
+        """Write the slots of previous ring ``slot`` that differ; returns how many."""
+        if not 0 <= slot < constants.MAX_PREV_RINGS:
+            raise IndexError(f"previous-ring slot {slot} outside 0..{constants.MAX_PREV_RINGS - 1}")
+        assert self._prev is not None
+        return self._write_slots(self._prev[slot], new_ring)
+
+    def prev_ref(self, vip_num: int) -> int:
+        """The prev_ref word of VIP ``vip_num`` (0: no previous ring)."""
+        v = map_lookup(self.map_fd("prev_ref"), int(vip_num).to_bytes(4, "little"), 4)
+        return int.from_bytes(v, "little") if v is not None else 0
+
+    def set_prev_ref(self, vip_num: int, value: int) -> None:
+        """Point VIP ``vip_num`` at its previous rings (one 4-byte write)."""
+        if not 0 <= vip_num < self.max_vips:
+            raise IndexError(f"vip_num {vip_num} outside 0..{self.max_vips - 1}")
+        map_update(self.map_fd("prev_ref"), int(vip_num).to_bytes(4, "little"),
+                   int(value).to_bytes(4, "little"))
 
     # ---- reading back ------------------------------------------------------------------
 
@@ -498,8 +538,8 @@ class XdpBalancer:
         (the maps then die with the last reference)."""
         if self._attached is not None:
             self.detach()
-        self._rings = self._down = None
-        for mm in ("_rings_mm", "_down_mm"):
+        self._rings = self._prev = self._down = None
+        for mm in ("_rings_mm", "_prev_mm", "_down_mm"):
             if getattr(self, mm, None) is not None:
                 getattr(self, mm).close()
                 setattr(self, mm, None)

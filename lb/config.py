@@ -265,6 +265,10 @@ class Settings(BaseModel):
     # without source routing and not written to the connection table, so a SYN flood
     # cannot evict established flows (docs/datapath.md). 0 turns the guard off.
     max_conn_rate: Annotated[int, int_range(0, 2**32 - 1)] = C.MAX_CONN_RATE
+    # Stateless VIPs: how long (seconds) a VIP's previous ring is kept after its ring
+    # changed, so connections begun before the change reach their real by the reals'
+    # second chance (docs/datapath.md, "Stateless VIPs").
+    second_chance_s: Annotated[int, int_range(1, 7 * 86400)] = C.SECOND_CHANCE_S
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -389,9 +393,25 @@ class Config(BaseModel):
             if "local" in vip.flags and not self.settings.local_addresses:
                 where = f"vips[{i}].flags[{vip.flags.index('local')}]"
                 problems.append((where, "'local' needs settings.local_addresses, which is empty"))
+            if "stateless" in vip.flags:
+                problems += _stateless(self, i, vip)
         if problems:
             raise _problems(problems)
         return self
+
+
+def _stateless(cfg: Config, i: int, vip: Vip) -> list[tuple[str, str]]:
+    """A stateless VIP's hop list is a GUE header whose addresses are in the outer
+    header's family: it needs encap gue and reals of one family."""
+    where = f"vips[{i}].flags[{vip.flags.index('stateless')}]"
+    out = []
+    if cfg.settings.encap != "gue":
+        out.append((where, f"'stateless' needs settings.encap: gue (got {cfg.settings.encap})"))
+    versions = {r.ip.version for r in vip.reals}
+    if len(versions) > 1:
+        why = "a stateless VIP's reals must all be IPv4 or all IPv6 (the hop list carries addresses of one family)"
+        out.append((f"vips[{i}].reals", why))
+    return out
 
 
 def _limits(cfg: Config) -> list[tuple[str, str]]:

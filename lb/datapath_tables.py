@@ -57,13 +57,13 @@ class DatapathTables:
     src_routes_v6: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V6))
     real_ids: dict[IPAddress, int] = field(default_factory=dict)
     vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
+    # stateless VIPs' previous rings: uint32[MAX_PREV_RINGS, ring_size] and the per-VIP
+    # refs, uint32[max_vips] (layout.PREV_REF read as one u32); None = none at all
+    prev_rings: np.ndarray | None = None
+    prev_refs: np.ndarray | None = None
     # uint64[max_vips, down_row_words(max_reals)] (layout.DOWN_WORD): the (VIP, real) pairs
-    # the health checks hold down; None: none (an all-zero set is made)
+    # the health checks hold down; None = none (down_set_of makes an all-zero set)
     down_set: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.down_set is None:
-            self.down_set = empty_down_set(self.max_vips, self.max_reals)
 
     def real_address(self, real_id: int) -> IPAddress | None:
         """The address of a real id, or None for 0 / an unused id."""
@@ -85,8 +85,7 @@ def down_bit(vip_num: int, real_id: int, max_reals: int) -> tuple[int, int]:
 
 
 def down_set_of(tables: object) -> np.ndarray:
-    """The down set of ``tables`` (2-D, layout.DOWN_WORD), all zero where a hand-built
-    table set (tests, benchmarks) has none."""
+    """The down set of ``tables`` (2-D, layout.DOWN_WORD), all zero where it is left out."""
     down = getattr(tables, "down_set", None)
     if down is None:
         return empty_down_set(tables.max_vips, tables.max_reals)  # type: ignore[attr-defined]
@@ -101,6 +100,26 @@ def routing_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         getattr(tables, "src_routes_v4", np.zeros(0, layout.SRC_ROUTE_V4)),
         getattr(tables, "src_routes_v6", np.zeros(0, layout.SRC_ROUTE_V6)),
     )
+
+
+def prev_ring_tables(tables: object) -> tuple[np.ndarray, np.ndarray]:
+    """(prev_rings, prev_refs) of ``tables``, all zero (no previous ring) where they are
+    left out. np.zeros maps its pages lazily: unused slots cost no memory."""
+    rings = getattr(tables, "prev_rings", None)
+    refs = getattr(tables, "prev_refs", None)
+    if rings is None:
+        rings = np.zeros((C.MAX_PREV_RINGS, int(tables.ring_size)), dtype=np.uint32)
+    if refs is None:
+        refs = np.zeros(int(tables.max_vips), dtype=np.uint32)
+    return np.ascontiguousarray(rings, dtype=np.uint32), np.ascontiguousarray(refs, dtype=np.uint32)
+
+
+def prev_ref_value(slots: tuple[int, ...] | list[int]) -> int:
+    """The prev_ref word of a VIP whose previous rings (newest first) are in prev_rings
+    slots ``slots`` (at most constants.PREV_RINGS_PER_VIP)."""
+    if len(slots) > C.PREV_RINGS_PER_VIP:
+        raise ValueError(f"at most {C.PREV_RINGS_PER_VIP} previous rings per VIP")
+    return sum((s + 1) << (16 * i) for i, s in enumerate(slots))
 
 
 def ctl_array(settings) -> np.ndarray:

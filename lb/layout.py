@@ -157,6 +157,13 @@ DOWN_WORD = np.dtype("<u8")
 CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],
                        "offsets": [0, 8], "itemsize": 16})
 
+# A stateless VIP's previous rings (prev_ref map, indexed by vip_num): the prev_rings slots
+# of its newest (prev0) and older (prev1) previous ring, each slot + 1; 0 = none. One u32
+# read, so a packet sees both refs of one write. 4 bytes.
+PREV_REF = np.dtype(
+    {"names": ["prev0", "prev1"], "formats": ["<u2", "<u2"], "offsets": [0, 2], "itemsize": 4}
+)
+
 # name in C (struct <name> in xdp/generated/lb_shared.h) -> dtype
 C_STRUCTS: dict[str, np.dtype] = {
     "vip_key": VIP_KEY,
@@ -173,6 +180,7 @@ C_STRUCTS: dict[str, np.dtype] = {
     "capture_record": CAPTURE_RECORD,
     "capture_bucket": CAPTURE_BUCKET,
     "conn_rate": CONN_RATE,
+    "prev_ref": PREV_REF,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or

@@ -306,6 +306,8 @@ class Lab:
         ip_batch(self.router_ns, router, "configuring the router")
         for h in self.balancers():
             tx_checksum_off(self.router_ns, h.gw_ifname)
+        for h in self.reals():  # replies cross the XDP_PASS on the router's end (above)
+            tx_checksum_off(h.ns, h.ifname)
         macs = link_macs(self.router_ns)
         for h in self.hosts:
             h.gw_mac = macs[h.gw_ifname]
@@ -373,6 +375,10 @@ class Lab:
         try:
             self.state["prog_ids"].append(int(prog_info(fd)["id"]))
             self._save()
+            # The router's end of each real link too: a real's decap sends a stateless VIP's
+            # segment on to its next hop with XDP_TX (the second chance, docs/datapath.md).
+            for h in self.reals():
+                xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
             for h in self.balancers():
                 xdp_attach(h.gw_ifname, fd, XDP_FLAGS_DRV_MODE, netns=self.router_ns)
                 if self.datapath == "userspace":

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lb.kernel.progs import prog_exists
+from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_detach
 from netns.errors import LabError
 from netns.lab_state import STATE_DIR, load_state, state_path_for, write_state
 from netns.processes import kill, netns_pids, proc_start_time, process_alive, signals_blocked
@@ -49,7 +50,14 @@ def teardown_state(state: dict[str, Any], state_path: str | None = None) -> list
         if os.path.exists(f"/run/netns/{ns}"):
             stray += [(pid, proc_start_time(pid)) for pid in netns_pids(ns)]
     errors += kill(stray)
-    # 2. namespaces: every link has one end in the router, so they all go with them
+    # 2. namespaces: every link has one end in the router, so they all go with them. XDP
+    #    comes off the router's ends first: a namespace outlives its deletion while
+    #    orphaned TCP sockets in it retransmit (a killed server's FIN to a client that is
+    #    gone), and with it its links and their programs.
+    for gw_ifname, router_ns, *_ in state.get("links", []):
+        if os.path.exists(f"/run/netns/{router_ns}"):
+            with contextlib.suppress(Exception):
+                xdp_detach(gw_ifname, XDP_FLAGS_DRV_MODE, netns=router_ns)
     existing = [ns for ns in state.get("namespaces", []) if os.path.exists(f"/run/netns/{ns}")]
     for ns in existing:
         r = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30,

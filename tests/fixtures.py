@@ -30,7 +30,7 @@ from scapy.packet import Raw, raw
 from lb import layout
 from lb.config import parse_config
 from lb.constants import F_LOCAL, IPPROTO_TCP, REAL_F_DOWN
-from lb.datapath_tables import DatapathTables, addr16, compile_tables, down_bit
+from lb.datapath_tables import DatapathTables, addr16, compile_tables, down_bit, empty_down_set
 
 # The config shape the issue fixes as a contract: it must load, and `lbctl simulate` runs on it.
 CONTRACT_YAML = """\
@@ -982,6 +982,7 @@ def fixture_tables_guard_bits() -> DatapathTables:
     in the down set, the real not yet flagged REAL_F_DOWN. Same real ids."""
     t = compile_tables(parse_config(_guard_config(down=True)))
     rid = t.real_ids[ipaddress.ip_address(G_DOWN)]
+    t.down_set = empty_down_set(t.max_vips, t.max_reals)
     flat = t.down_set.reshape(-1)
     for vip in (G_UDP, G_MIG, G_KEEP):
         num = next(n for (a, _, _), n in t.vip_nums.items() if str(a) == vip)
@@ -1052,9 +1053,130 @@ def build_guard_fixtures() -> list[Fixture]:
     return fx
 
 
+# --- stateless VIPs: hop lists from previous rings (encap gue, mtu 1400) ------------------
+
+SL4, SL4_DUP, SL4_ONE, SL6, SL_MIX = "198.18.130.1", "198.18.130.2", "198.18.130.3", "2001:db8:130::1", "198.18.130.4"
+SL4_NONE = "198.18.130.5"  # stateless, no previous ring
+SL_R4 = ("198.19.4.1", "198.19.4.2", "198.19.4.3")
+SL_R6 = ("2001:db8:4::1", "2001:db8:4::2", "2001:db8:4::3")
+
+
+def _sl_vip(addr: str, reals: tuple[str, ...], port: int = 80, proto: str = "tcp", weights=(1, 0, 0)) -> dict:
+    return {"address": addr, "port": port, "protocol": proto, "flags": ["stateless"],
+            "reals": [{"address": r, "weight": w} for r, w in zip(reals, weights)]}
+
+
+STATELESS_CONFIG = {
+    "settings": {**GUE_CONFIG["settings"]},
+    "vips": [
+        _sl_vip(SL4, SL_R4),  # prev rings: all r2, then all r3 -> hops r1, r2, r3
+        _sl_vip(SL4, SL_R4, port=53, proto="udp"),  # UDP stays on its first hop
+        _sl_vip(SL4_DUP, SL_R4),  # prev ring all r1: the same real, no hop list
+        _sl_vip(SL4_ONE, SL_R4),  # prev rings all r1, then all r2 -> hops r1, r2
+        _sl_vip(SL6, SL_R6),  # IPv6 reals: prev rings all ::2, then all ::3
+        _sl_vip(SL_MIX, SL_R4, weights=(1, 1, 1)),  # a real ring; prev ring: other weights
+        _sl_vip(SL4_NONE, SL_R4),
+        {"address": "198.18.130.6", "port": 80, "protocol": "tcp", "reals": [{"address": SL_R4[0]}]},
+    ],
+}
+
+
+def fixture_tables_stateless() -> DatapathTables:
+    """Stateless VIPs with and without previous rings (prev_rings slots set by hand)."""
+    from lb.constants import MAX_PREV_RINGS
+    from lb.datapath_tables import prev_ref_value
+    from lb.maglev import ring_for
+
+    t = compile_tables(parse_config(STATELESS_CONFIG))
+    rid = {str(a): i for a, i in t.real_ids.items()}
+    prev = np.zeros((MAX_PREV_RINGS, t.ring_size), dtype=np.uint32)
+    for slot, real in enumerate((SL_R4[1], SL_R4[2], SL_R4[0], SL_R6[1], SL_R6[2])):
+        prev[slot] = rid[real]
+    prev[5] = ring_for([(a, w, rid[a]) for a, w in zip(SL_R4, (2, 1, 0))], t.ring_size)
+    refs = np.zeros(t.max_vips, dtype=np.uint32)
+    num = {(str(a), p, proto): n for (a, p, proto), n in t.vip_nums.items()}
+    refs[num[(SL4, 80, "tcp")]] = prev_ref_value([0, 1])
+    refs[num[(SL4, 53, "udp")]] = prev_ref_value([0])
+    refs[num[(SL4_DUP, 80, "tcp")]] = prev_ref_value([2])
+    refs[num[(SL4_ONE, 80, "tcp")]] = prev_ref_value([2, 0])
+    refs[num[(SL6, 80, "tcp")]] = prev_ref_value([3, 4])
+    refs[num[(SL_MIX, 80, "tcp")]] = prev_ref_value([5])
+    t.prev_rings, t.prev_refs = prev, refs
+    return t
+
+
+def hoplist_encap(frame: bytes, hops: tuple[str, ...], client: str, sport: int) -> bytes:
+    """The frame as docs/datapath.md encapsulates it for a stateless VIP: GUE variant 0
+    with a hop list to ``hops[0]``; scapy computes the outer UDP checksum over the whole
+    datagram."""
+    import struct
+
+    inp, vlan, l3, first, plen = _l3_first(frame)
+    tos = first.tos if isinstance(first, IP) else first.tc
+    v4 = ipaddress.ip_address(hops[0]).version == 4
+    addrs = b"".join(ipaddress.ip_address(h).packed for h in hops)
+    gue = bytes([(4 + len(addrs)) // 4, 4 if isinstance(first, IP) else 41, 0, 0])
+    gue += struct.pack("!HBB", 0x4C42, 1, len(hops)) + addrs
+    l2 = Ether(dst=GW_MAC, src=inp.dst)
+    if vlan:
+        l2 = l2 / Dot1Q(prio=inp[Dot1Q].prio, dei=inp[Dot1Q].dei, vlan=inp[Dot1Q].vlan)
+    ulen = plen + 8 + len(gue)
+    udp = UDP(sport=gue_sport(client, sport, hops[0]), dport=GUE_PORT, len=ulen)  # chksum computed
+    if v4:
+        outer = IP(src=GUE_SRC4, dst=hops[0], proto=17, ttl=64, id=0, flags=0, tos=tos, len=ulen + 20)
+    else:
+        outer = IPv6(src=GUE_SRC6, dst=hops[0], nh=17, hlim=64, tc=tos, fl=0, plen=ulen)
+    return raw(l2 / outer / udp / Raw(gue + frame[l3:l3 + plen])) + frame[l3 + plen:]
+
+
+def build_stateless_fixtures() -> list[Fixture]:
+    """Against :func:`fixture_tables_stateless` (encap gue, mtu 1400)."""
+    fx: list[Fixture] = []
+    add = fx.append
+    r1, r2, r3 = SL_R4
+    v1, v2, v3 = SL_R6
+    ack = _tcp(SL4, tcp_flags="A", payload=b"hello")
+    add(Fixture("stateless: TCP, two previous rings -> hop list r1, r2, r3; no connection table", 18, ack,
+                "TX", hoplist_encap(ack, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+    syn = _tcp(SL4, vlan=5, sport=777)
+    add(Fixture("stateless: a SYN carries the hop list too (802.1Q kept)", 18, syn, "TX",
+                hoplist_encap(syn, (r1, r2, r3), CLIENT4, 777), C(tx_encap=1, tx_hoplist=1), r1))
+    udp = raw(eth() / IP(src=CLIENT4, dst=SL4) / UDP(sport=5000, dport=53) / b"q")
+    add(Fixture("stateless: UDP stays on its first hop (plain GUE, no hop list)", 18, udp, "TX",
+                gue_encap(udp, r1, CLIENT4, 5000), C(tx_encap=1), r1))
+    dup = _tcp(SL4_DUP, tcp_flags="A")
+    add(Fixture("stateless: previous ring picks the same real -> plain GUE", 18, dup, "TX",
+                gue_encap(dup, r1, CLIENT4, 31337), C(tx_encap=1), r1))
+    one = _tcp(SL4_ONE, tcp_flags="PA", payload=b"x" * 33)
+    add(Fixture("stateless: duplicate removed -> hop list r1, r2", 18, one, "TX",
+                hoplist_encap(one, (r1, r2), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+    none = _tcp(SL4_NONE, tcp_flags="A")
+    add(Fixture("stateless: no previous ring -> plain GUE, no connection table", 18, none, "TX",
+                gue_encap(none, r1, CLIENT4, 31337), C(tx_encap=1), r1))
+    six = _tcp(SL6, tcp_flags="A", tc=0x20, fl=99, sport=4242)
+    add(Fixture("stateless: IPv6 -> IPv6/UDP/GUE hop list of IPv6 addresses", 18, six, "TX",
+                hoplist_encap(six, (v1, v2, v3), CLIENT6, 4242), C(tx_encap=1, tx_hoplist=1), v1))
+    pad = _tcp(SL4, tcp_flags="A") + bytes(12)
+    add(Fixture("stateless: Ethernet padding kept, not in the checksum", 18, pad, "TX",
+                hoplist_encap(pad, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+    err = raw(eth() / IP(src="198.18.0.1", dst=SL4) / ICMP(type=3, code=4, nexthopmtu=1300)
+              / IPerror(src=SL4, dst=CLIENT4) / TCPerror(sport=80, dport=31337))
+    add(Fixture("stateless: ICMP error -> its flow's ring real, plain GUE", 19, err, "TX",
+                gue_encap(err, r1, CLIENT4, 31337), C(tx_encap=1, icmp_error_forwarded=1), r1))
+    # mtu 1400: 20 + 8 + 8 + 3 * 4 = 48 bytes of overhead with three IPv4 hops
+    at = _tcp(SL4, size=1352, flags="DF", tcp_flags="A")
+    add(Fixture("stateless: IPv4 packet of exactly mtu - 48 (hop list counted) passes", 18, at, "TX",
+                hoplist_encap(at, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+    over = _tcp(SL4, size=1353, flags="DF", tcp_flags="A")
+    add(Fixture("stateless: 1 byte over with the hop list -> frag-needed, next-hop MTU 1352", 20, over, "TX",
+                too_big(over, 1352), C(tx_icmp_too_big=1)))
+    return fx
+
+
 GUE_FIXTURES = build_gue_fixtures()
 MTU_FIXTURES = build_mtu_fixtures()
 GUARD_FIXTURES = build_guard_fixtures()
+STATELESS_FIXTURES = build_stateless_fixtures()
 # table set name -> (provisioning, fixtures); tests run each fixture against its own set
 FIXTURE_SETS = {
     "main": (fixture_tables, FIXTURES),
@@ -1063,4 +1185,5 @@ FIXTURE_SETS = {
     "guard": (fixture_tables_guard, GUARD_FIXTURES),
     "guard_down": (fixture_tables_guard_down, []),
     "guard_bits": (fixture_tables_guard_bits, []),
+    "stateless": (fixture_tables_stateless, STATELESS_FIXTURES),
 }

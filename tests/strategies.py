@@ -10,6 +10,7 @@ from fixtures import (
     FIXTURE_SETS,
     FIXTURES,
     GUE_CONFIG,
+    STATELESS_CONFIG,
     LB_MAC,
     MTU_CONFIG,
     MTU_V6_VIP_WITH_V4_REAL,
@@ -34,6 +35,7 @@ MTU_VIPS = {
     "gue": [(v["address"], v["port"], v["protocol"]) for v in GUE_CONFIG["vips"]],
     "mtu": [(v["address"], v["port"], v["protocol"]) for v in MTU_CONFIG["vips"]]
     + [(MTU_V6_VIP_WITH_V4_REAL[0], MTU_V6_VIP_WITH_V4_REAL[1], "tcp")],
+    "stateless": [(v["address"], v["port"], v["protocol"]) for v in STATELESS_CONFIG["vips"]],
 }
 MTU_SEEDS = {name: [fx.frame for fx in FIXTURE_SETS[name][1]] + [s for fx in FIXTURE_SETS[name][1] for s in fx.setup]
              for name in MTU_VIPS}

@@ -226,7 +226,7 @@ def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
     assert data["placement_s_t"]["generator"].startswith(f"CPU {GEN_CPU}")
     assert [(r["family"], r["flows"]) for r in data["part_s"]] == [(4, 1000), (6, 1000)]
     for r in data["part_s"]:
-        assert set(r["programs"]) == {"stub", "lru", "lru_bypass"}
+        assert set(r["programs"]) == {"stub", "lru", "lru_bypass", *bx.STATELESS_KINDS}
         assert "to_katran" not in r["ratios"]
         for label, ratio in r["ratios"]["to_stub"].items():
             assert ratio["n"] == 2 and ratio["q1"] <= ratio["median"] <= ratio["q3"]
@@ -235,6 +235,8 @@ def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
             assert len(p["runs"]) == 2 and p["delivered_all"]
             assert p["gen_cpus"] == p["bal_cpus"] == p["sink_cpus"] == [GEN_CPU]
         assert r["programs"]["lru"]["lru_hit_ratio"] == 1.0
+        assert r["programs"]["gue_lru"]["lru_hit_ratio"] == 1.0
+        assert r["programs"]["stateless"]["lru_hit_ratio"] is None  # no connection table
     for r in data["part_t"]:
         assert set(r["stages"]) == set(xc.STAGES)
         assert r["added_ns"]["median"] > 0 and r["stub_ns"] > 0
@@ -246,6 +248,24 @@ def test_side_by_side_and_stages_write_ratios_and_charts(tmp_path) -> None:
     assert charts.main([str(out), "--out", str(tmp_path / "again")]) == 0
     assert {p.name for p in (tmp_path / "again").iterdir()} == {"xdp_mpps.png", "xdp_stages.png"}
     assert not _left_behind()
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+def test_side_by_side_stateless_modes_send_hop_lists(xb) -> None:
+    """Part s's stateless programs: no connection table, and the VIP with a previous ring
+    sends hop lists for the flows whose real changed (~1%)."""
+    from bench import xdp_compare as xc
+
+    sl = xb.stateless_balancer()
+    before = sl.read_stats().counters
+    rows = xc.part_s(xb, [4], [1000], rounds=1, frames=5_000)
+    after = sl.read_stats().counters
+    progs = rows[0]["programs"]
+    assert progs["stateless"]["delivered_all"] and progs["stateless_prev"]["delivered_all"]
+    assert progs["stateless"]["lru_hit_ratio"] is None
+    hop = after["tx_hoplist"] - before["tx_hoplist"]
+    assert 0 < hop < (after["tx_encap"] - before["tx_encap"]) / 20
 
 
 @pytest.mark.root
@@ -302,7 +322,8 @@ def test_katran_side_by_side(xb) -> None:
         k = r["programs"]["katran"]
         assert k["lru_hit_ratio"] == 1.0 and k["bal_cpus"] == [GEN_CPU] and k["delivered_all"]
         assert r["programs"]["katran_lru_bypass"]["lru_hit_ratio"] is None
-        assert set(r["ratios"]["to_katran"]) == {"stub", "katran_lru_bypass", "lru", "lru_bypass"}
+        assert set(r["ratios"]["to_katran"]) == {"stub", "katran_lru_bypass", "lru", "lru_bypass",
+                                                 *bx.STATELESS_KINDS}
 
 
 # --- the TRex profile ------------------------------------------------------------------------

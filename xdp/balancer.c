@@ -17,6 +17,7 @@
 #include "icmp.h"
 #include "quic.h"
 #include "lookup.h"
+#include "hoplist.h"
 
 /* Benchmark only (bench/xdp_compare.py, part t): -DLB_STOP_AFTER_STAGE=n ends every frame
  * that gets that far with XDP_TX right after stage n (1 parsing, without the VIP lookups;
@@ -417,6 +418,56 @@ static __always_inline struct real_def *src_route_real(const struct flow_key *fl
 	return r;
 }
 
+/* Stateless VIPs: the reals the VIP's previous rings pick at ring position pos, added to
+ * hl (which holds the ring's real real_id, of family family) when valid, of that family
+ * and not there yet. Most flows keep their real: an id equal to one in the list is
+ * skipped before its entry is read. */
+static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u32 real_id, __u8 family,
+					   struct hop_list *hl)
+{
+	struct prev_ref *ref = prev_ref.lookup(&vip_num);
+	__u32 slots, i, seen = real_id, seen2 = real_id;
+
+	if (!ref)
+		return;
+	slots = *(__u32 *)ref; /* one read: the control plane rewrites both refs at once */
+	if (!slots)
+		return;
+#pragma unroll
+	for (i = 0; i < PREV_RINGS_PER_VIP; i++) {
+		__u32 s = (slots >> (16 * i)) & 0xffff, k, id, j, dup = 0;
+		struct real_def *r;
+		__u32 *slot;
+
+		if (!s || s > MAX_PREV_RINGS)
+			continue;
+		k = (s - 1) * RING_SIZE + pos;
+		slot = prev_rings.lookup(&k);
+		if (!slot)
+			continue;
+		id = *slot;
+		if (!id || id == seen || id == seen2)
+			continue;
+		r = reals.lookup(&id);
+		if (!r || r->family != family)
+			continue;
+#pragma unroll
+		for (j = 0; j < GUE_MAX_HOPS; j++)
+			if (j < hl->count && hl->hop[j].v6[0] == r->addr.v6[0] &&
+			    hl->hop[j].v6[1] == r->addr.v6[1] && hl->hop[j].v6[2] == r->addr.v6[2] &&
+			    hl->hop[j].v6[3] == r->addr.v6[3])
+				dup = 1;
+		if (dup || hl->count >= GUE_MAX_HOPS)
+			continue;
+		if (hl->count == 1)
+			hl->hop[1] = r->addr;
+		else
+			hl->hop[2] = r->addr;
+		hl->count++;
+		seen2 = id;
+	}
+}
+
 static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat)
 {
 	struct vip_words vk = {};
@@ -428,6 +479,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	int use_lru, way = -1;
 	__u64 fh = 0;
 	__u32 set_idx = 0;
+	struct hop_list hl;
+	__u32 ring_pos = 0, inner_sum = 0, hl_bytes = 0;
+	int from_ring = 0;
 
 	if (pkt->vip_found) {
 		/* found by vip_fast_lookup() with the packet's own port */
@@ -466,8 +520,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			quic_conn_write(&pkt->flow, real_id);
 	}
 
-	/* 1. connection table (a QUIC-routed packet does not read it) */
-	use_lru = !(flags & F_LRU_BYPASS) && !real_id;
+	/* 1. connection table (a QUIC-routed packet neither reads nor writes it, nor does a
+	 * stateless VIP's) */
+	use_lru = !(flags & (F_LRU_BYPASS | F_STATELESS)) && !real_id;
 	if (use_lru)
 		set = conn_set_of(&pkt->flow, &fh, &set_idx);
 	if (set && !pkt->tcp_syn) {
@@ -527,8 +582,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				*stat = STAT_DROP_NO_REAL;
 				return XDP_DROP;
 			}
-			pos = vip_num * RING_SIZE + flow_hash(&pkt->flow, flags) % RING_SIZE;
+			ring_pos = flow_hash(&pkt->flow, flags) % RING_SIZE;
+			pos = vip_num * RING_SIZE + ring_pos;
 			slot = ch_rings.lookup(&pos);
+			from_ring = 1;
 			if (slot)
 				real_id = *slot;
 			if (real_id)
@@ -567,6 +624,20 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		return XDP_DROP;
 	}
 	c = *cfg; /* a copy: no map value is read after the packet moved */
+	/* a stateless VIP's TCP segment takes the previous rings' reals along (GUE only) */
+	hl.count = 0;
+	if ((flags & F_STATELESS) && from_ring && pkt->flow.proto == IPPROTO_TCP &&
+	    !pkt->icmp_err && c.encap == ENCAP_GUE) {
+		hl.hop[0] = real->addr;
+		hl.count = 1;
+		prev_ring_hops(vip_num, ring_pos, real_id, real->family, &hl);
+		if (hl.count > 1) {
+			if (hoplist_inner_sum(ctx, pkt, &inner_sum))
+				hl.count = 0; /* unreachable: a TCP packet has 40 bytes */
+			else
+				hl_bytes = hoplist_bytes(hl.count, real->family);
+		}
+	}
 	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4 &&
 	    c.encap != ENCAP_GUE) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
@@ -575,7 +646,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	if (c.mtu) {
 		__u32 overhead = (real->family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD
 							    : ENCAP_IPV6_OVERHEAD) +
-				 (c.encap == ENCAP_GUE ? UDP_HLEN : 0);
+				 (c.encap == ENCAP_GUE ? UDP_HLEN : 0) + hl_bytes;
 
 		if (pkt->pkt_len + overhead > c.mtu) {
 			__u32 quote = pkt->flow.family == FAMILY_V4 ? ICMP_TOO_BIG_QUOTE_V4
@@ -598,7 +669,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			return XDP_TX;
 		}
 	}
-	if (encapsulate(ctx, pkt, real, &c)) {
+	if (hl_bytes) {
+		if (encapsulate_hoplist(ctx, pkt, real, &c, &hl, inner_sum)) {
+			*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
+			return XDP_DROP;
+		}
+		stat_inc(STAT_TX_HOPLIST);
+	} else if (encapsulate(ctx, pkt, real, &c)) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 		return XDP_DROP;
 	}

@@ -73,6 +73,11 @@ LB_MAP("array", __u32, struct flow_key, conn_keys, LB_CONN_SETS_ALL * CONN_WAYS,
 /* The flood guard's new-connection count, one entry per CPU (index: the CPU number), a
  * cache line each (layout.CONN_RATE). Written on the miss path only. */
 LB_MAP("array", __u32, struct conn_rate, conn_rates, LB_NR_CPUS, 0);
+/* Stateless VIPs' previous rings: MAX_PREV_RINGS slots of RING_SIZE real ids, mmap-able
+ * like ch_rings; prev_ref[vip_num] names the slots of a VIP's previous rings (layout
+ * PREV_REF; all zero for most VIPs). Written only by the control plane. */
+LB_MAP("array", __u32, __u32, prev_rings, MAX_PREV_RINGS * RING_SIZE, BPF_F_MMAPABLE);
+LB_MAP("array", __u32, struct prev_ref, prev_ref, MAX_VIPS, 0);
 
 /* QUIC server id (from the connection id) -> real id. */
 LB_MAP("hash", __u32, __u32, quic_servers, MAX_QUIC_SERVER_IDS, 0);

@@ -17,6 +17,7 @@ from lb import constants as C
 from lb.datapath import conntable
 from lb.datapath.csum import ipv4_csum
 from lb.datapath.encap import gue_sport, gue_udp_csum
+from lb.datapath.hoplist import hoplist_bytes, inner_sum, prev_ring_hops, write_hoplist
 from lb.datapath.icmp import echo_reply, too_big
 from lb.datapath.jitcache import cached_njit
 from lb.datapath.parsing import addr_words, be16, copy, icmp_inner, zero
@@ -48,9 +49,10 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
      (real_addr, real_family, real_flags), down_set, (rings, ring_size, ch_seed, v6_seed),
      (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, max_conn_rate), (quic_ids, quic_reals),
      (lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals), (lpm6_lens, lpm6_starts, lpm6_hi, lpm6_lo, lpm6_reals),
-     (ct_tags, ct_ent, ct_mask, clock, ct_rate)) = maps
+     (ct_tags, ct_ent, ct_mask, clock, ct_rate), (prev_rings, prev_refs)) = maps
     gue = encap == C.ENCAP_GUE
     fk = np.zeros(5, dtype=np.uint64)  # the flow key, as 5 words
+    hops = np.zeros(C.GUE_MAX_HOPS, dtype=np.int64)  # a stateless VIP's hop list, real ids
     for i in range(frames.shape[0]):
         p = frames[i]
         n = lengths[i]
@@ -223,6 +225,8 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
         fk[3] = dhi
         fk[4] = np.uint64(ports) | (np.uint64(proto) << np.uint64(32)) | (np.uint64(family) << np.uint64(40))
         real_id = 0
+        from_ring = False
+        ring_pos = 0
         # 0. QUIC: the server id in the connection id names the real
         if (vflags & C.F_QUIC) and proto == C.IPPROTO_UDP and not is_icmp_err:
             qid = quic_server_id(p, l4 + C.UDP_HLEN, pend - l4 - C.UDP_HLEN)
@@ -253,8 +257,9 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                                 stats[C.STAT_QUIC_CONN_WRITTEN] += 1
                 else:
                     stats[C.STAT_QUIC_UNKNOWN] += 1
-        # 1. the connection table; a QUIC-routed packet does not read it
-        use_lru = (vflags & C.F_LRU_BYPASS) == 0 and real_id == 0
+        # 1. the connection table; a QUIC-routed packet neither reads nor writes it, nor
+        #    does a stateless VIP's
+        use_lru = (vflags & (C.F_LRU_BYPASS | C.F_STATELESS)) == 0 and real_id == 0
         bucket = 0
         tag = np.uint64(0)
         if use_lru:
@@ -303,7 +308,9 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             if real_id == 0:
                 h = flow_hash(p, family, src_off, slo, ports, dport, (vflags & C.F_DPORT_ONLY) != 0,
                               ch_seed, v6_seed)
-                real_id = np.int64(rings[vip_num, h % ring_size])
+                ring_pos = h % ring_size
+                from_ring = True
+                real_id = np.int64(rings[vip_num, ring_pos])
                 if real_id == 0 or real_family[real_id] == C.FAMILY_NONE:
                     stats[C.STAT_DROP_NO_REAL] += 1  # row 15
                     actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
@@ -327,8 +334,16 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             stats[C.STAT_DROP_ENCAP_FAILED] += 1  # row 16
             actions[i], out_lens[i], real_ids[i] = C.XDP_DROP, 0, 0
             continue
+        # a stateless VIP's TCP segment takes the previous rings' reals along (xdp/hoplist.h)
+        hcount = 0
+        glen = 0
+        if (vflags & C.F_STATELESS) and from_ring and proto == C.IPPROTO_TCP and not is_icmp_err and gue:
+            hops[0] = real_id
+            hcount = prev_ring_hops(hops, prev_rings, prev_refs, vip_num, ring_pos, real_addr, real_family, rfam)
+            if hcount > 1:
+                glen = hoplist_bytes(hcount, rfam)
         overhead = ((C.ENCAP_IPV4_OVERHEAD if rfam == C.FAMILY_V4 else C.ENCAP_IPV6_OVERHEAD)
-                    + (C.UDP_HLEN if gue else 0))
+                    + (C.UDP_HLEN if gue else 0) + glen)
         if mtu != 0 and pkt_len + overhead > mtu:
             quote = C.ICMP_TOO_BIG_QUOTE_V4 if family == C.FAMILY_V4 else C.ICMP_TOO_BIG_QUOTE_V6
             if (is_icmp_err or pkt_len < quote
@@ -340,7 +355,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             actions[i], out_lens[i], real_ids[i] = C.XDP_TX, too_big(p, out, l3, family, overhead, mtu), 0
             continue
         # ---- encapsulation (xdp/encap.h): L2 to the gateway, outer IP (+ UDP), the packet
-        ulen = C.UDP_HLEN if gue else 0
+        ulen = C.UDP_HLEN + glen if gue else 0
         copy(out, 0, gw_mac, 0, 6)
         copy(out, 6, p, 0, 6)
         if vlan:
@@ -403,7 +418,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
         if gue:
             # UDP: Katran's source port; the checksum once the inner packet is in place
             gsport = gue_sport(p, src_off, family, sport, rfam == C.FAMILY_V6)
-            ulen_field = pkt_len + C.UDP_HLEN
+            ulen_field = pkt_len + ulen  # ulen: UDP header + GUE hop list
             out[o] = gsport >> 8
             out[o + 1] = gsport & 0xFF
             out[o + 2] = gue_port >> 8
@@ -413,9 +428,13 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             out[o + 6] = 0
             out[o + 7] = 0
             o += C.UDP_HLEN
+            if glen:
+                o = write_hoplist(out, o, l3, o - C.UDP_HLEN, hops, hcount, real_addr, rfam, family,
+                                  inner_sum(p, l3, pkt_len, family))
+                stats[C.STAT_TX_HOPLIST] += 1
         rest = n - l3
         copy(out, o, p, l3, rest)
-        if gue:
+        if gue and not glen:  # a hop list's checksum is write_hoplist's
             c = gue_udp_csum(out, l3, rfam == C.FAMILY_V6, o - C.UDP_HLEN, o, family)
             out[o - 2] = c >> 8
             out[o - 1] = c & 0xFF

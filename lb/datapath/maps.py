@@ -16,7 +16,7 @@ import numpy as np
 from lb import constants as C
 from lb.datapath.conntable import ConnTable
 from lb.datapath.routing import key_insert
-from lb.datapath_tables import DatapathTables, down_set_of, routing_tables
+from lb.datapath_tables import DatapathTables, down_set_of, prev_ring_tables, routing_tables
 
 
 class KeyTable(NamedTuple):
@@ -78,6 +78,13 @@ class SrcRoutesV6(NamedTuple):
     reals: np.ndarray
 
 
+class PrevRings(NamedTuple):
+    """Stateless VIPs' previous rings (xdp/maps.h prev_rings, prev_ref)."""
+
+    rings: np.ndarray  # uint32[MAX_PREV_RINGS, ring_size]: real ids
+    refs: np.ndarray  # uint32[max_vips]: layout.PREV_REF as one u32 (prev0 | prev1 << 16)
+
+
 class Maps(NamedTuple):
     """Everything the batch loop reads, and the connection table it writes."""
 
@@ -92,6 +99,7 @@ class Maps(NamedTuple):
     src_v4: SrcRoutesV4
     src_v6: SrcRoutesV6
     conn: ConnTable
+    prev: PrevRings
 
 
 def plain(maps: tuple) -> tuple:
@@ -193,4 +201,5 @@ def build_maps(tables: DatapathTables, conn: ConnTable) -> Maps:
         QuicServers(np.ascontiguousarray(quic["server_id"][order], dtype=np.int64),
                     np.ascontiguousarray(quic["real_id"][order], dtype=np.int64)),
         _src_routes_v4(src_v4), _src_routes_v6(src_v6), conn,
+        PrevRings(*prev_ring_tables(tables)),
     )

@@ -63,7 +63,7 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define ENCAP_IPV4_OVERHEAD 20
 #define ENCAP_IPV6_OVERHEAD 40
 #define UDP_HLEN 8
-#define ENCAP_MAX_OVERHEAD 48
+#define ENCAP_MAX_OVERHEAD 104
 #define ENCAP_IPIP 0
 #define ENCAP_GUE 1
 #define GUE_DEFAULT_PORT 6080
@@ -71,6 +71,9 @@ _Static_assert(JHASH_INITVAL == 3735928559ULL, "JHASH_INITVAL: kernel != lb.cons
 #define GUE_MAX_HOPS 3
 #define GUE_HLEN 4
 #define GUE_HOPLIST_HLEN 4
+#define MAX_PREV_RINGS 16
+#define PREV_RINGS_PER_VIP 2
+#define SECOND_CHANCE_S 600
 _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants");
 #define IP_DF 16384
 #define ICMP_TOO_BIG_QUOTE_V4 128
@@ -124,6 +127,7 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define F_SRC_ROUTING 16
 #define F_LOCAL 32
 #define F_MIGRATE_DOWN_TCP 65536
+#define F_STATELESS 131072
 #define REAL_F_LOCAL 1
 #define REAL_F_DOWN 2
 #define STAT_RX_PACKETS 0
@@ -150,7 +154,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_FLOOD_NEW_CONNS 21
 #define STAT_DOWN_REAL_MIGRATED 22
 #define STAT_QUIC_CONN_WRITTEN 23
-#define N_STATS 24
+#define STAT_TX_HOPLIST 24
+#define N_STATS 25
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
@@ -396,3 +401,12 @@ _Static_assert(sizeof(struct conn_rate) == 64, "sizeof(struct conn_rate)");
 _Static_assert(__builtin_offsetof(struct conn_rate, window_start) == 0 && sizeof(((struct conn_rate *)0)->window_start) == 8, "conn_rate.window_start");
 _Static_assert(__builtin_offsetof(struct conn_rate, count) == 8 && sizeof(((struct conn_rate *)0)->count) == 8, "conn_rate.count");
 _Static_assert(__builtin_offsetof(struct conn_rate, pad) == 16 && sizeof(((struct conn_rate *)0)->pad) == 48, "conn_rate.pad");
+
+/* lb.layout.PREV_REF: 4 bytes. */
+struct prev_ref {
+	__u16 prev0;
+	__u16 prev1;
+};
+_Static_assert(sizeof(struct prev_ref) == 4, "sizeof(struct prev_ref)");
+_Static_assert(__builtin_offsetof(struct prev_ref, prev0) == 0 && sizeof(((struct prev_ref *)0)->prev0) == 2, "prev_ref.prev0");
+_Static_assert(__builtin_offsetof(struct prev_ref, prev1) == 2 && sizeof(((struct prev_ref *)0)->prev1) == 2, "prev_ref.prev1");
