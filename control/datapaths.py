@@ -276,8 +276,9 @@ class UserspaceIoPort(MemoryPort):
     """The numba datapath on a real interface (:class:`lb.userspace_io.UserspaceBalancer`:
     AF_PACKET ring in, frames out of the same interface). Ring slots and down-set words
     are written in place in the arrays its loop reads (aligned 32-/64-bit stores, as with
-    XDP); VIP, real and control changes take effect at :meth:`commit`, between two batches. Its connection
-    table and counters live in the process: a restart starts them afresh."""
+    XDP); VIP, real and control changes take effect at :meth:`commit`, between two
+    batches. Its connection table and counters live in the process: a restart starts them
+    afresh."""
 
     kind = "userspace"
 

@@ -166,9 +166,6 @@ class XdpBalancer:
         self._bpf, self._fn = self._compile(self.pin_dir)
         self.load_seconds = time.monotonic() - t0
         self._map_rings()
-        self._down_mm, raw = map_array(self.map_fd("down_set"), layout.DOWN_WORD.itemsize,
-                                       self._specs["down_set"][3])
-        self._down = raw.view(layout.DOWN_WORD).reshape(max_vips, constants.down_row_words(max_reals))
         self._vip_index = VipIndex(self.map_fd("vip_slots"), self.map_fd("lb_runtime"),
                                    constants.vip_slots(max_vips))
         self._conn = ConnSets(self.map_fd("conn_sets"), self.map_fd("conn_keys"), self.ncpus,
@@ -223,9 +220,13 @@ class XdpBalancer:
                 + "; ".join(problems))
 
     def _map_rings(self) -> None:
-        """mmap ch_rings and prev_rings."""
+        """mmap ch_rings, prev_rings and down_set."""
         self._rings_mm, self._rings = self._mmap_u32_rows("ch_rings", self.max_vips)
         self._prev_mm, self._prev = self._mmap_u32_rows("prev_rings", constants.MAX_PREV_RINGS)
+        self._down_mm, raw = map_array(self.map_fd("down_set"), layout.DOWN_WORD.itemsize,
+                                       self._specs["down_set"][3])
+        self._down = raw.view(layout.DOWN_WORD).reshape(self.max_vips,
+                                                         constants.down_row_words(self.max_reals))
 
     def _mmap_u32_rows(self, name: str, rows: int) -> tuple[mmap.mmap, np.ndarray]:
         """mmap a u32 array map of rows x ring_size slots as a [rows, ring_size] view. The
@@ -342,8 +343,9 @@ class XdpBalancer:
         if len(tables.reals) != self.max_reals:
             raise ValueError(f"reals has {len(tables.reals)} entries, need {self.max_reals}")
         down = down_set_of(tables)
-        if self._down is not None and down.shape != self._down.shape:
-            raise ValueError(f"down_set shape {down.shape} != {self._down.shape}")
+        if down.shape != (self.max_vips, constants.down_row_words(self.max_reals)):
+            raise ValueError(f"down_set shape {down.shape} != "
+                             f"{(self.max_vips, constants.down_row_words(self.max_reals))}")
         if len(tables.vip_keys) != len(tables.vip_metas):
             raise ValueError("vip_keys and vip_metas differ in length")
 
@@ -450,6 +452,7 @@ class XdpBalancer:
         if not 0 <= index < flat.size:
             raise IndexError(f"down_set word {index} outside 0..{flat.size - 1}")
         flat[index] = np.uint64(value)
+
     def prev_ring(self, slot: int) -> np.ndarray:
         """A copy of previous-ring slot ``slot`` (stateless VIPs) as the datapath sees it."""
         assert self._prev is not None

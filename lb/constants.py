@@ -17,8 +17,8 @@ MAX_REALS = 4096  # Katran; configurable
 CONN_TABLE_SIZE = 1 << 20  # connection-table entries per CPU; configurable
 CONN_TABLE_WAYS = 8  # userspace table: entries per bucket (set-associative LRU)
 CONN_WAYS = 4  # XDP connection table: 16-byte entries per set (a set = one cache line)
-DOWN_WORD_BITS = 64  # real ids per word of the down set (layout.DOWN_WORD)
 CONN_KEY_SLOT_MASK = 3  # low bits of an XDP connection-table tag: the entry's key slot
+DOWN_WORD_BITS = 64  # real ids per word of the down set (layout.DOWN_WORD)
 VIP_PROBES = 8  # XDP VIP index: a key lies at most this many slots from its home slot
 MAX_FRAME_SIZE = 1514  # largest frame accepted for a VIP, L2 header included; configurable
 

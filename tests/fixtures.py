@@ -30,7 +30,13 @@ from scapy.packet import Raw, raw
 from lb import layout
 from lb.config import parse_config
 from lb.constants import F_LOCAL, IPPROTO_TCP, REAL_F_DOWN
-from lb.datapath_tables import DatapathTables, addr16, compile_tables, down_bit, empty_down_set
+from lb.datapath_tables import (
+    DatapathTables,
+    addr16,
+    compile_tables,
+    down_bit,
+    empty_down_set,
+)
 
 # The config shape the issue fixes as a contract: it must load, and `lbctl simulate` runs on it.
 CONTRACT_YAML = """\

@@ -42,7 +42,13 @@ def _reset(bal) -> XdpPort:
     empty = MemoryPort(SIZES)
     for n in range(SIZES.max_vips):
         bal.update_ring(n, np.zeros(SIZES.ring_size, dtype=np.uint32))
-    from control.reconcile import DeleteVip, DeleteVipAddr, WriteCtl, WriteDownWord, WriteReal
+    from control.reconcile import (
+        DeleteVip,
+        DeleteVipAddr,
+        WriteCtl,
+        WriteDownWord,
+        WriteReal,
+    )
     from control.tables import EMPTY_REAL
 
     port.apply(WriteCtl(empty.ctl_entry(), port.ctl_entry()))

@@ -282,13 +282,14 @@ static __always_inline int conn_flood(const struct ctl_value *cfg, __u64 now)
 
 /* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
 
-/* Whether the health checks hold real real_id down for VIP vip_num (the down set). */
+/* Whether the health checks hold real real_id down for VIP vip_num (the down set).
+ * real_id < MAX_REALS: the caller found it in the reals table. */
 static __always_inline int real_down_for(__u32 vip_num, __u32 real_id)
 {
 	__u32 idx = vip_num * DOWN_ROW_WORDS + real_id / DOWN_WORD_BITS;
 	__u64 *word;
 
-	if (vip_num >= MAX_VIPS || real_id >= MAX_REALS)
+	if (vip_num >= MAX_VIPS)
 		return 0;
 	word = down_set.lookup(&idx);
 	return word && ((*word >> (real_id % DOWN_WORD_BITS)) & 1);

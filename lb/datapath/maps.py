@@ -16,7 +16,12 @@ import numpy as np
 from lb import constants as C
 from lb.datapath.conntable import ConnTable
 from lb.datapath.routing import key_insert
-from lb.datapath_tables import DatapathTables, down_set_of, prev_ring_tables, routing_tables
+from lb.datapath_tables import (
+    DatapathTables,
+    down_set_of,
+    prev_ring_tables,
+    routing_tables,
+)
 
 
 class KeyTable(NamedTuple):

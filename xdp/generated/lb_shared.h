@@ -46,8 +46,8 @@
 
 /* lb.constants, same names (the kernel's own names: values checked). */
 #define CONN_WAYS 4
-#define DOWN_WORD_BITS 64
 #define CONN_KEY_SLOT_MASK 3
+#define DOWN_WORD_BITS 64
 #define VIP_PROBES 8
 #define LRU_UDP_TIMEOUT_NS 30000000000ULL
 #define CONN_TIME_SHIFT 20
