@@ -159,6 +159,8 @@ class KatranBalancer:
         fresh LRUs."""
         if tables.ring_size != RING_SIZE or len(tables.vip_keys) > MAX_VIPS:
             raise ValueError(f"Katran's ring has {RING_SIZE} slots and {MAX_VIPS} VIPs at most")
+        if len(getattr(tables, "vip_prefix_keys", ())):
+            raise ValueError("CIDR VIPs are not loaded into Katran here (its vip_lpm_map is IPv6 only)")
         self.set_gateway(gateway_mac)
         vips = self.map_fd("vip_map")
         for key, meta in zip(tables.vip_keys, tables.vip_metas):

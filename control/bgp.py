@@ -58,7 +58,10 @@ __all__ = [
 
 
 def vip_prefix(address: str) -> str:
-    """'198.18.0.100' -> '198.18.0.100/32', '2001:db8::100' -> '2001:db8::100/128'."""
+    """'198.18.0.100' -> '198.18.0.100/32', '2001:db8::100' -> '2001:db8::100/128'; a CIDR
+    VIP's prefix is announced as it is ('198.18.64.0/24')."""
+    if "/" in address:
+        return str(ipaddress.ip_network(address))
     a = ipaddress.ip_address(address)
     return f"{a}/{a.max_prefixlen}"
 

@@ -197,7 +197,8 @@ def cmd_vip_del(args: argparse.Namespace, c: Any) -> int:
 
 def cmd_vip_where(args: argparse.Namespace, c: Any) -> int:
     a, p, proto = args.vip
-    r = c.simulate({"src": args.src, "sport": args.sport, "dst": a, "dport": p, "protocol": proto,
+    dst = args.dst or a.partition("/")[0]
+    r = c.simulate({"src": args.src, "sport": args.sport, "dst": dst, "dport": p, "protocol": proto,
                     "tcp_flags": args.tcp_flags})
     if args.json:
         _print_json(r)
@@ -453,7 +454,8 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 
     # vip
     v = sub.add_parser("vip", help="list, show, add, change, delete VIPs (daemon)",
-                       description="VIPs of the running daemon. VIP = ADDRESS:PORT/tcp|udp, [IPv6]:PORT/udp.")
+                       description="VIPs of the running daemon. VIP = ADDRESS:PORT/tcp|udp, [IPv6]:PORT/udp; "
+                                   "a CIDR VIP: 198.18.64.0/24:80/tcp, [2001:db8:64::/48]:53/udp.")
     vs = v.add_subparsers(dest="vip_command", required=True, metavar="ACTION")
     x = vs.add_parser("list", help="all VIPs")
     _client_args(x)
@@ -487,6 +489,7 @@ def register(sub: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     x.add_argument("--src", required=True, help="client address")
     x.add_argument("--sport", required=True, type=int, help="client port")
     x.add_argument("--tcp-flags", default="S", help="TCP flags of the packet (default S)")
+    x.add_argument("--dst", help="destination address (default: the VIP's; a CIDR VIP: its prefix's first)")
     _client_args(x)
     x.set_defaults(func=_run(cmd_vip_where))
 

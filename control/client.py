@@ -37,7 +37,8 @@ class Unavailable(Exception):
 
 
 def parse_vip(text: str) -> VipKey:
-    """'198.18.0.1:80/tcp' or '[2001:db8::1]:443/udp' -> (address, port, protocol)."""
+    """'198.18.0.1:80/tcp' or '[2001:db8::1]:443/udp' -> (address, port, protocol); a CIDR
+    VIP: '198.18.64.0/24:80/tcp', '[2001:db8:64::/48]:53/udp'."""
     hostport, sep, proto = text.rpartition("/")
     if not sep or proto not in ("tcp", "udp"):
         raise ValueError(f"{text!r}: expected ADDRESS:PORT/tcp|udp (IPv6: [ADDRESS]:PORT/udp)")
@@ -53,7 +54,7 @@ def parse_vip(text: str) -> VipKey:
 
 def vip_path(key: VipKey) -> str:
     a, p, proto = key
-    return f"/v1/vips/{quote(a, safe=':')}/{p}/{proto}"
+    return f"/v1/vips/{quote(a, safe=':/')}/{p}/{proto}"  # a CIDR VIP's prefix: two segments
 
 
 class Client:

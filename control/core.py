@@ -79,8 +79,9 @@ class Core:
                 continue
             port = hc.port_for(vip.port)
             for r in vip.reals:
+                # a CIDR VIP is probed at its prefix's first address
                 out[(vip.key, r.address)] = Target((vip.key, r.address), hc, port, state.ids.reals[r.address],
-                                                   vip.address, vip.port)
+                                                   str(vip.ip), vip.port)
         self._targets_cache = (state, out)
         return out
 

@@ -44,7 +44,13 @@ from control.reconcile import (
     WriteReal,
     WriteRing,
 )
-from control.tables import ROUTING_TABLES, Sizes, routing_arrays
+from control.tables import (
+    ROUTING_TABLES,
+    Sizes,
+    is_prefix_record,
+    routing_arrays,
+    vip_arrays,
+)
 from lb import constants as C
 from lb import layout
 from lb.datapath_tables import DatapathTables, empty_down_set
@@ -222,15 +228,10 @@ class MemoryPort:
 
     def to_datapath_tables(self) -> DatapathTables:
         s = self.sizes
-        n = len(self.vips)
-        keys = np.frombuffer(bytearray(b"".join(self.vips)), dtype=layout.VIP_KEY, count=n)
-        metas = np.frombuffer(bytearray(b"".join(self.vips.values())), dtype=layout.VIP_META, count=n)
-        addrs = np.frombuffer(bytearray(b"".join(sorted(self.addrs))), dtype=layout.VIP_ADDR_KEY,
-                              count=len(self.addrs))
         return DatapathTables(
             ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
-            conn_table_size=s.conn_table_size, vip_keys=keys, vip_metas=metas,
-            vip_addr_keys=addrs, reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
+            conn_table_size=s.conn_table_size, **vip_arrays(self.vips, self.addrs),
+            reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
             ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
             **routing_arrays(self.routing), prev_rings=self.prev_rings, prev_refs=self.prev_ref_words,
@@ -352,11 +353,25 @@ class XdpPort:
         keys, values, n = self._B.map_lookup_batch(self._fd(name), ksz, vsz, chunk=1024)
         return {keys[i * ksz:(i + 1) * ksz]: values[i * vsz:(i + 1) * vsz] for i in range(n)}
 
+    def _trie_entries(self, name: str, ksz: int, vsz: int) -> dict[bytes, bytes]:
+        """An LPM trie's entries. Tries have no batch operations: walk the keys, and look
+        each up by its exact key (which a trie answers with that key's own value)."""
+        fd = self._fd(name)
+        out = {}
+        for k in self._B.map_keys(fd, ksz):
+            v = self._B.map_lookup(fd, k, vsz)
+            if v is not None:
+                out[k] = v
+        return out
+
     def vip_entries(self) -> dict[bytes, bytes]:
-        return self._hash_entries("vip_map", layout.VIP_KEY.itemsize, layout.VIP_META.itemsize)
+        """Exact VIPs (vip_map) and CIDR VIPs (vip_prefixes), told apart by key size."""
+        return {**self._hash_entries("vip_map", layout.VIP_KEY.itemsize, layout.VIP_META.itemsize),
+                **self._trie_entries("vip_prefixes", layout.VIP_LPM_KEY.itemsize, layout.VIP_META.itemsize)}
 
     def vip_addr_entries(self) -> set[bytes]:
-        return set(self._hash_entries("vip_addrs", layout.VIP_ADDR_KEY.itemsize, 4))
+        return (set(self._hash_entries("vip_addrs", layout.VIP_ADDR_KEY.itemsize, 4))
+                | set(self._trie_entries("vip_prefix_addrs", layout.VIP_LPM_KEY.itemsize, 4)))
 
     def real_entries(self) -> dict[int, bytes]:
         keys, values, n = self._B.map_lookup_batch(self._fd("reals"), 4, layout.REAL.itemsize)
@@ -388,19 +403,19 @@ class XdpPort:
     def routing_entries(self, table: str) -> dict[bytes, bytes]:
         if table == "quic_servers":  # a hash map: one batch lookup
             return self._hash_entries(table, 4, 4)
-        # LPM tries have no batch operations: walk the keys (exact-key lookups only)
-        fd = self._fd(table)
         key_size = (layout.LPM_V4_KEY if table == "src_routes_v4" else layout.LPM_V6_KEY).itemsize
-        out = {}
-        for k in self._B.map_keys(fd, key_size):
-            v = self._B.map_lookup(fd, k, 4)
-            if v is not None:
-                out[k] = v
-        return out
+        return self._trie_entries(table, key_size, 4)
 
     # writes
     def apply(self, op: Op) -> None:
         B = self._B
+        if isinstance(op, (PutVip, DeleteVip)) and is_prefix_record(op.key):
+            # a CIDR VIP: one element of the vip_prefixes trie, seen by the next packet
+            if isinstance(op, PutVip):
+                B.map_update(self._fd("vip_prefixes"), op.key, op.new)
+            else:
+                B.map_delete(self._fd("vip_prefixes"), op.key)
+            return
         if isinstance(op, PutVip):
             B.map_update(self._fd("vip_map"), op.key, op.new)
             self._vips_unpublished = True
@@ -422,9 +437,9 @@ class XdpPort:
 
             _write_ring(op, write, self.ring_write_delay, self.kind)
         elif isinstance(op, PutVipAddr):
-            B.map_update(self._fd("vip_addrs"), op.key, self._one)
+            B.map_update(self._fd(self._addr_map(op.key)), op.key, self._one)
         elif isinstance(op, DeleteVipAddr):
-            B.map_delete(self._fd("vip_addrs"), op.key)
+            B.map_delete(self._fd(self._addr_map(op.key)), op.key)
         elif isinstance(op, PutEntry):
             B.map_update(self._fd(op.table), op.key, op.new)
         elif isinstance(op, DeleteEntry):
@@ -444,6 +459,10 @@ class XdpPort:
             self.bal.set_prev_ref(op.vip_num, op.new)
         else:  # pragma: no cover
             raise TypeError(f"unknown op {op!r}")
+
+    @staticmethod
+    def _addr_map(key: bytes) -> str:
+        return "vip_prefix_addrs" if is_prefix_record(key) else "vip_addrs"
 
     def commit(self) -> None:
         self._publish_vips()

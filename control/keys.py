@@ -10,7 +10,10 @@ from typing import Any
 from control.errors import Invalid
 from control.ids import VipKey
 from lb import constants as C
-from lb.config import _canonical_prefix  # the config's own prefix rule, for prefixes in URLs
+from lb.config import (  # the config's own rules, for URLs
+    _canonical_prefix,
+    _canonical_vip_address,
+)
 
 __all__ = ["ROUTING_SECTIONS", "parse_vip_key", "parse_real_address", "parse_quic_id", "parse_prefix",
            "routing_key"]
@@ -20,12 +23,15 @@ ROUTING_SECTIONS = {"quic_servers": "id", "source_routes": "prefix"}
 
 
 def parse_vip_key(address: str, port: str | int, protocol: str) -> VipKey:
-    """(address, port, protocol) from a URL, canonical; Invalid naming the part."""
+    """(address, port, protocol) from a URL, canonical; Invalid naming the part. The
+    address may be a CIDR VIP's prefix ('198.18.64.0/24'), checked as the config checks it."""
     problems = []
     try:
-        addr = str(ipaddress.ip_address(str(address)))
-    except ValueError:
-        problems.append(("address", f"not an IPv4 or IPv6 address: {address!r}"))
+        addr = (_canonical_vip_address(str(address)) if "/" in str(address)
+                else str(ipaddress.ip_address(str(address))))
+    except ValueError as e:
+        problems.append(("address", str(e) if "/" in str(address)
+                         else f"not an IPv4 or IPv6 address: {address!r}"))
         addr = str(address)
     try:
         p = int(port)

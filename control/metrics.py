@@ -22,6 +22,7 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_down_real_migrated_total``             flows moved off a real down for their VIP
 ``lb_quic_conn_table_writes_total``         QUIC-routed packets that wrote their real into the
                                             connection table (no entry, or another real)
+``lb_vip_prefix_matched_packets_total``     VIP found by prefix (a CIDR VIP)
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -85,6 +86,7 @@ _SINGLE = {
                                                      "entry rewritten")),
     "quic_conn_written": ("lb_quic_conn_table_writes",
                           "QUIC-routed packets that wrote their real into the connection table"),
+    "vip_prefix_matched": ("lb_vip_prefix_matched_packets", "Packets whose VIP was a CIDR VIP (found by prefix)"),
 }
 
 

@@ -55,12 +55,15 @@ from lb.datapath_tables import (
     ctl_array,
     down_bit,
     empty_down_set,
+    vip_address,
+    vip_lpm_key,
 )
 from lb.hashing import endpoint_hash
 from lb.maglev import HASH_FUNCTIONS, build_ring
 
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
-           "vip_key_record", "real_record", "vip_label", "ROUTING_TABLES", "routed_out",
+           "vip_key_record", "is_prefix_record", "vip_arrays", "real_record", "vip_label",
+           "ROUTING_TABLES", "routed_out",
            "quic_key_record", "src_route_key_record", "id_record", "down_pairs"]
 
 # The routing maps, by their map names (xdp/maps.h): key -> u32 real id.
@@ -92,8 +95,17 @@ def vip_label(key: VipKey) -> str:
 # --- records (cached: the same VIP / real gives the same bytes) ------------------------
 
 
+def is_prefix_record(key: bytes) -> bool:
+    """A VIP or VIP-address key of a CIDR VIP (layout.VIP_LPM_KEY, for the vip_prefixes /
+    vip_prefix_addrs tries), not of an exact VIP (VIP_KEY / VIP_ADDR_KEY, 20 bytes)."""
+    return len(key) == layout.VIP_LPM_KEY.itemsize
+
+
 @lru_cache(maxsize=8192)
 def vip_key_record(address: str, port: int, protocol: str) -> bytes:
+    """The map key of a VIP: VIP_KEY, or VIP_LPM_KEY for a CIDR VIP (``address`` a prefix)."""
+    if "/" in address:
+        return vip_lpm_key(ipaddress.ip_network(address), port, PROTOCOLS[protocol]).tobytes()
     rec = np.zeros(1, dtype=layout.VIP_KEY)
     raw, fam = addr16(ipaddress.ip_address(address))
     rec[0]["addr"] = raw
@@ -105,6 +117,9 @@ def vip_key_record(address: str, port: int, protocol: str) -> bytes:
 
 @lru_cache(maxsize=8192)
 def vip_addr_record(address: str) -> bytes:
+    """The VIP-address key: VIP_ADDR_KEY, or VIP_LPM_KEY (port, proto 0) of a prefix."""
+    if "/" in address:
+        return vip_lpm_key(ipaddress.ip_network(address)).tobytes()
     rec = np.zeros(1, dtype=layout.VIP_ADDR_KEY)
     raw, fam = addr16(ipaddress.ip_address(address))
     rec[0]["addr"] = raw
@@ -132,8 +147,8 @@ def real_record(address: str, local: bool, down: bool = False) -> bytes:
     return rec.tobytes()
 
 
-def ctl_record(settings: Any) -> bytes:
-    return ctl_array(settings).tobytes()
+def ctl_record(settings: Any, cidr_vips: bool = False) -> bytes:
+    return ctl_array(settings, cidr_vips).tobytes()
 
 
 EMPTY_REAL = bytes(layout.REAL.itemsize)
@@ -226,8 +241,8 @@ class DesiredTables:
     """What the maps should contain. Records are bytes in lb.layout's formats."""
 
     sizes: Sizes
-    vips: Mapping[bytes, bytes]  # VIP_KEY -> VIP_META, config order
-    vip_addrs: frozenset[bytes]  # VIP_ADDR_KEY
+    vips: Mapping[bytes, bytes]  # VIP_KEY (CIDR VIPs: VIP_LPM_KEY) -> VIP_META, config order
+    vip_addrs: frozenset[bytes]  # VIP_ADDR_KEY (prefixes of CIDR VIPs: VIP_LPM_KEY)
     reals: Mapping[int, bytes]  # real id -> REAL, ids in use only
     ctl: bytes  # CTL
     rings: Mapping[int, np.ndarray]  # vip_num -> uint32[ring_size] (read-only)
@@ -260,14 +275,8 @@ class DesiredTables:
     def to_datapath_tables(self) -> DatapathTables:
         """The same contents as an lb.datapath_tables.DatapathTables (arrays, VIPs in config order)."""
         s = self.sizes
-        n = len(self.vips)
-        vip_keys = np.frombuffer(bytearray(b"".join(self.vips.keys())), dtype=layout.VIP_KEY, count=n)
-        vip_metas = np.frombuffer(bytearray(b"".join(self.vips.values())), dtype=layout.VIP_META, count=n)
-        addrs: dict[bytes, None] = {}
-        for k in self.vips:
-            addrs[k[:16] + bytes([k[19]]) + bytes(3)] = None  # VIP_ADDR_KEY from VIP_KEY, first use order
-        assert set(addrs) == set(self.vip_addrs), "vip_addrs out of step with vips"
-        vip_addr_keys = np.frombuffer(bytearray(b"".join(addrs)), dtype=layout.VIP_ADDR_KEY, count=len(addrs))
+        vips = vip_arrays(self.vips)
+        assert {_addr_of(k) for k in self.vips} == set(self.vip_addrs), "vip_addrs out of step with vips"
         reals = np.zeros(s.max_reals, dtype=layout.REAL)
         for rid, rec in self.reals.items():
             reals[rid] = np.frombuffer(rec, dtype=layout.REAL)[0]
@@ -287,13 +296,42 @@ class DesiredTables:
             flat[i] = word
         return DatapathTables(
             ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
-            conn_table_size=s.conn_table_size, vip_keys=vip_keys, vip_metas=vip_metas,
-            vip_addr_keys=vip_addr_keys, reals=reals, rings=rings, ctl=ctl,
+            conn_table_size=s.conn_table_size, reals=reals, rings=rings, ctl=ctl, **vips,
             **routing_arrays(self.routing),
             real_ids={ipaddress.ip_address(a): i for a, i in self.real_ids.items()},
-            vip_nums={(ipaddress.ip_address(a), p, proto): n for (a, p, proto), n in self.vip_nums.items()},
+            vip_nums={(vip_address(a), p, proto): n for (a, p, proto), n in self.vip_nums.items()},
             prev_rings=prev_rings, prev_refs=prev_refs, down_set=down,
         )
+
+
+def _addr_of(key: bytes) -> bytes:
+    """The VIP-address record of a VIP record: VIP_ADDR_KEY from VIP_KEY (address, family),
+    VIP_LPM_KEY with port and proto 0 from VIP_LPM_KEY."""
+    if is_prefix_record(key):
+        return key[:4] + bytes(3) + key[7:]
+    return key[:16] + bytes([key[19]]) + bytes(3)
+
+
+def vip_arrays(vips: Mapping[bytes, bytes], addrs: Collection[bytes] | None = None) -> dict[str, np.ndarray]:
+    """VIP and VIP-address records (exact and CIDR VIPs mixed, :func:`is_prefix_record`) as
+    lb.datapath_tables.DatapathTables' arrays: vip_keys, vip_metas, vip_addr_keys and the
+    vip_prefix_* ones; VIPs in the mapping's order. ``addrs``: the address records (sorted);
+    None: those of ``vips``, in order of first use (as compile_tables makes them)."""
+
+    def arr(recs: list[bytes], dtype: np.dtype) -> np.ndarray:
+        return np.frombuffer(bytearray(b"".join(recs)), dtype=dtype, count=len(recs))
+
+    exact = [k for k in vips if not is_prefix_record(k)]
+    prefix = [k for k in vips if is_prefix_record(k)]
+    addrs = list(dict.fromkeys(_addr_of(k) for k in vips)) if addrs is None else sorted(addrs)
+    return {
+        "vip_keys": arr(exact, layout.VIP_KEY),
+        "vip_metas": arr([vips[k] for k in exact], layout.VIP_META),
+        "vip_addr_keys": arr([a for a in addrs if not is_prefix_record(a)], layout.VIP_ADDR_KEY),
+        "vip_prefix_keys": arr(prefix, layout.VIP_LPM_KEY),
+        "vip_prefix_metas": arr([vips[k] for k in prefix], layout.VIP_META),
+        "vip_prefix_addr_keys": arr([a for a in addrs if is_prefix_record(a)], layout.VIP_LPM_KEY),
+    }
 
 
 def routing_arrays(routing: Mapping[str, Mapping[bytes, bytes]]) -> dict[str, np.ndarray]:
@@ -457,7 +495,7 @@ def build_tables(
         vips=_frozen({p.key_rec: p.meta_rec for p in parts.values()}),
         vip_addrs=frozenset(p.addr_rec for p in parts.values()),
         reals=_frozen(reals),
-        ctl=ctl_record(s),
+        ctl=ctl_record(s, any(is_prefix_record(p.key_rec) for p in parts.values())),
         rings=_frozen({p.num: p.ring for p in parts.values()}),
         ring_inputs=_frozen({p.num: p.ring_input for p in parts.values()}),
         vip_nums=_frozen({k: p.num for k, p in parts.items()}),

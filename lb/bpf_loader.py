@@ -28,7 +28,7 @@ import numpy as np
 
 from lb import constants, layout
 from lb.c_header import c_flags
-from lb.datapath_tables import down_set_of, prev_ring_tables, routing_tables
+from lb.datapath_tables import down_set_of, prefix_tables, prev_ring_tables, routing_tables
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
@@ -99,6 +99,10 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
                       2 * constants.vip_slots(max_vips), 0),
         "lb_runtime": (BPF_MAP_TYPE_ARRAY, 4, layout.RUNTIME.itemsize, 1, BPF_F_MMAPABLE),
         "vip_addrs": (BPF_MAP_TYPE_HASH, layout.VIP_ADDR_KEY.itemsize, 4, max_vips, 0),
+        "vip_prefixes": (BPF_MAP_TYPE_LPM_TRIE, layout.VIP_LPM_KEY.itemsize,
+                         layout.VIP_META.itemsize, max_vips, BPF_F_NO_PREALLOC),
+        "vip_prefix_addrs": (BPF_MAP_TYPE_LPM_TRIE, layout.VIP_LPM_KEY.itemsize, 4, max_vips,
+                             BPF_F_NO_PREALLOC),
         "reals": (BPF_MAP_TYPE_ARRAY, 4, layout.REAL.itemsize, max_reals, 0),
         "down_set": (BPF_MAP_TYPE_ARRAY, 4, layout.DOWN_WORD.itemsize,
                      max_vips * constants.down_row_words(max_reals), BPF_F_MMAPABLE),
@@ -393,11 +397,25 @@ class XdpBalancer:
         for k in map_keys(addr_fd, layout.VIP_ADDR_KEY.itemsize):
             if k not in new_addrs:
                 map_delete(addr_fd, k)
+        self.load_prefix_vips(tables)
         quic, src_v4, src_v6 = routing_tables(tables)
         self.sync_map("quic_servers", _id_records(quic["server_id"]), _id_records(quic["real_id"]))
         for name, dtype, routes in (("src_routes_v4", layout.LPM_V4_KEY, src_v4),
                                     ("src_routes_v6", layout.LPM_V6_KEY, src_v6)):
             self.sync_map(name, _records(routes["key"], dtype), _id_records(routes["real_id"]))
+
+    def load_prefix_vips(self, tables: Any) -> None:
+        """Make the CIDR VIP tries hold exactly the tables' prefix VIPs: new prefixes in
+        vip_prefix_addrs before the VIPs that use them, and removed after (as vip_addrs)."""
+        keys, metas, addrs = prefix_tables(tables)
+        addr_recs = _records(addrs, layout.VIP_LPM_KEY)
+        one = (1).to_bytes(4, "little")
+        fd = self.map_fd("vip_prefix_addrs")
+        for k in addr_recs:
+            map_update(fd, k, one)
+        self.sync_map("vip_prefixes", _records(keys, layout.VIP_LPM_KEY),
+                      _records(metas, layout.VIP_META))
+        self.sync_map("vip_prefix_addrs", addr_recs, [one] * len(addr_recs))
 
     def sync_map(self, name: str, keys: list[bytes], values: list[bytes]) -> tuple[int, int]:
         """Make map ``name`` hold exactly ``keys`` -> ``values``: write every pair that is

@@ -67,6 +67,7 @@ PYTHON_ONLY = frozenset({
     "MAX_CONN_RATE",  # likewise (ctl.max_conn_rate)
     # C reads tcphdr.syn; linux/tcp.h has an enum member of this name (another value).
     "TCP_FLAG_SYN",
+    "VIP_PREFIX_MIN_V4", "VIP_PREFIX_MIN_V6",  # lb.config's bounds on CIDR VIPs
 })
 
 # numpy scalar type (dtype.str) -> C type

@@ -187,6 +187,32 @@ def _canonical_prefix(value: Any) -> str:
     return str(net)
 
 
+# Address ranges a CIDR VIP must not overlap: no unicast traffic is ours there.
+_NOT_UNICAST = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32", "::/128", "::ffff:0:0/96", "ff00::/8"))
+
+
+def _canonical_vip_address(value: Any) -> str:
+    """A VIP's address: one address (an exact VIP), or a prefix (a CIDR VIP) such as
+    '198.18.64.0/24', canonical. A prefix has no host bits set, is at least
+    VIP_PREFIX_MIN_V4 / _V6 bits long, is shorter than a whole address (a /32 or /128
+    is written as the address), and holds only unicast addresses."""
+    if not isinstance(value, str) or "/" not in value:
+        return _canonical_ip(value)
+    net = ipaddress.ip_network(_canonical_prefix(value))
+    shortest = C.VIP_PREFIX_MIN_V4 if net.version == 4 else C.VIP_PREFIX_MIN_V6
+    if net.prefixlen == net.max_prefixlen:
+        raise ValueError(f"a /{net.prefixlen} is one address: write it as {net.network_address}"
+                         " (an exact VIP)")
+    if net.prefixlen < shortest:
+        raise ValueError(f"prefix /{net.prefixlen} is too short: a CIDR VIP is /{shortest}"
+                         f" or longer for IPv{net.version} (got {net})")
+    bad = next((n for n in _NOT_UNICAST if n.version == net.version and n.overlaps(net)), None)
+    if bad is not None:
+        raise ValueError(f"{net} overlaps {bad}: a CIDR VIP must hold unicast addresses only")
+    return str(net)
+
+
 def _none_is_empty(value: Any) -> Any:
     """``reals:`` with nothing after it is null in YAML; read it as an empty list."""
     return [] if value is None else value
@@ -205,6 +231,7 @@ def _duplicates(items: list[Any], name: str) -> list[tuple[str, str]]:
 
 
 Address = Annotated[str, PlainValidator(_canonical_ip)]
+VipAddress = Annotated[str, PlainValidator(_canonical_vip_address)]
 Prefix = Annotated[str, PlainValidator(_canonical_prefix)]
 Mac = Annotated[str, PlainValidator(_mac)]
 Flag = Annotated[str, AfterValidator(_flag)]
@@ -304,11 +331,13 @@ class Real(BaseModel):
 
 
 class Vip(BaseModel):
-    """A virtual service: (address, port, protocol) balanced over its reals."""
+    """A virtual service: (address, port, protocol) balanced over its reals. The address
+    may be a prefix (a CIDR VIP): the VIP then serves every address inside it
+    (docs/datapath.md, "The flow")."""
 
     model_config = _STRICT
 
-    address: Address
+    address: VipAddress
     port: Annotated[int, int_range(0, 65535)]  # 0 = any port
     protocol: Literal["tcp", "udp"]
     hash: Literal["maglev", "maglev_v2"] = "maglev_v2"
@@ -328,8 +357,19 @@ class Vip(BaseModel):
 
     @property
     def ip(self) -> IP:
-        """The address as an :mod:`ipaddress` object."""
-        return ipaddress.ip_address(self.address)
+        """The address as an :mod:`ipaddress` object (of a CIDR VIP: its prefix's first
+        address)."""
+        return self.network.network_address
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The addresses the VIP serves: its prefix, or its one address as a /32 or /128."""
+        return ipaddress.ip_network(self.address)
+
+    @property
+    def is_prefix(self) -> bool:
+        """A CIDR VIP: the address is a prefix."""
+        return "/" in self.address
 
     @property
     def flag_bits(self) -> int:

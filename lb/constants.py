@@ -116,6 +116,16 @@ QUIC_CID_V1, QUIC_CID_V2, QUIC_CID_V3 = 1, 2, 3  # top 2 bits of the DCID's firs
 MAX_QUIC_SERVER_IDS = 1 << 16  # entries of the server id -> real table
 MAX_QUIC_SERVER_ID = 0xFFFFFFFF  # v3 ids are 32 bits (v1: 16, v2: 24)
 
+# --- CIDR VIPs (a VIP whose address is a prefix) ----------------------------------------
+# Shortest prefix accepted (lb.config): a shorter one would make a large part of the
+# address space "for us" (ICMP echo answered, fragments dropped, ...). A full-length
+# prefix (/32, /128) is refused: write the address, an exact VIP.
+VIP_PREFIX_MIN_V4 = 8
+VIP_PREFIX_MIN_V6 = 16
+# The LPM keys of vip_prefixes / vip_prefix_addrs (layout.VIP_LPM_KEY) start with 32 bits
+# of (port, proto, family) that every entry matches exactly, then the address prefix.
+VIP_LPM_KEY_HEAD_BITS = 32
+
 # --- source routing --------------------------------------------------------------------
 MAX_SRC_ROUTES = 1 << 14  # prefixes per address family
 
@@ -215,6 +225,7 @@ STAT_FLOOD_NEW_CONNS = 21  # new flow above max_conn_rate on its CPU: hashed, no
 STAT_DOWN_REAL_MIGRATED = 22  # connection-table entry named a down real: re-hashed, rewritten
 STAT_QUIC_CONN_WRITTEN = 23  # QUIC-routed: its real written into the connection table (new or changed)
 STAT_TX_HOPLIST = 24  # stateless VIP: encapsulated with a hop list of >= 2 reals (in tx_encap)
+STAT_VIP_PREFIX_MATCHED = 25  # VIP found by the longest prefix of the destination (a CIDR VIP)
 
 
 def _counter_names(prefix: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from lb import layout
 from lb.maglev import ring_for
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PROTOCOLS = {"tcp": C.IPPROTO_TCP, "udp": C.IPPROTO_UDP}
 
 
@@ -31,6 +32,24 @@ def addr_from16(raw: np.ndarray | bytes, family: int) -> IPAddress:
     """Inverse of :func:`addr16`."""
     data = bytes(raw)
     return ipaddress.IPv4Address(data[:4]) if family == C.FAMILY_V4 else ipaddress.IPv6Address(data)
+
+
+def vip_lpm_key(net: IPNetwork, port: int = 0, proto: int = 0) -> np.ndarray:
+    """The layout.VIP_LPM_KEY of a CIDR VIP (port and proto 0: of its prefix in
+    vip_prefix_addrs)."""
+    rec = np.zeros(1, dtype=layout.VIP_LPM_KEY)
+    raw, fam = addr16(net.network_address)
+    rec[0]["prefixlen"] = C.VIP_LPM_KEY_HEAD_BITS + net.prefixlen
+    rec[0]["port"] = port
+    rec[0]["proto"] = proto
+    rec[0]["family"] = fam
+    rec[0]["addr"] = raw
+    return rec
+
+
+def vip_address(text: str) -> IPAddress | IPNetwork:
+    """A VIP's address as lb.config writes it: an address, or a prefix (a CIDR VIP)."""
+    return ipaddress.ip_network(text) if "/" in text else ipaddress.ip_address(text)
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -56,7 +75,12 @@ class DatapathTables:
     src_routes_v4: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V4))
     src_routes_v6: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.SRC_ROUTE_V6))
     real_ids: dict[IPAddress, int] = field(default_factory=dict)
-    vip_nums: dict[tuple[IPAddress, int, str], int] = field(default_factory=dict)
+    vip_nums: dict[tuple[IPAddress | IPNetwork, int, str], int] = field(default_factory=dict)
+    # CIDR VIPs: VIP_LPM_KEY[k] -> VIP_META[k], and their prefixes (VIP_LPM_KEY, port and
+    # proto 0) as the prefix half of vip_addr_keys
+    vip_prefix_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.VIP_LPM_KEY))
+    vip_prefix_metas: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.VIP_META))
+    vip_prefix_addr_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, layout.VIP_LPM_KEY))
     # stateless VIPs' previous rings: uint32[MAX_PREV_RINGS, ring_size] and the per-VIP
     # refs, uint32[max_vips] (layout.PREV_REF read as one u32); None = none at all
     prev_rings: np.ndarray | None = None
@@ -122,9 +146,21 @@ def prev_ref_value(slots: tuple[int, ...] | list[int]) -> int:
     return sum((s + 1) << (16 * i) for i, s in enumerate(slots))
 
 
-def ctl_array(settings) -> np.ndarray:
-    """The single ctl entry (layout.CTL) for an :class:`lb.config.Settings`."""
+def prefix_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vip_prefix_keys, vip_prefix_metas, vip_prefix_addr_keys) of ``tables``, empty
+    where a hand-built table set leaves them out."""
+    return (
+        getattr(tables, "vip_prefix_keys", np.zeros(0, layout.VIP_LPM_KEY)),
+        getattr(tables, "vip_prefix_metas", np.zeros(0, layout.VIP_META)),
+        getattr(tables, "vip_prefix_addr_keys", np.zeros(0, layout.VIP_LPM_KEY)),
+    )
+
+
+def ctl_array(settings, cidr_vips: bool = False) -> np.ndarray:
+    """The single ctl entry (layout.CTL) for an :class:`lb.config.Settings`; ``cidr_vips``:
+    whether any VIP is a CIDR VIP."""
     ctl = np.zeros(1, dtype=layout.CTL)
+    ctl[0]["cidr_vips"] = int(cidr_vips)
     ctl[0]["gw_mac"] = np.frombuffer(mac_bytes(settings.gateway_mac), dtype=np.uint8)
     ctl[0]["max_frame"] = settings.max_frame_size
     ctl[0]["mtu"] = settings.mtu or 0
@@ -161,12 +197,14 @@ def compile_tables(cfg) -> DatapathTables:
     """Build the tables for ``cfg`` (an :class:`lb.config.Config`, already validated).
 
     VIP numbers follow the order of the config; real ids are handed out from 1 upward in
-    order of first use, as Katran does.
+    order of first use, as Katran does. A CIDR VIP (its address a prefix) goes into the
+    prefix tables instead of vip_keys, numbered like any other.
     """
     s = cfg.settings
-    n = len(cfg.vips)
-    vip_keys = np.zeros(n, dtype=layout.VIP_KEY)
-    vip_metas = np.zeros(n, dtype=layout.VIP_META)
+    exact = [v for v in cfg.vips if "/" not in v.address]
+    vip_keys = np.zeros(len(exact), dtype=layout.VIP_KEY)
+    vip_metas = np.zeros(len(exact), dtype=layout.VIP_META)
+    prefix_keys, prefix_metas, prefix_addrs = [], [], {}
     reals = np.zeros(s.max_reals, dtype=layout.REAL)
     # np.zeros maps untouched pages lazily, so the full max_vips x ring_size array costs
     # memory only for the VIPs in use.
@@ -176,17 +214,27 @@ def compile_tables(cfg) -> DatapathTables:
     real_ids: dict[IPAddress, int] = {}
     vip_nums: dict[tuple[IPAddress, int, str], int] = {}
     vip_addrs: dict[tuple[bytes, int], None] = {}
+    e = 0  # index into vip_keys
     for num, vip in enumerate(cfg.vips):
-        vip_ip = _ip(vip.address)
-        raw, fam = addr16(vip_ip)
-        vip_keys[num]["addr"] = raw
-        vip_keys[num]["port"] = vip.port
-        vip_keys[num]["proto"] = PROTOCOLS[vip.protocol]
-        vip_keys[num]["family"] = fam
-        vip_metas[num]["flags"] = vip.flag_bits
-        vip_metas[num]["vip_num"] = num
+        vip_ip = vip_address(str(vip.address))
         vip_nums[(vip_ip, vip.port, vip.protocol)] = num
-        vip_addrs[(raw.tobytes(), fam)] = None
+        if isinstance(vip_ip, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            prefix_keys.append(vip_lpm_key(vip_ip, vip.port, PROTOCOLS[vip.protocol]))
+            meta = np.zeros(1, dtype=layout.VIP_META)
+            meta[0]["flags"], meta[0]["vip_num"] = vip.flag_bits, num
+            prefix_metas.append(meta)
+            addr_key = vip_lpm_key(vip_ip)
+            prefix_addrs[addr_key.tobytes()] = addr_key
+        else:
+            raw, fam = addr16(vip_ip)
+            vip_keys[e]["addr"] = raw
+            vip_keys[e]["port"] = vip.port
+            vip_keys[e]["proto"] = PROTOCOLS[vip.protocol]
+            vip_keys[e]["family"] = fam
+            vip_metas[e]["flags"] = vip.flag_bits
+            vip_metas[e]["vip_num"] = num
+            vip_addrs[(raw.tobytes(), fam)] = None
+            e += 1
 
         ring_input = []
         for real in vip.reals:
@@ -220,10 +268,21 @@ def compile_tables(cfg) -> DatapathTables:
         vip_addr_keys=vip_addr_keys,
         reals=reals,
         rings=rings,
-        ctl=ctl_array(s),
+        ctl=ctl_array(s, cidr_vips=bool(prefix_keys)),
         quic_servers=quic_servers,
         src_routes_v4=src_v4,
         src_routes_v6=src_v6,
         real_ids=real_ids,
         vip_nums=vip_nums,
+        vip_prefix_keys=_concat(prefix_keys, layout.VIP_LPM_KEY),
+        vip_prefix_metas=_concat(prefix_metas, layout.VIP_META),
+        vip_prefix_addr_keys=_concat(list(prefix_addrs.values()), layout.VIP_LPM_KEY),
     )
+
+
+def _concat(recs: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """One-record arrays of ``dtype`` as one array."""
+    out = np.zeros(len(recs), dtype=dtype)
+    for i, r in enumerate(recs):
+        out[i] = r[0]
+    return out

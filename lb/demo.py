@@ -87,7 +87,7 @@ def build_stream(cfg: Config, flows: int, seed: int = 1) -> list[tuple[str, tupl
     out = []
     for vip in cfg.vips:
         label = _vip_label(vip)
-        templates = _frames_of(str(vip.address), vip.protocol) if vip.ip.version == 4 else []
+        templates = _frames_of(str(vip.ip), vip.protocol) if vip.ip.version == 4 else []
         for _ in range(flows):
             client = f"198.18.{rng.randrange(0, 100)}.{rng.randrange(1, 255)}"
             sport = rng.randrange(1024, 65535)

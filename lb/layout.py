@@ -56,14 +56,16 @@ FLOW_KEY = np.dtype(
 )
 
 # Control values (single entry). 40 bytes. ``mtu`` 0 = no too-big check; ``gue_port`` in
-# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; GUE outer source addresses;
-# ``max_conn_rate``: new connections per CPU per second before the flood guard, 0 = off.
+# network order; ``encap`` = constants.ENCAP_IPIP / ENCAP_GUE; ``cidr_vips`` 1 if any CIDR
+# VIP exists (else the prefix lookups are skipped: without CIDR VIPs no frame pays for
+# them); GUE outer source addresses; ``max_conn_rate``: new connections per CPU per
+# second before the flood guard, 0 = off.
 CTL = np.dtype(
     {
-        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "gue_src_v4", "gue_src_v6",
-                  "max_conn_rate"],
-        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", ("u1", 4), ("u1", 16), "<u4"],
-        "offsets": [0, 6, 8, 10, 12, 16, 20, 36],
+        "names": ["gw_mac", "max_frame", "mtu", "gue_port", "encap", "cidr_vips", "gue_src_v4",
+                  "gue_src_v6", "max_conn_rate"],
+        "formats": [("u1", 6), "<u2", "<u2", ">u2", "u1", "u1", ("u1", 4), ("u1", 16), "<u4"],
+        "offsets": [0, 6, 8, 10, 12, 13, 16, 20, 36],
         "itemsize": 40,
     }
 )
@@ -75,6 +77,20 @@ LPM_V4_KEY = np.dtype(
 )
 LPM_V6_KEY = np.dtype(
     {"names": ["prefixlen", "addr"], "formats": ["<u4", ("u1", 16)], "offsets": [0, 4], "itemsize": 20}
+)
+
+# CIDR VIP key (BPF_MAP_TYPE_LPM_TRIE vip_prefixes: -> VIP_META; vip_prefix_addrs, with
+# port and proto 0: -> u32 1). ``prefixlen`` (host order) counts the 32 bits of (port,
+# proto, family), matched exactly, plus the address prefix length, so one trie holds both
+# families and a lookup finds the longest prefix among the VIPs of one (port, proto). The
+# address is stored as in VIP_KEY (IPv4 in the first 4 bytes). 24 bytes.
+VIP_LPM_KEY = np.dtype(
+    {
+        "names": ["prefixlen", "port", "proto", "family", "addr"],
+        "formats": ["<u4", ">u2", "u1", "u1", ("u1", 16)],
+        "offsets": [0, 4, 6, 7, 8],
+        "itemsize": 24,
+    }
 )
 
 # Source-routing table entries (userspace form): LPM key + real id.
@@ -181,6 +197,7 @@ C_STRUCTS: dict[str, np.dtype] = {
     "capture_bucket": CAPTURE_BUCKET,
     "conn_rate": CONN_RATE,
     "prev_ref": PREV_REF,
+    "vip_lpm_key": VIP_LPM_KEY,
 }
 
 # 16-byte address fields the C side reads as ``union lb_addr`` (IPv4 word, IPv6 words or
@@ -190,6 +207,7 @@ C_ADDR_FIELDS: dict[str, tuple[str, ...]] = {
     "vip_addr_key": ("addr",),
     "real_def": ("addr",),
     "flow_key": ("src", "dst"),
+    "vip_lpm_key": ("addr",),
 }
 
 # Structs the C side reads as 64-bit words on the stack (where the verifier wants aligned

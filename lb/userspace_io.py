@@ -86,7 +86,7 @@ from lb import afpacket
 from lb import constants as C
 from lb.afpacket import PacketSocket, mmsg_fill, rx_drain, tx_fill
 from lb.datapath import UserspaceDatapath, process_batch
-from lb.datapath_tables import DatapathTables
+from lb.datapath_tables import DatapathTables, prefix_tables
 from lb.kernel.netns import run_in_netns
 
 __all__ = ["TcGuard", "UserspaceBalancer", "main"]
@@ -258,32 +258,54 @@ def _run(  # the loop's whole state, passed once per start/reload
 
 
 # classic BPF (struct sock_filter) opcodes: the guard needs no eBPF, only cls_bpf
-_LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+_LD_W_ABS, _JEQ_K, _RET_K, _AND_K = 0x20, 0x15, 0x06, 0x54
 TC_ACT_SHOT, TC_ACT_UNSPEC = 2, 0xFFFFFFFF  # drop / "not mine, go on"
 SKF_NET_OFF = -0x100000 & 0xFFFFFFFF  # load offsets from the network header (cls_bpf runs
 # classic BPF with the MAC header pushed, so plain offsets would depend on the L2 length)
-_V4_PER_FILTER, _V6_PER_FILTER = 2000, 450  # a program has at most 4096 instructions
+# entries per program (at most 4096 instructions): IPv4 addresses take 2, IPv6 addresses 9;
+# prefixes (CIDR VIPs) 4 (IPv4), at most 13 (IPv6)
+_V4_PER_FILTER, _V6_PER_FILTER = 2000, 450
+_V4_NETS_PER_FILTER, _V6_NETS_PER_FILTER = 1000, 300
+_NETS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _net_entry(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[tuple[int, int, int, int]]:
+    """Instructions that return TC_ACT_SHOT if the destination lies in ``net`` and fall
+    through to the next entry otherwise: per 32-bit word of the address the prefix
+    covers, load, mask (unless whole) and compare."""
+    base = 16 if net.version == 4 else 24
+    mask = struct.unpack(f"!{net.max_prefixlen // 32}I", net.netmask.packed)
+    want = struct.unpack(f"!{net.max_prefixlen // 32}I", net.network_address.packed)
+    body: list[tuple[int, int, int, int]] = []
+    for i, (m, w) in enumerate(zip(mask, want)):
+        if m:
+            body.append((_LD_W_ABS, 0, 0, SKF_NET_OFF + base + 4 * i))
+            if m != 0xFFFFFFFF:
+                body.append((_AND_K, 0, 0, m))
+            body.append((_JEQ_K, 0, -1, w))  # jf filled in below: past this entry's return
+    body.append((_RET_K, 0, 0, TC_ACT_SHOT))
+    n = len(body)
+    return [(c, t, n - 1 - j if f == -1 else f, k) for j, (c, t, f, k) in enumerate(body)]
 
 
 def cbpf_drop_program(addresses: list) -> list[tuple[int, int, int, int]]:
     """A classic BPF program for a tc direct-action filter that returns TC_ACT_SHOT for
-    packets whose IP destination is one of ``addresses`` (all IPv4 or all IPv6; the
-    filter's ``protocol`` selects the family) and TC_ACT_UNSPEC otherwise. Loads are
-    relative to the network header (SKF_NET_OFF): IPv4 dst at 16, IPv6 dst at 24..39. A
-    packet too short for a load ends the program with 0 (TC_ACT_OK: passed)."""
+    packets whose IP destination is one of ``addresses`` or inside one of the prefixes
+    among them (CIDR VIPs; all IPv4 or all IPv6: the filter's ``protocol`` selects the
+    family) and TC_ACT_UNSPEC otherwise. Loads are relative to the network header
+    (SKF_NET_OFF): IPv4 dst at 16, IPv6 dst at 24..39. A packet too short for a load ends
+    the program with 0 (TC_ACT_OK: passed)."""
     prog: list[tuple[int, int, int, int]] = []
-    if addresses and addresses[0].version == 4:
+    exact = [a for a in addresses if not isinstance(a, _NETS)]
+    nets = [a for a in addresses if isinstance(a, _NETS)]
+    if exact and exact[0].version == 4:
         prog.append((_LD_W_ABS, 0, 0, SKF_NET_OFF + 16))
-        for a in addresses:
+        for a in exact:
             prog += [(_JEQ_K, 0, 1, int(a)), (_RET_K, 0, 0, TC_ACT_SHOT)]
     else:
-        for a in addresses:
-            w = struct.unpack("!4I", a.packed)
-            prog += [(_LD_W_ABS, 0, 0, SKF_NET_OFF + 24), (_JEQ_K, 0, 7, w[0]),
-                     (_LD_W_ABS, 0, 0, SKF_NET_OFF + 28), (_JEQ_K, 0, 5, w[1]),
-                     (_LD_W_ABS, 0, 0, SKF_NET_OFF + 32), (_JEQ_K, 0, 3, w[2]),
-                     (_LD_W_ABS, 0, 0, SKF_NET_OFF + 36), (_JEQ_K, 0, 1, w[3]),
-                     (_RET_K, 0, 0, TC_ACT_SHOT)]
+        nets = [ipaddress.ip_network(a) for a in exact] + nets
+    for net in nets:
+        prog += _net_entry(net)
     prog.append((_RET_K, 0, 0, TC_ACT_UNSPEC))
     return prog
 
@@ -314,8 +336,9 @@ class TcGuard:
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
         return r
 
-    def install(self, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
-        """Drop frames to ``addresses`` from now on (replacing the previous set)."""
+    def install(self, addresses: list) -> None:
+        """Drop frames to ``addresses`` (IPv4/IPv6 addresses, and networks: CIDR VIPs) from
+        now on (replacing the previous set)."""
         if self.generation is None and not self.created_qdisc:
             shown = self._tc("qdisc", "show", "dev", self.ifname).stdout
             if "qdisc clsact" not in shown and "qdisc ingress" not in shown:
@@ -323,14 +346,17 @@ class TcGuard:
                 self.created_qdisc = True
         gen = 0 if self.generation in (None, 1) else 1
         lines = []
-        for pref, proto, family, per in ((self.PREFS[gen][0], "ip", 4, _V4_PER_FILTER),
-                                         (self.PREFS[gen][1], "ipv6", 6, _V6_PER_FILTER)):
-            addrs = [a for a in addresses if a.version == family]
-            for i in range(0, len(addrs), per):
-                prog = cbpf_drop_program(addrs[i:i + per])
-                code = f"{len(prog)}," + ",".join(f"{c} {t} {f} {k}" for c, t, f, k in prog)
-                lines.append(f'filter add dev {self.ifname} ingress pref {pref} protocol {proto} '
-                             f'bpf da bytecode "{code}"')
+        for pref, proto, family, per, per_net in (
+                (self.PREFS[gen][0], "ip", 4, _V4_PER_FILTER, _V4_NETS_PER_FILTER),
+                (self.PREFS[gen][1], "ipv6", 6, _V6_PER_FILTER, _V6_NETS_PER_FILTER)):
+            mine = [a for a in addresses if a.version == family]
+            for addrs, n in (([a for a in mine if not isinstance(a, _NETS)], per),
+                             ([a for a in mine if isinstance(a, _NETS)], per_net)):
+                for i in range(0, len(addrs), n):
+                    prog = cbpf_drop_program(addrs[i:i + n])
+                    code = f"{len(prog)}," + ",".join(f"{c} {t} {f} {k}" for c, t, f, k in prog)
+                    lines.append(f'filter add dev {self.ifname} ingress pref {pref} protocol {proto} '
+                                 f'bpf da bytecode "{code}"')
         self._delete(gen)  # leftovers of a failed earlier update
         if lines:
             self._tc("-batch", "-", stdin="\n".join(lines) + "\n")
@@ -369,18 +395,26 @@ class TcGuard:
 
 
 def guarded_addresses(tables: DatapathTables) -> tuple[list, list]:
-    """(VIP addresses to filter, VIP addresses left unfiltered because a VIP there is
-    flagged ``local``)."""
+    """(VIP addresses and CIDR VIP prefixes to filter, those left unfiltered because a
+    VIP there is flagged ``local``)."""
     local_at = set()
     for key, meta in zip(tables.vip_keys, tables.vip_metas):
         if int(meta["flags"]) & C.F_LOCAL:
             local_at.add((bytes(key["addr"]), int(key["family"])))
+    pkeys, pmetas, paddrs = prefix_tables(tables)
+    for key, meta in zip(pkeys, pmetas):
+        if int(meta["flags"]) & C.F_LOCAL:
+            local_at.add((bytes(key["addr"]), int(key["family"]), int(key["prefixlen"])))
     guard, unguarded = [], []
     for key in tables.vip_addr_keys:
         fam = int(key["family"])
         raw = bytes(key["addr"])
         ip = ipaddress.IPv4Address(raw[:4]) if fam == C.FAMILY_V4 else ipaddress.IPv6Address(raw)
         (unguarded if (raw, fam) in local_at else guard).append(ip)
+    for key in paddrs:
+        fam, raw, plen = int(key["family"]), bytes(key["addr"]), int(key["prefixlen"])
+        net = ipaddress.ip_network((raw[:4] if fam == C.FAMILY_V4 else raw, plen - C.VIP_LPM_KEY_HEAD_BITS))
+        (unguarded if (raw, fam, plen) in local_at else guard).append(net)
     return guard, unguarded
 
 

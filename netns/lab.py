@@ -339,7 +339,10 @@ class Lab:
         for v in self.vips:
             port = v.port or (HTTP_PORT if v.protocol == "tcp" else UDP_PORT)
             kind = "quic" if "quic" in v.flags else v.protocol
-            argv += [f"--{kind}", format_endpoint(v.address, port)]
+            # a CIDR VIP (tcp, checked): a wildcard socket answers every address of the
+            # prefix, each connection from the address it was made to
+            host = ("::" if v.version == 6 else "0.0.0.0") if v.is_prefix else v.address
+            argv += [f"--{kind}", format_endpoint(host, port)]
         for q in (self._user_config.quic_servers if self._user_config is not None else ()):
             if q.real in (h.real4, h.real6):
                 argv += ["--quic-id", f"{q.real}={q.id}"]
@@ -470,12 +473,14 @@ class Lab:
         rings_only = (old is not None and np.array_equal(old.reals, tables.reals)
                       and np.array_equal(old.vip_keys, tables.vip_keys)
                       and np.array_equal(old.vip_metas, tables.vip_metas)
+                      and np.array_equal(old.vip_prefix_keys, tables.vip_prefix_keys)
+                      and np.array_equal(old.vip_prefix_metas, tables.vip_prefix_metas)
                       and np.array_equal(old.ctl, tables.ctl))  # settings (encap, mtu) too
         changed: int | None = 0 if rings_only else None
         for h in self.balancers():
             b = self._backends[h.name]
             if rings_only and hasattr(b, "update_ring"):
-                for num in range(len(tables.vip_keys)):
+                for num in range(len(tables.vip_keys) + len(tables.vip_prefix_keys)):
                     changed += b.update_ring(num, tables.rings[num])
             else:
                 b.load_tables(with_gateway(tables, h.gw_mac))

@@ -31,7 +31,7 @@ def remap_real_ids(tables: Any, ids: dict[str, int], max_reals: int) -> Any:
     reals = np.zeros_like(tables.reals)
     for ip, old in tables.real_ids.items():
         reals[new_real_ids[ip]] = tables.reals[old]
-    n = len(tables.vip_keys)
+    n = len(tables.vip_keys) + len(tables.vip_prefix_keys)  # VIP numbers 0..n-1, CIDR VIPs included
     tables.rings[:n] = old_to_new[tables.rings[:n]]
     for name in ("quic_servers", "src_routes_v4", "src_routes_v6"):
         table = getattr(tables, name, None)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lb.addresses import check_address
+from lb.addresses import ALLOWED_NETS, check_address
 from netns.errors import LabError
 
 # Link ("segment") s: IPv4 198.18.s.0/24, IPv6 2001:db8:0:s::/64 (s written with the same
@@ -79,7 +79,16 @@ class VipSpec:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_address(self.address).version
+        return self.network.version
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """The VIP's addresses: its prefix (a CIDR VIP) or its one address."""
+        return ipaddress.ip_network(self.address)
+
+    @property
+    def is_prefix(self) -> bool:
+        return "/" in self.address
 
 
 DEFAULT_VIPS = (VipSpec(VIP4, HTTP_PORT, "tcp"), VipSpec(VIP4, UDP_PORT, "udp"),
@@ -131,10 +140,16 @@ def check_addresses(hosts: Sequence[Host], vips: Sequence[VipSpec]) -> None:
         nets += [(seg_net4(h.seg), h), (seg_net6(h.seg), h)]
     for v in vips:
         check_address(v.address)
-        ip = ipaddress.ip_address(v.address)
+        vnet = v.network
+        if not any(vnet.version == n.version and vnet.subnet_of(n) for n in ALLOWED_NETS):
+            raise LabError(f"VIP {v.address} is not inside 198.18.0.0/15 or 2001:db8::/32")
         for net, h in nets:
-            if ip.version == net.version and ip in net:
-                raise LabError(f"VIP {v.address} lies in {h.name}'s link subnet {net}")
+            if vnet.version == net.version and vnet.overlaps(net):
+                raise LabError(f"VIP {v.address} overlaps {h.name}'s link subnet {net}")
+        if v.is_prefix and v.protocol != "tcp":
+            # the servers answer a prefix from a wildcard socket: right for TCP only (a
+            # UDP reply would leave from the real's own address)
+            raise LabError(f"CIDR VIP {v.address} port {v.port} {v.protocol}: the lab serves CIDR VIPs over tcp only")
     for h in hosts:
         if h.role != "real":
             continue
@@ -147,7 +162,7 @@ def check_addresses(hosts: Sequence[Host], vips: Sequence[VipSpec]) -> None:
                 if ip.version == net.version and ip in net:
                     raise LabError(f"real address {a} (host {h.name}) lies in "
                                    f"{other.name}'s link subnet {net}")
-            if any(ip == ipaddress.ip_address(v.address) for v in vips):
+            if any(ip.version == v.version and ip in v.network for v in vips):
                 raise LabError(f"real address {a} is also a VIP")
 
 
@@ -205,6 +220,9 @@ def host_commands(h: Host, vips: Sequence[VipSpec]) -> tuple[list[str], list[str
         cmds += [f"route add default via {h.gw4}", f"route add default via {h.gw6}"]
     if h.role == "real":
         for v in sorted({v.address for v in vips}):
+            if "/" in v:  # a CIDR VIP: every address of the prefix is local
+                cmds.append(f"route add local {v} dev lo")
+                continue
             plen = 128 if ":" in v else 32
             cmds.append(f"addr add {v}/{plen} dev lo" + (" nodad" if ":" in v else ""))
         for a, own in ((h.real4, h.addr4), (h.real6, h.addr6)):
@@ -222,7 +240,7 @@ def vip_route_commands(vips: Sequence[VipSpec], balancers: Sequence[Host]) -> li
     for addr in sorted({v.address for v in vips}):
         v6 = ":" in addr
         gws = [h.addr6 if v6 else h.addr4 for h in balancers]
-        dst = f"{addr}/{128 if v6 else 32}"
+        dst = addr if "/" in addr else f"{addr}/{128 if v6 else 32}"
         if len(gws) == 1:
             cmds.append(f"route add {dst} via {gws[0]}")
         else:

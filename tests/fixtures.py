@@ -109,6 +109,24 @@ SOURCE_ROUTES = [  # nested prefixes: the longest match wins
     {"prefix": "2001:db8:ffff:1::/64", "real": GONE_REALS[1]},
 ]
 
+# --- CIDR VIPs (a prefix as the VIP address): exact VIP, longest prefix, port-0 VIP,
+# longest port-0 prefix. Appended last, so the VIPs above keep their numbers and reals.
+PREFIX4, PREFIX4_LONG, PREFIX6, PREFIX6_LONG = ("198.18.64.0/24", "198.18.64.128/25", "2001:db8:64::/48",
+                                                "2001:db8:64:1::/64")
+PREFIX_EXACT = "198.18.64.7"  # an exact tcp 80 VIP inside PREFIX4
+PREFIX_EXACT_ANY = "198.18.64.8"  # an exact tcp port-0 VIP inside PREFIX4
+PREFIX_VIPS = [
+    {"address": PREFIX4, "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.3.1"}]},
+    {"address": PREFIX4_LONG, "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.3.2"}]},
+    {"address": PREFIX4, "port": 0, "protocol": "tcp", "reals": [{"address": "198.19.3.3"}]},
+    {"address": PREFIX_EXACT, "port": 80, "protocol": "tcp", "reals": [{"address": "198.19.3.4"}]},
+    {"address": PREFIX_EXACT_ANY, "port": 0, "protocol": "tcp", "reals": [{"address": "198.19.3.5"}]},
+    {"address": PREFIX6, "port": 53, "protocol": "udp", "reals": [{"address": "2001:db8:3::1"}]},
+    {"address": PREFIX6_LONG, "port": 53, "protocol": "udp", "flags": ["no_src_port"],
+     "reals": [{"address": "2001:db8:3::2"}]},
+    {"address": "198.18.66.0/23", "port": 443, "protocol": "udp", "flags": ["lru_bypass"], "reals": []},
+]
+
 FIXTURE_CONFIG = {
     "settings": {
         "gateway_mac": GW_MAC,
@@ -137,6 +155,7 @@ FIXTURE_CONFIG = {
         {"address": "2001:db8:100::1", "port": 80, "protocol": "tcp", "reals": [{"address": "2001:db8:1::2"}]},
         {"address": "2001:db8:100::1", "port": 443, "protocol": "udp", "reals": [{"address": "2001:db8:1::3"}]},
         *ROUTING_VIPS,
+        *PREFIX_VIPS,
     ],
     "quic_servers": QUIC_SERVERS,
     "source_routes": SOURCE_ROUTES,
@@ -151,6 +170,7 @@ V6_LOCAL_VIP_WITH_V4_LOCAL_REAL = ("2001:db8:100::3", 80, "198.19.0.250", F_LOCA
 def _add_vip(t: DatapathTables, vip: str, port: int, real: str, flags: int) -> None:
     """Append a TCP VIP whose whole ring is ``real`` (already a real of ``t``)."""
     num = len(t.vip_keys)
+    vip_num = num + len(t.vip_prefix_keys)  # the next VIP number (CIDR VIPs have theirs)
     ip = ipaddress.ip_address(vip)
     key = np.zeros(num + 1, dtype=layout.VIP_KEY)
     meta = np.zeros(num + 1, dtype=layout.VIP_META)
@@ -160,13 +180,13 @@ def _add_vip(t: DatapathTables, vip: str, port: int, real: str, flags: int) -> N
         meta[name][:num] = t.vip_metas[name]
     key[num]["addr"], key[num]["family"] = addr16(ip)
     key[num]["port"], key[num]["proto"] = port, IPPROTO_TCP
-    meta[num]["vip_num"], meta[num]["flags"] = num, flags
+    meta[num]["vip_num"], meta[num]["flags"] = vip_num, flags
     akey = np.zeros(len(t.vip_addr_keys) + 1, dtype=layout.VIP_ADDR_KEY)
     for name in layout.VIP_ADDR_KEY.names:
         akey[name][:-1] = t.vip_addr_keys[name]
     akey[-1]["addr"], akey[-1]["family"] = addr16(ip)
     t.vip_keys, t.vip_metas, t.vip_addr_keys = key, meta, akey
-    t.rings[num, :] = t.real_ids[ipaddress.ip_address(real)]
+    t.rings[vip_num, :] = t.real_ids[ipaddress.ip_address(real)]
 
 
 def fixture_tables() -> DatapathTables:
@@ -658,13 +678,78 @@ def build_routing_fixtures() -> list[Fixture]:
     return fx
 
 
+def build_prefix_fixtures() -> list[Fixture]:
+    """CIDR VIPs: the lookup order (exact VIP, longest prefix, exact port-0 VIP, longest
+    port-0 prefix), the VIP-address rows for addresses inside a prefix, and traffic."""
+    fx: list[Fixture] = []
+
+    def tx(desc: str, frame: bytes, real: str, client: str = CLIENT4, sport: int = 31337, row: int = 18,
+           setup: tuple[bytes, ...] = (), **counters: int) -> None:
+        fx.append(Fixture(desc, row, frame, "TX", encap(frame, real, client, sport),
+                          C(tx_encap=1, **counters), real, setup))
+
+    for desc, dst, dport, real, by_prefix in [
+        ("CIDR VIP: an address inside the /24", "198.18.64.1", 80, "198.19.3.1", 1),
+        ("CIDR VIP: another address inside the /24 (same VIP)", "198.18.64.127", 80, "198.19.3.1", 1),
+        ("CIDR VIP: the longest prefix wins (/25 inside the /24)", "198.18.64.200", 80, "198.19.3.2", 1),
+        ("CIDR VIP: the prefix's first address", "198.18.64.0", 80, "198.19.3.1", 1),
+        ("CIDR VIP: an exact VIP inside the prefix wins", PREFIX_EXACT, 80, "198.19.3.4", 0),
+        ("CIDR VIP: the prefix with the port wins over an exact port-0 VIP", PREFIX_EXACT_ANY, 80,
+         "198.19.3.1", 1),
+        ("CIDR VIP: other port -> the exact port-0 VIP", PREFIX_EXACT_ANY, 81, "198.19.3.5", 0),
+        ("CIDR VIP: other port -> the port-0 prefix", "198.18.64.9", 8080, "198.19.3.3", 1),
+        ("CIDR VIP: other port inside the /25 -> the /24's port-0 prefix", "198.18.64.201", 22,
+         "198.19.3.3", 1),
+    ]:
+        tx(desc, tcp4(dst=dst, dport=dport), real, lru_miss=1, **({"vip_prefix_matched": 1} if by_prefix else {}))
+    syn, ack = tcp4(dst="198.18.64.33"), tcp4(dst="198.18.64.33", tcp_flags="A")
+    tx("CIDR VIP: ACK after the SYN -> connection-table hit", ack, "198.19.3.1", setup=(syn,),
+       lru_hit=1, vip_prefix_matched=1)
+    other = tcp4(dst="198.18.64.34", tcp_flags="A")
+    tx("CIDR VIP: the flow key has the packet's own destination (no hit for another address)", other,
+       "198.19.3.1", setup=(syn,), lru_miss=1, vip_prefix_matched=1)
+    u6 = udp_frame("2001:db8:64::abcd", b"q", dport=53, sport=5353)
+    tx("IPv6 CIDR VIP: an address inside the /48", u6, "2001:db8:3::1", CLIENT6, 5353, lru_miss=1,
+       vip_prefix_matched=1)
+    u6l = udp_frame("2001:db8:64:1::1", b"q", dport=53, sport=5353)
+    tx("IPv6 CIDR VIP: the /64 inside the /48, no_src_port", u6l, "2001:db8:3::2", CLIENT6, 0, lru_miss=1,
+       vip_prefix_matched=1)
+    err = raw(eth() / IP(src="198.18.0.1", dst="198.18.64.50") / ICMP(type=3, code=4)
+              / IPerror(src="198.18.64.50", dst=CLIENT4) / TCPerror(sport=80, dport=31337))
+    tx("ICMP error about a CIDR VIP flow -> its real", err, "198.19.3.1", row=19, lru_miss=1,
+       vip_prefix_matched=1, icmp_error_forwarded=1)
+    fx.append(Fixture("CIDR VIP without reals (lru_bypass)", 15, udp_frame("198.18.67.255", b"", dport=443),
+                      "DROP", None, C(drop_no_real=1, vip_prefix_matched=1)))
+
+    # the VIP-address rows: an address inside a prefix is a VIP address, any port or protocol
+    for desc, f in [
+        ("TCP just outside a CIDR VIP's prefix", tcp4(dst="198.18.65.0")),
+        ("IPv6 UDP just outside a CIDR VIP's prefix", udp_frame("2001:db8:65::1", b"", dport=53)),
+    ]:
+        fx.append(Fixture(desc, 5, f, "PASS", f, C(pass_not_vip=1)))
+    ping = raw(eth() / IP(src=CLIENT4, dst="198.18.64.99") / ICMP(type=8, id=3, seq=4))
+    fx.append(Fixture("ICMP echo to an address inside a CIDR VIP", 11, ping, "TX", echo_reply(ping),
+                      C(tx_icmp_echo_reply=1)))
+    ping6 = raw(eth() / IPv6(src=CLIENT6, dst="2001:db8:64:ffff::9") / ICMPv6EchoRequest(id=1, seq=2))
+    fx.append(Fixture("ICMPv6 echo to an address inside a CIDR VIP", 11, ping6, "TX", echo_reply(ping6),
+                      C(tx_icmp_echo_reply=1)))
+    fx.append(Fixture("IPv4 fragment to an address inside a CIDR VIP", 8, tcp4(dst="198.18.64.3", flags="MF"),
+                      "DROP", None, C(drop_fragment=1)))
+    u = udp_frame("198.18.64.3", b"", dport=80)
+    fx.append(Fixture("UDP to a TCP-only CIDR VIP", 14, u, "PASS", u, C(pass_not_vip=1)))
+    u53 = udp_frame("2001:db8:64::1", b"", dport=54)
+    fx.append(Fixture("IPv6 UDP to a CIDR VIP's address, unconfigured port", 14, u53, "PASS", u53,
+                      C(pass_not_vip=1)))
+    return fx
+
+
 # Ring position of Katran's vector in VIP 198.18.100.9 (maglev V1, reals .1,.2,.3 in that
 # id order): 0xc7e68632 % 65537. Which real sits there follows from the Maglev vectors
 # (tested in test_maglev.py); pinned here so a change in either shows up.
 KATRAN_VECTOR_POS = 0xC7E68632 % 65537
 KATRAN_VECTOR_REAL = "198.19.0.3"
 
-FIXTURES = build_fixtures() + build_routing_fixtures()
+FIXTURES = build_fixtures() + build_routing_fixtures() + build_prefix_fixtures()
 
 
 # --- GUE and the MTU check (global settings: their own table sets) -------------------------

@@ -49,6 +49,21 @@ def _addr(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
+def _vip_dst(draw, vip: str) -> bytes:
+    """A destination for ``vip``: its address; for a CIDR VIP, an address inside the
+    prefix (its first, last or any) or, sometimes, just outside it."""
+    import ipaddress
+
+    if "/" not in vip:
+        return _addr(vip)
+    net = ipaddress.ip_network(vip)
+    host = draw(st.sampled_from([0, net.num_addresses - 1]) | st.integers(0, net.num_addresses - 1))
+    addr = int(net.network_address) + host
+    if draw(st.integers(0, 4)) == 0:
+        addr ^= 1 << (net.max_prefixlen - net.prefixlen)  # the last prefix bit: outside
+    return addr.to_bytes(net.max_prefixlen // 8, "big")
+
+
 @st.composite
 def quic_payload(draw) -> bytes:
     """A UDP payload for a QUIC VIP: short or long header (or any first byte), a DCID
@@ -111,7 +126,7 @@ def valid_flow_frame(draw, vips: list[tuple[str, int, str]] = VIPS, big: bool = 
     a few flows. ``big``: often 1150-1480 bytes of payload more, around any MTU the
     fixtures set."""
     vip, port, proto = draw(st.sampled_from(vips))
-    dst = _addr(vip)
+    dst = _vip_dst(draw, vip)
     v6 = len(dst) == 16
     quic = (vip, port, proto) in QUIC_VIPS
     src = _client(draw, v6)

@@ -174,6 +174,61 @@ def test_vip_address_must_be_unicast(addr: str) -> None:
     assert_error(d, "vips[0].address", "must be a unicast address")
 
 
+# --- CIDR VIPs ------------------------------------------------------------------------------
+
+
+def test_cidr_vips_load_canonical_beside_exact_vips() -> None:
+    d = base()
+    d["vips"] += [{"address": " 198.18.64.0/24", "port": 80, "protocol": "tcp"},
+                  {"address": "198.18.64.128/25", "port": 80, "protocol": "tcp"},  # nested: fine
+                  {"address": "198.18.64.7", "port": 80, "protocol": "tcp"},  # inside a prefix: fine
+                  {"address": "198.18.64.0/24", "port": 0, "protocol": "tcp"},
+                  {"address": "2001:DB8:64:0::/48", "port": 53, "protocol": "udp"}]
+    cfg = parse_config(d)
+    assert [v.address for v in cfg.vips[1:]] == ["198.18.64.0/24", "198.18.64.128/25", "198.18.64.7",
+                                                 "198.18.64.0/24", "2001:db8:64::/48"]
+    assert [v.is_prefix for v in cfg.vips] == [False, True, True, False, True, True]
+    assert str(cfg.vips[1].ip) == "198.18.64.0" and cfg.vips[5].network.prefixlen == 48
+    assert parse_config(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("addr", "fragments"), [
+    ("198.18.64.1/24", ("host bits set in 198.18.64.1/24", "did you mean 198.18.64.0/24")),
+    ("198.18.64.1/32", ("a /32 is one address", "write it as 198.18.64.1")),
+    ("2001:db8::1/128", ("a /128 is one address", "write it as 2001:db8::1")),
+    ("198.0.0.0/7", ("/7 is too short", f"/{C.VIP_PREFIX_MIN_V4} or longer for IPv4")),
+    ("2000::/15", ("/15 is too short", f"/{C.VIP_PREFIX_MIN_V6} or longer for IPv6")),
+    ("224.0.0.0/8", ("overlaps 224.0.0.0/4", "unicast")),
+    ("0.0.0.0/8", ("overlaps 0.0.0.0/8",)),
+    ("255.255.255.0/24", ("overlaps 255.255.255.255/32",)),
+    ("ff00::/16", ("overlaps ff00::/8",)),
+    ("::ffff:0:0/112", ("overlaps ::ffff:0:0/96",)),
+    ("198.18.64.0/33", ("not an IPv4 or IPv6 prefix",)),
+    ("198.18.64.0/", ("not an IPv4 or IPv6 prefix",)),
+])
+def test_bad_cidr_vip(addr: str, fragments: tuple[str, ...]) -> None:
+    d = base()
+    d["vips"][0]["address"] = addr
+    assert_error(d, "vips[0].address", *fragments)
+
+
+def test_duplicate_cidr_vip() -> None:
+    d = base()
+    d["vips"] += [{"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"},
+                  {"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"}]
+    assert_error(d, "vips[2]", "duplicate of vips[1]", "198.18.64.0/24 port 80 tcp")
+
+
+def test_cidr_vip_counts_towards_max_vips_and_its_family_towards_ipip() -> None:
+    d = base()
+    d["settings"]["max_vips"] = 1
+    d["vips"].append({"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"})
+    assert_error(d, "vips", "2 VIPs but settings.max_vips is 1")
+    d = base()
+    d["vips"][0]["address"] = "2001:db8:64::/48"
+    assert_error(d, "vips[0].reals[0].address", "IPv4 real 10.0.0.1 behind IPv6 VIP", "ipip")
+
+
 def test_port_out_of_range() -> None:
     d = base()
     d["vips"][0]["port"] = 70000

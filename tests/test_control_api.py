@@ -23,6 +23,7 @@ from control.flows import FlowQuery, flow_frame
 from control.plane import open_plane
 from control.reconcile import PutVip, plan
 from control.tables import Sizes
+from lb import constants as C
 from lb.config import load_config, parse_config
 
 V0 = "/v1/vips/198.18.100.1/80/tcp"
@@ -370,6 +371,9 @@ def test_bearer_token() -> None:
     assert ctl.core.generation == 1
 
 
+VIP_PATHS = ("{address}/{port}/{protocol}", "{address}/{length}/{port}/{protocol}")  # exact, CIDR VIP
+
+
 def test_openapi_document(env) -> None:
     api, _, _ = env
     doc = api.get("/openapi.json").json()
@@ -379,6 +383,10 @@ def test_openapi_document(env) -> None:
         "/v1/vips/{address}/{port}/{protocol}": {"get", "patch", "delete"},
         "/v1/vips/{address}/{port}/{protocol}/reals": {"get", "post"},
         "/v1/vips/{address}/{port}/{protocol}/reals/{real}": {"get", "patch", "delete"},
+        # a CIDR VIP: the prefix as two segments
+        "/v1/vips/{address}/{length}/{port}/{protocol}": {"get", "patch", "delete"},
+        "/v1/vips/{address}/{length}/{port}/{protocol}/reals": {"get", "post"},
+        "/v1/vips/{address}/{length}/{port}/{protocol}/reals/{real}": {"get", "patch", "delete"},
         "/v1/stats": {"get"}, "/v1/stats/global": {"get"}, "/v1/stats/vips": {"get"},
         "/v1/stats/reals": {"get"}, "/v1/stats/conntable": {"get"}, "/v1/health": {"get"},
         "/v1/simulate": {"post"}, "/v1/config": {"get", "put"}, "/metrics": {"get"},
@@ -394,12 +402,12 @@ def test_openapi_document(env) -> None:
     assert ids == {
         ("get", "/v1/status"): ("status", ["status"]),
         ("get", "/v1/vips"): ("list_vips", ["vips"]), ("post", "/v1/vips"): ("create_vip", ["vips"]),
-        **{(m, "/v1/vips/{address}/{port}/{protocol}"): (f"{n}_vip", ["vips"])
-           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
-        ("get", "/v1/vips/{address}/{port}/{protocol}/reals"): ("list_reals", ["reals"]),
-        ("post", "/v1/vips/{address}/{port}/{protocol}/reals"): ("add_real", ["reals"]),
-        **{(m, "/v1/vips/{address}/{port}/{protocol}/reals/{real}"): (f"{n}_real", ["reals"])
-           for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        **{(m, f"/v1/vips/{vip}"): (f"{n}_vip", ["vips"])
+           for vip in VIP_PATHS for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
+        **{(m, f"/v1/vips/{vip}/reals"): (n, ["reals"])
+           for vip in VIP_PATHS for m, n in (("get", "list_reals"), ("post", "add_real"))},
+        **{(m, f"/v1/vips/{vip}/reals/{{real}}"): (f"{n}_real", ["reals"])
+           for vip in VIP_PATHS for m, n in (("get", "get"), ("patch", "patch"), ("delete", "delete"))},
         **{(m, f"/v1/{t}"): (n, [t]) for t in ("quic-servers", "source-routes")
            for m, n in (("get", "list_all"), ("put", "replace"), ("post", "add"))},
         ("get", "/v1/quic-servers/{id}"): ("get_quic_server", ["quic-servers"]),
@@ -463,3 +471,52 @@ def test_ipv6_vip_with_a_high_last_byte(env) -> None:
     r = api.post("/v1/simulate", json={"src": "2001:db8:9::1", "dst": "2001:db8:100::80", "sport": 7,
                                       "dport": 80, "protocol": "tcp"})
     assert r.json()["action"] == "TX" and r.json()["real"] == real_addr(0, v6=True)
+
+
+def test_cidr_vip_through_the_api(env) -> None:
+    """A CIDR VIP: created, named by its prefix as two path segments (or %2F-encoded),
+    its reals managed under that path, published to the datapath (traffic to two
+    addresses inside the prefix is balanced, one outside is not ours), then withdrawn."""
+    api, ctl, port = env
+    body = {"address": "198.18.64.0/24", "port": 80, "protocol": "tcp", "reals": [{"address": real_addr(4)}]}
+    r = api.post("/v1/vips", json=body)
+    assert r.status_code == 201, r.text
+    v = VipView.model_validate(r.json())
+    path = "/v1/vips/198.18.64.0/24/80/tcp"
+    assert v.id == "198.18.64.0/24:80/tcp" and r.headers["location"] == path
+    assert api.get(path).json()["id"] == v.id
+    assert api.get("/v1/vips/198.18.64.0%2F24/80/tcp").json()["id"] == v.id
+    # the exact VIP's reals path still means the exact VIP
+    assert [x["address"] for x in api.get(V0 + "/reals").json()] == [real_addr(0), real_addr(1)]
+    r = api.post(path + "/reals", json={"address": real_addr(5)})
+    assert r.status_code == 201, r.text
+    assert [x["address"] for x in api.get(path + "/reals").json()] == [real_addr(4), real_addr(5)]
+    assert api.patch(f"{path}/reals/{real_addr(5)}", json={"weight": 0}).json()["weight"] == 0
+    assert api.patch(path, json={"flags": ["no_src_port"]}).json()["flags"] == ["no_src_port"]
+    assert plan(port, ctl.core.tables).empty
+
+    frames = [flow_frame(FlowQuery(src="198.18.0.9", dst=dst, sport=4000, dport=80, protocol="tcp"))
+              for dst in ("198.18.64.1", "198.18.64.250", "198.18.65.1")]
+    res = port.dp.process_frames(frames, now=1)
+    rid = ctl.core.tables.real_ids[real_addr(4)]
+    assert res.real_ids.tolist() == [rid, rid, 0]
+    assert [int(res.stats[C.STAT_INDEX[n]]) for n in ("tx_encap", "vip_prefix_matched", "pass_not_vip")] == [2, 2, 1]
+    assert api.get("/v1/stats/global").json()["counters"]["vip_prefix_matched"] == 2
+    assert "lb_vip_prefix_matched_packets_total 2.0" in api.get("/metrics").text
+    sim = api.post("/v1/simulate", json={"src": "198.18.0.9", "dst": "198.18.64.77", "sport": 1, "dport": 80,
+                                        "protocol": "tcp"}).json()
+    assert sim["action"] == "TX" and sim["real_id"] == rid
+
+    for bad, msg in (("198.18.64.1/24", "host bits set"), ("198.18.64.1/32", "write it as 198.18.64.1"),
+                     ("198.0.0.0/7", "too short"), ("224.0.0.0/8", "unicast")):
+        r = api.post("/v1/vips", json={**body, "address": bad})
+        assert r.status_code == 422 and msg in problems(r)["address"], r.text
+    r = api.get("/v1/vips/198.18.64.1/24/80/tcp")
+    assert r.status_code == 422 and "host bits set" in problems(r)["address"]
+    assert api.post("/v1/vips", json=body).status_code == 409  # the same prefix, port, protocol
+
+    assert api.delete(path).status_code == 204
+    assert api.get(path).status_code == 404
+    assert plan(port, ctl.core.tables).empty
+    res = port.dp.process_frames(frames[:1], now=2)
+    assert res.real_ids.tolist() == [0] and int(res.stats[C.STAT_INDEX["pass_not_vip"]]) == 1

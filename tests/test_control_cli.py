@@ -168,3 +168,32 @@ def test_capture_needs_the_xdp_datapath(daemon, capsys, tmp_path) -> None:
     assert not out.exists()
     rc, _, err = run(daemon, capsys, "capture", "-w", str(out), "--event", "dorp", "--pin-dir", str(tmp_path))
     assert rc == 2 and "unknown event 'dorp'" in err
+
+
+def test_cidr_vip_commands_and_a_restart(daemon, capsys) -> None:
+    """A CIDR VIP through lbctl (PREFIX:PORT/proto, [IPv6 PREFIX]:PORT/proto), kept by the
+    state store across a daemon restart, then deleted."""
+    vip, vip6 = "198.18.64.0/24:80/tcp", "[2001:db8:64::/48]:53/udp"
+    rc, out, _ = run(daemon, capsys, "vip", "add", vip, "--real", real_addr(3))
+    assert rc == 0 and f"created {vip}" in out
+    rc, out, _ = run(daemon, capsys, "vip", "add", vip6, "--real", real_addr(3, True), "--flag", "no_src_port")
+    assert rc == 0 and f"created {vip6}" in out
+    assert run(daemon, capsys, "real", "add", vip, real_addr(4), "--weight", "2")[0] == 0
+    rc, out, _ = run(daemon, capsys, "vip", "where", vip, "--src", "198.18.0.9", "--sport", "1234",
+                     "--dst", "198.18.64.200", "--json")
+    assert rc == 0 and json.loads(out)["action"] == "TX" and json.loads(out)["real"] in (real_addr(3), real_addr(4))
+    rc, out, _ = run(daemon, capsys, "vip", "where", vip, "--src", "198.18.0.9", "--sport", "1234",
+                     "--dst", "198.18.65.1", "--json")
+    assert json.loads(out)["action"] == "PASS"
+    rc, _, err = run(daemon, capsys, "vip", "add", "198.18.64.1/24:80/tcp")
+    assert rc != 0 and "host bits set" in err
+
+    daemon.stop()
+    daemon.start()
+    rc, out, _ = run(daemon, capsys, "vip", "show", vip, "--json")
+    assert rc == 0 and [r["address"] for r in json.loads(out)["reals"]] == [real_addr(3), real_addr(4)]
+    rc, out, _ = run(daemon, capsys, "vip", "show", vip6, "--json")
+    assert rc == 0 and json.loads(out)["flags"] == ["no_src_port"]
+    assert run(daemon, capsys, "vip", "del", vip)[0] == 0
+    assert run(daemon, capsys, "vip", "del", vip6)[0] == 0
+    assert run(daemon, capsys, "vip", "show", vip)[0] != 0

@@ -28,7 +28,7 @@ def assert_same_tables(a, b) -> None:
     for name in ("ring_size", "max_vips", "max_reals", "conn_table_size"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("vip_keys", "vip_metas", "vip_addr_keys", "reals", "ctl", "quic_servers", "src_routes_v4",
-                 "src_routes_v6"):
+                 "src_routes_v6", "vip_prefix_keys", "vip_prefix_metas", "vip_prefix_addr_keys"):
         assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
     assert np.array_equal(a.rings, b.rings)
     assert a.real_ids == b.real_ids
@@ -48,9 +48,12 @@ def configs(draw):
     for i in range(n_vips):
         reals = draw(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 5)), max_size=6,
                               unique_by=lambda t: t[0]))
-        vips.append(vip_dict(i, reals, port=draw(st.sampled_from([0, 53, 80])),
-                             protocol=draw(st.sampled_from(["tcp", "udp"])),
-                             hash=draw(st.sampled_from(["maglev", "maglev_v2"]))))
+        v = vip_dict(i, reals, port=draw(st.sampled_from([0, 53, 80])),
+                     protocol=draw(st.sampled_from(["tcp", "udp"])),
+                     hash=draw(st.sampled_from(["maglev", "maglev_v2"])))
+        if draw(st.booleans()):  # a CIDR VIP (VIPs 2k and 2k+1: nested prefixes)
+            v["address"] = f"198.18.{64 + 2 * (i // 2)}.0/{23 + i % 2}"
+        vips.append(v)
     return make_config(vips)
 
 

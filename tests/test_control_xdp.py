@@ -5,6 +5,8 @@ on pinned maps finds them as the last one left them."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from control_helpers import make_config, real_addr, tables_for, vip_dict
@@ -73,12 +75,14 @@ def transitions(draw):
             reals = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 3)), max_size=5,
                                   unique_by=lambda t: t[0]))
             v6, proto, checked = draw(st.booleans()), draw(st.sampled_from(["tcp", "udp"])), draw(st.booleans())
-            vips.append(vip_dict(i, reals, v6=v6, protocol=proto,
-                                 **({"healthcheck": {"type": "tcp"}} if checked else {})))
-            key = (vips[-1]["address"], 80, proto)
-            down += [(key, real_addr(j, v6)) for j, _ in reals if checked and draw(st.booleans())]
+            v = vip_dict(i, reals, v6=v6, protocol=proto, **({"healthcheck": {"type": "tcp"}} if checked else {}))
+            if draw(st.integers(0, 2)) == 0:  # a CIDR VIP (nested prefixes for even and odd i)
+                v["address"] = (f"2001:db8:64:{(i // 2) << 8:x}::/{64 - 8 * (i % 2)}" if ":" in v["address"]
+                                else f"198.18.{64 + 2 * (i // 2)}.0/{24 - (i % 2)}")
+            vips.append(v)
+            down.append([real_addr(j, v6) for j, _ in reals if checked and draw(st.booleans())])
         cfg = make_config(vips, gateway_mac=draw(st.sampled_from(["00:00:5e:00:53:01", "02:00:00:00:00:09"])))
-        return cfg, down
+        return cfg, [(vip.key, addr) for vip, addrs in zip(cfg.vips, down) for addr in addrs]
 
     return [one() for _ in range(draw(st.integers(2, 5)))]
 
@@ -188,3 +192,59 @@ def test_a_restart_on_pinned_maps_adopts_the_down_set(tmp_path) -> None:
             second.close()
     finally:
         XdpBalancer.unpin_dir(pin_dir)
+
+CIDR = {"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"}
+
+
+def test_a_cidr_vip_is_published_and_withdrawn(bal) -> None:
+    """Its prefix goes into vip_prefixes and vip_prefix_addrs, frames to two addresses
+    inside it are balanced to its reals and one outside passes; deleting it withdraws
+    both entries; a restarted control plane on the pinned maps finds nothing to write."""
+    from control.flows import FlowQuery, flow_frame
+    from lb.kernel.testrun import test_run
+
+    xdp = _reset(bal)
+    cfg = make_config([vip_dict(0, [0]), {**CIDR, "reals": [{"address": real_addr(1)}]}])
+    desired, ids = tables_for(cfg, EMPTY)
+    apply(plan(xdp, desired), xdp)
+    assert len(xdp._trie_entries("vip_prefixes", 24, 8)) == 1
+    assert len(xdp._trie_entries("vip_prefix_addrs", 24, 4)) == 1
+
+    def go(dst: str) -> tuple[int, str | None]:
+        frame = flow_frame(FlowQuery(src="198.18.0.9", dst=dst, sport=1234, dport=80, protocol="tcp"))
+        action, out, _ = test_run(bal.prog_fd, frame)
+        return action, (str(__import__("ipaddress").IPv4Address(out[30:34])) if action == 3 else None)
+
+    before = bal.read_stats().counters["vip_prefix_matched"]
+    assert go("198.18.64.1") == (3, real_addr(1))
+    assert go("198.18.64.254") == (3, real_addr(1))
+    assert go("198.18.63.255")[0] == 2  # XDP_PASS: not ours
+    assert go("198.18.100.1") == (3, real_addr(0))
+    assert bal.read_stats().counters["vip_prefix_matched"] - before == 2
+
+    d2, _ = tables_for(make_config([vip_dict(0, [0])]), ids, prev=desired)
+    apply(plan(xdp, d2), xdp)
+    assert xdp._trie_entries("vip_prefixes", 24, 8) == {} == xdp._trie_entries("vip_prefix_addrs", 24, 4)
+    assert go("198.18.64.1")[0] == 2
+
+
+def test_cidr_vips_survive_a_restart_on_pinned_maps(tmp_path) -> None:
+    from lb.bpf_loader import XdpBalancer
+    from lb.kernel.objects import BPFFS
+
+    pin = os.path.join(BPFFS, f"lbx-cidr-{os.getpid()}")
+    cfg = make_config([{**CIDR, "reals": [{"address": real_addr(1)}]},
+                       {"address": "2001:db8:64::/48", "port": 0, "protocol": "udp",
+                        "reals": [{"address": real_addr(2, v6=True)}]}])
+    desired, _ = tables_for(cfg, EMPTY)
+    try:
+        with XdpBalancer(SIZES.ring_size, SIZES.max_vips, SIZES.max_reals, SIZES.conn_table_size,
+                         pin_dir=pin) as first:
+            apply(plan(XdpPort(first), desired), XdpPort(first))
+        with XdpBalancer(SIZES.ring_size, SIZES.max_vips, SIZES.max_reals, SIZES.conn_table_size,
+                         pin_dir=pin) as second:
+            port = XdpPort(second)
+            assert set(port.vip_entries()) == set(desired.vips) and port.vip_addr_entries() == desired.vip_addrs
+            assert plan(port, desired).empty
+    finally:
+        XdpBalancer.unpin_dir(pin)

@@ -20,9 +20,24 @@ TABLES = fixture_tables()
 DP = UserspaceDatapath(TABLES)
 
 
-def vip_addresses(tables) -> set:
-    return {ipaddress.ip_address(bytes(k["addr"][: 4 if k["family"] == C.FAMILY_V4 else 16]))
-            for k in tables.vip_addr_keys}
+class VipAddresses:
+    """The VIP addresses of a table set: exact ones, and every address inside a CIDR VIP's
+    prefix (``ip in vips``)."""
+
+    def __init__(self, tables) -> None:
+        def ip(k) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+            return ipaddress.ip_address(bytes(k["addr"][: 4 if k["family"] == C.FAMILY_V4 else 16]))
+
+        self.exact = {ip(k) for k in tables.vip_addr_keys}
+        self.prefixes = [ipaddress.ip_network((ip(k), int(k["prefixlen"]) - C.VIP_LPM_KEY_HEAD_BITS))
+                         for k in tables.vip_prefix_addr_keys]
+
+    def __contains__(self, addr) -> bool:
+        return addr in self.exact or any(addr.version == n.version and addr in n for n in self.prefixes)
+
+
+def vip_addresses(tables) -> VipAddresses:
+    return VipAddresses(tables)
 
 
 VIP_ADDRESSES = vip_addresses(TABLES)
@@ -33,7 +48,7 @@ MTU_OVERHEADS = (0, 20, 40, 28, 48)
 TOO_BIG_LENS = {l2 + size for l2 in (14, 18) for size in (156, 304)}
 
 
-def check_batch(frames: list[bytes], dp: UserspaceDatapath = DP, vips: set = VIP_ADDRESSES,
+def check_batch(frames: list[bytes], dp: UserspaceDatapath = DP, vips: VipAddresses = VIP_ADDRESSES,
                 overheads: tuple[int, ...] = (0, 20, 40), reply_lens: set = frozenset()) -> None:
     r = dp.process_frames(frames, now=10**9)
     outcomes = r.stats[OUTCOMES]

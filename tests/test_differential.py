@@ -192,6 +192,25 @@ def test_connection_table_wins_over_a_changed_source_route(xdp, tables) -> None:
         xdp.load_tables(tables)
 
 
+def test_cidr_vips_are_skipped_while_ctl_says_there_are_none(xdp, tables) -> None:
+    """ctl.cidr_vips gates the prefix lookups (the control plane sets it with the first
+    CIDR VIP): cleared, a frame inside a prefix is not ours, in both datapaths; set, it is."""
+    inside = tcp4(dst="198.18.64.1")
+    off = copy.copy(tables)
+    off.ctl = tables.ctl.copy()
+    off.ctl[0]["cidr_vips"] = 0
+    assert int(tables.ctl[0]["cidr_vips"]) == 1
+    xdp.clear_conn_table()
+    try:
+        xdp.load_tables(off)
+        r = _run_both(xdp, UserspaceDatapath(off), [inside])
+        assert int(r.actions[0]) == C.XDP_PASS and int(r.stats[C.STAT_INDEX["pass_not_vip"]]) == 1
+    finally:
+        xdp.load_tables(tables)
+    r = _run_both(xdp, UserspaceDatapath(tables), [inside])
+    assert int(r.actions[0]) == C.XDP_TX and int(r.stats[C.STAT_INDEX["vip_prefix_matched"]]) == 1
+
+
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 @given(st.lists(any_frame, min_size=FRAMES_PER_EXAMPLE - 20, max_size=FRAMES_PER_EXAMPLE))
 def test_random_frames_agree(xdp_and_tables, frames: list[bytes]) -> None:

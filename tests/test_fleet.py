@@ -108,6 +108,10 @@ def test_vip_health_from_the_api_view() -> None:
     ]
     assert vip_health(vips) == {P4: True, P6: False, "198.18.0.101/32": True}
     assert vip_prefix("2001:db8::100") == P6
+    # a CIDR VIP is announced as its prefix
+    assert vip_prefix("198.18.64.0/24") == "198.18.64.0/24"
+    assert vip_health([{"address": "2001:db8:64::/48", "port": 80, "reals": [
+        {"address": "a", "weight": 1, "effective_weight": 1}]}]) == {"2001:db8:64::/48": True}
 
 
 def test_speaker_files_and_configs(tmp_path) -> None:

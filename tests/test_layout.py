@@ -43,6 +43,8 @@ MAP_TYPES = {
     "lb_runtime": (None, layout.RUNTIME),
     "ctl": (None, layout.CTL),
     "conn_rates": (None, layout.CONN_RATE),
+    "vip_prefixes": (layout.VIP_LPM_KEY, layout.VIP_META),
+    "vip_prefix_addrs": (layout.VIP_LPM_KEY, None),
 }
 
 

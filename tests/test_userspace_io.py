@@ -153,6 +153,61 @@ def test_guarded_addresses_skip_local_vips() -> None:
     assert unguarded == [ipaddress.ip_address(VIP4)]
 
 
+def _run_cbpf(prog, l3: bytes) -> int:
+    """A classic BPF interpreter for the guard's four opcodes (loads relative to the
+    network header, as SKF_NET_OFF makes them in the kernel)."""
+    import struct
+
+    a, pc = 0, 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        if code == 0x20:  # ld word [net + off]
+            off = k - (-0x100000 & 0xFFFFFFFF)
+            if off + 4 > len(l3):
+                return 0
+            a = struct.unpack("!I", l3[off:off + 4])[0]
+        elif code == 0x54:  # and #k
+            a &= k
+        elif code == 0x15:  # jeq #k
+            pc += jt if a == k else jf
+        elif code == 0x06:  # ret #k
+            return k
+        pc += 1
+
+
+def test_cbpf_program_drops_cidr_vip_prefixes() -> None:
+    import ipaddress
+
+    def l3(dst: str) -> bytes:
+        ip = ipaddress.ip_address(dst)
+        return (raw(IP(src=CLIENT, dst=dst)) if ip.version == 4
+                else raw(IPv6(src="2001:db8:1::10", dst=dst)))
+
+    p4 = cbpf_drop_program([ipaddress.ip_address(VIP4), ipaddress.ip_network("198.18.64.0/24"),
+                            ipaddress.ip_network("198.18.70.0/23")])
+    for dst, want in ((VIP4, 2), ("198.18.64.0", 2), ("198.18.64.255", 2), ("198.18.71.9", 2),
+                      ("198.18.65.0", 0xFFFFFFFF), ("198.18.72.1", 0xFFFFFFFF), ("198.18.63.255", 0xFFFFFFFF)):
+        assert _run_cbpf(p4, l3(dst)) == want, dst
+    p6 = cbpf_drop_program([ipaddress.ip_address(VIP6), ipaddress.ip_network("2001:db8:64::/48"),
+                            ipaddress.ip_network("2001:db8:66:8000::/49")])
+    for dst, want in ((VIP6, 2), ("2001:db8:64::", 2), ("2001:db8:64:ffff:ffff::1", 2),
+                      ("2001:db8:66:8000::1", 2), ("2001:db8:66:7fff::1", 0xFFFFFFFF),
+                      ("2001:db8:65::1", 0xFFFFFFFF), ("2001:db8:100::2", 0xFFFFFFFF)):
+        assert _run_cbpf(p6, l3(dst)) == want, dst
+
+
+def test_guarded_addresses_include_cidr_vips() -> None:
+    import ipaddress
+
+    d = config_dict("02:00:00:00:00:01", local_addresses=[REALS4[0]])
+    d["vips"] += [{"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"},
+                  {"address": "2001:db8:64::/48", "port": 80, "protocol": "tcp"},
+                  {"address": "198.18.66.0/24", "port": 80, "protocol": "tcp", "flags": ["local"]}]
+    guard, unguarded = guarded_addresses(compile_tables(parse_config(d)))
+    assert ipaddress.ip_network("198.18.64.0/24") in guard and ipaddress.ip_network("2001:db8:64::/48") in guard
+    assert ipaddress.ip_network("198.18.66.0/24") in unguarded
+
+
 # --- namespaces -----------------------------------------------------------------------------
 
 
@@ -593,3 +648,26 @@ def test_cli_runs_until_sigterm_and_prints_counters(pair: Pair, tmp_path: Path) 
     shown = pair.bns.exec(["tc", "qdisc", "show", "dev", pair.b.name]).stdout
     assert "clsact" not in shown
 
+
+
+def test_tc_accepts_the_guard_with_cidr_vip_prefixes() -> None:
+    """The kernel takes the filters (one program per family and kind), and removes them."""
+    import ipaddress
+    import subprocess
+
+    from lb.userspace_io import TcGuard
+
+    with Sandbox() as lab:
+        ns = lab.netns("lbug")
+        a, _ = lab.veth(ns, ns, "lg")
+        g = TcGuard(a.name, ns.name)
+        g.install([ipaddress.ip_address(VIP4), ipaddress.ip_network("198.18.64.0/24"),
+                   ipaddress.ip_address(VIP6), ipaddress.ip_network("2001:db8:64::/48")])
+        shown = subprocess.run(["tc", "-n", ns.name, "filter", "show", "dev", a.name, "ingress"],
+                               capture_output=True, text=True, check=True).stdout
+        assert shown.count("bpf") >= 4 and "direct-action" in shown
+        g.remove()
+        shown = subprocess.run(["tc", "-n", ns.name, "filter", "show", "dev", a.name, "ingress"],
+                               capture_output=True, text=True, check=False).stdout
+        assert "bpf" not in shown
+    assert not lab.teardown_errors

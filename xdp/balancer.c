@@ -175,6 +175,32 @@ static __always_inline void capture(struct xdp_md *ctx, __u32 ev, __u32 reason, 
 	capture_ring.ringbuf_submit(r, 0);
 }
 
+/* The lookup key of addr (family fam) in vip_prefixes / vip_prefix_addrs: every bit of the
+ * head and of the address, so the trie returns the longest prefix holding addr. */
+static __always_inline void vip_lpm_key_of(struct vip_lpm_key *k, const union lb_addr *addr,
+					   __u8 fam, __be16 port, __u8 proto)
+{
+	k->prefixlen = VIP_LPM_KEY_HEAD_BITS + (fam == FAMILY_V6 ? 128 : 32);
+	k->port = port;
+	k->proto = proto;
+	k->family = fam;
+	__builtin_memcpy(&k->addr, addr, sizeof(k->addr));
+}
+
+/* The CIDR VIP of the longest prefix holding the flow's destination, for (port, proto),
+ * or NULL. Only after an exact miss (rows 14-21). Counts vip_prefix_matched. */
+static __always_inline struct vip_meta *vip_prefix_find(const struct flow_key *flow, __be16 port)
+{
+	struct vip_lpm_key k;
+	struct vip_meta *meta;
+
+	vip_lpm_key_of(&k, &flow->dst, flow->family, port, flow->proto);
+	meta = vip_prefixes.lookup(&k);
+	if (meta)
+		stat_inc(STAT_VIP_PREFIX_MATCHED);
+	return meta;
+}
+
 /* flow's set in the connection table, its index (*idx) and the flow's hash (*h), or
  * NULL. The set is the hash's high 32 bits scaled to the number of sets (any count). */
 static __always_inline struct conn_set *conn_set_of(const struct flow_key *flow, __u64 *h,
@@ -490,14 +516,20 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		vip_num = pkt->vip.vip_num;
 	} else {
 		const __u64 *dst = (const __u64 *)&pkt->flow.dst;
+		struct ctl_value *cc = ctl.lookup(&zero);
+		int cidr = cc && cc->cidr_vips; /* no CIDR VIP: no prefix lookup */
 
 		vk.w0 = dst[0];
 		vk.w1 = dst[1];
 		vk.w2 = vip_tail(pkt->flow.dport, pkt->flow.proto, pkt->flow.family);
 		meta = vip_find(&vk);
+		if (!meta && cidr) /* then the longest prefix with the port */
+			meta = vip_prefix_find(&pkt->flow, pkt->flow.dport);
 		if (!meta) {
 			vk.w2 = vip_tail(0, pkt->flow.proto, pkt->flow.family);
 			meta = vip_find(&vk);
+			if (!meta && cidr)
+				meta = vip_prefix_find(&pkt->flow, 0);
 			if (!meta) {
 				*stat = STAT_PASS_NOT_VIP; /* row 14 */
 				return XDP_PASS;
@@ -729,6 +761,16 @@ static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_wor
 	pkt->vip_found = 1;
 }
 
+/* Is ak's address inside the prefix of a CIDR VIP (any port, any protocol)? Asked only
+ * when it is no exact VIP address. */
+static __always_inline int vip_prefix_addr(const struct vip_addr_key *ak)
+{
+	struct vip_lpm_key k;
+
+	vip_lpm_key_of(&k, &ak->addr, ak->family, 0, 0);
+	return vip_prefix_addrs.lookup(&k) != NULL;
+}
+
 /* Rows 5 and 6, shared by both families: is the destination a VIP address, and does
  * the frame fit. Returns -1 with *stat and *action set when the frame is done. */
 static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_desc *pkt,
@@ -739,12 +781,12 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 
 	if (LB_SKIP_VIP_LOOKUP)
 		return 0;
-	if (!pkt->vip_found && !vip_addrs.lookup(ak)) {
+	c = ctl.lookup(&zero);
+	if (!pkt->vip_found && !vip_addrs.lookup(ak) && !(c && c->cidr_vips && vip_prefix_addr(ak))) {
 		*stat = STAT_PASS_NOT_VIP; /* row 5 */
 		*action = XDP_PASS;
 		return -1;
 	}
-	c = ctl.lookup(&zero);
 	if (!c || pkt->frame_len > c->max_frame) {
 		*stat = STAT_DROP_OVERSIZE; /* row 6 */
 		*action = XDP_DROP;

@@ -40,6 +40,13 @@ LB_MAP("array", __u32, struct lb_runtime, lb_runtime, 1, BPF_F_MMAPABLE);
  * port is looked at (ICMP echo, options, fragments, oversize). */
 LB_MAP("hash", struct vip_addr_key, __u32, vip_addrs, MAX_VIPS, 0);
 
+/* CIDR VIPs (layout.VIP_LPM_KEY, both families): (port, proto, family, address prefix) ->
+ * flags and ring number, looked up only after the exact VIP misses; and every prefix that
+ * carries a CIDR VIP (port and proto 0) -> 1, the prefix half of vip_addrs. LPM tries must
+ * not be preallocated: an empty one costs nothing. */
+LB_MAP("lpm_trie", struct vip_lpm_key, struct vip_meta, vip_prefixes, MAX_VIPS, BPF_F_NO_PREALLOC);
+LB_MAP("lpm_trie", struct vip_lpm_key, __u32, vip_prefix_addrs, MAX_VIPS, BPF_F_NO_PREALLOC);
+
 /* Real id -> real. Id 0 is never used ("no real"). */
 LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 

@@ -25,6 +25,7 @@ from lb.datapath.quic import quic_server_id
 from lb.datapath.routing import (
     flow_hash,
     key_lookup,
+    prefix_lookup,
     quic_real,
     real_down_for,
     src_route_v4,
@@ -47,8 +48,10 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
     """
     ((vip_keys, vip_used, vip_mask), vip_meta, (va_keys, va_used, va_mask),
      (real_addr, real_family, real_flags), down_set, (rings, ring_size, ch_seed, v6_seed),
-     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, max_conn_rate), (quic_ids, quic_reals),
+     (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, max_conn_rate, cidr_vips),
+     (quic_ids, quic_reals),
      (lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals), (lpm6_lens, lpm6_starts, lpm6_hi, lpm6_lo, lpm6_reals),
+     ((pv_keys, pv_used, pv_mask), pv_meta, (pa_keys, pa_used, pa_mask), pg_fam, pg_len, pg_mlo, pg_mhi),
      (ct_tags, ct_ent, ct_mask, clock, ct_rate), (prev_rings, prev_refs)) = maps
     gue = encap == C.ENCAP_GUE
     fk = np.zeros(5, dtype=np.uint64)  # the flow key, as 5 words
@@ -116,7 +119,9 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             continue
 
         dlo, dhi = addr_words(p, dst_off, family)
-        if key_lookup(va_keys, va_used, va_mask, dlo, dhi, np.uint64(family)) < 0:
+        if (key_lookup(va_keys, va_used, va_mask, dlo, dhi, np.uint64(family)) < 0
+                and (cidr_vips == 0 or prefix_lookup(pa_keys, pa_used, pa_mask, pg_fam, pg_len, pg_mlo,
+                                                     pg_mhi, family, dlo, dhi, family) < 0)):
             stats[C.STAT_PASS_NOT_VIP] += 1  # row 5
             copy(out, 0, p, 0, n)
             actions[i], out_lens[i], real_ids[i] = C.XDP_PASS, n, 0
@@ -196,20 +201,34 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             actions[i], out_lens[i], real_ids[i] = C.XDP_PASS, n, 0
             continue
 
-        # ---- VIP lookup, with the port-0 fallback
+        # ---- VIP lookup: exact, longest prefix; then both again with port 0
         vi = key_lookup(vip_keys, vip_used, vip_mask, dlo, dhi, vip_tail(dport, proto, family))
+        by_prefix = False
+        if vi < 0 and cidr_vips != 0:
+            vi = prefix_lookup(pv_keys, pv_used, pv_mask, pg_fam, pg_len, pg_mlo, pg_mhi, family,
+                               dlo, dhi, vip_tail(dport, proto, family))
+            by_prefix = vi >= 0
         if vi < 0:
             vi = key_lookup(vip_keys, vip_used, vip_mask, dlo, dhi, vip_tail(0, proto, family))
+            if vi < 0 and cidr_vips != 0:
+                vi = prefix_lookup(pv_keys, pv_used, pv_mask, pg_fam, pg_len, pg_mlo, pg_mhi, family,
+                                   dlo, dhi, vip_tail(0, proto, family))
+                by_prefix = vi >= 0
             if vi < 0:
                 stats[C.STAT_PASS_NOT_VIP] += 1  # row 14
                 copy(out, 0, p, 0, n)
                 actions[i], out_lens[i], real_ids[i] = C.XDP_PASS, n, 0
                 continue
             # a port-0 VIP ignores the destination port, unless it hashes on it
-            if (np.int64(vip_meta[vi, 0]) & C.F_DPORT_ONLY) == 0:
+            if (np.int64(pv_meta[vi, 0] if by_prefix else vip_meta[vi, 0]) & C.F_DPORT_ONLY) == 0:
                 dport = 0
-        vflags = np.int64(vip_meta[vi, 0])
-        vip_num = np.int64(vip_meta[vi, 1])
+        if by_prefix:
+            stats[C.STAT_VIP_PREFIX_MATCHED] += 1
+            vflags = np.int64(pv_meta[vi, 0])
+            vip_num = np.int64(pv_meta[vi, 1])
+        else:
+            vflags = np.int64(vip_meta[vi, 0])
+            vip_num = np.int64(vip_meta[vi, 1])
         vip_stats[vip_num, C.VIP_STAT_PACKETS] += 1
         vip_stats[vip_num, C.VIP_STAT_BYTES] += n
         if vflags & C.F_NO_SRC_PORT:

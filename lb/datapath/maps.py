@@ -19,6 +19,7 @@ from lb.datapath.routing import key_insert
 from lb.datapath_tables import (
     DatapathTables,
     down_set_of,
+    prefix_tables,
     prev_ring_tables,
     routing_tables,
 )
@@ -56,6 +57,7 @@ class Ctl(NamedTuple):
     gue_src_v4: np.ndarray  # uint8[4]
     gue_src_v6: np.ndarray  # uint8[16]
     max_conn_rate: int  # new connections per CPU per window; 0: no flood guard
+    cidr_vips: int  # 1: some VIP is a CIDR VIP (the prefix lookups run)
 
 
 class QuicServers(NamedTuple):
@@ -90,6 +92,21 @@ class PrevRings(NamedTuple):
     refs: np.ndarray  # uint32[max_vips]: layout.PREV_REF as one u32 (prev0 | prev1 << 16)
 
 
+class PrefixVips(NamedTuple):
+    """CIDR VIPs (vip_prefixes, vip_prefix_addrs): hash tables of masked keys, probed
+    once per (family, prefix length) group, longest first (:func:`routing.prefix_lookup`).
+    A key is (address & mask: lo, hi, tail | prefix length << 32) with the tail of
+    :func:`routing.vip_tail` (VIPs) or the family (addresses)."""
+
+    vips: KeyTable
+    meta: np.ndarray  # uint32[cap, 2]: (flags, vip_num) by vips index
+    addrs: KeyTable
+    fam: np.ndarray  # int64[groups]: family of group k
+    plen: np.ndarray  # int64[groups]: its address prefix length
+    mlo: np.ndarray  # uint64[groups]: its mask, as the address's (lo, hi) table words
+    mhi: np.ndarray
+
+
 class Maps(NamedTuple):
     """Everything the batch loop reads, and the connection table it writes."""
 
@@ -103,6 +120,7 @@ class Maps(NamedTuple):
     quic: QuicServers
     src_v4: SrcRoutesV4
     src_v6: SrcRoutesV6
+    prefixes: PrefixVips
     conn: ConnTable
     prev: PrevRings
 
@@ -142,6 +160,44 @@ def _vip_tables(tables: DatapathTables) -> tuple[KeyTable, np.ndarray, KeyTable]
         lo, hi = addr_words(key["addr"], fam)
         key_insert(addrs.keys, addrs.used, addrs.mask, lo, hi, np.uint64(fam))
     return vips, meta, addrs
+
+
+def _netmask16(family: int, plen: int) -> np.ndarray:
+    """The netmask of a prefix length as a 16-byte table address."""
+    bits = 32 if family == C.FAMILY_V4 else 128
+    mask = ((1 << bits) - (1 << (bits - plen))).to_bytes(bits // 8, "big")
+    return np.frombuffer(mask.ljust(16, b"\0"), dtype=np.uint8)
+
+
+def _prefix_vips(tables: DatapathTables) -> PrefixVips:
+    """The CIDR VIP tables of ``tables`` (maps.PrefixVips)."""
+    keys, metas, addr_keys = prefix_tables(tables)
+    groups: set[tuple[int, int]] = set()
+
+    def table(recs: np.ndarray, ports: bool) -> tuple[KeyTable, list[int]]:
+        cap = pow2_at_least(max(2, 2 * len(recs)))
+        t = KeyTable(np.zeros((cap, 3), dtype=np.uint64), np.zeros(cap, dtype=np.uint64), cap - 1)
+        idx = []
+        for k in recs:
+            fam = int(k["family"])
+            plen = int(k["prefixlen"]) - C.VIP_LPM_KEY_HEAD_BITS
+            groups.add((fam, plen))
+            lo, hi = addr_words(k["addr"], fam)  # stored masked (host bits zero)
+            tail = int(k["port"]) | (int(k["proto"]) << 16) | (fam << 24) if ports else fam
+            idx.append(key_insert(t.keys, t.used, t.mask, lo, hi, np.uint64(tail | (plen << 32))))
+        return t, idx
+
+    vips, idx = table(keys, True)
+    meta = np.zeros((vips.mask + 1, 2), dtype=np.uint32)
+    for i, m in zip(idx, metas):
+        meta[i] = (m["flags"], m["vip_num"])
+    addrs, _ = table(addr_keys, False)
+    order = sorted(groups, key=lambda g: -g[1])  # longest first
+    masks = [addr_words(_netmask16(f, n), f) for f, n in order]
+    return PrefixVips(vips, meta, addrs, np.array([f for f, _ in order], dtype=np.int64),
+                      np.array([n for _, n in order], dtype=np.int64),
+                      np.array([m[0] for m in masks], dtype=np.uint64),
+                      np.array([m[1] for m in masks], dtype=np.uint64))
 
 
 def _lpm_groups(prefixlens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,9 +258,9 @@ def build_maps(tables: DatapathTables, conn: ConnTable) -> Maps:
               tables.max_vips),
         Ctl(np.array(ctl["gw_mac"], dtype=np.uint8), int(ctl["max_frame"]), int(ctl["mtu"]),
             int(ctl["encap"]), int(ctl["gue_port"]), np.array(ctl["gue_src_v4"], dtype=np.uint8),
-            np.array(ctl["gue_src_v6"], dtype=np.uint8), int(ctl["max_conn_rate"])),
+            np.array(ctl["gue_src_v6"], dtype=np.uint8), int(ctl["max_conn_rate"]), int(ctl["cidr_vips"])),
         QuicServers(np.ascontiguousarray(quic["server_id"][order], dtype=np.int64),
                     np.ascontiguousarray(quic["real_id"][order], dtype=np.int64)),
-        _src_routes_v4(src_v4), _src_routes_v6(src_v6), conn,
+        _src_routes_v4(src_v4), _src_routes_v6(src_v6), _prefix_vips(tables), conn,
         PrevRings(*prev_ring_tables(tables)),
     )

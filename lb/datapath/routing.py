@@ -1,7 +1,7 @@
 """Real selection's lookups (xdp/balancer.c ``forward``; docs/datapath.md, "The flow" and
-"Real selection"): the VIP tables, the QUIC server-id table (step 0), the down set
-(step 1), the source-route longest-prefix match (step 2) and the Maglev ring with
-Katran's flow hash.
+"Real selection"): the VIP tables (exact, and CIDR VIPs by longest prefix), the QUIC
+server-id table (step 0), the down set (step 1), the source-route longest-prefix match
+(step 2) and the Maglev ring with Katran's flow hash.
 
 The VIP and VIP-address tables are open-addressing hash tables of (lo, hi, tail) key
 words (``used[i]`` = 0: empty); their hash is internal, never on the wire.
@@ -72,6 +72,19 @@ def real_down_for(down_set, vip_num, real_id):
 def vip_tail(port, proto, family):
     """The third key word of a VIP: port, protocol and family."""
     return np.uint64(port) | (np.uint64(proto) << np.uint64(16)) | (np.uint64(family) << np.uint64(24))
+
+
+@nb.njit(inline="always")
+def prefix_lookup(keys, used, mask, gfam, glen, gmlo, gmhi, family, lo, hi, tail):
+    """Index of the longest prefix holding the address (lo, hi) of ``family`` with
+    ``tail`` in a CIDR VIP table (maps.PrefixVips), or -1."""
+    for k in range(gfam.shape[0]):
+        if gfam[k] == family:
+            i = key_lookup(keys, used, mask, lo & gmlo[k], hi & gmhi[k],
+                           np.uint64(tail) | (np.uint64(glen[k]) << np.uint64(32)))
+            if i >= 0:
+                return i
+    return -1
 
 
 @nb.njit(inline="always")

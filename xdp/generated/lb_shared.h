@@ -90,6 +90,7 @@ _Static_assert(ICMP_FRAG_NEEDED == 4, "ICMP_FRAG_NEEDED: kernel != lb.constants"
 #define QUIC_CID_V3 3
 #define MAX_QUIC_SERVER_IDS 65536
 #define MAX_QUIC_SERVER_ID 4294967295ULL
+#define VIP_LPM_KEY_HEAD_BITS 32
 #define MAX_SRC_ROUTES 16384
 _Static_assert(ETH_HLEN == 14, "ETH_HLEN: kernel != lb.constants");
 #define VLAN_HLEN 4
@@ -155,7 +156,8 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_DOWN_REAL_MIGRATED 22
 #define STAT_QUIC_CONN_WRITTEN 23
 #define STAT_TX_HOPLIST 24
-#define N_STATS 25
+#define STAT_VIP_PREFIX_MATCHED 25
+#define N_STATS 26
 #define VIP_STAT_PACKETS 0
 #define VIP_STAT_BYTES 1
 #define VIP_STAT_COLUMNS 2
@@ -290,7 +292,8 @@ struct ctl_value {
 	__u16 mtu;
 	__be16 gue_port;
 	__u8 encap;
-	__u8 pad[3];
+	__u8 cidr_vips;
+	__u8 pad[2];
 	__u8 gue_src_v4[4];
 	__u8 gue_src_v6[16];
 	__u32 max_conn_rate;
@@ -301,7 +304,8 @@ _Static_assert(__builtin_offsetof(struct ctl_value, max_frame) == 6 && sizeof(((
 _Static_assert(__builtin_offsetof(struct ctl_value, mtu) == 8 && sizeof(((struct ctl_value *)0)->mtu) == 2, "ctl_value.mtu");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_port) == 10 && sizeof(((struct ctl_value *)0)->gue_port) == 2, "ctl_value.gue_port");
 _Static_assert(__builtin_offsetof(struct ctl_value, encap) == 12 && sizeof(((struct ctl_value *)0)->encap) == 1, "ctl_value.encap");
-_Static_assert(__builtin_offsetof(struct ctl_value, pad) == 13 && sizeof(((struct ctl_value *)0)->pad) == 3, "ctl_value.pad");
+_Static_assert(__builtin_offsetof(struct ctl_value, cidr_vips) == 13 && sizeof(((struct ctl_value *)0)->cidr_vips) == 1, "ctl_value.cidr_vips");
+_Static_assert(__builtin_offsetof(struct ctl_value, pad) == 14 && sizeof(((struct ctl_value *)0)->pad) == 2, "ctl_value.pad");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v4) == 16 && sizeof(((struct ctl_value *)0)->gue_src_v4) == 4, "ctl_value.gue_src_v4");
 _Static_assert(__builtin_offsetof(struct ctl_value, gue_src_v6) == 20 && sizeof(((struct ctl_value *)0)->gue_src_v6) == 16, "ctl_value.gue_src_v6");
 _Static_assert(__builtin_offsetof(struct ctl_value, max_conn_rate) == 36 && sizeof(((struct ctl_value *)0)->max_conn_rate) == 4, "ctl_value.max_conn_rate");
@@ -410,3 +414,18 @@ struct prev_ref {
 _Static_assert(sizeof(struct prev_ref) == 4, "sizeof(struct prev_ref)");
 _Static_assert(__builtin_offsetof(struct prev_ref, prev0) == 0 && sizeof(((struct prev_ref *)0)->prev0) == 2, "prev_ref.prev0");
 _Static_assert(__builtin_offsetof(struct prev_ref, prev1) == 2 && sizeof(((struct prev_ref *)0)->prev1) == 2, "prev_ref.prev1");
+
+/* lb.layout.VIP_LPM_KEY: 24 bytes. */
+struct vip_lpm_key {
+	__u32 prefixlen;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	union lb_addr addr;
+};
+_Static_assert(sizeof(struct vip_lpm_key) == 24, "sizeof(struct vip_lpm_key)");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, prefixlen) == 0 && sizeof(((struct vip_lpm_key *)0)->prefixlen) == 4, "vip_lpm_key.prefixlen");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, port) == 4 && sizeof(((struct vip_lpm_key *)0)->port) == 2, "vip_lpm_key.port");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, proto) == 6 && sizeof(((struct vip_lpm_key *)0)->proto) == 1, "vip_lpm_key.proto");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, family) == 7 && sizeof(((struct vip_lpm_key *)0)->family) == 1, "vip_lpm_key.family");
+_Static_assert(__builtin_offsetof(struct vip_lpm_key, addr) == 8 && sizeof(((struct vip_lpm_key *)0)->addr) == 16, "vip_lpm_key.addr");
