@@ -28,7 +28,12 @@ import numpy as np
 
 from lb import constants, layout
 from lb.c_header import c_flags
-from lb.datapath_tables import down_set_of, prefix_tables, prev_ring_tables, routing_tables
+from lb.datapath_tables import (
+    down_set_of,
+    prefix_tables,
+    prev_ring_tables,
+    routing_tables,
+)
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
