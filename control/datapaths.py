@@ -9,7 +9,7 @@
   :class:`lb.userspace_io.UserspaceBalancer` (hosts without XDP);
 * :class:`XdpPort` writes the BPF maps of an :class:`lb.bpf_loader.XdpBalancer`:
   element updates for VIPs, reals and the routing maps (QUIC server ids, source-route
-  LPM tries), the mmap'ed ring array for slots.
+  LPM tries), the mmap'ed ring array for slots and the mmap'ed down set for its words.
 
 Every port can describe its current contents (the :class:`~control.reconcile.DatapathView`
 half), so the reconciler can diff against what is really there, e.g. pinned maps left by
@@ -38,6 +38,7 @@ from control.reconcile import (
     PutVipAddr,
     ResetCounters,
     WriteCtl,
+    WriteDownWord,
     WritePrevRef,
     WritePrevRing,
     WriteReal,
@@ -52,7 +53,7 @@ from control.tables import (
 )
 from lb import constants as C
 from lb import layout
-from lb.datapath_tables import DatapathTables
+from lb.datapath_tables import DatapathTables, empty_down_set
 
 __all__ = ["FAULT_RING_WRITE_DELAY", "ConnEntry", "MemoryPort", "Stats", "UserspaceIoPort", "UserspacePort",
            "XdpPort", "fault_ring_write_delay"]
@@ -141,6 +142,7 @@ class MemoryPort:
         self.routing: dict[str, dict[bytes, bytes]] = {name: {} for name in ROUTING_TABLES}
         # lazily zero pages: costs memory only for the rows in use
         self.rings = np.zeros((sizes.max_vips, sizes.ring_size), dtype=np.uint32)
+        self.down = empty_down_set(sizes.max_vips, sizes.max_reals)  # written in place, as rings
         self.prev_rings = np.zeros((C.MAX_PREV_RINGS, sizes.ring_size), dtype=np.uint32)
         self.prev_ref_words = np.zeros(sizes.max_vips, dtype=np.uint32)
         self.vip_stats = np.zeros((sizes.max_vips, COLS), dtype=np.int64)
@@ -169,6 +171,10 @@ class MemoryPort:
 
     def routing_entries(self, table: str) -> dict[bytes, bytes]:
         return dict(self.routing[table])
+
+    def down_words(self) -> dict[int, int]:
+        flat = self.down.reshape(-1)
+        return {int(i): int(flat[i]) for i in np.flatnonzero(flat)}
 
     def prev_ring(self, slot: int) -> np.ndarray:
         return self.prev_rings[slot].copy()
@@ -205,6 +211,8 @@ class MemoryPort:
             entries[op.key] = op.new
         elif isinstance(op, DeleteEntry):
             self.routing[op.table].pop(op.key, None)
+        elif isinstance(op, WriteDownWord):
+            self.down.reshape(-1)[op.index] = np.uint64(op.new)
         elif isinstance(op, ResetCounters):
             (self.vip_stats if op.table == "vip" else self.real_stats)[op.index] = 0
         elif isinstance(op, WritePrevRing):
@@ -226,7 +234,8 @@ class MemoryPort:
             reals=np.frombuffer(bytearray(self.reals.tobytes()), dtype=layout.REAL),
             rings=self.rings,
             ctl=np.frombuffer(bytearray(self.ctl), dtype=layout.CTL, count=1),
-            **routing_arrays(self.routing), prev_rings=self.prev_rings, prev_refs=self.prev_ref_words)
+            **routing_arrays(self.routing), prev_rings=self.prev_rings, prev_refs=self.prev_ref_words,
+            down_set=self.down)
 
     # stats
     def read_stats(self) -> Stats:
@@ -266,10 +275,11 @@ class UserspacePort(MemoryPort):
 
 class UserspaceIoPort(MemoryPort):
     """The numba datapath on a real interface (:class:`lb.userspace_io.UserspaceBalancer`:
-    AF_PACKET ring in, frames out of the same interface). Ring slots are written in place
-    in the array its loop reads (each an aligned 32-bit store, as with XDP); VIP, real and
-    control changes take effect at :meth:`commit`, between two batches. Its connection
-    table and counters live in the process: a restart starts them afresh."""
+    AF_PACKET ring in, frames out of the same interface). Ring slots and down-set words
+    are written in place in the arrays its loop reads (aligned 32-/64-bit stores, as with
+    XDP); VIP, real and control changes take effect at :meth:`commit`, between two
+    batches. Its connection table and counters live in the process: a restart starts them
+    afresh."""
 
     kind = "userspace"
 
@@ -378,6 +388,9 @@ class XdpPort:
     def ring(self, vip_num: int) -> np.ndarray:
         return self.bal.ring(vip_num)
 
+    def down_words(self) -> dict[int, int]:
+        return self.bal.down_words()
+
     def prev_ring(self, slot: int) -> np.ndarray:
         return self.bal.prev_ring(slot)
 
@@ -431,6 +444,8 @@ class XdpPort:
             B.map_update(self._fd(op.table), op.key, op.new)
         elif isinstance(op, DeleteEntry):
             B.map_delete(self._fd(op.table), op.key)
+        elif isinstance(op, WriteDownWord):
+            self.bal.write_down_word(op.index, op.new)
         elif isinstance(op, ResetCounters):
             fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
             cols = COLS if op.table == "vip" else REAL_COLS

@@ -19,7 +19,7 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_quic_packets_total{result}``           ``routed``, ``fallback``, ``unknown``
 ``lb_src_routed_packets_total``             real taken from the source-route table
 ``lb_flood_new_conns_total``                new flows over max_conn_rate (not recorded)
-``lb_down_real_migrated_total``             flows moved off a real that is down
+``lb_down_real_migrated_total``             flows moved off a real down for their VIP
 ``lb_quic_conn_table_writes_total``         QUIC-routed packets that wrote their real into the
                                             connection table (no entry, or another real)
 ``lb_vip_prefix_matched_packets_total``     VIP found by prefix (a CIDR VIP)
@@ -81,8 +81,9 @@ _SINGLE = {
     "src_routed": ("lb_src_routed_packets", "Packets whose real came from the source-route table"),
     "flood_new_conns": ("lb_flood_new_conns", ("New flows over settings.max_conn_rate on their CPU: "
                                                "hashed without source routing, not recorded")),
-    "down_real_migrated": ("lb_down_real_migrated", ("Connection-table entries naming a down real "
-                                                     "not honoured: flow re-hashed, entry rewritten")),
+    "down_real_migrated": ("lb_down_real_migrated", ("Connection-table entries naming a real down for "
+                                                     "the flow's VIP not honoured: flow re-hashed, "
+                                                     "entry rewritten")),
     "quic_conn_written": ("lb_quic_conn_table_writes",
                           "QUIC-routed packets that wrote their real into the connection table"),
     "vip_prefix_matched": ("lb_vip_prefix_matched_packets", "Packets whose VIP was a CIDR VIP (found by prefix)"),

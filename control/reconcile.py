@@ -6,6 +6,7 @@ map writes, each carrying the value it overwrites, so that every write has an in
 Only differences are written: changed ring slots (not whole rings), VIP entries added,
 changed or deleted, real entries added, changed or cleared, the control record if it
 changed, routing entries (QUIC server ids, source routes) added, changed or deleted,
+words of the down set ((VIP, real) pairs the health checks hold down) that change,
 counters of a VIP number or real id that is being (re)used. :func:`apply`
 performs a plan on a :class:`DatapathPort` as one unit: if a write fails, the writes
 already made are undone in reverse order and :class:`ApplyError` is raised, leaving the
@@ -17,17 +18,24 @@ entries, so adding before deleting could overflow them, and a VIP number handed 
 VIP must not be reachable through the old one while its ring is rewritten —; then real
 entries before the rings that name them, stateless VIPs' previous rings (``prev_rings``
 slots, then the ``prev_ref`` words naming them) before the rings change, rings before the
-VIP entries that lead to them, and last the down flag of reals the health checks took down
-(once the rings moved off them; a real that comes back up loses the flag with the other
-real writes, before a ring names it again) and the real entries no ring names any more.
-Routing entries that go are deleted first (with the VIPs; they may name a real that is
-cleared at the end) and new or changed ones are written once the real entries they name
-are in place. Between two writes a packet sees
-either the old or the new value of each slot, never a VIP without its address entry or
-a ring slot naming an empty real. (One exception, only when every real id has been used
+VIP entries that lead to them, and last the real entries no ring names any more. Routing
+entries that go are deleted first (with the VIPs; they may name a real that is cleared at
+the end) and new or changed ones are written once the real entries they name are in
+place. Between two writes a packet sees either the old or the new value of each slot,
+never a VIP without its address entry, a ring slot naming an empty real, or a ring naming
+a real that is down for its VIP. (One exception, only when every real id has been used
 once: an id freed and handed to a new real in the same change names the new real before
 the old VIP rings are rewritten; the allocator reuses the id freed longest ago to make
 that rare.)
+
+Down reals: the datapath moves a flow off a real only when it sees both the real's
+``REAL_F_DOWN`` hint and the (VIP, real) bit of the down set, so each write alone is
+harmless, and the two are ordered around the rings. Pairs that come back up leave the
+down set (and a real up for every VIP loses its hint, with the other real writes) before
+a ring names the real again; pairs that go down join the down set, and then a real newly
+down for some VIP gets its hint, once the rings have moved off it (a flow re-hashed away
+from a real must not land on it again). A down-set word that loses and gains bits in one
+change is written twice: the lost bits before the rings, the gained ones after.
 
 :func:`plan` is pure given the view; :func:`apply` does the I/O through the port.
 """
@@ -46,7 +54,8 @@ from lb import layout
 
 __all__ = [
     "WriteReal", "WriteCtl", "WriteRing", "PutVipAddr", "DeleteVipAddr", "PutVip", "DeleteVip",
-    "PutEntry", "DeleteEntry", "ResetCounters", "WritePrevRing", "WritePrevRef", "Op", "Plan", "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
+    "PutEntry", "DeleteEntry", "WriteDownWord", "ResetCounters", "WritePrevRing", "WritePrevRef", "Op", "Plan",
+    "DatapathView", "DatapathPort", "ApplyError", "RollbackError",
     "plan", "apply", "inverse",
 ]
 
@@ -118,6 +127,15 @@ class DeleteEntry:
 
 
 @dataclass(frozen=True)
+class WriteDownWord:
+    """Word ``index`` of the down set (lb.datapath_tables.down_bit) gets ``new``."""
+
+    index: int
+    new: int  # u64
+    old: int
+
+
+@dataclass(frozen=True)
 class ResetCounters:
     """Zero the per-VIP (``vip``) or per-real (``real``) packet/byte counters of a number
     that is being given to a new VIP/real. Has no inverse (the old counts belonged to
@@ -147,7 +165,7 @@ class WritePrevRef:
 
 
 Op = (WriteReal | WriteCtl | WriteRing | PutVipAddr | DeleteVipAddr | PutVip | DeleteVip | PutEntry | DeleteEntry
-      | ResetCounters | WritePrevRing | WritePrevRef)
+      | WriteDownWord | ResetCounters | WritePrevRing | WritePrevRef)
 
 
 def inverse(op: Op) -> Op | None:
@@ -171,6 +189,8 @@ def inverse(op: Op) -> Op | None:
                 else PutEntry(op.table, op.key, op.old, op.new))
     if isinstance(op, DeleteEntry):
         return PutEntry(op.table, op.key, op.old, None)
+    if isinstance(op, WriteDownWord):
+        return WriteDownWord(op.index, op.old, op.new)
     if isinstance(op, WritePrevRing):
         return WritePrevRing(op.slot, op.slots, op.old, op.new)
     if isinstance(op, WritePrevRef):
@@ -194,11 +214,12 @@ class Plan:
 
     def summary(self) -> dict[str, int]:
         """Counts by kind: ring_slots, rings, reals, ctl, vip_addrs_put/_deleted,
-        vips_put/_deleted, counter_resets, and per routing map (quic_servers,
+        vips_put/_deleted, down_words, counter_resets, and per routing map (quic_servers,
         src_routes_v4, src_routes_v6) the entries put or deleted."""
         out = {"ring_slots": 0, "rings": 0, "reals": 0, "ctl": 0, "vip_addrs_put": 0,
-               "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "counter_resets": 0,
-               **{name: 0 for name in ROUTING_TABLES}, "prev_ring_slots": 0, "prev_refs": 0}
+               "vip_addrs_deleted": 0, "vips_put": 0, "vips_deleted": 0, "down_words": 0,
+               "counter_resets": 0, **{name: 0 for name in ROUTING_TABLES}, "prev_ring_slots": 0,
+               "prev_refs": 0}
         for op in self.ops:
             if isinstance(op, WriteRing):
                 out["ring_slots"] += int(op.slots.size)
@@ -217,6 +238,8 @@ class Plan:
                 out["vips_deleted"] += 1
             elif isinstance(op, (PutEntry, DeleteEntry)):
                 out[op.table] += 1
+            elif isinstance(op, WriteDownWord):
+                out["down_words"] += 1
             elif isinstance(op, WritePrevRing):
                 out["prev_ring_slots"] += int(op.slots.size)
             elif isinstance(op, WritePrevRef):
@@ -245,6 +268,8 @@ class DatapathView(Protocol):
     def ring(self, vip_num: int) -> np.ndarray: ...  # a copy
 
     def routing_entries(self, table: str) -> dict[bytes, bytes]: ...  # a ROUTING_TABLES map
+
+    def down_words(self) -> dict[int, int]: ...  # the down set: index -> word, non-zero only
 
     def prev_ring(self, slot: int) -> np.ndarray: ...  # a copy of a prev_rings slot
 
@@ -320,8 +345,19 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
         for key in sorted(set(cur) - set(desired.routing[name])):
             ops.append(DeleteEntry(name, key, cur[key]))
 
-    # 2. real entries that are new or changed (before any ring names them); a real that
-    #    only goes down waits for step 6, after the rings no longer name it
+    # 2. down-set bits of pairs that come back up (before a ring names the real again);
+    #    bits that go down wait for step 6
+    cur_down = view.down_words()
+    setting: list[WriteDownWord] = []
+    for i in sorted(set(cur_down) | set(desired.down)):
+        old_w, new_w = cur_down.get(i, 0), desired.down.get(i, 0)
+        kept = old_w & new_w
+        if kept != old_w:
+            ops.append(WriteDownWord(i, kept, old_w))
+        if new_w != kept:
+            setting.append(WriteDownWord(i, new_w, kept))
+    #    real entries that are new or changed (before any ring names them); a real that
+    #    only gains its down hint waits for step 6, after the rings no longer name it
     going_down: list[WriteReal] = []
     for rid, rec in desired.reals.items():
         old = cur_reals.get(rid, EMPTY_REAL)
@@ -377,8 +413,10 @@ def plan(view: DatapathView, desired: DesiredTables, ring_nums: Iterable[int] | 
                 ops.append(ResetCounters("vip", _meta_num(meta)))
             ops.append(PutVip(key, meta, old))
 
-    # 6. reals flagged down once the rings have moved off them (a flow re-hashed away from
-    #    one must not land on it again), then real entries no ring names any more
+    # 6. pairs that go down, then the hint of reals now down for some VIP, once the rings
+    #    have moved off them (a flow re-hashed away from a real must not land on it
+    #    again), then real entries no ring names any more
+    ops += setting
     ops += going_down
     for rid in sorted(set(cur_reals) - set(desired.reals)):
         ops.append(WriteReal(rid, EMPTY_REAL, cur_reals[rid]))

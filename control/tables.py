@@ -14,10 +14,13 @@ traffic is down, the VIP's ``healthcheck.on_all_down`` decides: ``fail_open`` (d
 ignores health for that VIP, ``drop`` leaves the ring empty (the datapath drops and
 counts ``drop_no_real``).
 
-A real that is down for every VIP it serves (:func:`routed_out`) is flagged
-``REAL_F_DOWN`` in its real record: connection-table entries naming it are then not
-honoured for UDP (and TCP on VIPs flagged ``migrate_down_tcp``), the flow is re-hashed
-onto the healthy ring. A real down for some VIPs only keeps the flag clear.
+Each (VIP, real) pair the health checks hold down (:func:`down_pairs`: failing, and not
+kept in the ring by ``fail_open``) is a bit of the down set (``down``: word index ->
+word, layout.DOWN_WORD), and a real down for at least one VIP is flagged ``REAL_F_DOWN``
+in its real record (the hint that makes the datapath read the set): a connection-table
+entry naming the real is then not honoured for a flow of such a VIP, for UDP (and TCP on
+VIPs flagged ``migrate_down_tcp``); the flow is re-hashed onto that VIP's healthy ring.
+Flows of the VIPs it is still up for stay.
 
 The routing tables (``quic_servers``: QUIC server id -> real id; ``src_routes_v4`` /
 ``src_routes_v6``: client prefix -> real id) hold every configured entry except those of
@@ -50,6 +53,8 @@ from lb.datapath_tables import (
     DatapathTables,
     addr16,
     ctl_array,
+    down_bit,
+    empty_down_set,
     vip_address,
     vip_lpm_key,
 )
@@ -59,7 +64,7 @@ from lb.maglev import HASH_FUNCTIONS, build_ring
 __all__ = ["Sizes", "DesiredTables", "RealTarget", "effective_weights", "build_tables",
            "vip_key_record", "is_prefix_record", "vip_arrays", "real_record", "vip_label",
            "ROUTING_TABLES", "routed_out",
-           "quic_key_record", "src_route_key_record", "id_record"]
+           "quic_key_record", "src_route_key_record", "id_record", "down_pairs"]
 
 # The routing maps, by their map names (xdp/maps.h): key -> u32 real id.
 ROUTING_TABLES = ("quic_servers", "src_routes_v4", "src_routes_v6")
@@ -131,8 +136,9 @@ def vip_meta_record(flags: int, vip_num: int) -> bytes:
 
 @lru_cache(maxsize=65536)
 def real_record(address: str, local: bool, down: bool = False) -> bytes:
-    """A REAL record; ``down``: health checks took it down for every VIP it serves
-    (REAL_F_DOWN: the datapath moves flows pinned to it, docs/datapath.md)."""
+    """A REAL record; ``down``: health checks took it down for at least one VIP it serves
+    (REAL_F_DOWN: the datapath looks up the down set for flows pinned to it,
+    docs/datapath.md)."""
     rec = np.zeros(1, dtype=layout.REAL)
     raw, fam = addr16(ipaddress.ip_address(address))
     rec[0]["addr"] = raw
@@ -252,6 +258,9 @@ class DesiredTables:
     routing: Mapping[str, Mapping[bytes, bytes]] = field(
         default_factory=lambda: {name: {} for name in ROUTING_TABLES})
     routed_out: frozenset[str] = frozenset()  # reals whose routing entries are left out (down)
+    # the down set: flat word index (lb.datapath_tables.down_bit) -> word, non-zero words only
+    down: Mapping[int, int] = field(default_factory=dict)
+    down_reals: frozenset[str] = frozenset()  # reals down for at least one VIP (REAL_F_DOWN)
     routing_input: tuple = ()  # what built ``routing`` (reused by the next build when equal)
     # stateless VIPs: their previous rings (control.ring_history) and where they are
     history: History = field(default_factory=dict)
@@ -281,13 +290,17 @@ class DesiredTables:
         prev_refs = np.zeros(s.max_vips, dtype=np.uint32)
         for num, ref in self.prev.refs.items():
             prev_refs[num] = ref
+        down = empty_down_set(s.max_vips, s.max_reals)
+        flat = down.reshape(-1)
+        for i, word in self.down.items():
+            flat[i] = word
         return DatapathTables(
             ring_size=s.ring_size, max_vips=s.max_vips, max_reals=s.max_reals,
             conn_table_size=s.conn_table_size, reals=reals, rings=rings, ctl=ctl, **vips,
             **routing_arrays(self.routing),
             real_ids={ipaddress.ip_address(a): i for a, i in self.real_ids.items()},
             vip_nums={(vip_address(a), p, proto): n for (a, p, proto), n in self.vip_nums.items()},
-            prev_rings=prev_rings, prev_refs=prev_refs,
+            prev_rings=prev_rings, prev_refs=prev_refs, down_set=down,
         )
 
 
@@ -340,18 +353,37 @@ def routing_arrays(routing: Mapping[str, Mapping[bytes, bytes]]) -> dict[str, np
     return out
 
 
+def _is_down(part: Any, t: RealTarget) -> bool:
+    """Real ``t`` of VIP ``part`` is down: failing its health check, and not kept in the
+    ring by ``on_all_down: fail_open`` (which ignores health for its VIP)."""
+    hc = part.vip.healthcheck
+    return t.up is False and not (part.all_down and hc is not None and hc.on_all_down == "fail_open")
+
+
+def down_pairs(parts: Mapping[VipKey, Any]) -> list[tuple[int, str]]:
+    """(VIP number, real address) of every real down for a VIP (:func:`_is_down`). Drain
+    does not count (a drained real's flows stay while it drains)."""
+    return [(p.num, t.address) for p in parts.values() for t in p.targets if _is_down(p, t)]
+
+
+def _down_set(pairs: list[tuple[int, str]], ids: Ids, max_reals: int) -> dict[int, int]:
+    """The down set's non-zero words for ``pairs``."""
+    words: dict[int, int] = {}
+    for num, addr in pairs:
+        i, bit = down_bit(num, ids.reals[addr], max_reals)
+        words[i] = words.get(i, 0) | bit
+    return words
+
+
 def routed_out(parts: Mapping[VipKey, Any]) -> frozenset[str]:
-    """Reals that are down for every VIP they serve: health-checked, failing, and not
-    kept in the ring by ``on_all_down: fail_open`` (which ignores health for its VIP).
-    Drain does not count: a drained real is out of the rings but keeps its routing
-    entries, so its pinned QUIC connections and routed clients keep working."""
+    """Reals that are down (:func:`_is_down`) for every VIP they serve. Drain does not
+    count: a drained real is out of the rings but keeps its routing entries, so its pinned
+    QUIC connections and routed clients keep working."""
     up: set[str] = set()
     down: set[str] = set()
     for part in parts.values():
-        hc = part.vip.healthcheck
-        ignored = part.all_down and hc is not None and hc.on_all_down == "fail_open"
         for t in part.targets:
-            (down if t.up is False and not ignored else up).add(t.address)
+            (down if _is_down(part, t) else up).add(t.address)
     return frozenset(down - up)
 
 
@@ -449,12 +481,14 @@ def build_tables(
                                frozenset(down_by[key]) if key in down_by else none,
                                local, sizes.ring_size, prev_parts.get(key))
     out = routed_out(parts)
+    pairs = down_pairs(parts)
+    hinted = frozenset(addr for _, addr in pairs)
     # every real in use, whatever its weight (ids.reals holds exactly those); a real down
-    # for every VIP it serves is flagged, so flows pinned to it move
-    if prev is not None and prev.ids is ids and prev.local == local and prev.routed_out == out:
+    # for at least one VIP is flagged, so the datapath looks its flows up in the down set
+    if prev is not None and prev.ids is ids and prev.local == local and prev.down_reals == hinted:
         reals = prev.reals
     else:
-        reals = {rid: real_record(addr, addr in local, addr in out) for addr, rid in ids.reals.items()}
+        reals = {rid: real_record(addr, addr in local, addr in hinted) for addr, rid in ids.reals.items()}
     routing, routing_input = _routing(cfg, ids, out, prev)
     return DesiredTables(
         sizes=sizes,
@@ -474,4 +508,6 @@ def build_tables(
         routing=routing,
         routed_out=out,
         routing_input=routing_input,
+        down=_frozen(_down_set(pairs, ids, sizes.max_reals)),
+        down_reals=hinted,
     )

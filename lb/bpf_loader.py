@@ -9,8 +9,8 @@
   control plane that loads with the same ``pin_dir`` gets the same maps, counters and
   connection table included;
 * tables from :func:`lb.datapath_tables.compile_tables` are written with raw bpf() calls
-  (batch updates, and an mmap of the Maglev rings), never element by element from
-  Python for the large ones.
+  (batch updates, and mmaps of the Maglev rings and the down set), never element by
+  element from Python for the large ones.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ import numpy as np
 
 from lb import constants, layout
 from lb.c_header import c_flags
-from lb.datapath_tables import prefix_tables, prev_ring_tables, routing_tables
+from lb.datapath_tables import (
+    down_set_of,
+    prefix_tables,
+    prev_ring_tables,
+    routing_tables,
+)
 from lb.kernel.cpus import possible_cpus
 from lb.kernel.maps import (
     BPF_F_MMAPABLE,
@@ -50,7 +55,7 @@ from lb.kernel.objects import BPFFS, obj_get, obj_pin
 from lb.kernel.progs import prog_info
 from lb.kernel.syscall import KernelError
 from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, xdp_attach, xdp_detach
-from lb.xdp_maps import ConnSets, VipIndex
+from lb.xdp_maps import ConnSets, VipIndex, map_array
 from lb.xdp_tables import conn_set_index
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
@@ -104,6 +109,8 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
         "vip_prefix_addrs": (BPF_MAP_TYPE_LPM_TRIE, layout.VIP_LPM_KEY.itemsize, 4, max_vips,
                              BPF_F_NO_PREALLOC),
         "reals": (BPF_MAP_TYPE_ARRAY, 4, layout.REAL.itemsize, max_reals, 0),
+        "down_set": (BPF_MAP_TYPE_ARRAY, 4, layout.DOWN_WORD.itemsize,
+                     max_vips * constants.down_row_words(max_reals), BPF_F_MMAPABLE),
         "ch_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, max_vips * ring_size, BPF_F_MMAPABLE),
         "conn_sets": (BPF_MAP_TYPE_ARRAY, 4, conn_set,
                       ncpus * constants.conn_sets(conn_table_size), BPF_F_MMAPABLE),
@@ -157,6 +164,8 @@ class XdpBalancer:
         self._attached: tuple[str, int, str | None] | None = None  # (ifname, flags, netns)
         self._rings_mm: mmap.mmap | None = None
         self._rings: np.ndarray | None = None
+        self._down_mm: mmap.mmap | None = None
+        self._down: np.ndarray | None = None  # uint64[max_vips, down_row_words]
         self._prev_mm: mmap.mmap | None = None
         self._prev: np.ndarray | None = None
         if self.pin_dir is not None:
@@ -220,9 +229,13 @@ class XdpBalancer:
                 + "; ".join(problems))
 
     def _map_rings(self) -> None:
-        """mmap ch_rings and prev_rings."""
+        """mmap ch_rings, prev_rings and down_set."""
         self._rings_mm, self._rings = self._mmap_u32_rows("ch_rings", self.max_vips)
         self._prev_mm, self._prev = self._mmap_u32_rows("prev_rings", constants.MAX_PREV_RINGS)
+        self._down_mm, raw = map_array(self.map_fd("down_set"), layout.DOWN_WORD.itemsize,
+                                       self._specs["down_set"][3])
+        self._down = raw.view(layout.DOWN_WORD).reshape(self.max_vips,
+                                                         constants.down_row_words(self.max_reals))
 
     def _mmap_u32_rows(self, name: str, rows: int) -> tuple[mmap.mmap, np.ndarray]:
         """mmap a u32 array map of rows x ring_size slots as a [rows, ring_size] view. The
@@ -338,27 +351,35 @@ class XdpBalancer:
                              f"{(self.max_vips, self.ring_size)}")
         if len(tables.reals) != self.max_reals:
             raise ValueError(f"reals has {len(tables.reals)} entries, need {self.max_reals}")
+        down = down_set_of(tables)
+        if down.shape != (self.max_vips, constants.down_row_words(self.max_reals)):
+            raise ValueError(f"down_set shape {down.shape} != "
+                             f"{(self.max_vips, constants.down_row_words(self.max_reals))}")
         if len(tables.vip_keys) != len(tables.vip_metas):
             raise ValueError("vip_keys and vip_metas differ in length")
 
     def load_tables(self, tables: Any) -> None:
         """Write a compiled configuration (lb.datapath_tables.DatapathTables) into the maps.
 
-        Order keeps a live datapath consistent: reals, rings and ctl first, then the
-        VIP address set and VIPs (new VIPs appear only once their rings are in place),
-        then stale VIPs and addresses are deleted. Counters and the connection table
-        are left alone."""
+        Order keeps a live datapath consistent: (VIP, real) pairs leave the down set,
+        then reals, rings and ctl, then pairs join the down set (a flow moves off a real
+        only once the rings have), then the VIP address set and VIPs (new VIPs appear
+        only once their rings are in place), then stale VIPs and addresses are deleted.
+        Counters and the connection table are left alone."""
         self._check_sizes(tables)
+        assert self._rings is not None and self._down is not None and self._prev is not None
+        down = np.asarray(down_set_of(tables), dtype=layout.DOWN_WORD)
+        self._down &= down
         reals = as_layout(tables.reals, layout.REAL)
         map_update_batch(self.map_fd("reals"), np.arange(self.max_reals, dtype=np.uint32),
                          reals)
         # previous rings before the refs that name them, both before the rings change
-        assert self._rings is not None and self._prev is not None
         prev_rings, prev_refs = prev_ring_tables(tables)
         np.copyto(self._prev, prev_rings)
         map_update_batch(self.map_fd("prev_ref"), np.arange(self.max_vips, dtype=np.uint32),
                          prev_refs.astype("<u4"))
         np.copyto(self._rings, np.asarray(tables.rings, dtype=np.uint32))
+        np.copyto(self._down, down)
         ctl = as_layout(tables.ctl, layout.CTL)
         map_update(self.map_fd("ctl"), (0).to_bytes(4, "little"), ctl[:1].tobytes())
 
@@ -440,6 +461,20 @@ class XdpBalancer:
         """A copy of ring ``vip_num`` as the datapath sees it."""
         assert self._rings is not None
         return self._rings[vip_num].copy()
+
+    def down_words(self) -> dict[int, int]:
+        """The down set's non-zero words: flat index (lb.datapath_tables.down_bit) -> value."""
+        assert self._down is not None
+        flat = self._down.reshape(-1)
+        return {int(i): int(flat[i]) for i in np.flatnonzero(flat)}
+
+    def write_down_word(self, index: int, value: int) -> None:
+        """Word ``index`` of the down set := ``value`` (one aligned 64-bit store)."""
+        assert self._down is not None
+        flat = self._down.reshape(-1)
+        if not 0 <= index < flat.size:
+            raise IndexError(f"down_set word {index} outside 0..{flat.size - 1}")
+        flat[index] = np.uint64(value)
 
     def prev_ring(self, slot: int) -> np.ndarray:
         """A copy of previous-ring slot ``slot`` (stateless VIPs) as the datapath sees it."""
@@ -529,8 +564,8 @@ class XdpBalancer:
         (the maps then die with the last reference)."""
         if self._attached is not None:
             self.detach()
-        self._rings = self._prev = None
-        for mm in ("_rings_mm", "_prev_mm"):
+        self._rings = self._prev = self._down = None
+        for mm in ("_rings_mm", "_prev_mm", "_down_mm"):
             if getattr(self, mm, None) is not None:
                 getattr(self, mm).close()
                 setattr(self, mm, None)

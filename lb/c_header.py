@@ -40,6 +40,7 @@ INSTANCE_DEFAULTS: dict[str, int] = {
     "CH_RINGS_SIZE": constants.ch_rings_size(constants.MAX_VIPS, constants.RING_SIZE),
     "VIP_SLOTS": constants.vip_slots(constants.MAX_VIPS),
     "CONN_SETS": constants.conn_sets(constants.CONN_TABLE_SIZE),
+    "DOWN_ROW_WORDS": constants.down_row_words(constants.MAX_REALS),
     "GUE_PORT": constants.GUE_DEFAULT_PORT,  # the port xdp/decap.c decapsulates
     "SINK_MAX_KEYS": constants.SINK_MAX_KEYS,
 }
@@ -236,6 +237,7 @@ def c_flags(
         "CH_RINGS_SIZE": constants.ch_rings_size(max_vips, ring_size),
         "VIP_SLOTS": constants.vip_slots(max_vips),
         "CONN_SETS": constants.conn_sets(conn_table_size),
+        "DOWN_ROW_WORDS": constants.down_row_words(max_reals),
         "LB_NR_CPUS": nr_cpus,
         "LB_PIN_DIR": None if pin_dir is None else f'"{pin_dir}"',
         "GUE_PORT": gue_port,

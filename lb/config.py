@@ -303,6 +303,9 @@ class Settings(BaseModel):
         if self.max_vips * self.ring_size >= 2**32:
             got = f"{self.max_vips} * {self.ring_size}"
             problems.append(("ring_size", f"max_vips * ring_size must be < 2**32 (got {got})"))
+        if self.max_vips * self.max_reals > 2**32:  # the down set: one bit per (VIP, real)
+            got = f"{self.max_vips} * {self.max_reals}"
+            problems.append(("max_reals", f"max_vips * max_reals must be <= 2**32 (got {got})"))
         if problems:
             raise _problems(problems)
         return self

@@ -18,6 +18,7 @@ CONN_TABLE_SIZE = 1 << 20  # connection-table entries per CPU; configurable
 CONN_TABLE_WAYS = 8  # userspace table: entries per bucket (set-associative LRU)
 CONN_WAYS = 4  # XDP connection table: 16-byte entries per set (a set = one cache line)
 CONN_KEY_SLOT_MASK = 3  # low bits of an XDP connection-table tag: the entry's key slot
+DOWN_WORD_BITS = 64  # real ids per word of the down set (layout.DOWN_WORD)
 VIP_PROBES = 8  # XDP VIP index: a key lies at most this many slots from its home slot
 MAX_FRAME_SIZE = 1514  # largest frame accepted for a VIP, L2 header included; configurable
 
@@ -55,6 +56,11 @@ def conn_sets(conn_table_size: int) -> int:
     """Sets per CPU in the XDP connection table (conn_table_size entries, CONN_WAYS
     per set; conn_table_size is a power of two >= CONN_TABLE_WAYS)."""
     return max(1, conn_table_size // CONN_WAYS)
+
+
+def down_row_words(max_reals: int) -> int:
+    """u64 words per VIP in the down set (one bit per real id; layout.DOWN_WORD)."""
+    return (max_reals + DOWN_WORD_BITS - 1) // DOWN_WORD_BITS
 
 
 def ch_rings_size(max_vips: int, ring_size: int) -> int:
@@ -186,7 +192,9 @@ VIP_FLAGS = {
 
 # --- real flags -------------------------------------------------------------------------
 REAL_F_LOCAL = 1 << 0  # this real is the balancer host itself
-REAL_F_DOWN = 1 << 1  # health checks took this real down for every VIP it serves
+# Health checks took this real down for at least one VIP it serves: a hint, so that the
+# connection-table hit path reads the down set (layout.DOWN_WORD) only for such a real.
+REAL_F_DOWN = 1 << 1
 
 # --- global counters: index into the stats array ----------------------------------------
 # Every frame bumps STAT_RX_PACKETS and exactly one of the outcome counters below it

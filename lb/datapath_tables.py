@@ -85,6 +85,9 @@ class DatapathTables:
     # refs, uint32[max_vips] (layout.PREV_REF read as one u32); None = none at all
     prev_rings: np.ndarray | None = None
     prev_refs: np.ndarray | None = None
+    # uint64[max_vips, down_row_words(max_reals)] (layout.DOWN_WORD): the (VIP, real) pairs
+    # the health checks hold down; None = none (down_set_of makes an all-zero set)
+    down_set: np.ndarray | None = None
 
     def real_address(self, real_id: int) -> IPAddress | None:
         """The address of a real id, or None for 0 / an unused id."""
@@ -92,6 +95,25 @@ class DatapathTables:
         if real_id == 0 or entry["family"] == C.FAMILY_NONE:
             return None
         return addr_from16(entry["addr"], int(entry["family"]))
+
+
+def empty_down_set(max_vips: int, max_reals: int) -> np.ndarray:
+    """An all-zero down set (lazily zero pages: it costs memory only where bits are set)."""
+    return np.zeros((max_vips, C.down_row_words(max_reals)), dtype=layout.DOWN_WORD)
+
+
+def down_bit(vip_num: int, real_id: int, max_reals: int) -> tuple[int, int]:
+    """(word index, bit mask) of the pair (``vip_num``, ``real_id``) in the flat down set."""
+    return (vip_num * C.down_row_words(max_reals) + real_id // C.DOWN_WORD_BITS,
+            1 << (real_id % C.DOWN_WORD_BITS))
+
+
+def down_set_of(tables: object) -> np.ndarray:
+    """The down set of ``tables`` (2-D, layout.DOWN_WORD), all zero where it is left out."""
+    down = getattr(tables, "down_set", None)
+    if down is None:
+        return empty_down_set(tables.max_vips, tables.max_reals)  # type: ignore[attr-defined]
+    return down
 
 
 def routing_tables(tables: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -161,6 +161,13 @@ CONN_RATE = np.dtype(
      "itemsize": 64}
 )
 
+# A word of the down set (xdp/maps.h down_set): bit ``real_id % 64`` of word
+# ``vip_num * constants.down_row_words(max_reals) + real_id // 64`` is set while the health
+# checks hold that real down for that VIP (a row of words per VIP number). The datapath
+# reads it only for a real flagged REAL_F_DOWN; max_vips * max_reals bits (256 KiB at the
+# defaults; lb.config caps max_vips * max_reals at 2**32).
+DOWN_WORD = np.dtype("<u8")
+
 # A connection-table entry as the control plane reports it (XdpBalancer.conn_table_entries):
 # real id and last access in ns.
 CONN_VALUE = np.dtype({"names": ["real_id", "atime"], "formats": ["<u4", "<u8"],

@@ -76,9 +76,15 @@ def problems(response: httpx.Response) -> dict[str, str]:
 def check_live_consistency(port: Any) -> list[str]:
     """What a packet could trip over in a MemoryPort right now: a VIP whose address is
     not in the address set, a ring slot of a live VIP or a routing entry (QUIC server id,
-    source route) naming an empty real entry."""
+    source route) naming an empty real entry, a live VIP whose ring names a real that is
+    down for it (flagged REAL_F_DOWN, its bit in the down set: a flow moved off the real
+    could be hashed back onto it)."""
+    from lb.constants import REAL_F_DOWN
+    from lb.datapath_tables import down_bit
+
     problems = []
     addrs = port.addrs
+    flat = port.down.reshape(-1)
     for key, meta in port.vips.items():
         if key[:16] + bytes([key[19]]) + bytes(3) not in addrs:
             problems.append(f"VIP {key.hex()} without its address entry")
@@ -87,6 +93,9 @@ def check_live_consistency(port: Any) -> list[str]:
         for rid in ids[ids != 0]:
             if port.reals[int(rid)]["family"] == 0:
                 problems.append(f"VIP {num} ring names empty real {int(rid)}")
+            word, bit = down_bit(num, int(rid), len(port.reals))
+            if port.reals[int(rid)]["flags"] & REAL_F_DOWN and int(flat[word]) & bit:
+                problems.append(f"VIP {num} ring names real {int(rid)}, which is down for it")
     for table, entries in port.routing.items():
         for key, value in entries.items():
             if port.reals[int.from_bytes(value, "little")]["family"] == 0:

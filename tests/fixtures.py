@@ -30,7 +30,13 @@ from scapy.packet import Raw, raw
 from lb import layout
 from lb.config import parse_config
 from lb.constants import F_LOCAL, IPPROTO_TCP, REAL_F_DOWN
-from lb.datapath_tables import DatapathTables, addr16, compile_tables
+from lb.datapath_tables import (
+    DatapathTables,
+    addr16,
+    compile_tables,
+    down_bit,
+    empty_down_set,
+)
 
 # The config shape the issue fixes as a contract: it must load, and `lbctl simulate` runs on it.
 CONTRACT_YAML = """\
@@ -1022,12 +1028,15 @@ G_BYPASS = "198.18.130.3"  # tcp 80, src_routing + lru_bypass, ring: G_R1
 G_UDP = "198.18.130.4"  # udp 53: ring G_DOWN, then (guard_down) G_R1
 G_MIG = "198.18.130.5"  # tcp 80, migrate_down_tcp: ring G_DOWN, then G_R1
 G_KEEP = "198.18.130.6"  # tcp 80 without the flag: ring G_DOWN, then G_R1
+G_UDP_UP = "198.18.130.7"  # udp 53: ring G_DOWN throughout (up for this VIP)
+G_MIG_UP = "198.18.130.8"  # tcp 80, migrate_down_tcp: ring G_DOWN throughout
 G_R1, G_R2, G_DOWN = "198.19.3.1", "198.19.3.2", "198.19.3.3"
 
 
 def _guard_config(down: bool) -> dict:
-    """The guard table sets' config; with ``down``, G_DOWN has left the rings of the VIPs
-    it served (weight 0 keeps every real id where it was)."""
+    """The guard table sets' config; with ``down``, G_DOWN has left the rings of G_UDP,
+    G_MIG and G_KEEP (weight 0 keeps every real id where it was), not those of G_UDP_UP
+    and G_MIG_UP (down for some VIPs only)."""
     moving = [{"address": G_DOWN, "weight": 0 if down else 1}, {"address": G_R1, "weight": 1 if down else 0}]
     return {
         "settings": {"gateway_mac": GW_MAC, "max_frame_size": MAX_FRAME, "conn_table_size": 1024,
@@ -1041,6 +1050,9 @@ def _guard_config(down: bool) -> dict:
             {"address": G_UDP, "port": 53, "protocol": "udp", "reals": moving},
             {"address": G_MIG, "port": 80, "protocol": "tcp", "flags": ["migrate_down_tcp"], "reals": moving},
             {"address": G_KEEP, "port": 80, "protocol": "tcp", "reals": moving},
+            {"address": G_UDP_UP, "port": 53, "protocol": "udp", "reals": [{"address": G_DOWN}]},
+            {"address": G_MIG_UP, "port": 80, "protocol": "tcp", "flags": ["migrate_down_tcp"],
+             "reals": [{"address": G_DOWN}]},
             {"address": "198.18.130.9", "port": 80, "protocol": "tcp", "reals": [{"address": G_R2}]},
         ],
         "source_routes": [{"prefix": "198.18.0.0/16", "real": G_R2}],
@@ -1055,10 +1067,25 @@ def fixture_tables_guard() -> DatapathTables:
     return compile_tables(parse_config(GUARD_CONFIG))
 
 
-def fixture_tables_guard_down() -> DatapathTables:
-    """:func:`fixture_tables_guard` after the health checks took G_DOWN down: out of the
-    rings and flagged down in the reals table. Same real ids."""
+def fixture_tables_guard_bits() -> DatapathTables:
+    """:func:`fixture_tables_guard` while the health checks take G_DOWN down for G_UDP,
+    G_MIG and G_KEEP (up for G_UDP_UP and G_MIG_UP): out of those VIPs' rings, the pairs
+    in the down set, the real not yet flagged REAL_F_DOWN. Same real ids."""
     t = compile_tables(parse_config(_guard_config(down=True)))
+    rid = t.real_ids[ipaddress.ip_address(G_DOWN)]
+    t.down_set = empty_down_set(t.max_vips, t.max_reals)
+    flat = t.down_set.reshape(-1)
+    for vip in (G_UDP, G_MIG, G_KEEP):
+        num = next(n for (a, _, _), n in t.vip_nums.items() if str(a) == vip)
+        word, bit = down_bit(num, rid, t.max_reals)
+        flat[word] |= bit
+    return t
+
+
+def fixture_tables_guard_down() -> DatapathTables:
+    """:func:`fixture_tables_guard_bits` with G_DOWN flagged REAL_F_DOWN (down for at
+    least one VIP): the state once the health checks took it down for those three."""
+    t = fixture_tables_guard_bits()
     t.reals[t.real_ids[ipaddress.ip_address(G_DOWN)]]["flags"] |= REAL_F_DOWN
     return t
 
@@ -1104,6 +1131,13 @@ def build_guard_fixtures() -> list[Fixture]:
        (_syn(G_KEEP, 3000),), "guard_down", lru_hit=1)
     tx("down real: a SYN re-hashes anyway (not a migration)", _syn(G_MIG, 3000), G_R1, 3000,
        (_syn(G_MIG, 3000),), "guard_down", lru_miss=1)
+    udp_up = raw(eth() / IP(src=CLIENT4, dst=G_UDP_UP) / UDP(sport=5353, dport=53) / b"q")
+    tx("down real for other VIPs only: a UDP flow of a VIP it is up for keeps it", udp_up, G_DOWN, 5353,
+       (udp_up,), "guard_down", lru_hit=1)
+    tx("down real for other VIPs only: TCP with migrate_down_tcp on a VIP it is up for keeps it",
+       _syn(G_MIG_UP, 3000, "A"), G_DOWN, 3000, (_syn(G_MIG_UP, 3000),), "guard_down", lru_hit=1)
+    tx("down set without the real's REAL_F_DOWN hint (mid-write): the UDP flow keeps its real", udp, G_DOWN,
+       5353, (udp,), "guard_bits", lru_hit=1)
     tx("down real: a migrated flow over the flood rate is re-hashed, not rewritten", _syn(G_MIG, 3000, "A"),
        G_R1, 3000, (_syn(G_MIG, 3000), *three), "guard_down", lru_miss=1, down_real_migrated=1,
        flood_new_conns=1)
@@ -1241,5 +1275,6 @@ FIXTURE_SETS = {
     "mtu": (fixture_tables_mtu, MTU_FIXTURES),
     "guard": (fixture_tables_guard, GUARD_FIXTURES),
     "guard_down": (fixture_tables_guard_down, []),
+    "guard_bits": (fixture_tables_guard_bits, []),
     "stateless": (fixture_tables_stateless, STATELESS_FIXTURES),
 }

@@ -286,6 +286,15 @@ def test_ring_size_times_max_vips() -> None:
     assert_error(d, "settings.ring_size", "max_vips * ring_size must be < 2**32")
 
 
+def test_max_vips_times_max_reals() -> None:
+    """The down set holds a bit per (VIP number, real id): at most 2**32 of them."""
+    d = base()
+    d["settings"].update(max_vips=2**16, max_reals=2**16 + 1, ring_size=13)
+    assert_error(d, "settings.max_reals", "max_vips * max_reals must be <= 2**32", "65536 * 65537")
+    d["settings"]["max_reals"] = 2**16
+    parse_config(d)
+
+
 def test_conn_table_size_power_of_two() -> None:
     d = base()
     d["settings"]["conn_table_size"] = 1000

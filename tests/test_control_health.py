@@ -264,56 +264,81 @@ def test_all_down_with_drop_empties_the_ring() -> None:
     assert set(port.ring(0)) == {1}
 
 
-def test_a_real_down_for_every_vip_is_flagged_and_its_udp_flows_move() -> None:
-    """REAL_F_DOWN: set once the health checks took a real down for every VIP it serves,
-    written after the rings moved off it (and cleared before they name it again); a UDP
-    flow pinned to it is re-hashed onto the healthy ring and its entry rewritten."""
+def test_a_real_down_for_one_vip_moves_that_vips_udp_flows_only() -> None:
+    """The down set is per (VIP, real): a real down for VIP A and up for VIP B moves A's
+    UDP flows pinned to it (re-hashed onto A's healthy ring, entry rewritten) and leaves
+    B's. Write order: a pair joins the down set, and the real gets its REAL_F_DOWN hint,
+    after the rings moved off it; a pair leaves the set, and a real up for every VIP loses
+    its hint, before a ring names it again."""
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
     from scapy.packet import raw
 
     from control.datapaths import UserspacePort
-    from control.reconcile import WriteReal, WriteRing
+    from control.reconcile import WriteDownWord, WriteReal, WriteRing
     from lb import constants as C
+    from lb.datapath_tables import down_bit
 
     hc = {"type": "udp", "interval": 1.0, "timeout": 0.5}
     cfg = make_config([vip_dict(0, [0, 1], port=53, protocol="udp", healthcheck=hc),
-                       vip_dict(1, [1, 2], healthcheck={"type": "tcp"})])
+                       vip_dict(1, [1, 2], port=53, protocol="udp", healthcheck=hc)])
     port = UserspacePort(Sizes.of(cfg.settings))
     ctl = open_plane(port, None, cfg)
-    k_udp, k_tcp = ctl.core.state.config.vips[0].key, ctl.core.state.config.vips[1].key
+    k_a, k_b = ctl.core.state.config.vips[0].key, ctl.core.state.config.vips[1].key
     shared = real_addr(1)
     rid = ctl.core.state.ids.reals[shared]
 
-    def frame(sport: int) -> bytes:
-        return raw(Ether() / IP(src="198.18.0.10", dst=k_udp[0]) / UDP(sport=sport, dport=53) / b"q")
-
-    def send(sport: int, now: int):
-        r = port.dp.process_frames([frame(sport)], now=now)
+    def send(key, sport: int, now: int):
+        f = raw(Ether() / IP(src="198.18.0.10", dst=key[0]) / UDP(sport=sport, dport=53) / b"q")
+        r = port.dp.process_frames([f], now=now)
         return int(r.real_ids[0]), {n: int(r.stats[i]) for i, n in enumerate(C.STATS) if r.stats[i]}
 
-    sport = next(p for p in range(1000, 1100) if send(p, 1)[0] == rid)  # a flow pinned to it
+    def down_for(key) -> bool:
+        word, bit = down_bit(ctl.core.state.ids.vips[key], rid, ctl.core.state.config.settings.max_reals)
+        return bool(int(port.down.reshape(-1)[word]) & bit)
+
+    def kinds() -> list[type]:
+        return [type(op) for op in port.writes]
+
+    hit = {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1}
+    migrated = {"rx_packets": 1, "lru_miss": 1, "down_real_migrated": 1, "tx_encap": 1}
+    # a flow of each VIP pinned to the shared real
+    sa = next(p for p in range(1000, 1200) if send(k_a, p, 1)[0] == rid)
+    sb = next(p for p in range(1000, 1200) if send(k_b, p, 1)[0] == rid)
     flagged = lambda: bool(port.reals[rid]["flags"] & C.REAL_F_DOWN)  # noqa: E731
 
-    ctl.runtime.set_health({(k_udp, shared): False})
-    assert rid not in port.ring(0) and not flagged()  # still up for the TCP VIP
-    assert send(sport, 2) == (rid, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})
-
+    # down for A only: A's flow moves, B's stays
     port.writes.clear()
-    ctl.runtime.set_health({(k_tcp, shared): False})
-    assert flagged()
-    kinds = [type(op) for op in port.writes]
-    assert kinds.index(WriteReal) > max(i for i, k in enumerate(kinds) if k is WriteRing)
-    moved, counts = send(sport, 3)
-    assert moved != rid and counts == {"rx_packets": 1, "lru_miss": 1, "down_real_migrated": 1, "tx_encap": 1}
-    assert send(sport, 4) == (moved, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})  # entry rewritten
+    ctl.runtime.set_health({(k_a, shared): False})
+    assert flagged() and down_for(k_a) and not down_for(k_b)
+    assert rid not in port.ring(0) and rid in port.ring(1)
+    last_ring = max(i for i, k in enumerate(kinds()) if k is WriteRing)
+    assert kinds().index(WriteDownWord) > last_ring and kinds().index(WriteReal) > kinds().index(WriteDownWord)
+    moved_a, counts = send(k_a, sa, 2)
+    assert moved_a != rid and counts == migrated
+    assert send(k_a, sa, 3) == (moved_a, hit)  # entry rewritten
+    assert send(k_b, sb, 3) == (rid, hit)
 
+    # down for B too: B's flow moves now (the hint was already set: one down-set write)
     port.writes.clear()
-    ctl.runtime.set_health({(k_udp, shared): True, (k_tcp, shared): True})
-    assert not flagged() and rid in port.ring(0)
-    kinds = [type(op) for op in port.writes]
-    assert kinds.index(WriteReal) < kinds.index(WriteRing)
-    assert send(sport, 5) == (moved, {"rx_packets": 1, "lru_hit": 1, "tx_encap": 1})  # no move back
+    ctl.runtime.set_health({(k_b, shared): False})
+    assert down_for(k_b) and WriteReal not in kinds()
+    assert kinds().index(WriteDownWord) > max(i for i, k in enumerate(kinds()) if k is WriteRing)
+    moved_b, counts = send(k_b, sb, 4)
+    assert moved_b != rid and counts == migrated
+
+    # up for A again: its bit goes before A's ring names the real; still down for B
+    port.writes.clear()
+    ctl.runtime.set_health({(k_a, shared): True})
+    assert flagged() and not down_for(k_a) and down_for(k_b) and rid in port.ring(0)
+    assert WriteReal not in kinds() and kinds().index(WriteDownWord) < kinds().index(WriteRing)
+
+    # up for B: the bit and the hint go before B's ring names it; no flow moves back
+    port.writes.clear()
+    ctl.runtime.set_health({(k_b, shared): True})
+    assert not flagged() and not down_for(k_b) and rid in port.ring(1)
+    assert max(kinds().index(WriteDownWord), kinds().index(WriteReal)) < kinds().index(WriteRing)
+    assert send(k_a, sa, 5) == (moved_a, hit) and send(k_b, sb, 5) == (moved_b, hit)
 
 
 # --- the direct prober, for real, inside a namespace of our own --------------------------------------

@@ -42,11 +42,11 @@ def port_for(cfg):
 
 def contents(port: MemoryPort):
     return (dict(port.vips), set(port.addrs), port.reals.tobytes(), port.ctl,
-            {t: dict(e) for t, e in port.routing.items()}, port.rings.copy())
+            {t: dict(e) for t, e in port.routing.items()}, port.rings.copy(), port.down_words())
 
 
 def same_contents(a, b) -> bool:
-    return a[:5] == b[:5] and np.array_equal(a[5], b[5])
+    return a[:5] == b[:5] and np.array_equal(a[5], b[5]) and a[6] == b[6]
 
 
 # --- plan / apply -------------------------------------------------------------------------------
@@ -139,26 +139,28 @@ def test_ctl_and_local_flag_changes() -> None:
 
 def test_a_failed_write_undoes_the_others() -> None:
     """Failing at every single write of a plan that touches every table (VIPs, reals,
-    rings, ctl: mtu, and every routing map: adds, changes, deletes) leaves the datapath
-    as it was."""
-    cfg = make_config([vip_dict(0, [0, 1]), vip_dict(3, [0, 1], v6=True)],
+    rings, ctl: mtu, every routing map: adds, changes, deletes, and the down set) leaves
+    the datapath as it was."""
+    hc = {"type": "tcp"}
+    cfg = make_config([vip_dict(0, [0, 1, 2], healthcheck=hc), vip_dict(3, [0, 1], v6=True)],
                       quic_servers=[{"id": 7, "real": real_addr(0)}, {"id": 8, "real": real_addr(1)}],
                       source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(0)},
                                      {"prefix": "2001:db8:9::/48", "real": real_addr(0, True)}])
-    desired, ids = tables_for(cfg)
+    desired, ids = tables_for(cfg, down=[(K0, real_addr(2))])
     port = port_for(cfg)
     apply(plan(port, desired), port)
     before = contents(port)
-    cfg2 = make_config([vip_dict(0, [0, (1, 4), 2]), vip_dict(1, [3]), vip_dict(2, [4]), vip_dict(3, [1], v6=True)],
+    assert before[6]
+    cfg2 = make_config([vip_dict(0, [0, (1, 4), 2], healthcheck=hc), vip_dict(1, [3]), vip_dict(2, [4]), vip_dict(3, [1], v6=True)],
                        mtu=1500,
                        quic_servers=[{"id": 7, "real": real_addr(2)}, {"id": 9, "real": real_addr(3)}],
                        source_routes=[{"prefix": "198.18.64.0/24", "real": real_addr(4)},
                                       {"prefix": "198.18.0.0/15", "real": real_addr(1)},
                                       {"prefix": "2001:db8:9::/48", "real": real_addr(1, True)}])
-    d2, _ = tables_for(cfg2, ids)
+    d2, _ = tables_for(cfg2, ids, down=[(K0, real_addr(0))])  # real 2 comes up: one word, both ways
     p = plan(port, d2)
     kinds = {type(op).__name__ for op in p.ops}
-    assert {"PutEntry", "DeleteEntry", "WriteCtl", "PutVip", "WriteReal", "WriteRing"} <= kinds
+    assert {"PutEntry", "DeleteEntry", "WriteCtl", "PutVip", "WriteReal", "WriteRing", "WriteDownWord"} <= kinds
     assert p.summary()["quic_servers"] == 3 and p.summary()["src_routes_v4"] == 2
     assert p.summary()["src_routes_v6"] == 1
     assert len(p.ops) > 8
@@ -181,13 +183,17 @@ def test_rollback_failure_is_reported() -> None:
 
 @st.composite
 def transitions(draw):
+    """Configs in a row, each with the (VIP, real) pairs its health checks hold down."""
     def one():
-        vips = []
+        vips, down = [], []
         for i in draw(st.lists(st.integers(0, 5), unique=True, max_size=5)):
             reals = draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3)), max_size=5,
                                   unique_by=lambda t: t[0]))
-            vips.append(vip_dict(i, reals))
-        return make_config(vips)
+            checked = draw(st.integers(0, 3)) > 0
+            vips.append(vip_dict(i, reals, **({"healthcheck": {"type": "tcp"}} if checked else {})))
+            key = (vips[-1]["address"], 80, "tcp")
+            down += [(key, real_addr(j)) for j, _ in reals if checked and draw(st.booleans())]
+        return make_config(vips), down
 
     return [one() for _ in range(draw(st.integers(2, 5)))]
 
@@ -201,13 +207,13 @@ class CheckingPort(MemoryPort):
         assert not problems, f"after {type(op).__name__}: {problems}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(transitions())
 def test_every_intermediate_state_is_consistent(configs) -> None:
-    port = CheckingPort(Sizes.of(configs[0].settings))
+    port = CheckingPort(Sizes.of(configs[0][0].settings))
     ids, prev = EMPTY, None
-    for cfg in configs:
-        desired, ids = tables_for(cfg, ids, prev=prev)
+    for cfg, down in configs:
+        desired, ids = tables_for(cfg, ids, prev=prev, down=down)
         apply(plan(port, desired), port)
         assert plan(port, desired).empty
         prev = desired

@@ -1,6 +1,7 @@
 """The XDP port against the in-memory one: the same plans leave the BPF maps holding
-exactly what the MemoryPort holds (records, rings), rollback included, and a frame run
-through the program goes where the desired tables say."""
+exactly what the MemoryPort holds (records, rings, the down set), rollback included, a
+frame run through the program goes where the desired tables say, and a new control plane
+on pinned maps finds them as the last one left them."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def bal():
 
 def contents(port) -> tuple:
     rings = np.stack([port.ring(n) for n in range(SIZES.max_vips)])
-    return (port.vip_entries(), port.vip_addr_entries(), port.real_entries(), port.ctl_entry(), rings.tobytes())
+    return (port.vip_entries(), port.vip_addr_entries(), port.real_entries(), port.ctl_entry(), rings.tobytes(),
+            port.down_words())
 
 
 def _reset(bal) -> XdpPort:
@@ -42,7 +44,13 @@ def _reset(bal) -> XdpPort:
     empty = MemoryPort(SIZES)
     for n in range(SIZES.max_vips):
         bal.update_ring(n, np.zeros(SIZES.ring_size, dtype=np.uint32))
-    from control.reconcile import DeleteVip, DeleteVipAddr, WriteCtl, WriteReal
+    from control.reconcile import (
+        DeleteVip,
+        DeleteVipAddr,
+        WriteCtl,
+        WriteDownWord,
+        WriteReal,
+    )
     from control.tables import EMPTY_REAL
 
     port.apply(WriteCtl(empty.ctl_entry(), port.ctl_entry()))
@@ -52,23 +60,29 @@ def _reset(bal) -> XdpPort:
         port.apply(DeleteVipAddr(k))
     for rid, rec in port.real_entries().items():
         port.apply(WriteReal(rid, EMPTY_REAL, rec))
+    for i, word in port.down_words().items():
+        port.apply(WriteDownWord(i, 0, word))
     assert contents(port) == contents(empty)
     return port
 
 
 @st.composite
 def transitions(draw):
+    """Configs in a row, each with the (VIP, real) pairs its health checks hold down."""
     def one():
-        vips = []
+        vips, down = [], []
         for i in draw(st.lists(st.integers(0, 6), unique=True, max_size=6)):
             reals = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 3)), max_size=5,
                                   unique_by=lambda t: t[0]))
-            v = vip_dict(i, reals, v6=draw(st.booleans()), protocol=draw(st.sampled_from(["tcp", "udp"])))
+            v6, proto, checked = draw(st.booleans()), draw(st.sampled_from(["tcp", "udp"])), draw(st.booleans())
+            v = vip_dict(i, reals, v6=v6, protocol=proto, **({"healthcheck": {"type": "tcp"}} if checked else {}))
             if draw(st.integers(0, 2)) == 0:  # a CIDR VIP (nested prefixes for even and odd i)
                 v["address"] = (f"2001:db8:64:{(i // 2) << 8:x}::/{64 - 8 * (i % 2)}" if ":" in v["address"]
                                 else f"198.18.{64 + 2 * (i // 2)}.0/{24 - (i % 2)}")
             vips.append(v)
-        return make_config(vips, gateway_mac=draw(st.sampled_from(["00:00:5e:00:53:01", "02:00:00:00:00:09"])))
+            down.append([real_addr(j, v6) for j, _ in reals if checked and draw(st.booleans())])
+        cfg = make_config(vips, gateway_mac=draw(st.sampled_from(["00:00:5e:00:53:01", "02:00:00:00:00:09"])))
+        return cfg, [(vip.key, addr) for vip, addrs in zip(cfg.vips, down) for addr in addrs]
 
     return [one() for _ in range(draw(st.integers(2, 5)))]
 
@@ -80,8 +94,8 @@ def test_same_plans_same_maps(bal, configs) -> None:
     xdp = _reset(bal)
     mem = MemoryPort(SIZES)
     ids, prev = EMPTY, None
-    for cfg in configs:
-        desired, ids = tables_for(cfg, ids, prev=prev)
+    for cfg, down in configs:
+        desired, ids = tables_for(cfg, ids, prev=prev, down=down)
         p_mem, p_xdp = plan(mem, desired), plan(xdp, desired)
         assert p_mem.summary() == p_xdp.summary()
         apply(p_mem, mem)
@@ -139,6 +153,45 @@ def test_a_frame_follows_the_tables(bal) -> None:
         assert str(__import__("ipaddress").IPv4Address(out[30:34])) != real_addr(1)
     assert xdp.read_stats().vip[0, 0] == 80
 
+
+def test_a_restart_on_pinned_maps_adopts_the_down_set(tmp_path) -> None:
+    """The daemon dies with a real down for one VIP; a new control plane on the pinned
+    maps, with the health verdicts it saved, finds the down set (and everything else) as
+    it should be: no writes. A verdict that changed while it was away is one word."""
+    import secrets
+
+    from control.plane import open_plane
+    from control.store import Store
+    from lb.bpf_loader import XdpBalancer
+
+    hc = {"type": "tcp"}
+    cfg = make_config([vip_dict(0, [0, 1], healthcheck=hc), vip_dict(1, [1, 2], healthcheck=hc)])
+    key = cfg.vips[0].key
+    pin_dir = f"/sys/fs/bpf/lbx{secrets.token_hex(4)}"
+    try:
+        first = XdpBalancer(SIZES.ring_size, SIZES.max_vips, SIZES.max_reals, SIZES.conn_table_size,
+                            pin_dir=pin_dir)
+        c1 = open_plane(XdpPort(first), Store(tmp_path), cfg)
+        c1.runtime.set_health({(key, real_addr(1)): False})
+        words = XdpPort(first).down_words()
+        assert len(words) == 1 and words == dict(c1.core.tables.down)
+        first.close()
+
+        second = XdpBalancer(SIZES.ring_size, SIZES.max_vips, SIZES.max_reals, SIZES.conn_table_size,
+                             pin_dir=pin_dir)
+        try:
+            c2 = open_plane(XdpPort(second), Store(tmp_path), cfg)
+            assert sum(c2.core.last_reconcile["writes"].values()) == 0
+            assert XdpPort(second).down_words() == words
+            # the real came back while nobody watched: the restart clears its bit
+            Store(tmp_path).save_health([((key, real_addr(1)), True)])
+            c3 = open_plane(XdpPort(second), Store(tmp_path), cfg)
+            w = c3.core.last_reconcile["writes"]
+            assert w["down_words"] == 1 and XdpPort(second).down_words() == {}
+        finally:
+            second.close()
+    finally:
+        XdpBalancer.unpin_dir(pin_dir)
 
 CIDR = {"address": "198.18.64.0/24", "port": 80, "protocol": "tcp"}
 

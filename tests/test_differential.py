@@ -23,9 +23,11 @@ from fixtures import (
     G_BYPASS,
     G_KEEP,
     G_MIG,
+    G_MIG_UP,
     G_SRC,
     G_TCP,
     G_UDP,
+    G_UDP_UP,
     SRC_VIP4,
     Fixture,
     tcp4,
@@ -251,7 +253,7 @@ def test_random_frames_around_the_mtu_agree(balancers, table_set: str) -> None:
 
 
 GUARD_VIPS = [(G_TCP, 80, "tcp"), (G_SRC, 80, "tcp"), (G_BYPASS, 80, "tcp"), (G_UDP, 53, "udp"),
-              (G_MIG, 80, "tcp"), (G_KEEP, 80, "tcp")]
+              (G_MIG, 80, "tcp"), (G_KEEP, 80, "tcp"), (G_UDP_UP, 53, "udp"), (G_MIG_UP, 80, "tcp")]
 guard_frame = st.builds(
     lambda vip, src, sport, flags: build_frame(4, vip[2], 64, src=src, dst=vip[0], sport=sport, dport=vip[1],
                                                tcp_flags=flags),
@@ -261,8 +263,9 @@ guard_frame = st.builds(
 
 def test_random_flows_under_the_flood_guard_and_a_down_real_agree(balancers) -> None:
     """Flows to the guard VIPs (max_conn_rate 3: most frames are over it), then the
-    reload that takes G_DOWN down and more of the same flows: both datapaths in lockstep,
-    every counter equal (flood_new_conns, down_real_migrated, src_routed, ...)."""
+    reload that takes G_DOWN down for some of its VIPs (up for G_UDP_UP, G_MIG_UP) and more
+    of the same flows: both datapaths in lockstep, every counter equal (flood_new_conns,
+    down_real_migrated, src_routed, ...)."""
     xdp, tables = balancers("guard")
     down = _tables("guard_down")
     totals = dict.fromkeys(("flood_new_conns", "down_real_migrated", "src_routed", "lru_hit"), 0)

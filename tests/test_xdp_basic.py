@@ -35,6 +35,7 @@ from scapy.packet import raw
 from lb import constants as C
 from lb import layout
 from lb.bpf_loader import PinnedMapMismatch, XdpAttachError, XdpBalancer
+from lb.datapath_tables import empty_down_set
 from lb.kernel.netns import run_in_netns
 from lb.kernel.testrun import test_run as bpf_test_run
 from lb.kernel.xdp import XDP_FLAGS_DRV_MODE, xdp_attach, xdp_detach
@@ -509,6 +510,8 @@ SMALL = dict(ring_size=13, max_vips=8, max_reals=16, conn_table_size=64)
 def test_pinned_maps_survive_a_restart() -> None:
     pin_dir = f"/sys/fs/bpf/lbx{secrets.token_hex(4)}"
     tables = build_tables(**SMALL)
+    tables.down_set = empty_down_set(SMALL["max_vips"], SMALL["max_reals"])
+    tables.down_set[7, 0] = 1 << 15  # real 15 down for VIP 7 (nothing uses either here)
     syn = raw(eth() / IP(src=CLIENT4, dst=VIP4) / TCP(sport=4242, dport=80, flags="S"))
     ack = raw(eth() / IP(src=CLIENT4, dst=VIP4) / TCP(sport=4242, dport=80, flags="A"))
     try:
@@ -524,6 +527,7 @@ def test_pinned_maps_survive_a_restart() -> None:
             assert second.map_ids() == ids
             assert second.read_stats().counters["tx_encap"] == 1
             assert np.array_equal(second.ring(0), tables.rings[0])
+            assert second.down_words() == {7 * C.down_row_words(SMALL["max_reals"]): 1 << 15}
             assert len(second.conn_table_entries()[0]) == 1
             c = Counters(second)
             action, out2 = run(second, ack)

@@ -308,6 +308,19 @@ static __always_inline int conn_flood(const struct ctl_value *cfg, __u64 now)
 
 /* ---- real selection and forwarding (rows 14-21) ------------------------------------ */
 
+/* Whether the health checks hold real real_id down for VIP vip_num (the down set).
+ * real_id < MAX_REALS: the caller found it in the reals table. */
+static __always_inline int real_down_for(__u32 vip_num, __u32 real_id)
+{
+	__u32 idx = vip_num * DOWN_ROW_WORDS + real_id / DOWN_WORD_BITS;
+	__u64 *word;
+
+	if (vip_num >= MAX_VIPS)
+		return 0;
+	word = down_set.lookup(&idx);
+	return word && ((*word >> (real_id % DOWN_WORD_BITS)) & 1);
+}
+
 /* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
 static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_flags)
 {
@@ -563,10 +576,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 						real_id = id;
 					}
 				}
-				/* a real the health checks took down: UDP, and TCP where the
-				 * VIP asks, re-hash (the entry is rewritten below) */
+				/* a real the health checks took down for this VIP: UDP, and
+				 * TCP where the VIP asks, re-hash (the entry is rewritten
+				 * below); the down set is read only behind the real's hint */
 				if (real_id && (r->flags & REAL_F_DOWN) &&
-				    (pkt->flow.proto == IPPROTO_UDP || (flags & F_MIGRATE_DOWN_TCP))) {
+				    (pkt->flow.proto == IPPROTO_UDP || (flags & F_MIGRATE_DOWN_TCP)) &&
+				    real_down_for(vip_num, id)) {
 					real_id = 0;
 					stat_inc(STAT_DOWN_REAL_MIGRATED);
 				} else if (real_id) {

@@ -50,6 +50,12 @@ LB_MAP("lpm_trie", struct vip_lpm_key, __u32, vip_prefix_addrs, MAX_VIPS, BPF_F_
 /* Real id -> real. Id 0 is never used ("no real"). */
 LB_MAP("array", __u32, struct real_def, reals, MAX_REALS, 0);
 
+/* The down set (layout.DOWN_WORD): bit real_id % DOWN_WORD_BITS of word vip_num *
+ * DOWN_ROW_WORDS + real_id / DOWN_WORD_BITS is set while the health checks hold that real
+ * down for that VIP. Read only for a real flagged REAL_F_DOWN (down for at least one VIP).
+ * mmap-able so the control plane reads and writes words directly (aligned 64-bit stores). */
+LB_MAP("array", __u32, __u64, down_set, MAX_VIPS * DOWN_ROW_WORDS, BPF_F_MMAPABLE);
+
 /* Maglev rings, one per VIP number, RING_SIZE slots each: real id, 0 = none.
  * mmap-able so the control plane writes slots directly. */
 LB_MAP("array", __u32, __u32, ch_rings, MAX_VIPS * RING_SIZE, BPF_F_MMAPABLE);

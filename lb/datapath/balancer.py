@@ -27,6 +27,7 @@ from lb.datapath.routing import (
     key_lookup,
     prefix_lookup,
     quic_real,
+    real_down_for,
     src_route_v4,
     src_route_v6,
     vip_tail,
@@ -46,7 +47,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
     ``real_stats`` (``REAL_STAT_COLUMNS`` columns).
     """
     ((vip_keys, vip_used, vip_mask), vip_meta, (va_keys, va_used, va_mask),
-     (real_addr, real_family, real_flags), (rings, ring_size, ch_seed, v6_seed),
+     (real_addr, real_family, real_flags), down_set, (rings, ring_size, ch_seed, v6_seed),
      (gw_mac, max_frame, mtu, encap, gue_port, gue_src_v4, gue_src_v6, max_conn_rate, cidr_vips),
      (quic_ids, quic_reals),
      (lpm4_lens, lpm4_starts, lpm4_keys, lpm4_reals), (lpm6_lens, lpm6_starts, lpm6_hi, lpm6_lo, lpm6_reals),
@@ -291,10 +292,12 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
                     if real_family[cand] != C.FAMILY_NONE and fresh:
                         if proto == C.IPPROTO_UDP:
                             ct_ent[bucket, w, conntable.E_ATIME] = np.uint64(now)
-                        # a real the health checks took down: UDP, and TCP where the VIP
-                        # asks, re-hash (the entry is rewritten below)
+                        # a real the health checks took down for this VIP: UDP, and TCP
+                        # where the VIP asks, re-hash (the entry is rewritten below); the
+                        # down set is read only behind the real's hint
                         if (real_flags[cand] & C.REAL_F_DOWN) and (
-                                proto == C.IPPROTO_UDP or (vflags & C.F_MIGRATE_DOWN_TCP)):
+                                proto == C.IPPROTO_UDP or (vflags & C.F_MIGRATE_DOWN_TCP)) and \
+                                real_down_for(down_set, vip_num, cand):
                             stats[C.STAT_DOWN_REAL_MIGRATED] += 1
                         else:
                             real_id = cand

@@ -16,7 +16,13 @@ import numpy as np
 from lb import constants as C
 from lb.datapath.conntable import ConnTable
 from lb.datapath.routing import key_insert
-from lb.datapath_tables import DatapathTables, prefix_tables, prev_ring_tables, routing_tables
+from lb.datapath_tables import (
+    DatapathTables,
+    down_set_of,
+    prefix_tables,
+    prev_ring_tables,
+    routing_tables,
+)
 
 
 class KeyTable(NamedTuple):
@@ -108,6 +114,7 @@ class Maps(NamedTuple):
     vip_meta: np.ndarray  # uint32[cap, 2]: (flags, vip_num) by vips index
     vip_addrs: KeyTable  # (dst, family)
     reals: Reals
+    down_set: np.ndarray  # uint64[max_vips, down_row_words]: (VIP, real) pairs held down
     rings: Rings
     ctl: Ctl
     quic: QuicServers
@@ -246,6 +253,7 @@ def build_maps(tables: DatapathTables, conn: ConnTable) -> Maps:
         vips, vip_meta, vip_addrs,
         Reals(np.ascontiguousarray(tables.reals["addr"]), np.ascontiguousarray(tables.reals["family"]),
               np.ascontiguousarray(tables.reals["flags"])),
+        np.ascontiguousarray(down_set_of(tables), dtype=np.uint64),
         Rings(tables.rings, tables.ring_size, C.ch_rings_size(tables.max_vips, tables.ring_size),
               tables.max_vips),
         Ctl(np.array(ctl["gw_mac"], dtype=np.uint8), int(ctl["max_frame"]), int(ctl["mtu"]),

@@ -1,7 +1,7 @@
 """Real selection's lookups (xdp/balancer.c ``forward``; docs/datapath.md, "The flow" and
 "Real selection"): the VIP tables (exact, and CIDR VIPs by longest prefix), the QUIC
-server-id table (step 0), the source-route longest-prefix match (step 2) and the Maglev
-ring with Katran's flow hash.
+server-id table (step 0), the down set (step 1), the source-route longest-prefix match
+(step 2) and the Maglev ring with Katran's flow hash.
 
 The VIP and VIP-address tables are open-addressing hash tables of (lo, hi, tail) key
 words (``used[i]`` = 0: empty); their hash is internal, never on the wire.
@@ -56,6 +56,16 @@ def key_insert(keys, used, mask, lo, hi, tail):
     keys[i, 2] = tail
     used[i] = USED
     return i
+
+
+@nb.njit(inline="always")
+def real_down_for(down_set, vip_num, real_id):
+    """Whether the health checks hold real ``real_id`` down for VIP ``vip_num``: its bit in
+    the down set (uint64[max_vips, down_row_words], layout.DOWN_WORD)."""
+    if vip_num >= down_set.shape[0] or real_id // C.DOWN_WORD_BITS >= down_set.shape[1]:
+        return False
+    word = down_set[vip_num, real_id // C.DOWN_WORD_BITS]
+    return ((word >> np.uint64(real_id % C.DOWN_WORD_BITS)) & np.uint64(1)) != 0
 
 
 @nb.njit(inline="always")

@@ -34,6 +34,9 @@
 #ifndef CONN_SETS
 #define CONN_SETS 262144
 #endif
+#ifndef DOWN_ROW_WORDS
+#define DOWN_ROW_WORDS 64
+#endif
 #ifndef GUE_PORT
 #define GUE_PORT 6080
 #endif
@@ -44,6 +47,7 @@
 /* lb.constants, same names (the kernel's own names: values checked). */
 #define CONN_WAYS 4
 #define CONN_KEY_SLOT_MASK 3
+#define DOWN_WORD_BITS 64
 #define VIP_PROBES 8
 #define LRU_UDP_TIMEOUT_NS 30000000000ULL
 #define CONN_TIME_SHIFT 20
