@@ -23,6 +23,7 @@ counter of lb.constants.STATS is exported, by its name: ``tx_X`` as
 ``lb_quic_conn_table_writes_total``         QUIC-routed packets that wrote their real into the
                                             connection table (no entry, or another real)
 ``lb_vip_prefix_matched_packets_total``     VIP found by prefix (a CIDR VIP)
+``lb_hoplist_sent_packets_total``           stateless VIPs: frames sent with a hop list (also tx_encap)
 ``lb_icmp_errors_forwarded_total``
 ``lb_conn_table_entries``                   entries now (XDP: all CPUs)
 ``lb_vip_packets_total{vip}``, ``lb_vip_bytes_total{vip}``
@@ -86,6 +87,8 @@ _SINGLE = {
                                                      "entry rewritten")),
     "quic_conn_written": ("lb_quic_conn_table_writes",
                           "QUIC-routed packets that wrote their real into the connection table"),
+    "hoplist_sent": ("lb_hoplist_sent_packets", "Stateless VIPs: frames sent with a hop list of two or more reals "
+                                               "(also counted as tx_encap)"),
     "vip_prefix_matched": ("lb_vip_prefix_matched_packets", "Packets whose VIP was a CIDR VIP (found by prefix)"),
 }
 

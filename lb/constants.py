@@ -224,7 +224,7 @@ STAT_SRC_ROUTED = 20  # src_routing VIP: real taken from the client-prefix table
 STAT_FLOOD_NEW_CONNS = 21  # new flow above max_conn_rate on its CPU: hashed, not recorded
 STAT_DOWN_REAL_MIGRATED = 22  # connection-table entry named a down real: re-hashed, rewritten
 STAT_QUIC_CONN_WRITTEN = 23  # QUIC-routed: its real written into the connection table (new or changed)
-STAT_TX_HOPLIST = 24  # stateless VIP: encapsulated with a hop list of >= 2 reals (in tx_encap)
+STAT_HOPLIST_SENT = 24  # stateless VIP: encapsulated with a hop list of >= 2 reals (in tx_encap)
 STAT_VIP_PREFIX_MATCHED = 25  # VIP found by the longest prefix of the destination (a CIDR VIP)
 
 

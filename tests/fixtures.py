@@ -1228,10 +1228,10 @@ def build_stateless_fixtures() -> list[Fixture]:
     v1, v2, v3 = SL_R6
     ack = _tcp(SL4, tcp_flags="A", payload=b"hello")
     add(Fixture("stateless: TCP, two previous rings -> hop list r1, r2, r3; no connection table", 18, ack,
-                "TX", hoplist_encap(ack, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+                "TX", hoplist_encap(ack, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, hoplist_sent=1), r1))
     syn = _tcp(SL4, vlan=5, sport=777)
     add(Fixture("stateless: a SYN carries the hop list too (802.1Q kept)", 18, syn, "TX",
-                hoplist_encap(syn, (r1, r2, r3), CLIENT4, 777), C(tx_encap=1, tx_hoplist=1), r1))
+                hoplist_encap(syn, (r1, r2, r3), CLIENT4, 777), C(tx_encap=1, hoplist_sent=1), r1))
     udp = raw(eth() / IP(src=CLIENT4, dst=SL4) / UDP(sport=5000, dport=53) / b"q")
     add(Fixture("stateless: UDP stays on its first hop (plain GUE, no hop list)", 18, udp, "TX",
                 gue_encap(udp, r1, CLIENT4, 5000), C(tx_encap=1), r1))
@@ -1240,16 +1240,16 @@ def build_stateless_fixtures() -> list[Fixture]:
                 gue_encap(dup, r1, CLIENT4, 31337), C(tx_encap=1), r1))
     one = _tcp(SL4_ONE, tcp_flags="PA", payload=b"x" * 33)
     add(Fixture("stateless: duplicate removed -> hop list r1, r2", 18, one, "TX",
-                hoplist_encap(one, (r1, r2), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+                hoplist_encap(one, (r1, r2), CLIENT4, 31337), C(tx_encap=1, hoplist_sent=1), r1))
     none = _tcp(SL4_NONE, tcp_flags="A")
     add(Fixture("stateless: no previous ring -> plain GUE, no connection table", 18, none, "TX",
                 gue_encap(none, r1, CLIENT4, 31337), C(tx_encap=1), r1))
     six = _tcp(SL6, tcp_flags="A", tc=0x20, fl=99, sport=4242)
     add(Fixture("stateless: IPv6 -> IPv6/UDP/GUE hop list of IPv6 addresses", 18, six, "TX",
-                hoplist_encap(six, (v1, v2, v3), CLIENT6, 4242), C(tx_encap=1, tx_hoplist=1), v1))
+                hoplist_encap(six, (v1, v2, v3), CLIENT6, 4242), C(tx_encap=1, hoplist_sent=1), v1))
     pad = _tcp(SL4, tcp_flags="A") + bytes(12)
     add(Fixture("stateless: Ethernet padding kept, not in the checksum", 18, pad, "TX",
-                hoplist_encap(pad, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+                hoplist_encap(pad, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, hoplist_sent=1), r1))
     err = raw(eth() / IP(src="198.18.0.1", dst=SL4) / ICMP(type=3, code=4, nexthopmtu=1300)
               / IPerror(src=SL4, dst=CLIENT4) / TCPerror(sport=80, dport=31337))
     add(Fixture("stateless: ICMP error -> its flow's ring real, plain GUE", 19, err, "TX",
@@ -1257,7 +1257,7 @@ def build_stateless_fixtures() -> list[Fixture]:
     # mtu 1400: 20 + 8 + 8 + 3 * 4 = 48 bytes of overhead with three IPv4 hops
     at = _tcp(SL4, size=1352, flags="DF", tcp_flags="A")
     add(Fixture("stateless: IPv4 packet of exactly mtu - 48 (hop list counted) passes", 18, at, "TX",
-                hoplist_encap(at, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, tx_hoplist=1), r1))
+                hoplist_encap(at, (r1, r2, r3), CLIENT4, 31337), C(tx_encap=1, hoplist_sent=1), r1))
     over = _tcp(SL4, size=1353, flags="DF", tcp_flags="A")
     add(Fixture("stateless: 1 byte over with the hop list -> frag-needed, next-hop MTU 1352", 20, over, "TX",
                 too_big(over, 1352), C(tx_icmp_too_big=1)))

@@ -264,7 +264,7 @@ def test_side_by_side_stateless_modes_send_hop_lists(xb) -> None:
     progs = rows[0]["programs"]
     assert progs["stateless"]["delivered_all"] and progs["stateless_prev"]["delivered_all"]
     assert progs["stateless"]["lru_hit_ratio"] is None
-    hop = after["tx_hoplist"] - before["tx_hoplist"]
+    hop = after["hoplist_sent"] - before["hoplist_sent"]
     assert 0 < hop < (after["tx_encap"] - before["tx_encap"]) / 20
 
 

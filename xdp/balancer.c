@@ -707,7 +707,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 			*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 			return XDP_DROP;
 		}
-		stat_inc(STAT_TX_HOPLIST);
+		stat_inc(STAT_HOPLIST_SENT);
 	} else if (encapsulate(ctx, pkt, real, &c)) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 		return XDP_DROP;

@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control.api.config import config_router
 from control.api.guards import (
@@ -82,6 +83,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                         status_code=422)
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own answers (no route matches the path, e.g. a CIDR VIP's port that is
+    # not a number; method not allowed) in the API's error body, as every other refusal
+    kind = "not_found" if exc.status_code == 404 else "invalid"
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}", "kind": kind,
+                         "problems": []}, status_code=exc.status_code, headers=exc.headers)
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     # runs in Starlette's outermost middleware, outside RequestGuard: the header is set here
     return _server_error(request, 500, "internal", SystemError_.public, exc, f"{type(exc).__name__}: {exc}")
@@ -121,6 +130,7 @@ def create_app(
     )
     app.add_exception_handler(ControlError, _control_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal)
     if token is not None:
         _require_bearer(app, token)

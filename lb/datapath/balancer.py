@@ -450,7 +450,7 @@ def process_batch(  # noqa: C901 - one loop body mirrors the one XDP entry point
             if glen:
                 o = write_hoplist(out, o, l3, o - C.UDP_HLEN, hops, hcount, real_addr, rfam, family,
                                   inner_sum(p, l3, pkt_len, family))
-                stats[C.STAT_TX_HOPLIST] += 1
+                stats[C.STAT_HOPLIST_SENT] += 1
         rest = n - l3
         copy(out, o, p, l3, rest)
         if gue and not glen:  # a hop list's checksum is write_hoplist's

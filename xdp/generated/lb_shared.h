@@ -155,7 +155,7 @@ _Static_assert(XDP_TX == 3, "XDP_TX: kernel != lb.constants");
 #define STAT_FLOOD_NEW_CONNS 21
 #define STAT_DOWN_REAL_MIGRATED 22
 #define STAT_QUIC_CONN_WRITTEN 23
-#define STAT_TX_HOPLIST 24
+#define STAT_HOPLIST_SENT 24
 #define STAT_VIP_PREFIX_MATCHED 25
 #define N_STATS 26
 #define VIP_STAT_PACKETS 0
