@@ -42,9 +42,11 @@ def vip_addresses(tables) -> VipAddresses:
 
 VIP_ADDRESSES = vip_addresses(TABLES)
 OUTCOMES = [i for i, n in enumerate(C.STATS) if n.split("_")[0] in ("tx", "pass", "drop")]
-# output lengths with GUE and the MTU check: IPIP or GUE outer headers, or an ICMP
+# output lengths with GUE and the MTU check: IPIP or GUE outer headers (a hop list too), or an ICMP
 # too-big reply (L2 of 14 or 18 bytes + 156 / 304)
-MTU_OVERHEADS = (0, 20, 40, 28, 48)
+MTU_OVERHEADS = (0, 20, 40, 28, 48) + tuple(  # and stateless VIPs' GUE with a hop list of n reals
+    ip + C.UDP_HLEN + C.GUE_HLEN + C.GUE_HOPLIST_HLEN + n * alen
+    for ip, alen in ((C.ENCAP_IPV4_OVERHEAD, 4), (C.ENCAP_IPV6_OVERHEAD, 16)) for n in range(2, C.GUE_MAX_HOPS + 1))
 TOO_BIG_LENS = {l2 + size for l2 in (14, 18) for size in (156, 304)}
 
 
