@@ -246,8 +246,8 @@ def mix_frames(family: int, flows: int, dst: str) -> np.ndarray:
 
 def balancer_rx_per_cpu(bal: Any) -> np.ndarray:
     """rx_packets of the balancer per CPU (where it ran)."""
-    raw = map_lookup(bal.map_fd("stats"), C.STAT_RX_PACKETS.to_bytes(4, "little"), 8 * bal.ncpus)
-    return np.frombuffer(raw, dtype=np.uint64).copy()
+    raw = map_lookup(bal.map_fd("stats"), bytes(4), 8 * C.N_STATS * bal.ncpus)
+    return np.frombuffer(raw, dtype=np.uint64).reshape(bal.ncpus, C.N_STATS)[:, C.STAT_RX_PACKETS].copy()
 
 
 def detach(iface: Iface, mode: str = "native") -> None:
@@ -570,8 +570,11 @@ class XdpBench:
             self.warm(bed, progs, family, flows)
             load0 = loadavg()
             runs: dict[str, list[RunResult]] = {p.label: [] for p in progs}
-            for _ in range(reps):
-                for p in progs:
+            for rep in range(reps):
+                # each round starts one program later: no program always runs right after
+                # the same other one (whose tables it would find in the caches' place)
+                k = rep % len(progs)
+                for p in progs[k:] + progs[:k]:
                     runs[p.label].append(self.run_once(bed, p, family, flows, count))
             load1 = loadavg()
             high = max(load0[0], load1[0]) > self.load_high

@@ -332,7 +332,6 @@ class XdpPort:
         self.bal = bal
         self.sizes = Sizes.of(bal)
         self._one = (1).to_bytes(4, "little")
-        self._zeros = bytes(8 * bal.ncpus)
         # vip_map writes not yet in the program's VIP index: a run of Put/DeleteVip is
         # published in one switch, before the next other write (so the reconciler's
         # order still holds) or at commit
@@ -449,8 +448,7 @@ class XdpPort:
         elif isinstance(op, ResetCounters):
             fd = self._fd("vip_stats" if op.table == "vip" else "real_stats")
             cols = COLS if op.table == "vip" else REAL_COLS
-            for col in range(cols):
-                B.map_update(fd, (op.index * cols + col).to_bytes(4, "little"), self._zeros)
+            B.map_update(fd, op.index.to_bytes(4, "little"), bytes(8 * cols * self.bal.ncpus))
         elif isinstance(op, WritePrevRing):
             ring = self.bal.prev_ring(op.slot)
             ring[op.slots] = op.new

@@ -124,9 +124,9 @@ def _map_specs(ring_size: int, max_vips: int, max_reals: int, conn_table_size: i
                           constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
         "src_routes_v6": (BPF_MAP_TYPE_LPM_TRIE, layout.LPM_V6_KEY.itemsize, 4,
                           constants.MAX_SRC_ROUTES, BPF_F_NO_PREALLOC),
-        "stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, constants.N_STATS, 0),
-        "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_vips * cols, 0),
-        "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, max_reals * constants.REAL_STAT_COLUMNS, 0),
+        "stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * constants.N_STATS, 1, 0),
+        "vip_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * cols, max_vips, 0),
+        "real_stats": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8 * constants.REAL_STAT_COLUMNS, max_reals, 0),
         "capture_ring": (BPF_MAP_TYPE_RINGBUF, 0, 0, constants.CAPTURE_RING_BYTES, 0),
         "capture_buckets": (BPF_MAP_TYPE_PERCPU_ARRAY, 4, layout.CAPTURE_BUCKET.itemsize, 1, 0),
         "prev_rings": (BPF_MAP_TYPE_ARRAY, 4, 4, constants.MAX_PREV_RINGS * ring_size, BPF_F_MMAPABLE),
@@ -502,19 +502,21 @@ class XdpBalancer:
 
     # ---- reading back ------------------------------------------------------------------
 
-    def _percpu_sum(self, name: str) -> np.ndarray:
+    def percpu_rows(self, name: str) -> np.ndarray:
+        """Counter map ``name`` (per-CPU rows of u64 words) summed over CPUs: uint64[rows,
+        words]."""
         fd = self.map_fd(name)
-        _, values, n = map_lookup_batch(fd, 4, 8 * self.ncpus)
-        arr = np.frombuffer(values, dtype=np.uint64, count=n * self.ncpus)
-        return arr.reshape(n, self.ncpus).sum(axis=1, dtype=np.uint64)
+        words = self._specs[name][2] // 8
+        _, values, n = map_lookup_batch(fd, 4, 8 * words * self.ncpus)
+        arr = np.frombuffer(values, dtype=np.uint64, count=n * self.ncpus * words)
+        return arr.reshape(n, self.ncpus, words).sum(axis=1, dtype=np.uint64)
 
     def read_stats(self) -> BalancerStats:
-        glob = self._percpu_sum("stats")
-        cols = max(constants.VIP_STAT_PACKETS, constants.VIP_STAT_BYTES) + 1
+        glob = self.percpu_rows("stats")[0]
         return BalancerStats(
             counters={name: int(glob[i]) for i, name in enumerate(constants.STATS)},
-            vip=self._percpu_sum("vip_stats").reshape(self.max_vips, cols),
-            real=self._percpu_sum("real_stats").reshape(self.max_reals, constants.REAL_STAT_COLUMNS),
+            vip=self.percpu_rows("vip_stats"),
+            real=self.percpu_rows("real_stats"),
         )
 
     def publish_vips(self) -> None:

@@ -91,7 +91,7 @@ class XdpSimulator:
         self._real_packets = self._read_real_packets() if track_reals else None
 
     def _read_real_packets(self):
-        return self.bal._percpu_sum("real_stats").reshape(self.tables.max_reals, -1)[:, C.VIP_STAT_PACKETS]
+        return self.bal.percpu_rows("real_stats")[:, C.VIP_STAT_PACKETS]
 
     def run(self, frame: bytes) -> FrameVerdict:
         from lb.kernel.testrun import test_run

@@ -97,9 +97,9 @@ def read_pinned_balancer(pin_dir: str, max_reals: int) -> tuple[dict[str, int], 
     from lb import constants as C
     from netns.lab_bpf import read_percpu_array
 
-    glob = read_percpu_array(os.path.join(pin_dir, "stats"), C.N_STATS)
+    glob = read_percpu_array(os.path.join(pin_dir, "stats"), 1, C.N_STATS)
     cols = C.REAL_STAT_COLUMNS
-    flat = read_percpu_array(os.path.join(pin_dir, "real_stats"), max_reals * cols)
+    flat = read_percpu_array(os.path.join(pin_dir, "real_stats"), max_reals, cols)
     reals = [(flat[r * cols + C.VIP_STAT_PACKETS], flat[r * cols + C.VIP_STAT_BYTES])
              for r in range(max_reals)]
     return dict(zip(C.STATS, glob)), reals

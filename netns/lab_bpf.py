@@ -34,18 +34,22 @@ def pin_prog_map(prog_fd: int, map_name: str, path: str) -> None:
     raise LabError(f"program has no map named {map_name}")
 
 
-def read_percpu_array(path: str, n: int) -> list[int]:
-    """A pinned per-CPU array of u64 (``n`` slots), summed over CPUs."""
+def read_percpu_array(path: str, n: int, words: int = 1) -> list[int]:
+    """A pinned per-CPU array of ``n`` entries of ``words`` u64 each, summed over CPUs:
+    entry k's word j at ``k * words + j``."""
     ncpus = possible_cpus()
     fd = obj_get(path)
     try:
-        keys, values, count = map_lookup_batch(fd, 4, 8 * ncpus)
+        keys, values, count = map_lookup_batch(fd, 4, 8 * words * ncpus)
     finally:
         os.close(fd)
-    out = [0] * n
+    out = [0] * (n * words)
+    size = 8 * words
     for i in range(count):
         k = int.from_bytes(keys[4 * i:4 * i + 4], "little")
-        row = values[8 * ncpus * i:8 * ncpus * (i + 1)]
+        row = values[size * ncpus * i:size * ncpus * (i + 1)]
         if k < n:
-            out[k] = sum(int.from_bytes(row[8 * c:8 * c + 8], "little") for c in range(ncpus))
+            for j in range(words):
+                out[k * words + j] = sum(int.from_bytes(row[size * c + 8 * j:size * c + 8 * j + 8], "little")
+                                         for c in range(ncpus))
     return out

@@ -736,7 +736,8 @@ def test_map_lookup_refuses_a_buffer_the_kernel_would_overrun(bal) -> None:
     with pytest.raises(ValueError, match=f"{layout.CTL.itemsize}-byte values"):
         map_lookup(fd, bytes(4), 8)
     assert len(map_lookup(fd, bytes(4), layout.CTL.itemsize)) == layout.CTL.itemsize
-    stats = bal.map_fd("stats")  # per CPU: 8 bytes x possible CPUs
+    stats = bal.map_fd("stats")  # per CPU: one row of N_STATS counters x possible CPUs
+    row = 8 * C.N_STATS
     with pytest.raises(ValueError):
-        map_lookup(stats, bytes(4), 8)
-    assert len(map_lookup(stats, bytes(4), 8 * bal.ncpus)) == 8 * bal.ncpus
+        map_lookup(stats, bytes(4), row)
+    assert len(map_lookup(stats, bytes(4), row * bal.ncpus)) == row * bal.ncpus

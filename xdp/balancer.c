@@ -41,46 +41,40 @@
 
 static __always_inline void stat_inc(__u32 idx)
 {
-	__u64 *v = stats.lookup(&idx);
+	__u32 zero = 0;
+	struct lb_stats *s = stats.lookup(&zero);
 
-	if (v)
-		*v += 1;
+	if (s && idx < N_STATS)
+		s->n[idx] += 1;
 }
 
 static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 {
-	__u32 k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_PACKETS;
-	__u64 *v = vip_stats.lookup(&k);
+	struct vip_counters *v = vip_stats.lookup(&vip_num);
 
-	if (v)
-		*v += 1;
-	k = vip_num * VIP_STAT_COLUMNS + VIP_STAT_BYTES;
-	v = vip_stats.lookup(&k);
-	if (v)
-		*v += bytes;
+	if (v) {
+		v->col[VIP_STAT_PACKETS] += 1;
+		v->col[VIP_STAT_BYTES] += bytes;
+	}
 }
 
 static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
 {
-	__u32 k = real_id * REAL_STAT_COLUMNS + VIP_STAT_PACKETS;
-	__u64 *v = real_stats.lookup(&k);
+	struct real_counters *v = real_stats.lookup(&real_id);
 
-	if (v)
-		*v += 1;
-	k = real_id * REAL_STAT_COLUMNS + VIP_STAT_BYTES;
-	v = real_stats.lookup(&k);
-	if (v)
-		*v += bytes;
+	if (v) {
+		v->col[VIP_STAT_PACKETS] += 1;
+		v->col[VIP_STAT_BYTES] += bytes;
+	}
 }
 
 /* A connection-table miss hashed (or source-routed) a flow onto real_id. */
 static __always_inline void real_miss_inc(__u32 real_id)
 {
-	__u32 k = real_id * REAL_STAT_COLUMNS + REAL_STAT_LRU_MISS;
-	__u64 *v = real_stats.lookup(&k);
+	struct real_counters *v = real_stats.lookup(&real_id);
 
 	if (v)
-		*v += 1;
+		v->col[REAL_STAT_LRU_MISS] += 1;
 }
 
 /* ---- helper-free lookups: the VIP index and the connection table -------------------- */
@@ -501,7 +495,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	struct vip_meta *meta;
 	struct conn_set *set = NULL;
 	struct real_def *real = NULL;
-	struct ctl_value *cfg, c;
+	struct ctl_value *cfg;
 	__u32 flags, vip_num, real_id = 0, zero = 0;
 	int use_lru, way = -1;
 	__u64 fh = 0;
@@ -556,8 +550,13 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it, nor does a
 	 * stateless VIP's) */
 	use_lru = !(flags & (F_LRU_BYPASS | F_STATELESS)) && !real_id;
-	if (use_lru)
+	if (use_lru && pkt->conn_ready) {
+		fh = pkt->conn_h;
+		set_idx = pkt->conn_set;
+		set = conn_sets.lookup(&set_idx);
+	} else if (use_lru) {
 		set = conn_set_of(&pkt->flow, &fh, &set_idx);
+	}
 	if (set && !pkt->tcp_syn) {
 		way = conn_find(set, fh);
 		if (way >= 0 && way < CONN_WAYS) {
@@ -656,11 +655,10 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		*stat = STAT_DROP_ENCAP_FAILED;
 		return XDP_DROP;
 	}
-	c = *cfg; /* a copy: no map value is read after the packet moved */
 	/* a stateless VIP's TCP segment takes the previous rings' reals along (GUE only) */
 	hl.count = 0;
 	if ((flags & F_STATELESS) && from_ring && pkt->flow.proto == IPPROTO_TCP &&
-	    !pkt->icmp_err && c.encap == ENCAP_GUE) {
+	    !pkt->icmp_err && cfg->encap == ENCAP_GUE) {
 		hl.hop[0] = real->addr;
 		hl.count = 1;
 		prev_ring_hops(vip_num, ring_pos, real_id, real->family, &hl);
@@ -672,16 +670,16 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		}
 	}
 	if (pkt->flow.family == FAMILY_V6 && real->family == FAMILY_V4 &&
-	    c.encap != ENCAP_GUE) {
+	    cfg->encap != ENCAP_GUE) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16 */
 		return XDP_DROP;
 	}
-	if (c.mtu) {
+	if (cfg->mtu) {
 		__u32 overhead = (real->family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD
 							    : ENCAP_IPV6_OVERHEAD) +
-				 (c.encap == ENCAP_GUE ? UDP_HLEN : 0) + hl_bytes;
+				 (cfg->encap == ENCAP_GUE ? UDP_HLEN : 0) + hl_bytes;
 
-		if (pkt->pkt_len + overhead > c.mtu) {
+		if (pkt->pkt_len + overhead > cfg->mtu) {
 			__u32 quote = pkt->flow.family == FAMILY_V4 ? ICMP_TOO_BIG_QUOTE_V4
 								    : ICMP_TOO_BIG_QUOTE_V6;
 
@@ -694,7 +692,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				*stat = STAT_DROP_TOO_BIG; /* row 21 */
 				return XDP_DROP;
 			}
-			if (icmp_too_big(ctx, pkt, c.mtu - overhead)) {
+			if (icmp_too_big(ctx, pkt, cfg->mtu - overhead)) {
 				*stat = STAT_DROP_ENCAP_FAILED; /* no headroom */
 				return XDP_DROP;
 			}
@@ -703,12 +701,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		}
 	}
 	if (hl_bytes) {
-		if (encapsulate_hoplist(ctx, pkt, real, &c, &hl, inner_sum)) {
+		if (encapsulate_hoplist(ctx, pkt, real, cfg, &hl, inner_sum)) {
 			*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 			return XDP_DROP;
 		}
 		stat_inc(STAT_HOPLIST_SENT);
-	} else if (encapsulate(ctx, pkt, real, &c)) {
+	} else if (encapsulate(ctx, pkt, real, cfg)) {
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 		return XDP_DROP;
 	}
@@ -759,6 +757,19 @@ static __always_inline void vip_fast_lookup(struct pkt_desc *pkt, struct vip_wor
 		return;
 	pkt->vip = *meta;
 	pkt->vip_found = 1;
+	/* A VIP with the connection table, and a key as parsed: find the flow's set now and
+	 * touch it, so that its cache line (often a cache and TLB miss) loads while the rest
+	 * of the packet is checked; forward() uses the set found here. */
+	if (!(meta->flags & (F_LRU_BYPASS | F_STATELESS | F_NO_SRC_PORT))) {
+		struct conn_set *set;
+
+		flow_set_ports(&pkt->flow, ports);
+		set = conn_set_of(&pkt->flow, &pkt->conn_h, &pkt->conn_set);
+		if (set) {
+			pkt->conn_ready = 1;
+			(void)*(volatile __u64 *)&set->way[0].tag;
+		}
+	}
 }
 
 /* Is ak's address inside the prefix of a CIDR VIP (any port, any protocol)? Asked only
@@ -798,11 +809,11 @@ static __always_inline int vip_addr_checks(struct vip_addr_key *ak, struct pkt_d
 /* Rows 9-13, shared by both families: the L4 header at the cursor. pkt->flow has its
  * family, protocol and addresses; l3 is the IP header, l4_room the packet's bytes from
  * the cursor on; data and data_end are the caller's (the verifier knows their range).
- * Inlined once per family, so each copy is specialised to its family. */
+ * v6: the family, a constant, so that each inlined copy is specialised to its family. */
 static __always_inline int process_l4(void *data, void *data_end, struct hdr_cursor *nh,
-				      struct pkt_desc *pkt, void *l3, __u32 l4_room, __u32 *stat)
+				      struct pkt_desc *pkt, void *l3, __u32 l4_room, __u32 *stat,
+				      const int v6)
 {
-	int v6 = pkt->flow.family == FAMILY_V6;
 	__u8 proto = pkt->flow.proto;
 
 	if (proto == IPPROTO_TCP) {
@@ -876,6 +887,10 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	ak.addr.v4 = iph->daddr;
 	ak.family = FAMILY_V4;
+	pkt->flow.family = FAMILY_V4;
+	pkt->flow.proto = iph->protocol;
+	pkt->flow.src.v4 = iph->saddr;
+	pkt->flow.dst.v4 = iph->daddr;
 	if (iph->ihl == IPV4_HLEN / 4 && !ipv4_is_fragment(iph)) {
 		struct vip_words vk = { .w0 = iph->daddr };
 
@@ -898,12 +913,8 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *n
 	pkt->tos = iph->tos;
 	pkt->df = (iph->frag_off & bpf_htons(IP_DF)) != 0;
 	l4_room = pkt->pkt_len - IPV4_HLEN;
-	pkt->flow.family = FAMILY_V4;
-	pkt->flow.proto = iph->protocol;
-	pkt->flow.src.v4 = iph->saddr;
-	pkt->flow.dst.v4 = iph->daddr;
 
-	return process_l4(data, data_end, nh, pkt, iph, l4_room, stat);
+	return process_l4(data, data_end, nh, pkt, iph, l4_room, stat, 0);
 }
 
 static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *nh,
@@ -922,6 +933,10 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	}
 	__builtin_memcpy(&ak.addr, &ip6h->daddr, sizeof(ak.addr));
 	ak.family = FAMILY_V6;
+	pkt->flow.family = FAMILY_V6;
+	pkt->flow.proto = ip6h->nexthdr;
+	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
+	__builtin_memcpy(&pkt->flow.dst, &ak.addr, sizeof(pkt->flow.dst));
 	{
 		struct vip_words vk = {};
 
@@ -940,12 +955,8 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 	pkt->pkt_len = l4_room + IPV6_HLEN;
 	pkt->l4_off = pkt->l3_off + IPV6_HLEN;
 	pkt->tos = ipv6_tclass(ip6h);
-	pkt->flow.family = FAMILY_V6;
-	pkt->flow.proto = ip6h->nexthdr;
-	__builtin_memcpy(&pkt->flow.src, &ip6h->saddr, sizeof(pkt->flow.src));
-	__builtin_memcpy(&pkt->flow.dst, &ip6h->daddr, sizeof(pkt->flow.dst));
 
-	return process_l4(data, data_end, nh, pkt, ip6h, l4_room, stat);
+	return process_l4(data, data_end, nh, pkt, ip6h, l4_room, stat, 1);
 }
 
 /* ---- entry -------------------------------------------------------------------------- */

@@ -43,20 +43,40 @@ static __always_inline void encap_v6_src(const struct flow_key *flow, struct in6
 	out->in6_u.u6_addr8[15] = last >> 24;
 }
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "header words are composed little-endian (x86-64, arm64)"
+#endif
+
+/* A MAC address as one 48-bit value (bytes in wire order, little-endian), read and
+ * written as a 4-byte and a 2-byte access: clang copies the byte arrays of the packed
+ * struct ethhdr one byte at a time. Packet and map value accesses may be unaligned here
+ * (the verifier checks alignment strictly only on the stack, or where unaligned access
+ * is slow: not on x86-64 or arm64). */
+static __always_inline __u64 mac_load(const void *p)
+{
+	return (__u64)*(const __u32 *)p | ((__u64)*(const __u16 *)(p + 4) << 32);
+}
+
+static __always_inline void mac_store(void *p, __u64 mac)
+{
+	*(__u32 *)p = (__u32)mac;
+	*(__u16 *)(p + 4) = mac >> 32;
+}
+
 /* Writes the output L2 header at data: dst_mac (the gateway's; for an ICMP reply the
  * input's source), src_mac (ours: the input's destination), the input's 802.1Q tag if
  * any, ethertype proto. Returns where the L3 header goes, or NULL. */
 static __always_inline void *encap_write_l2(void *data, void *data_end,
-					    const struct pkt_desc *pkt, const __u8 *dst_mac,
-					    const __u8 *src_mac, __be16 proto)
+					    const struct pkt_desc *pkt, __u64 dst_mac,
+					    __u64 src_mac, __be16 proto)
 {
 	if (pkt->has_vlan) {
 		struct lb_vlan_ethhdr *veth = data;
 
 		if ((void *)(veth + 1) > data_end)
 			return NULL;
-		__builtin_memcpy(veth->h_dest, dst_mac, ETH_ALEN);
-		__builtin_memcpy(veth->h_source, src_mac, ETH_ALEN);
+		mac_store(veth->h_dest, dst_mac);
+		mac_store(veth->h_source, src_mac);
 		veth->tpid = bpf_htons(ETH_P_8021Q);
 		veth->tci = pkt->vlan_tci;
 		veth->encap_proto = proto;
@@ -66,8 +86,8 @@ static __always_inline void *encap_write_l2(void *data, void *data_end,
 
 		if ((void *)(eth + 1) > data_end)
 			return NULL;
-		__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
-		__builtin_memcpy(eth->h_source, src_mac, ETH_ALEN);
+		mac_store(eth->h_dest, dst_mac);
+		mac_store(eth->h_source, src_mac);
 		eth->h_proto = proto;
 		return eth + 1;
 	}
@@ -75,27 +95,29 @@ static __always_inline void *encap_write_l2(void *data, void *data_end,
 
 /* Outer IPv4 header: 0x45, inner TOS, tot_len = inner + 20 + extra, id 0, no DF,
  * TTL 64, checksum, destination = real; IPIP: protocol 4 and Katran's source, GUE:
- * protocol UDP, extra = the UDP header, the configured source. */
+ * protocol UDP, extra = the UDP header, the configured source. Written as five 4-byte
+ * words, the checksum summed from the same values (nothing is read back). l3 is 4-byte
+ * aligned on the stack (hc_encap.c), or packet memory. */
 static __always_inline int encap_write_ipv4(void *l3, void *data_end,
 					    const struct pkt_desc *pkt, __be32 real_addr,
 					    __be32 saddr, __u8 proto, __u32 extra)
 {
-	struct iphdr *iph = l3;
+	__u32 *w = l3;
+	__u32 w0, w2, sum;
 
-	if ((void *)(iph + 1) > data_end)
+	if (l3 + IPV4_HLEN > data_end)
 		return -1;
-	iph->version = IPV4_VERSION;
-	iph->ihl = IPV4_HLEN / 4;
-	iph->tos = pkt->tos;
-	iph->tot_len = bpf_htons(pkt->pkt_len + ENCAP_IPV4_OVERHEAD + extra);
-	iph->id = 0;
-	iph->frag_off = 0;
-	iph->ttl = DEFAULT_TTL;
-	iph->protocol = proto;
-	iph->check = 0;
-	iph->saddr = saddr;
-	iph->daddr = real_addr;
-	iph->check = lb_ipv4_csum(iph);
+	/* version 4, IHL 5, TOS, total length (network order); then id 0 and frag_off 0 */
+	w0 = (IPV4_VERSION << 4 | IPV4_HLEN / 4) | ((__u32)pkt->tos << 8) |
+	     ((__u32)bpf_htons(pkt->pkt_len + ENCAP_IPV4_OVERHEAD + extra) << 16);
+	w2 = DEFAULT_TTL | ((__u32)proto << 8); /* checksum 0 while summing */
+	sum = (w0 & 0xffff) + (w0 >> 16) + w2 + (saddr & 0xffff) + (saddr >> 16) +
+	      (real_addr & 0xffff) + (real_addr >> 16);
+	w[0] = w0;
+	w[1] = 0;
+	w[2] = w2 | ((__u32)lb_csum_fold(sum) << 16);
+	w[3] = saddr;
+	w[4] = real_addr;
 	return 0;
 }
 
@@ -108,25 +130,24 @@ static __always_inline int encap_write_ipv6(void *l3, void *data_end,
 					    const __u8 *gue_src)
 {
 	struct ipv6hdr *ip6h = l3;
+	__u32 *w = l3;
+	__u32 plen = pkt->pkt_len;
+	__u8 next;
 
 	if ((void *)(ip6h + 1) > data_end)
 		return -1;
-	/* version (4 bits) | traffic class (8) | flow label (20) */
-	ip6h->version = IPV6_VERSION;
-	ip6h->priority = pkt->tos >> 4;
-	ip6h->flow_lbl[0] = (pkt->tos & 0x0f) << 4;
-	ip6h->flow_lbl[1] = 0;
-	ip6h->flow_lbl[2] = 0;
-	ip6h->hop_limit = DEFAULT_TTL;
 	if (gue) {
-		ip6h->payload_len = bpf_htons(pkt->pkt_len + UDP_HLEN);
-		ip6h->nexthdr = IPPROTO_UDP;
+		plen += UDP_HLEN;
+		next = IPPROTO_UDP;
 		__builtin_memcpy(&ip6h->saddr, gue_src, sizeof(ip6h->saddr));
 	} else {
-		ip6h->payload_len = bpf_htons(pkt->pkt_len);
-		ip6h->nexthdr = pkt->flow.family == FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+		next = pkt->flow.family == FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
 		encap_v6_src(&pkt->flow, &ip6h->saddr);
 	}
+	/* version 6 | traffic class | flow label 0; payload length, next header, hop limit:
+	 * two 4-byte words */
+	w[0] = (IPV6_VERSION << 4 | pkt->tos >> 4) | ((__u32)(pkt->tos & 0x0f) << 12);
+	w[1] = bpf_htons(plen) | ((__u32)next << 16) | ((__u32)DEFAULT_TTL << 24);
 	__builtin_memcpy(&ip6h->daddr, real_addr, sizeof(ip6h->daddr));
 	return 0;
 }
@@ -271,7 +292,7 @@ static __always_inline int encap_write_gue(void *l3, void *data_end, const struc
 
 /* Grows the frame at the front by the outer headers and writes L2 + outer IP (+ UDP
  * with GUE); the original packet (and any trailing padding) stays as it is behind
- * them. cfg is a stack copy of the ctl entry; real's fields are copied before the
+ * them. cfg is the ctl entry; real's fields are copied before the
  * packet moves. */
 static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc *pkt,
 				       const struct real_def *real, const struct ctl_value *cfg)
@@ -279,7 +300,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	__u8 src_mac[ETH_ALEN];
+	__u64 src_mac;
 	__u8 real_family = real->family;
 	union lb_addr real_addr = real->addr;
 	int gue = cfg->encap == ENCAP_GUE;
@@ -289,7 +310,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	__builtin_memcpy(src_mac, eth->h_dest, ETH_ALEN);
+	src_mac = mac_load(eth->h_dest);
 
 	ip_len = real_family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD : ENCAP_IPV6_OVERHEAD;
 	if (bpf_xdp_adjust_head(ctx, -(int)(ip_len + udp_len)))
@@ -300,7 +321,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 	if (real_family == FAMILY_V4) {
 		__be32 saddr;
 
-		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
+		l3 = encap_write_l2(data, data_end, pkt, mac_load(cfg->gw_mac), src_mac,
 				    bpf_htons(ETH_P_IP));
 		if (!l3)
 			return -1;
@@ -312,7 +333,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 				     gue ? IPPROTO_UDP : IPPROTO_IPIP, udp_len))
 			return -1;
 	} else {
-		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
+		l3 = encap_write_l2(data, data_end, pkt, mac_load(cfg->gw_mac), src_mac,
 				    bpf_htons(ETH_P_IPV6));
 		if (!l3)
 			return -1;

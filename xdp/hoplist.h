@@ -87,7 +87,7 @@ static __always_inline __u32 hoplist_write_head(__u8 *g, __u32 count, __u8 famil
 
 /* Grows the frame by outer IP + UDP + GUE + hop list towards hl->hop[0] (the real, whose
  * entry is *real) and writes them; the outer UDP checksum is filled (inner_sum from
- * hoplist_inner_sum). cfg is a stack copy of the ctl entry. */
+ * hoplist_inner_sum). cfg is the ctl entry. */
 static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct pkt_desc *pkt,
 					       const struct real_def *real,
 					       const struct ctl_value *cfg,
@@ -96,7 +96,7 @@ static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct 
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	__u8 src_mac[ETH_ALEN];
+	__u64 src_mac;
 	__u8 family = real->family;
 	union lb_addr real_addr = real->addr;
 	__u32 n = hl->count, glen, ulen, sum = inner_sum;
@@ -112,7 +112,7 @@ static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct 
 	ulen = pkt->pkt_len + UDP_HLEN + glen;
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	__builtin_memcpy(src_mac, eth->h_dest, ETH_ALEN);
+	src_mac = mac_load(eth->h_dest);
 	if (bpf_xdp_adjust_head(ctx, -(int)((family == FAMILY_V4 ? ENCAP_IPV4_OVERHEAD
 								   : ENCAP_IPV6_OVERHEAD) +
 					     UDP_HLEN + glen)))
@@ -123,7 +123,7 @@ static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct 
 	if (family == FAMILY_V4) {
 		__be32 saddr;
 
-		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
+		l3 = encap_write_l2(data, data_end, pkt, mac_load(cfg->gw_mac), src_mac,
 				    bpf_htons(ETH_P_IP));
 		if (!l3)
 			return -1;
@@ -141,7 +141,7 @@ static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct 
 	} else {
 		struct ipv6hdr *ip6h;
 
-		l3 = encap_write_l2(data, data_end, pkt, cfg->gw_mac, src_mac,
+		l3 = encap_write_l2(data, data_end, pkt, mac_load(cfg->gw_mac), src_mac,
 				    bpf_htons(ETH_P_IPV6));
 		if (!l3)
 			return -1;

@@ -83,7 +83,7 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	__u8 dst_mac[ETH_ALEN], src_mac[ETH_ALEN];
+	__u64 dst_mac, src_mac;
 	int v4 = pkt->flow.family == FAMILY_V4;
 	__u32 hdrs = v4 ? IPV4_HLEN + ICMP_HLEN : IPV6_HLEN + ICMP_HLEN;
 	__u32 quote = v4 ? ICMP_TOO_BIG_QUOTE_V4 : ICMP_TOO_BIG_QUOTE_V6;
@@ -91,8 +91,8 @@ static __always_inline int icmp_too_big(struct xdp_md *ctx, const struct pkt_des
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	__builtin_memcpy(dst_mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(src_mac, eth->h_dest, ETH_ALEN);
+	dst_mac = mac_load(eth->h_source);
+	src_mac = mac_load(eth->h_dest);
 	if (bpf_xdp_adjust_head(ctx, -(int)hdrs))
 		return -1;
 	data = (void *)(long)ctx->data;

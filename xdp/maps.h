@@ -97,16 +97,22 @@ LB_MAP("lpm_trie", struct lpm_v6_key, __u32, src_routes_v6, MAX_SRC_ROUTES, BPF_
 /* Global settings, one entry. */
 LB_MAP("array", __u32, struct ctl_value, ctl, 1, 0);
 
-/* Global counters, index STAT_* (lb/constants.py STATS), per CPU. */
-LB_MAP("percpu_array", __u32, __u64, stats, N_STATS, 0);
-
-/* Per-VIP counters: [vip_num * VIP_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES], per CPU.
- * Bytes are input frame lengths, L2 header included. */
-LB_MAP("percpu_array", __u32, __u64, vip_stats, MAX_VIPS * VIP_STAT_COLUMNS, 0);
-
-/* Per-real counters: [real_id * REAL_STAT_COLUMNS + VIP_STAT_PACKETS / VIP_STAT_BYTES /
- * REAL_STAT_LRU_MISS], per CPU. */
-LB_MAP("percpu_array", __u32, __u64, real_stats, MAX_REALS * REAL_STAT_COLUMNS, 0);
+/* Counters, per CPU, one map entry per row so that a packet's counters of a row share one
+ * lookup: the global counters (one row, index STAT_*, lb/constants.py STATS), per VIP
+ * (row vip_num, columns VIP_STAT_PACKETS / VIP_STAT_BYTES) and per real (row real_id, the
+ * same and REAL_STAT_LRU_MISS). Bytes are input frame lengths, L2 header included. */
+struct lb_stats {
+	__u64 n[N_STATS];
+};
+struct vip_counters {
+	__u64 col[VIP_STAT_COLUMNS];
+};
+struct real_counters {
+	__u64 col[REAL_STAT_COLUMNS];
+};
+LB_MAP("percpu_array", __u32, struct lb_stats, stats, 1, 0);
+LB_MAP("percpu_array", __u32, struct vip_counters, vip_stats, MAX_VIPS, 0);
+LB_MAP("percpu_array", __u32, struct real_counters, real_stats, MAX_REALS, 0);
 
 /* Capture (lbctl capture, lb/capture.py): struct capture_record for the frames behind the
  * events lb_runtime.capture turns on, rate-limited per CPU by capture_buckets. A ring

@@ -66,6 +66,9 @@ struct pkt_desc {
 	__u8 vip_found;         /* vip holds the VIP of (dst, dport, proto) (fast path) */
 	__u8 df;                /* IPv4 "don't fragment" set (row 20 vs 21) */
 	struct vip_meta vip;
+	__u8 conn_ready;        /* conn_h and conn_set hold flow's set in the connection table */
+	__u64 conn_h;           /* (computed early: the set's cache line is on its way while */
+	__u32 conn_set;         /*  the rest of the packet is parsed) */
 };
 
 /* Ethernet plus at most one 802.1Q tag. Returns the ethertype of the payload (network
