@@ -96,6 +96,7 @@ from rich.table import Table
 
 from bench.bench_pktgen import cpu_model, loadavg, task_cpu_seconds
 from bench.common import report
+from bench.jit_profile import line_profile
 from lb import constants as C
 from lb.config import parse_config
 from lb.datapath_tables import compile_tables
@@ -879,10 +880,14 @@ def map_read_latency_ns(cpu: int, sizes_mb: Sequence[float] = READ_LATENCY_MB,
     return out
 
 
-def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | None:
+PERF_HZ = 2000  # part (p) sampling frequency
+
+
+def perf_top(cpu: int, seconds_fn, top: int = 15, then=None) -> list[tuple[float, str]] | None:
     """Run ``seconds_fn()`` under ``perf record -e cpu-clock -C cpu`` (sampling, no
     hardware counters in this VM) and return the top symbols of this process's samples
-    (share % of them, symbol)."""
+    (share % of them, symbol). ``then(perf_data_path)``, if given, reads the samples
+    before they are deleted."""
     import subprocess
     import tempfile
 
@@ -890,7 +895,7 @@ def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | N
         return None
     with tempfile.TemporaryDirectory(prefix="lbbperf") as d:
         data = os.path.join(d, "perf.data")
-        p = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-C", str(cpu),
+        p = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-C", str(cpu),
                               "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(1.0)  # perf needs a moment before it samples
@@ -903,6 +908,8 @@ def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | N
         out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children",
                               "--pid", str(os.getpid()), "--percentage", "relative",
                               "--sort", "sym", "-q"], capture_output=True, text=True).stdout
+        if then is not None:
+            then(data)
     rows = []
     for line in out.splitlines():
         parts = line.split(None, 2)
@@ -914,8 +921,9 @@ def perf_top(cpu: int, seconds_fn, top: int = 15) -> list[tuple[float, str]] | N
 def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> dict[str, Any]:
     """(p) where the balancer's time goes: the cost of a helper call on this machine,
     a dependent map read by working-set size (map_read_latency_ns), and cpu-clock
-    profiles of the generating CPU in harness (a) (IPv4, LRU VIP, sink in softirq),
-    balancer and stub."""
+    profiles of the generating CPU in harness (a) (IPv4, sink in softirq) for the stub,
+    the default VIP and a stateless VIP, the balancer's also by source line
+    (bench.jit_profile)."""
     out: dict[str, Any] = {"helper_call": helper_call_ns(xb.gen_cpu), "profiles": [],
                            "map_read_ns": map_read_latency_ns(xb.gen_cpu)}
     xb.console.print(f"  (p) helper call: {out['helper_call']['ns_per_helper_call']:.1f} ns "
@@ -927,8 +935,10 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
         stub_fd = xb.gen.configure_tx_stub(bed.b.mac_bytes)
         bed.set_mode("softirq")
         vip = VIPS[(4, "lru")]
+        sl = xb.stateless_balancer()
         for flows in flow_counts:
-            progs = [Program("stub", stub_fd, vip), Program("lru", xb.bal.prog_fd, vip, xb.bal, True)]
+            progs = [Program("stub", stub_fd, vip), Program("lru", xb.bal.prog_fd, vip, xb.bal, True),
+                     Program("stateless", sl.prog_fd, STATELESS_VIPS[(4, "stateless")], sl)]
             xb.warm(bed, progs, 4, flows)
             for p in progs:
                 res: dict[str, Any] = {}
@@ -940,15 +950,25 @@ def part_p(xb: XdpBench, flow_counts: Sequence[int], seconds: float = 2.0) -> di
                         packets, kseconds = packets + n, kseconds + k
                     res["r"] = packets, kseconds
 
-                top = perf_top(xb.gen_cpu, go)
+                def by_line(data: str, p: Program = p) -> None:  # the balancer's own lines
+                    if p.bal is not None:
+                        res["lines"] = line_profile(data, p.fd, res["r"][0], PERF_HZ)
+
+                top = perf_top(xb.gen_cpu, go, then=by_line)
                 if p.uses_lru:
                     p.bal.clear_conn_table()
                 packets, kseconds = res["r"]
                 out["profiles"].append({"flows": flows, "program": p.label, "top": top,
-                                        "kernel_mpps_under_perf": packets / kseconds / 1e6})
+                                        "kernel_mpps_under_perf": packets / kseconds / 1e6,
+                                        "by_line": res.get("lines")})
                 if top:
                     xb.console.print(f"  (p) v4 {flows:>9,} flows {p.label:5}: " + ", ".join(
                         f"{sym.split()[-1]} {pct:.1f}%" for pct, sym in top[:8]))
+                if res.get("lines"):
+                    lp = res["lines"]
+                    xb.console.print(f"  (p) v4 {flows:>9,} flows {p.label}: {lp['ns_per_packet']:.0f} ns "
+                                     "per packet in the program; costliest lines: " + "; ".join(
+                                         f"{r['line']} {r['ns']:.1f} ns" for r in lp["lines"][:10]))
         xb.gen.detach_tail_call()
     return out
 

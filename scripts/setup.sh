@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian 12 host (run as root):
-#  - Debian packages: bcc (python3-bpfcc), kernel headers, clang, iproute2, bpftool
+#  - Debian packages: bcc (python3-bpfcc), kernel headers, clang, iproute2, bpftool, perf (bench part p)
 #  - /lib/modules/$(uname -r)/{build,source} pointing at Debian's headers (bcc needs them
 #    at load time and this kernel ships none)
 #  - bpffs mounted at /sys/fs/bpf
@@ -17,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PKGS=(python3-bpfcc python3-venv python3-dev linux-headers-amd64 clang llvm
-          iproute2 bpftool libbpf-dev tcpdump tshark curl bird2 etcd-server etcd-client)
+          iproute2 bpftool libbpf-dev linux-perf tcpdump tshark curl bird2 etcd-server etcd-client)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

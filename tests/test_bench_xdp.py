@@ -160,11 +160,19 @@ def test_part_p_profile(xb) -> None:
     assert all(ns > 0 for ns in reads.values())
     # a 64 MB working set misses every cache a 0.5 MB one fits in
     assert reads["64"] > 2 * reads["0.5"], reads
-    assert [p["program"] for p in prof["profiles"]] == ["stub", "lru"]
+    assert [p["program"] for p in prof["profiles"]] == ["stub", "lru", "stateless"]
     for p in prof["profiles"]:
         assert p["kernel_mpps_under_perf"] > 0
-        if p["top"] is not None:  # perf installed
-            assert all(0 <= pct <= 100 for pct, _ in p["top"])
+        assert p["top"] is not None, "no perf: scripts/setup.sh installs linux-perf"
+        assert all(0 <= pct <= 100 for pct, _ in p["top"])
+        if p["program"] == "stub":
+            assert p["by_line"] is None  # not ours: no line profile
+            continue
+        lines = p["by_line"]  # the balancer by source line (bench.jit_profile)
+        assert lines is not None and lines["program"] == "balancer_xdp"
+        assert 0 < lines["ns_per_packet"] < 10_000
+        assert 0 < sum(r["ns"] for r in lines["lines"]) <= lines["ns_per_packet"] + 1e-6
+        assert any(r["line"].startswith(("main.c:", "encap.h:")) for r in lines["lines"])
 
 
 def test_part_c_userspace() -> None:

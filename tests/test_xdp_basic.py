@@ -741,3 +741,22 @@ def test_map_lookup_refuses_a_buffer_the_kernel_would_overrun(bal) -> None:
     with pytest.raises(ValueError):
         map_lookup(stats, bytes(4), row)
     assert len(map_lookup(stats, bytes(4), row * bal.ncpus)) == row * bal.ncpus
+
+
+def test_jited_lines_map_samples_to_source_lines(bal) -> None:
+    """bench.jit_profile's mapping: every line record of the loaded balancer has a JIT
+    address inside its image and an instruction with a source line of balancer.c or its
+    headers, in address order."""
+    from bench.jit_profile import xlated_sources
+    from lb.kernel.progs import prog_info, prog_jited_lines
+
+    info = prog_info(bal.prog_fd)
+    lines = prog_jited_lines(bal.prog_fd)
+    assert len(lines) > 100
+    addrs = [a for a, _ in lines]
+    assert addrs == sorted(addrs)
+    assert addrs[-1] < addrs[0] + info["jited_bytes"]
+    src = xlated_sources(info["id"])
+    assert all(insn in src for _, insn in lines)
+    files = {where.split(":")[0] for where, _ in src.values()}
+    assert {"main.c", "encap.h", "parsing.h"} <= files  # bcc calls balancer.c main.c

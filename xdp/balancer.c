@@ -315,6 +315,29 @@ static __always_inline int real_down_for(__u32 vip_num, __u32 real_id)
 	return word && ((*word >> (real_id % DOWN_WORD_BITS)) & 1);
 }
 
+/* hash % RING_SIZE without a divide instruction: clang's BPF backend emits a division by
+ * a constant as it is, and the JIT makes it a 64-bit divide (tens of cycles). This is the
+ * round-up method for 32-bit dividends (Granlund and Montgomery, PLDI 1994, fig. 4.1):
+ * l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1, t = m x / 2^32,
+ * x / d = (t + (x - t) / 2) / 2^(l - 1); the magic numbers come from RING_SIZE at compile
+ * time and the static asserts check the edges. */
+#define RING_MOD_L (32 - __builtin_clz(RING_SIZE - 1))
+#define RING_MOD_M ((((1ULL << RING_MOD_L) - RING_SIZE) << 32) / RING_SIZE + 1)
+#define RING_MOD_T(x) (((__u64)(x) * RING_MOD_M) >> 32)
+#define RING_MOD_Q(x) ((RING_MOD_T(x) + (((__u64)(x) - RING_MOD_T(x)) >> 1)) >> (RING_MOD_L - 1))
+#define RING_MOD(x) ((__u32)((__u64)(x) - RING_MOD_Q(x) * RING_SIZE))
+_Static_assert(RING_SIZE > 2 && RING_MOD_M < (1ULL << 32), "RING_MOD: magic number");
+_Static_assert(RING_MOD(0) == 0 && RING_MOD(RING_SIZE - 1) == RING_SIZE - 1 &&
+	       RING_MOD(RING_SIZE) == 0 && RING_MOD(0xffffffffu) == 0xffffffffu % RING_SIZE &&
+	       RING_MOD(0xffffffffu / RING_SIZE * RING_SIZE) == 0 &&
+	       RING_MOD(0xffffffffu / RING_SIZE * RING_SIZE - 1) == RING_SIZE - 1,
+	       "RING_MOD: x % RING_SIZE at the edges");
+
+static __always_inline __u32 ring_mod(__u32 x)
+{
+	return RING_MOD(x);
+}
+
 /* Katran's flow hash. dport_only: src = 0, sport = dport (the hash only). */
 static __always_inline __u32 flow_hash(const struct flow_key *flow, __u32 vip_flags)
 {
@@ -614,7 +637,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				*stat = STAT_DROP_NO_REAL;
 				return XDP_DROP;
 			}
-			ring_pos = flow_hash(&pkt->flow, flags) % RING_SIZE;
+			ring_pos = ring_mod(flow_hash(&pkt->flow, flags));
 			pos = vip_num * RING_SIZE + ring_pos;
 			slot = ch_rings.lookup(&pos);
 			from_ring = 1;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 
 from lb.kernel.bpf_attr import GetFdByIdAttr, InfoAttr, ProgLoadAttr, address_of
 from lb.kernel.syscall import BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, BPF_PROG_LOAD, bpf_syscall
@@ -62,6 +63,36 @@ def prog_info(fd: int) -> dict[str, int | str]:
         "xlated_insns": u32(_XLATED_LEN) // 8,
         "verified_insns": u32(_VERIFIED) if info_len >= _VERIFIED + 4 else -1,
     }
+
+
+# struct bpf_prog_info: line info (the program's BTF line records) and, per record, the
+# address of its first JITed instruction
+_NR_LINE_INFO, _LINE_INFO, _JITED_LINE_INFO = 148, 152, 160
+_NR_JITED_LINE_INFO, _LINE_INFO_REC_SIZE, _JITED_LINE_INFO_REC_SIZE = 168, 172, 176
+
+
+def prog_jited_lines(fd: int) -> list[tuple[int, int]]:
+    """(kernel address of the first JITed instruction, index of the BPF instruction) of
+    each of the program's line-info records, by address; [] for a program without BTF
+    line info. With a dump of the translated program (``bpftool prog dump xlated id N
+    linum``) this maps a sampled instruction pointer to its source line."""
+    buf = ctypes.create_string_buffer(_INFO_LEN)
+    _info(fd, buf)
+    u32 = lambda raw, off: int.from_bytes(raw[off:off + 4], "little")
+    n_lines, n_jited = u32(buf.raw, _NR_LINE_INFO), u32(buf.raw, _NR_JITED_LINE_INFO)
+    if not n_lines or n_lines != n_jited:
+        return []
+    lines = ctypes.create_string_buffer(n_lines * 16)
+    addrs = (ctypes.c_uint64 * n_jited)()
+    ask = ctypes.create_string_buffer(_INFO_LEN)
+    for off, fmt, val in ((_NR_LINE_INFO, "<I", n_lines), (_LINE_INFO, "<Q", ctypes.addressof(lines)),
+                          (_LINE_INFO_REC_SIZE, "<I", 16), (_NR_JITED_LINE_INFO, "<I", n_jited),
+                          (_JITED_LINE_INFO, "<Q", ctypes.addressof(addrs)),
+                          (_JITED_LINE_INFO_REC_SIZE, "<I", 8)):
+        struct.pack_into(fmt, ask, off, val)
+    _info(fd, ask)
+    # struct bpf_line_info: insn_off, file_name_off, line_off, line_col (u32 each)
+    return sorted((addrs[i], u32(lines.raw, 16 * i)) for i in range(n_jited))
 
 
 def prog_map_ids(fd: int, max_maps: int = 64) -> list[int]:
