@@ -25,22 +25,18 @@ static __always_inline __be32 encap_v4_src(const struct flow_key *flow)
 }
 
 /* Outer IPv6 source: 01 00 00..00 s0^(sport>>8) s1^(sport&0xff) s2 s3, s0..s3 the
- * client's last 4 address bytes (an IPv4 client's whole address). */
+ * client's last 4 address bytes (an IPv4 client's whole address), sport the host-order
+ * source port: in wire order that is the last 4 bytes XOR the port's two wire bytes,
+ * written as four 4-byte words. */
 static __always_inline void encap_v6_src(const struct flow_key *flow, struct in6_addr *out)
 {
-	__u16 sport = bpf_ntohs(flow->sport);
 	/* the 4 address bytes in wire order, read as a little-endian u32 */
 	__u32 last = flow->family == FAMILY_V4 ? flow->src.v4 : flow->src.v6[3];
 
-	out->in6_u.u6_addr32[0] = 0;
+	out->in6_u.u6_addr32[0] = IPIP_V6_PREFIX0 | (IPIP_V6_PREFIX1 << 8);
 	out->in6_u.u6_addr32[1] = 0;
 	out->in6_u.u6_addr32[2] = 0;
-	out->in6_u.u6_addr8[0] = IPIP_V6_PREFIX0;
-	out->in6_u.u6_addr8[1] = IPIP_V6_PREFIX1;
-	out->in6_u.u6_addr8[12] = (last & 0xff) ^ (sport >> 8);
-	out->in6_u.u6_addr8[13] = ((last >> 8) & 0xff) ^ (sport & 0xff);
-	out->in6_u.u6_addr8[14] = (last >> 16) & 0xff;
-	out->in6_u.u6_addr8[15] = last >> 24;
+	out->in6_u.u6_addr32[3] = last ^ flow->sport;
 }
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -137,9 +133,14 @@ static __always_inline int encap_write_ipv6(void *l3, void *data_end,
 	if ((void *)(ip6h + 1) > data_end)
 		return -1;
 	if (gue) {
+		const __u32 *src = (const __u32 *)gue_src; /* 4-byte aligned in ctl_value */
+
 		plen += UDP_HLEN;
 		next = IPPROTO_UDP;
-		__builtin_memcpy(&ip6h->saddr, gue_src, sizeof(ip6h->saddr));
+		ip6h->saddr.in6_u.u6_addr32[0] = src[0];
+		ip6h->saddr.in6_u.u6_addr32[1] = src[1];
+		ip6h->saddr.in6_u.u6_addr32[2] = src[2];
+		ip6h->saddr.in6_u.u6_addr32[3] = src[3];
 	} else {
 		next = pkt->flow.family == FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
 		encap_v6_src(&pkt->flow, &ip6h->saddr);
@@ -326,7 +327,7 @@ static __always_inline int encapsulate(struct xdp_md *ctx, const struct pkt_desc
 		if (!l3)
 			return -1;
 		if (gue)
-			__builtin_memcpy(&saddr, cfg->gue_src_v4, sizeof(saddr));
+			saddr = *(const __u32 *)cfg->gue_src_v4; /* 4-byte aligned in ctl_value */
 		else
 			saddr = encap_v4_src(&pkt->flow);
 		if (encap_write_ipv4(l3, data_end, pkt, real_addr.v4, saddr,

@@ -127,7 +127,7 @@ static __always_inline int encapsulate_hoplist(struct xdp_md *ctx, const struct 
 				    bpf_htons(ETH_P_IP));
 		if (!l3)
 			return -1;
-		__builtin_memcpy(&saddr, cfg->gue_src_v4, sizeof(saddr));
+		saddr = *(const __u32 *)cfg->gue_src_v4; /* 4-byte aligned in ctl_value */
 		if (encap_write_ipv4(l3, data_end, pkt, real_addr.v4, saddr, IPPROTO_UDP,
 				     UDP_HLEN + glen))
 			return -1;
