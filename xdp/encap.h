@@ -84,7 +84,7 @@ static __always_inline void *encap_write_l2(void *data, void *data_end,
 			return NULL;
 		mac_store(eth->h_dest, dst_mac);
 		mac_store(eth->h_source, src_mac);
-		eth->h_proto = proto;
+		lb_store16(&eth->h_proto, proto);
 		return eth + 1;
 	}
 }

@@ -73,18 +73,33 @@ struct pkt_desc {
 
 /* Ethernet plus at most one 802.1Q tag. Returns the ethertype of the payload (network
  * order) and sets pkt->l3_off, or -1 when the frame is too short for its L2 header. */
+/* 2 bytes at p as one load (the packet is not strictly aligned). clang reads and writes
+ * a field of a packed struct (struct ethhdr) a byte at a time, also through a cast; a
+ * pointer passed as void * loses that. */
+static __always_inline __u16 lb_load16(const void *p)
+{
+	return *(const __u16 *)p;
+}
+
+static __always_inline void lb_store16(void *p, __u16 v)
+{
+	*(__u16 *)p = v;
+}
+
 static __always_inline int parse_ethhdr_vlan(struct hdr_cursor *nh, void *data_end,
 					     struct pkt_desc *pkt)
 {
 	struct ethhdr *eth = nh->pos;
 	struct lb_vlan_hdr *vlh;
+	__be16 proto;
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
-	if (eth->h_proto != bpf_htons(ETH_P_8021Q)) {
+	proto = lb_load16(&eth->h_proto);
+	if (proto != bpf_htons(ETH_P_8021Q)) {
 		pkt->l3_off = ETH_HLEN;
 		nh->pos = eth + 1;
-		return eth->h_proto;
+		return proto;
 	}
 	vlh = (void *)(eth + 1);
 	if ((void *)(vlh + 1) > data_end)
