@@ -1060,8 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="1 rep of 1M frames, 1k and 100k flows, LRU VIP only, sink in softirq for (a)")
     ap.add_argument("--parts", default="a,b,c,p,s,t",
-                    help="comma-separated subset of a,b,c,p,s,t (p: profile, where the time "
-                         "goes; s: side by side with Katran; t: stage costs)")
+                    help="comma-separated subset of a,b,c,k,p,s,t (p: profile, where the time "
+                         "goes; s: side by side with Katran; k: with --katran, ns per packet of "
+                         "each program and of the harness; t: stage costs)")
     ap.add_argument("--katran", type=Path, default=None,
                     help="a Katran source tree (checkout or git dir): its balancer joins part s")
     ap.add_argument("--rounds", type=int, default=None,
@@ -1125,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
                 if parts & {"a", "b"}:
                     xb.fresh_balancers()
                 profile = part_p(xb, [f for f in flow_counts if f in (1_000, 100_000)] or flow_counts[:1])
-            if parts & {"s", "t"}:
+            if parts & {"k", "s", "t"}:
                 if parts & {"a", "b", "p"}:
                     xb.fresh_balancers()
                 rows_s, rows_t = xc.run_compare_parts(xb, parts, side_flows, rounds, args.round_frames,

@@ -34,6 +34,7 @@ from typing import Any
 from rich.table import Table
 
 from bench import bench_xdp as bx
+from bench.budget import program_budget
 from bench.katran import KatranBalancer, load_katran
 from bench.ratios import paired_differences, paired_ratios
 from lb.datapath_tables import compile_tables
@@ -201,6 +202,45 @@ def table_s(rows: list[dict[str, Any]], gen_cpu: int) -> Table:
 
 
 # ---------------------------------------------------------------------------------------
+# (k) the per-packet budget, program by program (bench/budget.py)
+
+
+def part_k(xb: bx.XdpBench, families: Sequence[int], flow_counts: Sequence[int], rounds: int,
+           frames: int, katran: KatranBalancer) -> list[dict[str, Any]]:
+    """(k) ns per packet of Katran's program (and its map helpers), ours (default and
+    stateless VIPs) and the harness, from one perf record over interleaved rounds."""
+    rows = []
+    with bx.Bed(xb.gen, False, xb.gen_cpu, xb.other_cpu) as bed:
+        xb.set_gateway(bed.gateway_mac)
+        katran.set_gateway(bed.gateway_mac)
+        xb.gen.configure_tx_stub(bed.b.mac_bytes)
+        bed.set_mode("softirq")
+        sl = xb.stateless_balancer()
+        for family in families:
+            for flows in flow_counts:
+                lru = bx.VIPS[(family, "lru")]
+                progs = [bx.Program("katran", katran.prog_fd, lru),
+                         bx.Program("ours", xb.bal.prog_fd, lru, xb.bal, True),
+                         bx.Program("ours stateless", sl.prog_fd, bx.STATELESS_VIPS[(family, "stateless")], sl)]
+                katran.fresh_lrus()
+                xb.warm(bed, progs, family, flows)
+                row = program_budget(xb, bed, progs, family, flows, rounds, max(frames, flows))
+                for p in progs:
+                    if p.uses_lru:
+                        p.bal.clear_conn_table()
+                rows.append(row)
+                pr = row["programs"]
+                xb.console.print(
+                    f"  (k) v{family} {flows:>9,} flows, ns per packet: harness {row['harness_ns']:.0f}, "
+                    f"Katran {pr['katran']['ns']:.0f} (program {pr['katran']['program_ns']:.0f} + map "
+                    f"helpers {pr['katran']['map_helpers_ns']:.0f}), ours {pr['ours']['ns']:.0f}, ours "
+                    f"stateless {pr['ours stateless']['ns']:.0f}; ours would need " + ", ".join(
+                        f"{v:.0f} for {k}" for k, v in row["needed_ns"].items()))
+        xb.gen.detach_tail_call()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
 # (t) stage costs
 
 
@@ -286,7 +326,8 @@ def run_compare_parts(xb: bx.XdpBench, parts: set[str], flow_counts: Sequence[in
                       round_frames: int, katran_src: Path | None,
                       data: dict[str, Any]) -> tuple[list, list]:
     """Parts (s) (with Katran's balancer loaded from ``katran_src`` when given; its
-    build facts go into ``data["katran"]``) and (t)."""
+    build facts go into ``data["katran"]``), (k) (with Katran: ``data["part_k"]``) and
+    (t)."""
     rows_s: list[dict[str, Any]] = []
     rows_t: list[dict[str, Any]] = []
     if "s" in parts:
@@ -300,6 +341,8 @@ def run_compare_parts(xb: bx.XdpBench, parts: set[str], flow_counts: Sequence[in
                              f"{data['katran']['prog']}, maps pinned in {katran.pin_dir}")
         try:
             rows_s = part_s(xb, bx.FAMILIES, flow_counts, rounds, round_frames, katran)
+            if "k" in parts and katran is not None:
+                data["part_k"] = part_k(xb, bx.FAMILIES, flow_counts, rounds, round_frames, katran)
         finally:
             if katran is not None:
                 katran.close()
@@ -313,4 +356,4 @@ def run_compare_parts(xb: bx.XdpBench, parts: set[str], flow_counts: Sequence[in
     return rows_s, rows_t
 
 
-__all__ = ["run_compare_parts", "part_s", "part_t", "table_s", "table_t", "placement", "side_row"]
+__all__ = ["run_compare_parts", "part_k", "part_s", "part_t", "table_s", "table_t", "placement", "side_row"]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import secrets
@@ -60,6 +61,11 @@ from lb.xdp_tables import conn_set_index
 
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 PROG_NAME = "balancer_xdp"
+# counter maps: pinned with another layout they are replaced (counting from 0), not refused
+COUNTER_MAPS = ("stats", "vip_stats", "real_stats")
+
+log = logging.getLogger(__name__)
+
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
 
@@ -208,6 +214,7 @@ class XdpBalancer:
 
     def _check_pinned(self, pin_dir: str) -> None:
         problems = []
+        stale_counters = []
         for name, (mtype, ksz, vsz, entries, flags) in self._specs.items():
             path = os.path.join(pin_dir, name)
             if not os.path.exists(path):
@@ -219,7 +226,9 @@ class XdpBalancer:
                 os.close(fd)
             want = (mtype, ksz, vsz, entries, flags)
             have = (info.type, info.key_size, info.value_size, info.max_entries, info.map_flags)
-            if want != have:
+            if want != have and name in COUNTER_MAPS:
+                stale_counters.append((path, have, want))
+            elif want != have:
                 problems.append(f"{name}: pinned (type, key, value, entries, flags) = {have}, "
                                 f"this program needs {want}")
         if problems:
@@ -227,6 +236,12 @@ class XdpBalancer:
                 f"maps pinned under {pin_dir} do not fit this program "
                 f"(remove them with XdpBalancer.unpin_dir or use another pin_dir): "
                 + "; ".join(problems))
+        for path, have, want in stale_counters:
+            # counters of another layout (an older version's): start them again rather than
+            # refuse the forwarding state beside them; a counter reset, as after a reboot
+            log.warning("%s: pinned counters have another layout (%s, this program needs %s): "
+                        "replaced, counting from 0", path, have, want)
+            os.unlink(path)
 
     def _map_rings(self) -> None:
         """mmap ch_rings, prev_rings and down_set."""

@@ -323,8 +323,15 @@ def test_katran_side_by_side(xb) -> None:
     try:
         assert info["revision"] and katran.prog_info()["name"].startswith("balancer_ingres")
         rows = xc.part_s(xb, [4, 6], [1000], rounds=2, frames=5_000, katran=katran)
+        budget = xc.part_k(xb, [4], [1000], rounds=2, frames=100_000, katran=katran)
     finally:
         katran.close()
+    (b,) = budget  # part (k): every program's own ns per packet, and the harness's
+    assert b["packets"] == {"katran": 200_000, "ours": 200_000, "ours stateless": 200_000}
+    assert b["harness_ns"] > 0
+    assert b["programs"]["katran"]["program_ns"] > 0 and b["programs"]["katran"]["map_helpers_ns"] > 0
+    assert b["programs"]["ours"]["ns"] > 0 and b["programs"]["ours stateless"]["ns"] > 0
+    assert b["needed_ns"]["1.25x"] < b["programs"]["katran"]["ns"]
     assert not os.path.exists(katran.pin_dir)
     for r in rows:
         k = r["programs"]["katran"]

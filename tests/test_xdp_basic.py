@@ -537,6 +537,33 @@ def test_pinned_maps_survive_a_restart() -> None:
             second.close()
         with pytest.raises(PinnedMapMismatch, match="ch_rings"):
             XdpBalancer(**{**SMALL, "ring_size": 17}, pin_dir=pin_dir)
+
+        # counters pinned by an older layout (one u64 per key) are replaced, counting from
+        # 0, and the forwarding state beside them is kept; with another mismatch nothing
+        # is touched
+        from lb.kernel.maps import BPF_MAP_TYPE_PERCPU_ARRAY, map_create
+        from lb.kernel.objects import obj_pin
+
+        stats_pin = os.path.join(pin_dir, "stats")
+        os.unlink(stats_pin)
+        fd = map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, C.N_STATS, name="stats")
+        try:
+            obj_pin(fd, stats_pin)
+        finally:
+            os.close(fd)
+        old_stats = os.stat(stats_pin).st_ino
+        with pytest.raises(PinnedMapMismatch, match="ch_rings"):
+            XdpBalancer(**{**SMALL, "ring_size": 17}, pin_dir=pin_dir)
+        assert os.stat(stats_pin).st_ino == old_stats
+        third = XdpBalancer(**SMALL, pin_dir=pin_dir)
+        try:
+            assert third.read_stats().counters["tx_encap"] == 0
+            assert np.array_equal(third.ring(0), tables.rings[0])
+            assert len(third.conn_table_entries()[0]) == 1
+            assert run(third, ack)[0] == "TX"
+            assert third.read_stats().counters["tx_encap"] == 1
+        finally:
+            third.close()
     finally:
         XdpBalancer.unpin_dir(pin_dir)
     assert not os.path.exists(pin_dir)
