@@ -58,13 +58,29 @@ static __always_inline void vip_stat_add(__u32 vip_num, __u32 bytes)
 	}
 }
 
-static __always_inline void real_stat_add(__u32 real_id, __u32 bytes)
-{
-	struct real_counters *v = real_stats.lookup(&real_id);
+/* A real's packets and bytes, read when the real is known and written when the frame
+ * leaves (real_stat_put): the loads overlap the encapsulation. Nothing else writes this
+ * CPU's copy in between (XDP runs to completion on its CPU). */
+struct real_stat_pending {
+	struct real_counters *v;
+	__u64 packets;
+	__u64 bytes;
+};
 
-	if (v) {
-		v->col[VIP_STAT_PACKETS] += 1;
-		v->col[VIP_STAT_BYTES] += bytes;
+static __always_inline void real_stat_get(struct real_stat_pending *p, __u32 real_id)
+{
+	p->v = real_stats.lookup(&real_id);
+	if (p->v) {
+		p->packets = p->v->col[VIP_STAT_PACKETS];
+		p->bytes = p->v->col[VIP_STAT_BYTES];
+	}
+}
+
+static __always_inline void real_stat_put(const struct real_stat_pending *p, __u32 bytes)
+{
+	if (p->v) {
+		p->v->col[VIP_STAT_PACKETS] = p->packets + 1;
+		p->v->col[VIP_STAT_BYTES] = p->bytes + bytes;
 	}
 }
 
@@ -512,7 +528,8 @@ static __always_inline void prev_ring_hops(__u32 vip_num, __u32 pos, __u32 real_
 	}
 }
 
-static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat)
+static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u32 *stat,
+				   __u32 *lru_stat)
 {
 	struct vip_words vk = {};
 	struct vip_meta *meta;
@@ -524,6 +541,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	__u64 fh = 0;
 	__u32 set_idx = 0;
 	struct hop_list hl;
+	struct real_stat_pending rs = {};
 	__u32 ring_pos = 0, inner_sum = 0, hl_bytes = 0;
 	int from_ring = 0;
 
@@ -612,9 +630,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 				}
 			}
 		}
-		stat_inc(real_id ? STAT_LRU_HIT : STAT_LRU_MISS);
+		*lru_stat = real_id ? STAT_LRU_HIT : STAT_LRU_MISS;
 	} else if (use_lru) {
-		stat_inc(STAT_LRU_MISS); /* SYN: always re-hashed */
+		*lru_stat = STAT_LRU_MISS; /* SYN: always re-hashed */
 	}
 	LB_STOP_AFTER(3);
 
@@ -666,10 +684,11 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		*stat = STAT_DROP_NO_REAL; /* unreachable; keeps the verifier's view simple */
 		return XDP_DROP;
 	}
+	real_stat_get(&rs, real_id);
 
 	/* local delivery needs no encapsulation, so it is decided first */
 	if ((flags & F_LOCAL) && (real->flags & REAL_F_LOCAL)) {
-		real_stat_add(real_id, pkt->frame_len);
+		real_stat_put(&rs, pkt->frame_len);
 		*stat = STAT_PASS_LOCAL; /* row 17 */
 		return XDP_PASS;
 	}
@@ -733,7 +752,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 		*stat = STAT_DROP_ENCAP_FAILED; /* row 16: no headroom */
 		return XDP_DROP;
 	}
-	real_stat_add(real_id, pkt->frame_len);
+	real_stat_put(&rs, pkt->frame_len);
 	if (pkt->icmp_err)
 		stat_inc(STAT_ICMP_ERROR_FORWARDED); /* row 19 */
 	*stat = STAT_TX_ENCAP; /* row 18 */
@@ -984,7 +1003,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *n
 
 /* ---- entry -------------------------------------------------------------------------- */
 
-static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
+static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat, __u32 *lru_stat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -1009,16 +1028,23 @@ static __always_inline int process_frame(struct xdp_md *ctx, __u32 *stat)
 	if (action != LB_FORWARD)
 		return action;
 	LB_STOP_AFTER(1);
-	return forward(ctx, &pkt, stat);
+	return forward(ctx, &pkt, stat, lru_stat);
 }
 
 int balancer_xdp(struct xdp_md *ctx)
 {
-	__u32 stat = STAT_DROP_MALFORMED;
-	int action = process_frame(ctx, &stat);
+	__u32 stat = STAT_DROP_MALFORMED, lru_stat = 0, zero = 0;
+	int action = process_frame(ctx, &stat, &lru_stat);
+	struct lb_stats *s = stats.lookup(&zero);
 
-	stat_inc(STAT_RX_PACKETS);
-	stat_inc(stat);
+	/* the frame's global counters in one lookup: rx, its outcome, lru_hit / lru_miss */
+	if (s) {
+		s->n[STAT_RX_PACKETS] += 1;
+		if (stat < N_STATS)
+			s->n[stat] += 1;
+		if (lru_stat && lru_stat < N_STATS)
+			s->n[lru_stat] += 1;
+	}
 	if (action == XDP_DROP) /* decided before any rewrite: the frame is as it arrived */
 		capture(ctx, CAPTURE_EV_DROP, stat, CAPTURE_NO_VIP, 0);
 	return action;
