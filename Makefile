@@ -1,6 +1,6 @@
 # The two commands of the README. Each first runs the idempotent set-up
 # (Debian packages, kernel-header links, bpffs, .venv with the project installed).
-# make bench KATRAN=DIR: bench_xdp also measures Katran's balancer (a Katran checkout or git dir).
+# make bench KATRAN=DIR: bench_xdp also measures Katran's balancer (a Katran checkout or git dir) and the per-packet budget (part k).
 .PHONY: setup demo test bench clean
 
 PY := .venv/bin/python

@@ -1064,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
                          "goes; s: side by side with Katran; k: with --katran, ns per packet of "
                          "each program and of the harness; t: stage costs)")
     ap.add_argument("--katran", type=Path, default=None,
-                    help="a Katran source tree (checkout or git dir): its balancer joins part s")
+                    help="a Katran source tree (checkout or git dir): its balancer joins part s, and part k runs")
     ap.add_argument("--rounds", type=int, default=None,
                     help=f"interleaved rounds of parts s and t (default {xc.ROUNDS})")
     ap.add_argument("--round-frames", type=int, default=xc.ROUND_FRAMES,
@@ -1087,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.katran is not None:
         if not args.katran.exists():
             ap.error(f"--katran {args.katran}: no such directory")
-        parts.add("s")
+        parts |= {"s", "k"}  # side by side, and the per-packet budget
     flow_counts = [int(x) for x in args.flows.split(",")] if args.flows else list(FLOW_COUNTS)
     rounds = args.rounds or (3 if args.quick else xc.ROUNDS)
     kinds, modes_a, reps, frames = list(VIP_KINDS), list(MODES), args.reps, args.frames
