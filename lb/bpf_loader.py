@@ -48,9 +48,9 @@ from lb.kernel.maps import (
     map_info,
     map_keys,
     map_lookup,
-    map_lookup_batch,
     map_update,
     map_update_batch,
+    percpu_row_sums,
 )
 from lb.kernel.objects import BPFFS, obj_get, obj_pin
 from lb.kernel.progs import prog_info
@@ -520,11 +520,7 @@ class XdpBalancer:
     def percpu_rows(self, name: str) -> np.ndarray:
         """Counter map ``name`` (per-CPU rows of u64 words) summed over CPUs: uint64[rows,
         words]."""
-        fd = self.map_fd(name)
-        words = self._specs[name][2] // 8
-        _, values, n = map_lookup_batch(fd, 4, 8 * words * self.ncpus)
-        arr = np.frombuffer(values, dtype=np.uint64, count=n * self.ncpus * words)
-        return arr.reshape(n, self.ncpus, words).sum(axis=1, dtype=np.uint64)
+        return percpu_row_sums(self.map_fd(name), self._specs[name][2] // 8)[1]
 
     def read_stats(self) -> BalancerStats:
         glob = self.percpu_rows("stats")[0]

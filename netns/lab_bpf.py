@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 
-from lb.kernel.cpus import possible_cpus
-from lb.kernel.maps import map_fd_by_id, map_info, map_lookup_batch
+from lb.kernel.maps import map_fd_by_id, map_info, percpu_row_sums
 from lb.kernel.objects import obj_get, obj_pin
 from lb.kernel.progs import BPF_PROG_TYPE_XDP, prog_load, prog_map_ids
 from netns.errors import LabError
@@ -37,19 +36,13 @@ def pin_prog_map(prog_fd: int, map_name: str, path: str) -> None:
 def read_percpu_array(path: str, n: int, words: int = 1) -> list[int]:
     """A pinned per-CPU array of ``n`` entries of ``words`` u64 each, summed over CPUs:
     entry k's word j at ``k * words + j``."""
-    ncpus = possible_cpus()
     fd = obj_get(path)
     try:
-        keys, values, count = map_lookup_batch(fd, 4, 8 * words * ncpus)
+        keys, sums = percpu_row_sums(fd, words)
     finally:
         os.close(fd)
     out = [0] * (n * words)
-    size = 8 * words
-    for i in range(count):
-        k = int.from_bytes(keys[4 * i:4 * i + 4], "little")
-        row = values[size * ncpus * i:size * ncpus * (i + 1)]
+    for k, row in zip(keys.tolist(), sums.tolist()):
         if k < n:
-            for j in range(words):
-                out[k * words + j] = sum(int.from_bytes(row[size * c + 8 * j:size * c + 8 * j + 8], "little")
-                                         for c in range(ncpus))
+            out[k * words:(k + 1) * words] = row
     return out

@@ -225,6 +225,18 @@ static __always_inline struct conn_set *conn_set_of(const struct flow_key *flow,
 	return conn_sets.lookup(idx);
 }
 
+/* pkt's set in the connection table: the one vip_fast_lookup found (and touched), else
+ * looked up now (conn_set_of). */
+static __always_inline struct conn_set *pkt_conn_set(const struct pkt_desc *pkt, __u64 *h,
+						     __u32 *idx)
+{
+	if (!pkt->conn_ready)
+		return conn_set_of(&pkt->flow, h, idx);
+	*h = pkt->conn_h;
+	*idx = pkt->conn_set;
+	return conn_sets.lookup(idx);
+}
+
 /* The way holding a whole (untorn) entry for the flow of hash h, or -1. */
 static __always_inline int conn_find(const struct conn_set *set, __u64 h)
 {
@@ -415,14 +427,15 @@ static __always_inline struct real_def *quic_real(struct xdp_md *ctx, struct pkt
  * with another real it takes this one (atime kept); none: a new entry, atime now (Katran
  * writes atime 0, which leaves a UDP entry it creates expired). Counts quic_conn_written
  * when it writes; a new entry counts towards the flood guard (flood_new_conns over it). */
-static __always_inline void quic_conn_write(const struct flow_key *flow, __u32 real_id)
+static __always_inline void quic_conn_write(const struct pkt_desc *pkt, __u32 real_id)
 {
+	const struct flow_key *flow = &pkt->flow;
 	struct conn_set *set;
 	__u32 idx = 0, zero = 0;
 	__u64 h = 0, now;
 	int w;
 
-	set = conn_set_of(flow, &h, &idx);
+	set = pkt_conn_set(pkt, &h, &idx);
 	if (!set)
 		return;
 	w = conn_find(set, h);
@@ -585,19 +598,14 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt_desc *pkt, __u
 	if ((flags & F_QUIC) && pkt->flow.proto == IPPROTO_UDP && !pkt->icmp_err) {
 		real = quic_real(ctx, pkt, vip_num, &real_id);
 		if (real_id && !(flags & F_LRU_BYPASS))
-			quic_conn_write(&pkt->flow, real_id);
+			quic_conn_write(pkt, real_id);
 	}
 
 	/* 1. connection table (a QUIC-routed packet neither reads nor writes it, nor does a
 	 * stateless VIP's) */
 	use_lru = !(flags & (F_LRU_BYPASS | F_STATELESS)) && !real_id;
-	if (use_lru && pkt->conn_ready) {
-		fh = pkt->conn_h;
-		set_idx = pkt->conn_set;
-		set = conn_sets.lookup(&set_idx);
-	} else if (use_lru) {
-		set = conn_set_of(&pkt->flow, &fh, &set_idx);
-	}
+	if (use_lru)
+		set = pkt_conn_set(pkt, &fh, &set_idx);
 	if (set && !pkt->tcp_syn) {
 		way = conn_find(set, fh);
 		if (way >= 0 && way < CONN_WAYS) {

@@ -71,8 +71,6 @@ struct pkt_desc {
 	__u32 conn_set;         /*  the rest of the packet is parsed) */
 };
 
-/* Ethernet plus at most one 802.1Q tag. Returns the ethertype of the payload (network
- * order) and sets pkt->l3_off, or -1 when the frame is too short for its L2 header. */
 /* 2 bytes at p as one load (the packet is not strictly aligned). clang reads and writes
  * a field of a packed struct (struct ethhdr) a byte at a time, also through a cast; a
  * pointer passed as void * loses that. */
@@ -86,6 +84,8 @@ static __always_inline void lb_store16(void *p, __u16 v)
 	*(__u16 *)p = v;
 }
 
+/* Ethernet plus at most one 802.1Q tag. Returns the ethertype of the payload (network
+ * order) and sets pkt->l3_off, or -1 when the frame is too short for its L2 header. */
 static __always_inline int parse_ethhdr_vlan(struct hdr_cursor *nh, void *data_end,
 					     struct pkt_desc *pkt)
 {

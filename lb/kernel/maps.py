@@ -153,6 +153,16 @@ def map_update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
         done += attr.count
 
 
+def percpu_row_sums(fd: int, words: int) -> tuple[np.ndarray, np.ndarray]:
+    """A per-CPU array whose values are ``words`` u64 each, summed over CPUs: (keys,
+    uint64[entries, words]) in the map's order."""
+    ncpus = possible_cpus()
+    keys, values, n = map_lookup_batch(fd, 4, 8 * words * ncpus)
+    sums = np.frombuffer(values, dtype=np.uint64, count=n * ncpus * words).reshape(
+        n, ncpus, words).sum(axis=1, dtype=np.uint64)
+    return np.frombuffer(keys, dtype=np.uint32, count=n), sums
+
+
 def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int = 65536
                      ) -> tuple[bytes, bytes, int]:
     """BPF_MAP_LOOKUP_BATCH over the whole map: (keys, values, count). value_size is the
